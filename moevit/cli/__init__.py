@@ -1,0 +1,1 @@
+"""Console scripts of the moevit network package (no grpc or ray here)."""

@@ -1,0 +1,14 @@
+"""Per-patch mixture-of-experts layer: router, experts, dispatcher and the layer that joins them.
+
+Shape-suffix legend used in this package:
+  B batch, C channels (model dim), P pixels per patch, N patches per image,
+  T patch tokens (B*N), E experts, K top-k slots (or expert hidden units in weights),
+  S assignments sorted by expert (T*k), H expert hidden units.
+"""
+
+from moevit.moe.dispatcher import DispatchPlan, Dispatcher, LocalDispatcher
+from moevit.moe.experts import ExpertBank
+from moevit.moe.layer import MoELayer, Routing
+from moevit.moe.router import CosineRouter
+
+__all__ = ["CosineRouter", "DispatchPlan", "Dispatcher", "ExpertBank", "LocalDispatcher", "MoELayer", "Routing"]

@@ -1,0 +1,96 @@
+"""Tensor codec for the ``moevit.rpc.v1.Tensor`` message, shared by the coordinator and the workers.
+
+Wire format: ``data`` holds the raw elements, C-contiguous (row-major) and little-endian; ``shape`` lists the
+dimensions; ``dtype`` says the element type (FLOAT32, FLOAT16 or BFLOAT16). Decoding always yields float32.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+
+from moevit_rpc.v1 import expert_pb2
+
+__all__ = ["DTYPES", "tensor_to_proto", "proto_to_tensor"]
+
+# Wire dtype name -> (enum value, torch dtype on the wire).
+DTYPES: dict[str, tuple[int, torch.dtype]] = {
+    "fp32": (expert_pb2.FLOAT32, torch.float32),
+    "fp16": (expert_pb2.FLOAT16, torch.float16),
+    "bf16": (expert_pb2.BFLOAT16, torch.bfloat16),
+}
+_ENUM_TO_TORCH: dict[int, torch.dtype] = {enum: td for enum, td in DTYPES.values()}
+
+if sys.byteorder != "little":  # pragma: no cover - every supported edge device is little-endian
+    raise ImportError("moevit_rpc.tensors assumes a little-endian host (wire format is little-endian)")
+
+
+def tensor_to_proto(t: torch.Tensor, dtype: str = "fp32") -> expert_pb2.Tensor:
+    """Encode ``t`` as a Tensor message with elements of ``dtype`` ('fp32', 'fp16' or 'bf16').
+
+    ``t`` may live on any device and have any floating or integer dtype; it is detached, moved to the CPU,
+    converted (rounding to nearest for fp16/bf16) and made contiguous. fp32 is bit exact.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown wire dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 0:
+        raise ValueError("cannot encode a 0-d tensor: the wire format needs a non-empty shape")
+    enum, torch_dtype = DTYPES[dtype]
+    wire = t.detach().to(device="cpu", dtype=torch_dtype).contiguous()
+    # numpy has no bfloat16: reinterpret the 2-byte elements as int16 (same bytes) before taking them.
+    raw = wire.view(torch.int16) if torch_dtype == torch.bfloat16 else wire
+    return expert_pb2.Tensor(data=raw.numpy().tobytes(), shape=list(wire.shape), dtype=enum)
+
+
+def proto_to_tensor(msg: expert_pb2.Tensor, *, check_finite: bool = False) -> torch.Tensor:
+    """Decode a Tensor message into a float32 CPU tensor.
+
+    Raises ValueError when the dtype is unknown or unspecified, the shape is empty or has a negative entry,
+    the byte count differs from prod(shape) * element size, or (with ``check_finite``) any element is NaN/Inf.
+    The result owns its memory (it never aliases the message's immutable ``bytes``) and is writable.
+    """
+    torch_dtype = _ENUM_TO_TORCH.get(msg.dtype)
+    if torch_dtype is None:
+        name = expert_pb2.DType.Name(msg.dtype) if msg.dtype in expert_pb2.DType.values() else str(msg.dtype)
+        raise ValueError(f"unsupported tensor dtype {name}; expected one of FLOAT32, FLOAT16, BFLOAT16")
+    shape = tuple(int(d) for d in msg.shape)
+    if not shape:
+        raise ValueError("tensor shape is empty; expected at least one dimension")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"tensor shape {list(shape)} has a negative dimension")
+    numel = math.prod(shape)
+    itemsize = torch_dtype.itemsize
+    data = msg.data
+    if len(data) != numel * itemsize:
+        raise ValueError(
+            f"tensor data is {len(data)} bytes but shape {list(shape)} of {expert_pb2.DType.Name(msg.dtype)} "
+            f"needs {numel} x {itemsize} = {numel * itemsize} bytes"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=torch.float32)
+    out = _decode_float32(data, torch_dtype).view(shape)
+    if check_finite and not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise ValueError(f"tensor of shape {list(shape)} has {bad} non-finite (NaN/Inf) element(s)")
+    return out
+
+
+def _decode_float32(data: bytes, torch_dtype: torch.dtype) -> torch.Tensor:
+    """1-d float32 tensor from little-endian raw elements, with exactly one pass over the data.
+
+    The bytes are viewed in place (no copy) and converted straight into a new float32 buffer. numpy does the
+    viewing because ``torch.frombuffer`` on immutable ``bytes`` warns about a non-writable buffer.
+    """
+    if torch_dtype == torch.float32:
+        return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())
+    if torch_dtype == torch.float16:
+        return torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32))
+    # bfloat16 is the upper 16 bits of a float32: widen to uint32 and shift (exact, NaN/Inf included).
+    wide = np.frombuffer(data, dtype="<u2").astype(np.uint32)
+    np.left_shift(wide, 16, out=wide)
+    return torch.from_numpy(wide.view(np.float32))

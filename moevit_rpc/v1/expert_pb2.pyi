@@ -1,0 +1,87 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape", "dtype")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class ExpertTokens(_message.Message):
+    __slots__ = ("expert", "tokens")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    tokens: Tensor
+    def __init__(self, expert: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class RunExpertsRequest(_message.Message):
+    __slots__ = ("model_fingerprint", "layer", "batches", "request_id")
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model_fingerprint: str
+    layer: int
+    batches: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
+    request_id: str
+    def __init__(self, model_fingerprint: _Optional[str] = ..., layer: _Optional[int] = ..., batches: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RunExpertsResponse(_message.Message):
+    __slots__ = ("outputs", "compute_ms")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
+    compute_ms: float
+    def __init__(self, outputs: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HostedLayer(_message.Message):
+    __slots__ = ("layer", "experts", "dim")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    dim: int
+    def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., dim: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("model_fingerprint", "arch", "layers", "backend", "site", "version")
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_fingerprint: str
+    arch: str
+    layers: _containers.RepeatedCompositeFieldContainer[HostedLayer]
+    backend: str
+    site: str
+    version: str
+    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[HostedLayer, _Mapping]]] = ..., backend: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
