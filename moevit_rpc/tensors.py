@@ -81,10 +81,11 @@ def proto_to_tensor(msg: expert_pb2.Tensor, *, check_finite: bool = False) -> to
 
 
 def _decode_float32(data: bytes, torch_dtype: torch.dtype) -> torch.Tensor:
-    """1-d float32 tensor from little-endian raw elements, with exactly one pass over the data.
+    """1-d float32 tensor, owning its memory, from little-endian raw elements.
 
-    The bytes are viewed in place (no copy) and converted straight into a new float32 buffer. numpy does the
-    viewing because ``torch.frombuffer`` on immutable ``bytes`` warns about a non-writable buffer.
+    The bytes are viewed in place (``np.frombuffer``, no copy) and converted straight into one new float32
+    buffer; that conversion is the only copy. numpy does the viewing because ``torch.frombuffer`` on immutable
+    ``bytes`` warns about a non-writable buffer, and a tensor aliasing the message would be unsafe to modify.
     """
     if torch_dtype == torch.float32:
         return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())

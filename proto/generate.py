@@ -18,7 +18,6 @@ Note: this folder (proto/) is deliberately not a Python package: proto-plus inst
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         help="do not write; regenerate into a temp dir and exit 1 if a committed generated file differs",
     )
     args = parser.parse_args(argv)
-    if shutil.which(sys.executable) is None and not Path(sys.executable).exists():
-        print(f"ERROR: cannot find the running interpreter {sys.executable}", file=sys.stderr)
-        return 2
     err = check_tool_version()
     if err is not None:
         print(f"ERROR: {err}", file=sys.stderr)
