@@ -78,6 +78,7 @@ class ModelConfig:
     drop_rate: float = 0.0
     moe: MoEConfig | None = None
     labels: tuple[str, ...] = field(default_factory=tuple)
+    image_size: int = 256  # the input side it was trained at: the default of every command that feeds it images
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +87,7 @@ class ModelConfig:
             "drop_rate": self.drop_rate,
             "moe": self.moe.to_dict() if self.moe else None,
             "labels": list(self.labels),
+            "image_size": self.image_size,
         }
 
     def to_json(self) -> str:
@@ -103,4 +105,5 @@ class ModelConfig:
             drop_rate=float(d.get("drop_rate", 0.0)),
             moe=MoEConfig.from_dict(moe) if moe else None,
             labels=tuple(d.get("labels", ())),
+            image_size=int(d.get("image_size", 256)),
         )

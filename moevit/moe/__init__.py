@@ -6,7 +6,7 @@ Shape-suffix legend used in this package:
   S assignments sorted by expert (T*k), H expert hidden units.
 """
 
-from moevit.moe.dispatcher import DispatchPlan, Dispatcher, LocalDispatcher
+from moevit.moe.dispatcher import Dispatcher, DispatchPlan, LocalDispatcher
 from moevit.moe.experts import ExpertBank
 from moevit.moe.layer import MoELayer, Routing
 from moevit.moe.router import CosineRouter

@@ -1,0 +1,76 @@
+"""``moe-eval --model FILE --data SPEC``: top-1, top-5 and per-class accuracy, parameters, MACs, latency per image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from moevit.checkpoint import load_checkpoint
+from moevit.cli.common import run_cli, set_threads
+from moevit.data import open_dataset
+from moevit.flops import count_macs, count_params
+from moevit.train import evaluate
+
+
+@torch.no_grad()
+def latency_ms(model, image_size: int, repeats: int = 20) -> dict[str, float]:
+    """Batch-1 forward latency: median and p90 over ``repeats`` runs after 3 warm-up runs."""
+    x = torch.randn(1, 3, image_size, image_size)
+    for _ in range(3):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return {"p50": statistics.median(times), "p90": times[int(0.9 * (len(times) - 1))]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moe-eval", description=__doc__)
+    ap.add_argument("--model", required=True, help="a moevit .safetensors checkpoint")
+    ap.add_argument("--data", required=True, help="dataset spec: digits | synthetic[:k=v,…] | folder:PATH | ssw60:PATH")
+    ap.add_argument("--split", default="eval", help="eval (the seeded 20%% holdout, default) | test | train | val")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the holdout split (as in moe-train)")
+    ap.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="print one JSON object (fractions, not percents)")
+    args = ap.parse_args(argv)
+
+    def body() -> int:
+        set_threads(args.threads)
+        model = load_checkpoint(args.model)
+        size = args.image_size or model.config.image_size
+        data = open_dataset(args.data, image_size=size, split=args.split, seed=args.seed)
+        if len(data.classes) != model.config.num_classes:
+            raise ValueError(f"{args.model} has {model.config.num_classes} classes but {args.data} has "
+                             f"{len(data.classes)}")
+        res = evaluate(model, data, batch_size=args.batch_size, progress=not args.json)
+        out = {"model": args.model, "data": args.data, "split": args.split, "image_size": size,
+               "top1": res["top1"], "top5": res["top5"], "n": res["n"],
+               "per_class": dict(zip(data.classes, res["per_class"], strict=True)),
+               "params": count_params(model), "macs": count_macs(model, size),
+               "latency_ms": latency_ms(model, size), "skipped": [p for p, _ in data.skipped]}
+        if args.json:
+            print(json.dumps(out))
+            return 0
+        print(f"{args.model} on {data.describe()}")
+        print(f"top-1 {out['top1']:.4f}   top-5 {out['top5']:.4f}   ({out['n']} images at {size}px)")
+        print(f"parameters {out['params']:,}   MACs/image {out['macs']:,}   "
+              f"latency/image p50 {out['latency_ms']['p50']:.1f} ms (batch 1)")
+        print("per class: " + ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -"
+                                         for c, a in out["per_class"].items()))
+        return 0
+
+    return run_cli("moe-eval", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""``moe-train``: train a dense or MoE MobileViTV2 with the paper's recipe, or random-search its hyperparameters.
+
+    moe-train --model mobilevitv2_050 --data digits --epochs 12 --image-size 64 --out runs/dense
+    moe-train --model runs/moe.safetensors --data digits --epochs 5 --out runs/moe-ft
+    moe-train --model mobilevitv2_050 --data digits --search 8 --epochs 3 --out runs/search
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import moevit
+from moevit.checkpoint import load_checkpoint, load_weights
+from moevit.cli.common import run_cli, set_threads
+from moevit.data import open_dataset
+from moevit.train import TrainConfig, Trainer
+
+# Named search space: name -> (kind, low, high) or ("choice", [values]).
+SEARCH_SPACE: dict[str, tuple] = {
+    "lr_moe": ("log", 1e-4, 5e-3),
+    "lr_head": ("log", 3e-4, 1e-2),
+    "lr_rest": ("log", 1e-4, 3e-3),
+    "wd_moe": ("log", 1e-3, 1e-1),
+    "wd_head": ("log", 1e-3, 1e-1),
+    "wd_rest": ("log", 1e-3, 1e-1),
+    "mixup": ("choice", [0.0, 0.2, 0.4]),
+    "dropout": ("uniform", 0.0, 0.3),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moe-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mobilevitv2_050",
+                    help="an architecture name (mobilevitv2_050 … _200) or a moevit .safetensors checkpoint")
+    ap.add_argument("--init", help="start from these weights (timm or moevit safetensors); a new head when the "
+                                   "class count differs")
+    ap.add_argument("--data", required=True, help="dataset spec: digits | synthetic[:k=v,…] | folder:PATH | ssw60:PATH")
+    ap.add_argument("--out", required=True, help="output folder (a run found there is resumed)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    d = TrainConfig()
+    for g in ("moe", "head", "rest"):
+        ap.add_argument(f"--lr-{g}", type=float, default=None, help=f"learning rate of the {g} group "
+                                                                      f"(default {getattr(d, 'lr_' + g)})")
+        ap.add_argument(f"--wd-{g}", type=float, default=None, help=f"weight decay of the {g} group "
+                                                                      f"(default {getattr(d, 'wd_' + g)})")
+    ap.add_argument("--warmup-epochs", type=float, default=None, help=f"default {d.warmup_epochs}")
+    ap.add_argument("--mixup", type=float, default=None, help="MixUp Beta(α, α); 0 disables (default 0)")
+    ap.add_argument("--dropout", type=float, default=None, help="classifier dropout (default: the model's, 0)")
+    ap.add_argument("--flip", type=float, default=None, help="horizontal flip probability (default 0.5)")
+    ap.add_argument("--label-smoothing", type=float, default=None)
+    ap.add_argument("--config", help="JSON or YAML of training options (e.g. best_config.json from --search); "
+                                     "flags given on the command line win")
+    ap.add_argument("--search", type=int, default=0, metavar="N", help="random search: N trials on a validation "
+                                                                        "split carved from the training part")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """Training options: defaults < --config file < flags."""
+    opts: dict[str, Any] = {}
+    if args.config:
+        text = Path(args.config).read_text()
+        loaded = yaml.safe_load(text)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of training options")
+        opts.update(loaded.get("train", loaded))
+    for key in ("epochs", "batch_size", "seed"):
+        opts[key] = getattr(args, key)
+    for key in ("lr_moe", "lr_head", "lr_rest", "wd_moe", "wd_head", "wd_rest", "warmup_epochs", "mixup", "flip",
+                "label_smoothing", "dropout"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    return opts
+
+
+def _make_model(args: argparse.Namespace, classes: list[str], dropout: float | None) -> moevit.MobileViTV2:
+    if args.model.endswith(".safetensors") or Path(args.model).is_file():
+        model = load_checkpoint(args.model)
+        cfg = model.config
+        new_cfg = replace(cfg, labels=tuple(classes), drop_rate=cfg.drop_rate if dropout is None else dropout,
+                          num_classes=len(classes), image_size=args.image_size)
+        if cfg.num_classes != len(classes):
+            print(f"moe-train: {args.model} has {cfg.num_classes} classes, the data {len(classes)}: new head",
+                  file=sys.stderr)
+        fresh = moevit.build_model(new_cfg)
+        state = {k: v for k, v in model.state_dict().items() if not (k.startswith("head.fc")
+                                                                     and cfg.num_classes != len(classes))}
+        fresh.load_state_dict(state, strict=False)
+        model = fresh
+    else:
+        model = moevit.build_model(moevit.ModelConfig(arch=args.model, num_classes=len(classes),
+                                                      drop_rate=dropout or 0.0, labels=tuple(classes),
+                                                      image_size=args.image_size))
+    if args.init:
+        skipped = load_weights(model, args.init, new_head=True)
+        if skipped:
+            print(f"moe-train: {args.init}: class count differs, new head", file=sys.stderr)
+    return model
+
+
+def _train_once(args: argparse.Namespace, opts: dict[str, Any], train_split: str, eval_split: str,
+                out: Path, progress: bool) -> dict[str, Any]:
+    opts = dict(opts)
+    dropout = opts.pop("dropout", None)
+    cfg = TrainConfig.from_dict(opts)
+    train_set = open_dataset(args.data, image_size=args.image_size, split=train_split, seed=args.seed)
+    eval_set = open_dataset(args.data, image_size=args.image_size, split=eval_split, seed=args.seed)
+    model = _make_model(args, list(train_set.classes), dropout)
+    trainer = Trainer(model, train_set, eval_set, cfg, out, progress=progress)
+    if progress:
+        print(f"train: {train_set.describe()}\neval:  {eval_set.describe()}")
+    trainer.try_resume()
+    last = trainer.fit()
+    skipped = getattr(train_set, "skipped", []) + getattr(eval_set, "skipped", [])
+    for path, reason in skipped:
+        print(f"moe-train: skipped unreadable image {path}: {reason}", file=sys.stderr)
+    return {"best_top1": trainer.best, **{k: v for k, v in last.items() if k != "per_class"}}
+
+
+def _sample(rng: random.Random) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, spec in SEARCH_SPACE.items():
+        if spec[0] == "log":
+            out[name] = math.exp(rng.uniform(math.log(spec[1]), math.log(spec[2])))
+        elif spec[0] == "uniform":
+            out[name] = rng.uniform(spec[1], spec[2])
+        else:
+            out[name] = rng.choice(spec[1])
+    return out
+
+
+def search(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    out = Path(args.out)
+    rng = random.Random(args.seed)
+    rows = []
+    for trial in range(args.search):
+        params = _sample(rng)
+        print(f"trial {trial + 1}/{args.search}: " + ", ".join(f"{k}={v:.3g}" for k, v in params.items()))
+        res = _train_once(args, {**opts, **params}, "search-train", "val", out / f"trial-{trial:03d}",
+                          progress=not args.no_progress)
+        rows.append({"trial": trial, **params, "val_top1": res.get("best_top1"), "val_top5": res.get("top5")})
+    rows.sort(key=lambda r: -(r["val_top1"] or 0))
+    with (out / "search.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    names = list(rows[0])
+    print("  ".join(f"{n:>9}" for n in names))
+    for r in rows:
+        print("  ".join(f"{r[n]:>9.4g}" if isinstance(r[n], float) else f"{r[n]:>9}" for n in names))
+    best = {**{k: v for k, v in opts.items() if k not in ("epochs", "batch_size", "seed")},
+            **{k: rows[0][k] for k in SEARCH_SPACE}}
+    (out / "best_config.json").write_text(json.dumps(best, indent=2))
+    print(f"best val top-1 {rows[0]['val_top1']:.3f} (trial {rows[0]['trial']}); configuration in "
+          f"{out / 'best_config.json'} (reuse with --config)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        set_threads(args.threads)
+        opts = _options(args)
+        if args.search:
+            return search(args, opts)
+        res = _train_once(args, opts, "train", "eval", Path(args.out), progress=not args.no_progress)
+        print(json.dumps({"out": args.out, **res}))
+        return 0
+
+    return run_cli("moe-train", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

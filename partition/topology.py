@@ -1,0 +1,944 @@
+"""The deployment topology (``sites.yaml``): sites and their devices, links between them, and expert placement.
+
+This is the single loader shared by the partitioner, the coordinator and the simulator, so all three read a
+topology file the same way and refuse the same mistakes. The schema is documented in ``docs/topology.md``.
+
+Every problem found in a file is a :class:`TopologyError` (a ``ValueError``) whose message names the file,
+the key path inside it (``sites.pi-north.device.gflops``, ``links[1].between[0]``) and what was expected.
+
+Files are read with a SafeLoader subclass only (never ``yaml.load``): Python tags cannot construct objects,
+anchors/aliases are refused outright (no "billion laughs"), duplicate mapping keys are refused, and files are
+capped at :data:`MAX_FILE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+import yaml
+
+__all__ = [
+    "DEFAULT_RX_NJ_PER_BIT",
+    "DEFAULT_TX_NJ_PER_BIT",
+    "FALLBACKS",
+    "MAX_FILE_BYTES",
+    "Device",
+    "Link",
+    "Placement",
+    "Site",
+    "Topology",
+    "TopologyError",
+    "default_placement",
+    "load_placement",
+    "load_topology",
+    "parse_placement",
+    "parse_topology",
+    "read_yaml",
+    "save_placement",
+    "validate_placement",
+]
+
+# A topology or placement file is a few kilobytes; the cap keeps a wrong path (a checkpoint, a log) or a
+# hostile file from being parsed into memory at all.
+MAX_FILE_BYTES = 1 << 20
+
+# What the coordinator does when every replica of an expert is unreachable. The coordinator implements them;
+# the loader only checks the name. fail: stop and report; local: run the expert on the coordinator from its own
+# copy of the model; skip: drop that expert's output for the affected patches (the residual stream passes).
+FALLBACKS = ("fail", "local", "skip")
+
+# Radio energy per bit when a link does not say: Wi-Fi-class order of magnitude for a Raspberry-Pi-class board
+# (about 1 W transmitting at ~20 Mbit/s, about half that receiving).
+DEFAULT_TX_NJ_PER_BIT = 50.0
+DEFAULT_RX_NJ_PER_BIT = 25.0
+
+STRING_SOURCE = "<string>"
+
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
+_TOP_KEYS = {"required": ("coordinator", "sites"), "optional": ("model", "links", "placement", "fallback")}
+_SITE_KEYS = {"required": ("address", "device"), "optional": ()}
+_DEVICE_KEYS = {"required": ("gflops", "memory_mb", "active_w", "idle_w"), "optional": ("battery_wh",)}
+_LINK_KEYS = {
+    "required": ("between", "bandwidth_mbps", "latency_ms"),
+    "optional": ("loss", "tx_nj_per_bit", "rx_nj_per_bit", "duty_cycle"),
+}
+_PLACEMENT_FILE_KEYS = {"required": ("placement",), "optional": ("fingerprint",)}
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+class TopologyError(ValueError):
+    """A problem in a topology or placement file: ``str(err)`` is ``"<file>: <key path>: <problem>"``.
+
+    ``file``, ``key_path`` and ``problem`` are also attributes, so callers and tests need not parse the text.
+    """
+
+    def __init__(self, file: str, key_path: str, problem: str) -> None:
+        # The three parts are the exception's args so the error pickles (the simulator runs under ray).
+        super().__init__(str(file), key_path, problem)
+        self.file = str(file)
+        self.key_path = key_path
+        self.problem = problem
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key_path}" if self.key_path else self.file
+        return f"{where}: {self.problem}"
+
+
+def _fail(file: str, key: str, problem: str) -> NoReturn:
+    raise TopologyError(file, key, problem)
+
+
+def _describe(value: Any) -> str:
+    """How a wrong value reads in an error message."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _join(key: str, sub: object) -> str:
+    return f"{key}.{sub}" if key else str(sub)
+
+
+# --------------------------------------------------------------------------------------------- safe YAML
+
+
+def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> NoReturn:
+    tag = str(node.tag).replace("tag:yaml.org,2002:", "!!", 1)
+    raise yaml.constructor.ConstructorError(
+        None,
+        None,
+        f"YAML tag {tag!r} is not allowed: topology files are plain YAML "
+        "(mappings, lists, strings, numbers, booleans, null)",
+        node.start_mark,
+    )
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that also refuses anchors, aliases, merge keys, unknown tags and duplicate mapping keys."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        # Refusing aliases at compose time means an alias bomb never expands: no node graph, no construction.
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in topology files; write the value out", event.start_mark
+            )
+        if getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors (&name) are not allowed in topology files; write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "merge keys (<<) are not allowed in topology files", key_node.start_mark
+                    )
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"mapping key {_describe(key)} is not a plain value", key_node.start_mark
+                    ) from None
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first defined at line {first.line + 1}); "
+                        "YAML would silently keep only the last one",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+# Any tag without a safe constructor (``!!python/object``, ``!custom``) lands here instead of a generic error.
+_StrictLoader.add_constructor(None, _refuse_tag)
+
+
+def _parse_yaml_text(text: str, file: str) -> Any:
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(p for p in (e.context, e.problem) if p)
+        _fail(file, where, f"invalid YAML: {problem}")
+    except yaml.YAMLError as e:
+        _fail(file, "", f"invalid YAML: {e}")
+    except RecursionError:
+        _fail(file, "", "invalid YAML: nested too deeply")
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Read one YAML document from ``path`` with the strict safe loader; every problem is a TopologyError."""
+    file = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        _fail(file, "", "file not found")
+    except IsADirectoryError:
+        _fail(file, "", "is a directory, expected a YAML file")
+    except OSError as e:
+        _fail(file, "", f"cannot read: {e.strerror or e}")
+    if len(raw) > MAX_FILE_BYTES:
+        _fail(file, "", f"file larger than {MAX_FILE_BYTES} bytes; a topology file is a few kilobytes")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        _fail(file, "", f"not UTF-8 text (byte {e.start})")
+    return _parse_yaml_text(text, file)
+
+
+# ---------------------------------------------------------------------------------------- value checkers
+
+
+def _mapping(value: Any, file: str, key: str, what: str = "a mapping") -> Mapping[Any, Any]:
+    if not isinstance(value, Mapping):
+        _fail(file, key or "top level", f"expected {what}, got {_describe(value)}")
+    return value
+
+
+def _check_keys(d: Mapping[Any, Any], file: str, key: str, spec: Mapping[str, tuple[str, ...]]) -> None:
+    allowed = (*spec["required"], *spec["optional"])
+    for k in d:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            _fail(file, _join(key, k), f"unknown key {k!r} (allowed: {', '.join(allowed)}){hint}")
+    for k in spec["required"]:
+        if k not in d:
+            _fail(file, _join(key, k), f"missing required key {k!r}")
+
+
+_RANGES = {
+    "positive": ("a positive number", lambda x: x > 0),
+    "non-negative": ("a non-negative number", lambda x: x >= 0),
+    "loss": ("a number in [0, 1)", lambda x: 0 <= x < 1),
+    "fraction": ("a number in (0, 1]", lambda x: 0 < x <= 1),
+}
+
+
+def _number(value: Any, file: str, key: str, kind: str) -> float:
+    what, ok = _RANGES[kind]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                # PyYAML follows YAML 1.1, where 1e3 (no dot) is a string; say so instead of a bare "got '1e3'".
+                hint = "; write it unquoted, with a dot for exponents (1.0e3, not 1e3)"
+            except ValueError:
+                pass
+        _fail(file, key, f"expected {what}, got {_describe(value)}{hint}")
+    if not math.isfinite(value) or not ok(value):
+        _fail(file, key, f"expected {what}, got {value!r}")
+    return float(value)
+
+
+def _index(value: Any, file: str, key: str, what: str) -> int:
+    """A layer or expert index: a non-negative integer (a string of digits is accepted, e.g. JSON keys)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        _fail(file, key, f"expected {what} (a non-negative integer), got {_describe(value)}")
+    return value
+
+
+def _site_name(value: Any, file: str, key: str) -> str:
+    if not isinstance(value, str):
+        if isinstance(value, bool):
+            hint = " (quote it: YAML reads yes/no/on/off as booleans)"
+        elif isinstance(value, (int, float)):
+            hint = " (quote it)"
+        else:
+            hint = ""
+        _fail(file, key, f"expected a site name (a string), got {_describe(value)}{hint}")
+    if not _SITE_NAME.match(value):
+        _fail(
+            file,
+            key,
+            f"invalid site name {value!r}: use letters, digits, '-' and '_', starting with a letter or digit, "
+            "at most 63 characters",
+        )
+    return value
+
+
+def _known_site(value: Any, file: str, key: str, known: Iterable[str], where: str = "") -> str:
+    name = _site_name(value, file, key)
+    known = sorted(known)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        _fail(file, key, f"unknown site {name!r} (sites{where}: {', '.join(known)}){hint}")
+    return name
+
+
+def _split_address(address: str) -> tuple[str, int] | str:
+    """``(host, port)``, or the reason the address is not ``host:port``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        return "no ':port'"
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return "unclosed '[' around an IPv6 host"
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host[1:-1]!r} is not an IPv6 address"
+        host = host[1:-1]
+    elif ":" in host:
+        return "an IPv6 host needs brackets, e.g. '[::1]:50051'"
+    elif not _HOSTNAME.match(host):
+        return f"{host!r} is not a host name or IP address"
+    elif re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv4 address"
+    if not (port.isascii() and port.isdigit()):
+        return f"port {port!r} is not a number"
+    p = int(port)
+    if not 1 <= p <= 65535:
+        return f"port {p} is outside 1-65535"
+    return host, p
+
+
+def _address(value: Any, file: str, key: str) -> str:
+    if not isinstance(value, str):
+        _fail(file, key, f"expected 'host:port' (a string) with port 1-65535, got {_describe(value)}")
+    parsed = _split_address(value)
+    if isinstance(parsed, str):
+        _fail(file, key, f"expected 'host:port' with port 1-65535, got {value!r}: {parsed}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a site can do. gflops: sustained GFLOP/s; memory_mb: memory available to experts (MB);
+    active_w / idle_w: board power while computing / waiting (W); battery_wh: capacity (Wh), None = mains."""
+
+    gflops: float
+    memory_mb: float
+    active_w: float
+    idle_w: float
+    battery_wh: float | None = None
+
+    def __post_init__(self) -> None:
+        # Same rules as the loader, so a Device built in code (the simulator's sweeps) is as sound as a file's.
+        label = "<Device>"
+        _number(self.gflops, label, "gflops", "positive")
+        _number(self.memory_mb, label, "memory_mb", "positive")
+        _number(self.active_w, label, "active_w", "non-negative")
+        _number(self.idle_w, label, "idle_w", "non-negative")
+        if self.idle_w > self.active_w:
+            _fail(label, "idle_w", f"expected at most active_w ({self.active_w!r}), got {self.idle_w!r}")
+        if self.battery_wh is not None:
+            _number(self.battery_wh, label, "battery_wh", "positive")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A device at a named place, reachable at ``address`` (``host:port`` of its gRPC daemon)."""
+
+    name: str
+    address: str
+    device: Device
+
+    def __post_init__(self) -> None:
+        _site_name(self.name, "<Site>", "name")
+        _address(self.address, f"<Site {self.name}>", "address")
+
+    @property
+    def host(self) -> str:
+        """The host part of ``address``, without IPv6 brackets."""
+        parsed = _split_address(self.address)
+        assert not isinstance(parsed, str)  # checked in __post_init__
+        return parsed[0]
+
+    @property
+    def port(self) -> int:
+        parsed = _split_address(self.address)
+        assert not isinstance(parsed, str)
+        return parsed[1]
+
+
+@dataclass(frozen=True)
+class Link:
+    """A bidirectional radio link between sites ``a`` and ``b``.
+
+    bandwidth_mbps: Mbit/s; latency_ms: one-way latency (ms); loss: packet loss probability in [0, 1);
+    tx_nj_per_bit / rx_nj_per_bit: radio energy per bit sent / received (nJ); duty_cycle: fraction of time
+    the radio may transmit, in (0, 1] (regulatory limit on LoRa-class links, e.g. 0.01 in EU868).
+    """
+
+    a: str
+    b: str
+    bandwidth_mbps: float
+    latency_ms: float
+    loss: float = 0.0
+    tx_nj_per_bit: float = DEFAULT_TX_NJ_PER_BIT
+    rx_nj_per_bit: float = DEFAULT_RX_NJ_PER_BIT
+    duty_cycle: float = 1.0
+
+    def __post_init__(self) -> None:
+        label = f"<Link {self.a} <-> {self.b}>"
+        _site_name(self.a, label, "a")
+        _site_name(self.b, label, "b")
+        if self.a == self.b:
+            _fail(label, "b", f"a link from a site to itself ({self.a!r})")
+        _number(self.bandwidth_mbps, label, "bandwidth_mbps", "positive")
+        _number(self.latency_ms, label, "latency_ms", "non-negative")
+        _number(self.loss, label, "loss", "loss")
+        _number(self.tx_nj_per_bit, label, "tx_nj_per_bit", "non-negative")
+        _number(self.rx_nj_per_bit, label, "rx_nj_per_bit", "non-negative")
+        _number(self.duty_cycle, label, "duty_cycle", "fraction")
+
+    def connects(self, x: str, y: str) -> bool:
+        """True when this link joins ``x`` and ``y``, in either order."""
+        return {self.a, self.b} == {x, y} and x != y
+
+    def other(self, site: str) -> str:
+        """The far end of the link seen from ``site``."""
+        if site == self.a:
+            return self.b
+        if site == self.b:
+            return self.a
+        raise ValueError(f"site {site!r} is not an end of the link {self.a} <-> {self.b}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each expert lives: ``(layer, expert) -> site names`` holding a copy (replicas allowed).
+
+    Replica tuples are sorted and deduplicated, so equal placements compare equal whatever order they were
+    written in; which replica serves a patch is the coordinator's choice. ``fingerprint`` records which model
+    the placement was made for (free text set by the partitioner), None when unknown.
+    """
+
+    assignment: Mapping[tuple[int, int], tuple[str, ...]]
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        norm: dict[tuple[int, int], tuple[str, ...]] = {}
+        for (layer, expert), sites in dict(self.assignment).items():
+            replicas = (sites,) if isinstance(sites, str) else tuple(sites)
+            if not replicas:
+                raise ValueError(f"Placement: expert {expert} of layer {layer} has an empty site list")
+            norm[(int(layer), int(expert))] = tuple(sorted(set(replicas)))
+        object.__setattr__(self, "assignment", MappingProxyType(dict(sorted(norm.items()))))
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.assignment.items()), self.fingerprint))
+
+    def layers(self) -> tuple[int, ...]:
+        """The layers that have at least one placed expert, ascending."""
+        return tuple(sorted({layer for layer, _ in self.assignment}))
+
+    def experts(self, layer: int) -> tuple[int, ...]:
+        """The placed experts of ``layer``, ascending."""
+        return tuple(e for (lay, e) in self.assignment if lay == layer)
+
+    def sites(self) -> tuple[str, ...]:
+        """Every site that holds at least one expert, sorted."""
+        return tuple(sorted({s for replicas in self.assignment.values() for s in replicas}))
+
+    def sites_for(self, layer: int, expert: int) -> tuple[str, ...]:
+        """The sites holding ``expert`` of ``layer`` (sorted); KeyError when it is not placed."""
+        try:
+            return self.assignment[(layer, expert)]
+        except KeyError:
+            raise KeyError(f"expert {expert} of layer {layer} is not placed on any site") from None
+
+    def experts_on(self, site: str) -> dict[int, list[int]]:
+        """``layer -> experts`` held by ``site``, ascending; layers where it holds none are left out."""
+        out: dict[int, list[int]] = {}
+        for (layer, expert), replicas in self.assignment.items():
+            if site in replicas:
+                out.setdefault(layer, []).append(expert)
+        return out
+
+    def to_yaml_dict(self) -> dict[int, dict[str, list[int]]]:
+        """The human form written to files: ``layer -> site -> [experts]``, all sorted."""
+        out: dict[int, dict[str, list[int]]] = {}
+        for (layer, expert), replicas in self.assignment.items():
+            for site in replicas:
+                out.setdefault(layer, {}).setdefault(site, []).append(expert)
+        return {layer: dict(sorted(per_site.items())) for layer, per_site in out.items()}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A parsed, validated ``sites.yaml``. Build it with :func:`load_topology` or :func:`parse_topology`.
+
+    path: the file it was read from (``"<string>"`` for in-memory data); model: the checkpoint, absolute, or
+    None; sites: name -> Site, sorted by name; links: in file order; placement: from the file or None (then
+    :func:`default_placement` applies); placement_source: ``"inline"``, the placement file's absolute path,
+    or None; fallback: one of :data:`FALLBACKS`.
+    """
+
+    path: str
+    model: Path | None
+    coordinator: str
+    sites: Mapping[str, Site]
+    links: tuple[Link, ...] = ()
+    placement: Placement | None = None
+    placement_source: str | None = None
+    fallback: str = "fail"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", MappingProxyType(dict(sorted(dict(self.sites).items()))))
+        object.__setattr__(self, "links", tuple(self.links))
+        for name, site in self.sites.items():
+            if site.name != name:
+                _fail(self.path, f"sites.{name}", f"Site object is named {site.name!r}")
+        if self.coordinator not in self.sites:
+            _fail(self.path, "coordinator", f"{self.coordinator!r} is not a site ({', '.join(self.sites)})")
+        for i, link in enumerate(self.links):
+            for end in (link.a, link.b):
+                if end not in self.sites:
+                    _fail(self.path, f"links[{i}]", f"unknown site {end!r}")
+        if self.fallback not in FALLBACKS:
+            _fail(self.path, "fallback", f"expected one of {', '.join(FALLBACKS)}, got {_describe(self.fallback)}")
+
+    def site(self, name: str) -> Site:
+        """The site called ``name``; KeyError naming the known sites otherwise."""
+        try:
+            return self.sites[name]
+        except KeyError:
+            raise KeyError(f"unknown site {name!r} (sites: {', '.join(self.sites)})") from None
+
+    def link_between(self, a: str, b: str) -> Link | None:
+        """The direct link joining ``a`` and ``b`` in either order, or None."""
+        for link in self.links:
+            if link.connects(a, b):
+                return link
+        return None
+
+    def links_of(self, name: str) -> tuple[Link, ...]:
+        """The links with ``name`` at one end, in file order."""
+        return tuple(link for link in self.links if name in (link.a, link.b))
+
+    def remote_sites(self) -> tuple[Site, ...]:
+        """Every site except the coordinator, sorted by name."""
+        return tuple(site for name, site in self.sites.items() if name != self.coordinator)
+
+    def require_links_to_coordinator(self) -> None:
+        """Refuse a topology where some non-coordinator site has no direct link to the coordinator.
+
+        The coordinator sends patch tokens straight to each expert's site, so it needs one hop to every site.
+        ``load_topology`` calls this by default; the simulator may load with it off to study multi-hop layouts.
+        """
+        missing = [s.name for s in self.remote_sites() if self.link_between(self.coordinator, s.name) is None]
+        if len(missing) == 1:
+            _fail(
+                self.path,
+                f"sites.{missing[0]}",
+                f"no link to the coordinator {self.coordinator!r}; add to links: "
+                f"{{between: [{self.coordinator}, {missing[0]}], bandwidth_mbps: ..., latency_ms: ...}}",
+            )
+        if missing:
+            _fail(
+                self.path,
+                "links",
+                f"sites with no link to the coordinator {self.coordinator!r}: {', '.join(missing)}; "
+                "add a links entry between the coordinator and each",
+            )
+
+    def resolve_placement(self, moe_layers: Mapping[int, int]) -> Placement:
+        """The file's placement, or the default one when absent; validated against ``moe_layers``."""
+        placement = self.placement if self.placement is not None else default_placement(self, moe_layers)
+        validate_placement(placement, self, moe_layers)
+        return placement
+
+
+# --------------------------------------------------------------------------------------------- placement
+
+
+def _parse_layers(
+    raw: Any, file: str, key: str, known_sites: Iterable[str] | None, where: str
+) -> dict[tuple[int, int], list[str]]:
+    """Parse ``layer -> site -> experts`` (experts: a list of indices or one index)."""
+    layers = _mapping(raw, file, key, "a mapping of layer -> site -> experts")
+    if not layers:
+        _fail(file, key or "top level", "expected at least one layer, got an empty mapping")
+    known = sorted(known_sites) if known_sites is not None else None
+    out: dict[tuple[int, int], list[str]] = {}
+    seen_layers: set[int] = set()
+    for layer_key, per_site in layers.items():
+        layer = _index(layer_key, file, _join(key, layer_key), "a layer index")
+        lkey = _join(key, layer)
+        if layer in seen_layers:
+            _fail(file, lkey, f"layer {layer} is listed twice (as {layer_key!r} and as another spelling)")
+        seen_layers.add(layer)
+        per_site = _mapping(per_site, file, lkey, "a mapping of site -> experts")
+        if not per_site:
+            _fail(file, lkey, "expected at least one site, got an empty mapping")
+        for site_key, experts in per_site.items():
+            skey = _join(lkey, site_key)
+            if known is not None:
+                site = _known_site(site_key, file, skey, known, where)
+            else:
+                site = _site_name(site_key, file, skey)
+            items = experts if isinstance(experts, list) else [experts]
+            seen: set[int] = set()
+            for i, e in enumerate(items):
+                ekey = f"{skey}[{i}]" if isinstance(experts, list) else skey
+                expert = _index(e, file, ekey, "an expert index")
+                if expert in seen:
+                    _fail(file, ekey, f"expert {expert} is listed twice under site {site!r}")
+                seen.add(expert)
+                out.setdefault((layer, expert), []).append(site)
+    return out
+
+
+def parse_placement(
+    data: Any,
+    path: str = STRING_SOURCE,
+    *,
+    known_sites: Iterable[str] | None = None,
+    allow_wrapper: bool = True,
+    key: str = "",
+    sites_from: str | None = None,
+) -> Placement:
+    """A Placement from parsed YAML: ``{layer: {site: [experts]}}``, or (when ``allow_wrapper``) the file
+    form ``{placement: {layer: {site: [experts]}}, fingerprint: <str>}``. ``known_sites``, when given,
+    refuses any other site name; ``sites_from`` names where they come from in that error (a topology file)."""
+    data = _mapping(data, path, key, "a mapping of layer -> site -> experts")
+    fingerprint: str | None = None
+    if allow_wrapper and any(k in ("placement", "fingerprint") for k in data):
+        _check_keys(data, path, key, _PLACEMENT_FILE_KEYS)
+        fingerprint = data.get("fingerprint")
+        if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
+            _fail(path, _join(key, "fingerprint"), f"expected a non-empty string, got {_describe(fingerprint)}")
+        key = _join(key, "placement")
+        data = data["placement"]
+    where = f" in {sites_from}" if sites_from else ""
+    assignment = _parse_layers(data, path, key, known_sites, where)
+    return Placement({k: tuple(v) for k, v in assignment.items()}, fingerprint=fingerprint)
+
+
+def load_placement(
+    path: str | os.PathLike[str], *, known_sites: Iterable[str] | None = None, sites_from: str | None = None
+) -> Placement:
+    """Read a placement file (either form; see :func:`parse_placement`)."""
+    return parse_placement(read_yaml(path), str(path), known_sites=known_sites, sites_from=sites_from)
+
+
+def save_placement(placement: Placement, path: str | os.PathLike[str], fingerprint: str | None = None) -> Path:
+    """Write ``placement`` in the file form (``fingerprint:`` then ``placement:``), atomically.
+
+    ``fingerprint`` defaults to the placement's own. The write goes to a temporary file then ``os.replace``
+    so a coordinator reading the file never sees half of it.
+    """
+    fp = fingerprint if fingerprint is not None else placement.fingerprint
+    data: dict[str, Any] = {}
+    if fp is not None:
+        data["fingerprint"] = fp
+    data["placement"] = placement.to_yaml_dict()
+    text = (
+        "# Expert placement: layer -> site -> experts held there. An expert under two sites is replicated.\n"
+        + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    )
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _check_moe_layers(moe_layers: Mapping[int, int]) -> dict[int, int]:
+    if not isinstance(moe_layers, Mapping) or not moe_layers:
+        raise ValueError(f"moe_layers must be a non-empty mapping layer -> num_experts, got {moe_layers!r}")
+    out: dict[int, int] = {}
+    for layer, n in moe_layers.items():
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (layer, n))
+        if not ok or layer < 0 or n < 1:
+            raise ValueError(f"moe_layers: expected layer (>= 0) -> num_experts (>= 1), got {layer!r}: {n!r}")
+        out[layer] = n
+    return dict(sorted(out.items()))
+
+
+def default_placement(topology: Topology, moe_layers: Mapping[int, int]) -> Placement:
+    """The placement used when the topology names none: for each MoE layer, expert ``e`` goes to the site at
+    index ``e % n`` of the sites sorted by name (coordinator included), one copy each, no replicas.
+
+    Deterministic (independent of file order) and complete, so the system runs before the partitioner has
+    produced a placement; it ignores device speed and memory on purpose.
+    """
+    layers = _check_moe_layers(moe_layers)
+    names = sorted(topology.sites)
+    return Placement(
+        {(layer, e): (names[e % len(names)],) for layer, n in layers.items() for e in range(n)},
+        fingerprint=None,
+    )
+
+
+def _ranges(values: Iterable[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``'0-2, 5, 7-8'``."""
+    vs = sorted(set(values))
+    parts: list[str] = []
+    i = 0
+    while i < len(vs):
+        j = i
+        while j + 1 < len(vs) and vs[j + 1] == vs[j] + 1:
+            j += 1
+        parts.append(str(vs[i]) if i == j else f"{vs[i]}-{vs[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def validate_placement(placement: Placement, topology: Topology, moe_layers: Mapping[int, int]) -> None:
+    """Check ``placement`` against the topology's sites and the model's MoE layers (``layer -> num_experts``).
+
+    Every expert of every MoE layer must be placed at least once, only on known sites, and nothing may be
+    placed for a layer that is not an MoE layer or an expert index the layer does not have. All problems
+    are reported together in one TopologyError naming the placement's file.
+    """
+    layers = _check_moe_layers(moe_layers)
+    if placement is topology.placement and topology.placement_source not in (None, "inline"):
+        file = str(topology.placement_source)
+    else:
+        file = topology.path
+    problems: list[tuple[str, str]] = []
+    unknown_sites = sorted(set(placement.sites()) - set(topology.sites))
+    for site in unknown_sites:
+        where = {f"placement.{layer}" for layer in placement.experts_on(site)}
+        problems.append(
+            (
+                ", ".join(sorted(where)),
+                f"unknown site {site!r} (sites in {topology.path}: {', '.join(topology.sites)})",
+            )
+        )
+    for layer in placement.layers():
+        if layer not in layers:
+            problems.append(
+                (
+                    f"placement.{layer}",
+                    f"layer {layer} is not an MoE layer of the model (MoE layers: {_ranges(layers)})",
+                )
+            )
+    for layer, n in layers.items():
+        placed = set(placement.experts(layer))
+        extra = sorted(e for e in placed if e >= n)
+        if extra:
+            problems.append(
+                (
+                    f"placement.{layer}",
+                    f"expert(s) {_ranges(extra)} out of range: layer {layer} has {n} experts (0-{n - 1})",
+                )
+            )
+        missing = sorted(set(range(n)) - placed)
+        if missing:
+            problems.append(
+                (f"placement.{layer}", f"expert(s) {_ranges(missing)} of layer {layer} are not placed on any site")
+            )
+    if len(problems) == 1:
+        _fail(file, *problems[0])
+    if problems:
+        _fail(file, "placement", f"{len(problems)} problems:\n" + "\n".join(f"  {k}: {p}" for k, p in problems))
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _resolve(value: Any, file: str, key: str, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        _fail(file, key, f"expected a file path (a non-empty string), got {_describe(value)}")
+    p = Path(value)
+    # normpath, not resolve(): keep symlinks as written and do not require the file to exist yet
+    # (the demo builds the model after the topology is written).
+    return Path(os.path.normpath(p if p.is_absolute() else base.absolute() / p))
+
+
+def _parse_device(raw: Any, file: str, key: str) -> Device:
+    d = _mapping(raw, file, key)
+    _check_keys(d, file, key, _DEVICE_KEYS)
+    active = _number(d["active_w"], file, _join(key, "active_w"), "non-negative")
+    idle = _number(d["idle_w"], file, _join(key, "idle_w"), "non-negative")
+    if idle > active:
+        _fail(file, _join(key, "idle_w"), f"expected at most active_w ({d['active_w']!r}), got {d['idle_w']!r}")
+    battery = d.get("battery_wh")
+    return Device(
+        gflops=_number(d["gflops"], file, _join(key, "gflops"), "positive"),
+        memory_mb=_number(d["memory_mb"], file, _join(key, "memory_mb"), "positive"),
+        active_w=active,
+        idle_w=idle,
+        battery_wh=None if battery is None else _number(battery, file, _join(key, "battery_wh"), "positive"),
+    )
+
+
+def _parse_sites(raw: Any, file: str) -> dict[str, Site]:
+    sites = _mapping(raw, file, "sites", "a mapping of site name -> {address, device}")
+    if not sites:
+        _fail(file, "sites", "expected at least one site, got an empty mapping")
+    out: dict[str, Site] = {}
+    addresses: dict[str, str] = {}
+    for name, spec in sites.items():
+        _site_name(name, file, _join("sites", name))
+        key = f"sites.{name}"
+        spec = _mapping(spec, file, key)
+        _check_keys(spec, file, key, _SITE_KEYS)
+        address = _address(spec["address"], file, f"{key}.address")
+        # Two sites on one host:port would be one daemon answering for both: almost surely a copy-paste slip.
+        norm = address.lower()
+        if norm in addresses:
+            _fail(file, f"{key}.address", f"address {address!r} is already used by site {addresses[norm]!r}")
+        addresses[norm] = name
+        out[name] = Site(name=name, address=address, device=_parse_device(spec["device"], file, f"{key}.device"))
+    return out
+
+
+def _parse_links(raw: Any, file: str, sites: Mapping[str, Site]) -> tuple[Link, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        _fail(file, "links", f"expected a list of links, got {_describe(raw)}")
+    out: list[Link] = []
+    seen: dict[frozenset[str], int] = {}
+    for i, item in enumerate(raw):
+        key = f"links[{i}]"
+        d = _mapping(item, file, key)
+        _check_keys(d, file, key, _LINK_KEYS)
+        between = d["between"]
+        if not isinstance(between, list) or len(between) != 2:
+            _fail(file, f"{key}.between", f"expected a list of two site names, got {_describe(between)}")
+        a = _known_site(between[0], file, f"{key}.between[0]", sites)
+        b = _known_site(between[1], file, f"{key}.between[1]", sites)
+        if a == b:
+            _fail(file, f"{key}.between", f"a link from a site to itself ({a!r}) is not allowed")
+        pair = frozenset((a, b))
+        if pair in seen:
+            _fail(file, f"{key}.between", f"duplicate link {a} <-> {b} (already links[{seen[pair]}])")
+        seen[pair] = i
+        out.append(
+            Link(
+                a=a,
+                b=b,
+                bandwidth_mbps=_number(d["bandwidth_mbps"], file, f"{key}.bandwidth_mbps", "positive"),
+                latency_ms=_number(d["latency_ms"], file, f"{key}.latency_ms", "non-negative"),
+                loss=_number(d.get("loss", 0.0), file, f"{key}.loss", "loss"),
+                tx_nj_per_bit=_number(
+                    d.get("tx_nj_per_bit", DEFAULT_TX_NJ_PER_BIT), file, f"{key}.tx_nj_per_bit", "non-negative"
+                ),
+                rx_nj_per_bit=_number(
+                    d.get("rx_nj_per_bit", DEFAULT_RX_NJ_PER_BIT), file, f"{key}.rx_nj_per_bit", "non-negative"
+                ),
+                duty_cycle=_number(d.get("duty_cycle", 1.0), file, f"{key}.duty_cycle", "fraction"),
+            )
+        )
+    return tuple(out)
+
+
+def parse_topology(
+    data: Any,
+    path: str | os.PathLike[str] = STRING_SOURCE,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    require_coordinator_links: bool = True,
+) -> Topology:
+    """Validate already-parsed YAML (a dict) into a Topology.
+
+    ``path`` names the source in errors. Relative ``model`` and ``placement`` paths resolve against
+    ``base_dir``, by default the folder of ``path`` (the current directory for ``"<string>"``).
+    ``require_coordinator_links`` runs :meth:`Topology.require_links_to_coordinator`.
+    """
+    file = str(path)
+    if base_dir is not None:
+        base = Path(base_dir)
+    elif file == STRING_SOURCE:
+        base = Path.cwd()
+    else:
+        base = Path(file).parent
+    if data is None:
+        _fail(file, "top level", "expected a mapping with keys coordinator, sites, ..., got an empty document")
+    d = _mapping(data, file, "", "a mapping with keys coordinator, sites, ...")
+    _check_keys(d, file, "", _TOP_KEYS)
+
+    sites = _parse_sites(d["sites"], file)
+    coordinator = _known_site(d["coordinator"], file, "coordinator", sites)
+    links = _parse_links(d.get("links"), file, sites)
+    model = None if d.get("model") is None else _resolve(d["model"], file, "model", base)
+
+    fallback = d.get("fallback", "fail")
+    if fallback not in FALLBACKS:
+        _fail(file, "fallback", f"expected one of {', '.join(FALLBACKS)}, got {_describe(fallback)}")
+
+    raw_placement = d.get("placement")
+    placement: Placement | None = None
+    source: str | None = None
+    if isinstance(raw_placement, str):
+        placement_file = _resolve(raw_placement, file, "placement", base)
+        if not placement_file.is_file():
+            _fail(file, "placement", f"placement file {str(placement_file)!r} not found")
+        placement = load_placement(placement_file, known_sites=sites, sites_from=file)
+        source = str(placement_file)
+    elif isinstance(raw_placement, Mapping):
+        # Inline: the bare layer -> site -> experts form only; a fingerprint belongs in a placement file.
+        placement = parse_placement(raw_placement, file, known_sites=sites, allow_wrapper=False, key="placement")
+        source = "inline"
+    elif raw_placement is not None:
+        _fail(
+            file,
+            "placement",
+            f"expected a placement file path or a mapping layer -> site -> experts, got {_describe(raw_placement)}",
+        )
+
+    topology = Topology(
+        path=file,
+        model=model,
+        coordinator=coordinator,
+        sites=sites,
+        links=links,
+        placement=placement,
+        placement_source=source,
+        fallback=fallback,
+    )
+    if require_coordinator_links:
+        topology.require_links_to_coordinator()
+    return topology
+
+
+def load_topology(path: str | os.PathLike[str], *, require_coordinator_links: bool = True) -> Topology:
+    """Read and validate a topology file (``sites.yaml``); relative paths in it resolve against its folder."""
+    return parse_topology(read_yaml(path), str(path), require_coordinator_links=require_coordinator_links)
