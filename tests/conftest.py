@@ -24,3 +24,23 @@ def dense_model():
                 m.weight.normal_(1.0, 0.2)
                 m.bias.normal_(0.0, 0.2)
     return model.eval()
+
+
+SYNTH = "synthetic:classes=3,per_class=30,size=32"
+
+
+@pytest.fixture(scope="session")
+def trained_dense(tmp_path_factory):
+    """A dense MobileViTV2-0.5 trained for a few seconds on synthetic data at 32 px, saved; (path, spec)."""
+    from moevit.checkpoint import save_checkpoint
+    from moevit.data import open_dataset
+    from moevit.train import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("dense")
+    torch.manual_seed(0)
+    train = open_dataset(SYNTH, image_size=32, split="train", seed=0)
+    model = moevit.build_model(moevit.ModelConfig(arch="mobilevitv2_050", num_classes=3, image_size=32,
+                                                  labels=tuple(train.classes)))
+    Trainer(model, train, None, TrainConfig(epochs=4, batch_size=12, lr_rest=3e-3, lr_head=5e-3, seed=0), out,
+            progress=False, log=lambda s: None).fit()
+    return save_checkpoint(model.eval(), out / "dense.safetensors"), SYNTH

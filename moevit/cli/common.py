@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from moevit.checkpoint import CheckpointError
 
@@ -36,3 +37,22 @@ def existing_file(path: str) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return p
+
+
+class StageBar:
+    """A progress bar over named stages: call it with each stage's name as the stage starts."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="stage", dynamic_ncols=True)
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.bar.close()

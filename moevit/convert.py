@@ -1,0 +1,237 @@
+"""Dense → MoE conversion: the paper's router and expert initialisation (§3.2.1, Algorithm 1 as reconstructed in
+design.md §Method).
+
+For each chosen transformer layer, in forward order, through the model converted so far:
+
+1. per class, sample images at random sizes between two bounds (32 px steps) and collect the per-patch pre-MLP
+   embeddings z = norm2(x) (mean over the P pixels of a patch);
+2. Algorithm 1: m_c = class mean; R times: T_c = the K_c patches nearest m_c by cosine, m_c = mean(T_c);
+3. fit the min-max scaler on ∪T_c, cluster the scaled patches with Ward linkage into E clusters; the router's
+   centroids are the cluster means;
+4. MoEfication: expert e keeps the K hidden units of the dense MLP most important on its cluster's pixel tokens,
+   plus the correction term (``residual`` or ``paper``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from moevit.config import MoEConfig
+from moevit.layers import ConvMlp
+from moevit.mobilevitv2 import MobileViTV2
+from moevit.moe.layer import MoELayer
+from moevit.moefy import load_expert, moe_skeleton, unit_importance
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Options of the conversion; the MoE layout itself is a :class:`MoEConfig`."""
+
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    patches_per_class: int = 64  # K_c of Algorithm 1
+    rounds: int = 3  # R refinement rounds
+    images_per_class: int = 64
+    size_min: int | None = None  # None: 0.625 × the model's training size, up to a 32 px step
+    size_max: int | None = None  # None: 1.25 × the model's training size, down to a 32 px step
+    seed: int = 0
+
+
+def default_sizes(image_size: int) -> tuple[int, int]:
+    """160–320 for a 256 px model (the paper's range), scaled for others; at least one 32 px step."""
+    lo = max(32, math.ceil(0.625 * image_size / 32) * 32)
+    hi = max(lo, math.floor(1.25 * image_size / 32) * 32)
+    return lo, hi
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the layer being converted needs to run."""
+
+
+@torch.no_grad()
+def capture_pre_mlp(model: MobileViTV2, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """Pixel-level pre-MLP embeddings z = norm2(x) at transformer layer ``layer``: [B, N, P, C]."""
+    blk = model.transformer_layers()[layer]
+    captured: list[torch.Tensor] = []
+
+    def hook(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        captured.append(args[-1])  # ConvMlp gets (z,), MoELayer gets (z_hat, z)
+        raise _Stop
+
+    handle = blk.mlp.register_forward_pre_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0].permute(0, 3, 2, 1).contiguous()  # [B, C, P, N] -> [B, N, P, C]
+
+
+def refine_class_patches(zbar_NC: torch.Tensor, k: int, rounds: int) -> torch.Tensor:
+    """Algorithm 1 for one class: indices of its K_c representative patches."""
+    m = zbar_NC.mean(dim=0)
+    unit = torch.nn.functional.normalize(zbar_NC, dim=1)
+    k = min(k, len(zbar_NC))
+    idx = torch.arange(len(zbar_NC))
+    for _ in range(max(1, rounds)):
+        cos = unit @ torch.nn.functional.normalize(m, dim=0)
+        idx = cos.topk(k).indices
+        m = zbar_NC[idx].mean(dim=0)
+    return idx
+
+
+def ward_clusters(points: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Labels 0..E-1 from Ward agglomerative clustering (scipy), relabelled by first appearance."""
+    if len(points) < n_clusters:
+        raise ValueError(f"{n_clusters} experts but only {len(points)} representative patches to cluster; "
+                         "use fewer experts or more --patches-per-class / --images-per-class")
+    raw = fcluster(linkage(points.astype(np.float64), method="ward"), t=n_clusters, criterion="maxclust")
+    if len(np.unique(raw)) < n_clusters:
+        raise ValueError(f"the representative patches form only {len(np.unique(raw))} distinct clusters, "
+                         f"fewer than {n_clusters} experts")
+    _, first = np.unique(raw, return_index=True)
+    order = {int(raw[i]): rank for rank, i in enumerate(sorted(first))}
+    return np.array([order[int(r)] for r in raw])
+
+
+@dataclass
+class LayerSamples:
+    """Representative patches of one layer: patch means [M, C], their pixel tokens [M, P, C], their classes."""
+
+    zbar_MC: torch.Tensor
+    z_MPC: torch.Tensor
+    cls_M: torch.Tensor
+
+
+def sample_class_images(dataset_at: Callable[[int], Any], targets: list[int], num_classes: int, cfg: ConvertConfig,
+                        sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(index, class, size) for up to ``images_per_class`` seeded images per class at seeded random sizes."""
+    rng = np.random.default_rng(cfg.seed)
+    by_class: dict[int, list[int]] = {c: [] for c in range(num_classes)}
+    for i, t in enumerate(targets):
+        by_class[t].append(i)
+    empty = [c for c, v in by_class.items() if not v]
+    if empty:
+        raise ValueError(f"classes {empty} have no images in the training split; every class needs some")
+    picks = []
+    for c, idx in by_class.items():
+        chosen = rng.permutation(idx)[: cfg.images_per_class]
+        picks += [(int(i), c, int(rng.choice(sizes))) for i in chosen]
+    return picks
+
+
+@torch.no_grad()
+def collect_layer(model: MobileViTV2, layer: int, picks: list[tuple[int, int, int]],
+                  dataset_at: Callable[[int], Any], cfg: ConvertConfig, batch: int = 32) -> LayerSamples:
+    """Steps 1–2: embeddings of the sampled images at ``layer`` and Algorithm 1 per class."""
+    per_class_bar: dict[int, list[torch.Tensor]] = {}
+    per_class_tok: dict[int, list[torch.Tensor]] = {}
+    by_size: dict[int, list[tuple[int, int]]] = {}
+    for i, c, s in picks:
+        by_size.setdefault(s, []).append((i, c))
+    for s, items in sorted(by_size.items()):
+        ds = dataset_at(s)
+        for j in range(0, len(items), batch):
+            chunk = items[j:j + batch]
+            x = torch.stack([ds[i][0] for i, _ in chunk])
+            z_BNPC = capture_pre_mlp(model, layer, x)
+            for (_, c), z_NPC in zip(chunk, z_BNPC, strict=True):
+                per_class_bar.setdefault(c, []).append(z_NPC.mean(dim=1))
+                per_class_tok.setdefault(c, []).append(z_NPC)
+    bars, toks, clss = [], [], []
+    for c in sorted(per_class_bar):
+        zbar = torch.cat(per_class_bar[c])
+        tok = torch.cat(per_class_tok[c])
+        keep = refine_class_patches(zbar, cfg.patches_per_class, cfg.rounds)
+        bars.append(zbar[keep])
+        toks.append(tok[keep])
+        clss.append(torch.full((len(keep),), c))
+    return LayerSamples(torch.cat(bars), torch.cat(toks), torch.cat(clss))
+
+
+@torch.no_grad()
+def init_layer(moe_layer: MoELayer, dense_mlp: ConvMlp, block: torch.nn.Module, samples: LayerSamples,
+               moe: MoEConfig) -> dict[str, Any]:
+    """Steps 3–4 for one layer: scaler, Ward centroids, MoEfied experts. Returns the layer's report."""
+    t0 = time.perf_counter()
+    zbar = samples.zbar_MC
+    lo, hi = zbar.min(dim=0).values, zbar.max(dim=0).values
+    scaled = (zbar - lo) / (hi - lo).clamp_min(1e-6)
+    labels = ward_clusters(scaled.numpy(), moe.num_experts)
+    t_cluster = time.perf_counter() - t0
+    router = moe_layer.router
+    router.scale_min.copy_(lo)
+    router.scale_max.copy_(hi)
+    router.logit_scale.fill_(moe.logit_scale)
+    t1 = time.perf_counter()
+    sizes = []
+    for e in range(moe.num_experts):
+        members = torch.from_numpy(np.flatnonzero(labels == e))
+        sizes.append(len(members))
+        router.centroids[e].copy_(scaled[members].mean(dim=0))
+        tokens = samples.z_MPC[members].reshape(-1, zbar.shape[1])
+        units = unit_importance(dense_mlp, tokens).topk(moe.expert_hidden).indices.sort().values
+        load_expert(moe_layer.experts, e, block, dense_mlp, units, centroid=zbar[members].mean(dim=0),
+                    correction=moe.correction)
+    return {"cluster_sizes": sizes, "representative_patches": len(zbar),
+            "seconds": {"cluster": t_cluster, "moefy": time.perf_counter() - t1}}
+
+
+@torch.no_grad()
+def affinity_from_samples(moe_layer: MoELayer, samples: LayerSamples, num_classes: int) -> torch.Tensor:
+    """Class × expert affinity before fine-tuning: per-class mean router softmax over the class's T_c."""
+    probs = moe_layer.router(samples.zbar_MC).softmax(dim=-1)
+    out = torch.zeros(num_classes, moe_layer.num_experts)
+    for c in range(num_classes):
+        sel = samples.cls_M == c
+        if sel.any():
+            out[c] = probs[sel].mean(dim=0)
+    return out
+
+
+def convert(dense: MobileViTV2, dataset_at: Callable[[int], Any], targets: list[int], cfg: ConvertConfig, *,
+            on_stage: Callable[[str], None] = lambda s: None) -> tuple[MobileViTV2, dict[str, Any]]:
+    """Convert ``dense`` to the MoE layout of ``cfg.moe``. ``dataset_at(size)`` gives the training split at that
+    input size. Returns the model and a report (per layer cluster sizes, affinity, timings)."""
+    if dense.config.moe is not None:
+        raise ValueError(f"the model to convert already has MoE layers {list(dense.config.moe.layers)}; "
+                         "start from a dense checkpoint")
+    n_cls = dense.config.num_classes
+    lo, hi = (cfg.size_min, cfg.size_max)
+    if lo is None or hi is None:
+        dlo, dhi = default_sizes(dense.config.image_size)
+        lo, hi = lo or dlo, hi or dhi
+    if lo > hi or lo < 32:
+        raise ValueError(f"conversion sizes {lo}-{hi}: need 32 <= min <= max")
+    sizes = list(range(lo, hi + 1, 32)) or [lo]
+    dense = dense.eval()
+    t_start = time.perf_counter()
+    model = moe_skeleton(dense, cfg.moe).eval()
+    dense_blocks = dense.transformer_layers()
+    picks = sample_class_images(dataset_at, targets, n_cls, cfg, sizes)
+    report: dict[str, Any] = {"sizes": sizes, "images_sampled": len(picks), "layers": {}}
+    for layer in cfg.moe.layers:
+        on_stage(f"layer {layer}: collect + Algorithm 1")
+        t0 = time.perf_counter()
+        samples = collect_layer(model, layer, picks, dataset_at, cfg)
+        t_collect = time.perf_counter() - t0
+        on_stage(f"layer {layer}: Ward clustering + MoEfication")
+        blk = dense_blocks[layer]
+        rep = init_layer(model.moe_layers()[layer], blk.mlp, blk, samples, cfg.moe)
+        rep["seconds"] = {"collect": t_collect, **rep["seconds"]}
+        rep["affinity_before"] = affinity_from_samples(model.moe_layers()[layer], samples, n_cls).tolist()
+        report["layers"][str(layer)] = rep
+    report["seconds_total"] = time.perf_counter() - t_start
+    return model.eval(), report
+
+
+def with_moe(cfg: ConvertConfig, **moe_changes: Any) -> ConvertConfig:
+    return replace(cfg, moe=replace(cfg.moe, **moe_changes))
