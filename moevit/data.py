@@ -251,6 +251,18 @@ def _read_image(path: Path, image_size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def load_image(source: str | Path | bytes, image_size: int) -> torch.Tensor:
+    """One image (a file path or its encoded bytes) as the model's input: normalised float32 [3, S, S].
+
+    Raises :class:`UnreadableImageError` naming the problem when it cannot be decoded.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        import io
+
+        return normalize(_read_image(io.BytesIO(bytes(source)), image_size))  # type: ignore[arg-type]
+    return normalize(_read_image(Path(source), image_size))
+
+
 def find_unreadable(paths: Iterable[str | Path], image_size: int = 8) -> list[tuple[str, str]]:
     """Try to decode every file; return ``(path, reason)`` for each that fails. Logs nothing."""
     bad: list[tuple[str, str]] = []

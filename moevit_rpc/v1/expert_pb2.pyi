@@ -85,3 +85,37 @@ class InfoResponse(_message.Message):
     site: str
     version: str
     def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[HostedLayer, _Mapping]]] = ..., backend: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("image", "name", "top_k")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    name: str
+    top_k: int
+    def __init__(self, image: _Optional[bytes] = ..., name: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class ClassPrediction(_message.Message):
+    __slots__ = ("index", "label", "probability")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    label: str
+    probability: float
+    def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("top", "degraded", "model_fingerprint", "latency_ms", "name")
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    top: _containers.RepeatedCompositeFieldContainer[ClassPrediction]
+    degraded: bool
+    model_fingerprint: str
+    latency_ms: float
+    name: str
+    def __init__(self, top: _Optional[_Iterable[_Union[ClassPrediction, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., latency_ms: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...

@@ -143,3 +143,81 @@ class ExpertService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ClassifierServiceStub:
+    """Classifies whole images on the coordinator, which runs the trunk and routers and sends routed tokens to the
+    workers (ExpertService) behind it. Served by `moe-coordinator --serve ADDR`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Classify = channel.unary_unary(
+                '/moevit.rpc.v1.ClassifierService/Classify',
+                request_serializer=moevit__rpc_dot_v1_dot_expert__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=moevit__rpc_dot_v1_dot_expert__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+
+
+class ClassifierServiceServicer:
+    """Classifies whole images on the coordinator, which runs the trunk and routers and sends routed tokens to the
+    workers (ExpertService) behind it. Served by `moe-coordinator --serve ADDR`.
+    """
+
+    def Classify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ClassifierServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=moevit__rpc_dot_v1_dot_expert__pb2.ClassifyRequest.FromString,
+                    response_serializer=moevit__rpc_dot_v1_dot_expert__pb2.ClassifyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moevit.rpc.v1.ClassifierService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moevit.rpc.v1.ClassifierService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ClassifierService:
+    """Classifies whole images on the coordinator, which runs the trunk and routers and sends routed tokens to the
+    workers (ExpertService) behind it. Served by `moe-coordinator --serve ADDR`.
+    """
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moevit.rpc.v1.ClassifierService/Classify',
+            moevit__rpc_dot_v1_dot_expert__pb2.ClassifyRequest.SerializeToString,
+            moevit__rpc_dot_v1_dot_expert__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,218 @@
+"""``moe-worker``: the expert worker daemon's command line.
+
+Two ways to say what to serve::
+
+    moe-worker --topology sites.yaml --site pi-north [--listen 0.0.0.0:50051]
+    moe-worker --listen 127.0.0.1:50051 --model moe.safetensors --experts 8:0-3,8:7,5:1   # or --experts all
+
+Mistakes a user can fix (missing model file, bad ``--experts``, unknown site, an expert the model lacks) print one
+line on stderr and exit 2; an address that cannot be bound or an unwritable ONNX cache exits 1 (one line too).
+SIGTERM/SIGINT stop the worker gracefully and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import socket
+import sys
+from pathlib import Path
+
+__all__ = ["CliError", "main", "parse_experts"]
+
+PROG = "moe-worker"
+log = logging.getLogger(PROG)
+
+_ITEM = re.compile(r"(\d+):(\d+)(?:-(\d+))?\Z")
+
+
+class CliError(Exception):
+    """A usage mistake: printed as one line, exit code 2."""
+
+
+def parse_experts(spec: str) -> dict[int, list[int]] | None:
+    """``'8:0-3,8:7,5:1'`` -> ``{5: [1], 8: [0, 1, 2, 3, 7]}``; ``'all'`` -> None (every expert of every layer)."""
+    spec = spec.strip()
+    if spec == "all":
+        return None
+    hosted: dict[int, set[int]] = {}
+    items = [s.strip() for s in spec.split(",")]
+    if not spec or any(not s for s in items):
+        raise CliError(f"bad --experts {spec!r}: expected 'all' or comma-separated LAYER:EXPERT or "
+                       "LAYER:FIRST-LAST items, e.g. 8:0-3,8:7,5:1")
+    for item in items:
+        m = _ITEM.match(item)
+        if not m:
+            raise CliError(f"bad --experts item {item!r}: expected LAYER:EXPERT or LAYER:FIRST-LAST, e.g. 8:0-3")
+        layer, first = int(m[1]), int(m[2])
+        last = int(m[3]) if m[3] is not None else first
+        if last < first:
+            raise CliError(f"bad --experts item {item!r}: the range {first}-{last} is empty (write FIRST-LAST)")
+        hosted.setdefault(layer, set()).update(range(first, last + 1))
+    return {layer: sorted(experts) for layer, experts in sorted(hosted.items())}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve experts of a per-patch MoE MobileViTV2 over gRPC (moevit.rpc.v1.ExpertService).",
+        epilog="Either --topology FILE --site NAME, or --listen ADDR --model FILE --experts SPEC.")
+    where = p.add_argument_group("what to serve")
+    where.add_argument("--topology", metavar="FILE", help="sites.yaml: hosted experts from its placement (or the "
+                       "default placement), address and model from the file")
+    where.add_argument("--site", metavar="NAME", help="the site to serve (with --topology); otherwise only a label "
+                       "reported by Info (default: this host's name)")
+    where.add_argument("--listen", metavar="ADDR", help="host:port to listen on (port 0 picks a free port); with "
+                       "--topology it overrides the site's address")
+    where.add_argument("--model", metavar="FILE", help="moevit checkpoint (.safetensors); with --topology it "
+                       "overrides the file's model")
+    where.add_argument("--experts", metavar="SPEC", help="experts to host: LAYER:EXPERT or LAYER:FIRST-LAST items, "
+                       "comma-separated (e.g. 8:0-3,8:7,5:1), or 'all'")
+    run = p.add_argument_group("how to serve")
+    run.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="compute backend (default torch)")
+    run.add_argument("--onnx-cache", metavar="DIR",
+                     help="folder for exported ONNX graphs (default: <model>.onnx-cache/ beside the model)")
+    run.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads / onnxruntime intra-op threads "
+                     "(default: torch's own choice; 1 for onnxruntime)")
+    run.add_argument("--max-message-mb", type=float, default=64.0, metavar="MB",
+                     help="largest gRPC message received or sent, MiB (default 64)")
+    run.add_argument("--max-tokens", type=int, metavar="N", help="largest token count per request "
+                     "(default 262144)")
+    run.add_argument("--grace", type=float, default=5.0, metavar="S",
+                     help="seconds calls in flight get to finish on SIGTERM/SIGINT (default 5)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Path, dict[int, list[int]] | None, str, str, str | None]:
+    """(model path, hosted experts or None for all, listen address, site label, placement fingerprint)."""
+    if args.topology is not None:
+        return _resolve_topology(args)
+    missing = [flag for flag, value in (("--listen", args.listen), ("--model", args.model),
+                                        ("--experts", args.experts)) if value is None]
+    if missing:
+        raise CliError(f"missing {', '.join(missing)}: give --listen ADDR --model FILE --experts SPEC, "
+                       "or --topology FILE --site NAME")
+    hosted = parse_experts(args.experts)
+    model = _existing_model(args.model)
+    return model, hosted, args.listen, args.site or socket.gethostname(), None
+
+
+def _existing_model(path: str | Path) -> Path:
+    model = Path(path)
+    if not model.is_file():
+        raise CliError(f"{model}: no such model file")
+    return model
+
+
+def _resolve_topology(args: argparse.Namespace) -> tuple[Path, dict[int, list[int]], str, str, str | None]:
+    from partition.topology import TopologyError, load_topology
+
+    if args.site is None:
+        raise CliError("--topology needs --site NAME: the site this worker serves")
+    if args.experts is not None:
+        raise CliError("--experts cannot be combined with --topology: the topology's placement says what to host")
+    try:
+        topology = load_topology(args.topology)
+    except FileNotFoundError:
+        raise CliError(f"{args.topology}: no such topology file") from None
+    except (TopologyError, OSError) as e:
+        raise CliError(str(e)) from None
+    try:
+        site = topology.site(args.site)
+    except KeyError as e:
+        raise CliError(f"{args.topology}: {e.args[0]}") from None
+    if args.model is not None:
+        model = _existing_model(args.model)
+    elif topology.model is None:
+        raise CliError(f"{args.topology}: no 'model' key; give the checkpoint with --model FILE")
+    else:
+        model = _existing_model(topology.model)
+    from moevit.checkpoint import CheckpointError, read_config  # torch: only once the cheap checks passed
+
+    try:
+        config = read_config(model)
+    except CheckpointError as e:
+        raise CliError(str(e)) from None
+    if config is None or config.moe is None:
+        raise CliError(f"{model}: not a moevit MoE checkpoint (no MoE layers in its config)")
+    layout = {layer: config.moe.num_experts for layer in config.moe.layers}
+    try:
+        placement = topology.resolve_placement(layout)
+    except (TopologyError, ValueError) as e:
+        raise CliError(str(e)) from None
+    hosted = placement.experts_on(site.name)
+    if not hosted:
+        raise CliError(f"{args.topology}: site {site.name!r} hosts no experts in the "
+                       f"{'default ' if topology.placement is None else ''}placement; nothing to serve")
+    return model, hosted, args.listen or site.address, site.name, placement.fingerprint
+
+
+def _serve(args: argparse.Namespace) -> int:
+    model, hosted, address, site, placement_fingerprint = _resolve(args)
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be >= 1, got {args.threads}")
+    if not args.max_message_mb > 0:
+        raise CliError(f"--max-message-mb must be positive, got {args.max_message_mb}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise CliError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not args.grace >= 0:
+        raise CliError(f"--grace must be >= 0 seconds, got {args.grace}")
+
+    # Heavy imports only once the arguments are known to be sound: a typo fails in a fraction of a second.
+    import asyncio
+
+    import torch
+
+    from moevit.checkpoint import CheckpointError
+    from worker.backends import ExpertBackend, OnnxBackend, TorchBackend
+    from worker.server import WorkerConfigError, load_hosted, serve
+    from worker.service import DEFAULT_MAX_TOKENS
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        banks, fingerprint, config = load_hosted(model, hosted)
+    except (CheckpointError, WorkerConfigError) as e:
+        raise CliError(str(e)) from None
+    if placement_fingerprint is not None and placement_fingerprint != fingerprint:
+        log.warning("the placement was made for model %s but %s is model %s", placement_fingerprint, model,
+                    fingerprint)
+    backend: ExpertBackend
+    if args.backend == "onnx":
+        cache = Path(args.onnx_cache) if args.onnx_cache else model.with_name(model.name + ".onnx-cache")
+        backend = OnnxBackend(banks, fingerprint, cache, threads=args.threads or 1)
+        log.info("onnx graphs in %s: %d exported, %d reused", cache, len(backend.exported), len(backend.reused))
+    else:
+        backend = TorchBackend(banks)
+    arch = f"{config.arch}_moe" if config.moe is not None else config.arch
+    asyncio.run(serve(backend, fingerprint, arch=arch, address=address, site=site,
+                      max_message_bytes=int(args.max_message_mb * (1 << 20)),
+                      max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, grace=args.grace))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``moe-worker``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    # --log-level applies to the worker's own loggers; libraries (grpc's asyncio engine is chatty) stay at WARNING.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s moe-worker %(levelname)s %(name)s: %(message)s")
+    for name in ("worker", PROG):
+        logging.getLogger(name).setLevel(args.log_level.upper())
+    try:
+        return _serve(args)
+    except CliError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # address in use, unwritable ONNX cache: not a usage mistake, but still one clear line
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading, before the graceful handlers are installed
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

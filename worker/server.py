@@ -1,0 +1,209 @@
+"""The worker's gRPC server: loads the hosted experts, serves ExpertService and the standard health service,
+and shuts down gracefully on SIGTERM/SIGINT (health NOT_SERVING, calls in flight finish within the grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from moevit.checkpoint import load_checkpoint, model_fingerprint
+from moevit.config import ModelConfig
+from moevit.moe.experts import ExpertBank
+from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
+from worker.backends import ExpertBackend
+from worker.service import DEFAULT_MAX_TOKENS, ExpertServicer
+
+__all__ = ["DEFAULT_GRACE_S", "DEFAULT_MAX_MESSAGE_BYTES", "SERVICE_NAME", "WorkerConfigError", "WorkerServer",
+           "format_experts", "load_hosted", "serve"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_GRACE_S = 5.0
+SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+
+
+class WorkerConfigError(ValueError):
+    """What the worker was asked to host does not fit the model (names the layer/expert and what exists)."""
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_hosted(model_path: str | Path, hosted: Mapping[int, Sequence[int]] | None
+                ) -> tuple[dict[int, ExpertBank], str, ModelConfig]:
+    """The banks of the hosted experts (``layer -> experts``; None = every expert of every MoE layer), the model
+    fingerprint and the model config. Only copies of the hosted experts are kept; the rest of the model is freed.
+
+    Raises :class:`~moevit.checkpoint.CheckpointError` for an unusable file and :class:`WorkerConfigError` when
+    a layer is not an MoE layer of the model or an expert index is out of range.
+    """
+    model = load_checkpoint(model_path)
+    fingerprint = model_fingerprint(model)
+    config = model.config
+    moe = model.moe_layers()
+    if not moe:
+        raise WorkerConfigError(f"{model_path}: the model has no MoE layers, so there are no experts to serve")
+    layout = ", ".join(f"layer {layer}: experts 0-{m.num_experts - 1}" for layer, m in sorted(moe.items()))
+    if hosted is None:
+        hosted = {layer: range(m.num_experts) for layer, m in moe.items()}
+    if not hosted:
+        raise WorkerConfigError("no experts to host were named")
+    problems = []
+    for layer, experts in sorted(hosted.items()):
+        if layer not in moe:
+            problems.append(f"layer {layer} is not an MoE layer of the model")
+            continue
+        if not list(experts):
+            problems.append(f"layer {layer}: no experts named")
+        bad = sorted({e for e in experts if not 0 <= e < moe[layer].num_experts})
+        if bad:
+            problems.append(f"layer {layer} has no expert(s) {bad}")
+    if problems:
+        raise WorkerConfigError(f"{model_path}: " + "; ".join(problems) + f" (the model has {layout})")
+    banks = {int(layer): moe[layer].experts.subset(sorted({int(e) for e in experts}))
+             for layer, experts in sorted(hosted.items())}
+    # Drop the trunk, routers and the experts hosted elsewhere before serving (the banks hold copies).
+    del model, moe
+    gc.collect()
+    return banks, fingerprint, config
+
+
+def format_experts(hosted: Mapping[int, Iterable[int]]) -> str:
+    """``{5: [2], 8: [0, 1, 2, 7]}`` -> ``'5:2,8:0-2,8:7'`` (the ``--experts`` syntax)."""
+    parts = []
+    for layer, experts in sorted(hosted.items()):
+        vs = sorted(set(experts))
+        i = 0
+        while i < len(vs):
+            j = i
+            while j + 1 < len(vs) and vs[j + 1] == vs[j] + 1:
+                j += 1
+            parts.append(f"{layer}:{vs[i]}" if i == j else f"{layer}:{vs[i]}-{vs[j]}")
+            i = j + 1
+    return ",".join(parts)
+
+
+def _bound_address(address: str, port: int) -> str:
+    host, sep, requested = address.rpartition(":")
+    return f"{host}:{port}" if sep and requested == "0" else address
+
+
+# ------------------------------------------------------------------------------------------------- server
+
+
+class WorkerServer:
+    """ExpertService + health on one address. ``await start()`` binds and returns the port (0 picks a free one);
+    ``await stop()`` drains; ``await run_until_signal()`` serves until SIGTERM/SIGINT and then stops.
+    """
+
+    def __init__(self, backend: ExpertBackend, fingerprint: str, *, arch: str, address: str = "127.0.0.1:0",
+                 site: str = "", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_tokens: int = DEFAULT_MAX_TOKENS, grace: float = DEFAULT_GRACE_S,
+                 check_finite: bool = True) -> None:
+        if max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+        if grace < 0:
+            raise ValueError(f"grace must be >= 0 seconds, got {grace}")
+        self.backend, self.fingerprint, self.arch = backend, fingerprint, arch
+        self.address, self.site, self.grace = address, site, grace
+        self.max_message_bytes = max_message_bytes
+        self.port: int | None = None
+        # One compute thread: torch/onnxruntime already use the cores inside an op, and queued requests then run
+        # one after another instead of fighting over the same cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
+        self._servicer = ExpertServicer(backend, fingerprint, arch=arch, site=site, max_tokens=max_tokens,
+                                        check_finite=check_finite, executor=self._executor)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._stopping = False
+
+    async def start(self) -> int:
+        """Bind, start serving, report SERVING; returns the bound port."""
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            # gRPC sets SO_REUSEPORT by default on Linux: a second worker on the same port would bind too and
+            # silently take half the connections. Refuse instead.
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        expert_pb2_grpc.add_ExpertServiceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            port = server.add_insecure_port(self.address)
+        except RuntimeError:  # grpc's message only points at an environment variable; say what is likely wrong
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {self.address}: the address is in use or not local to this machine")
+        await server.start()
+        self._server, self.port = server, port
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        hosted = " ".join(f"{layer}:{list(experts)}" for layer, experts in sorted(self.backend.hosted.items()))
+        log.info("serving site=%s address=%s backend=%s experts=%s fingerprint=%s", self.site or "-",
+                 _bound_address(self.address, port), self.backend.name, hosted, self.fingerprint)
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish for up to ``grace`` seconds."""
+        if self._server is None or self._stopping:
+            return
+        self._stopping = True
+        grace = self.grace if grace is None else grace
+        log.info("stopping: health NOT_SERVING, waiting up to %.1f s for calls in flight", grace)
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def run_until_signal(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """Serve until one of ``signals`` arrives, then :meth:`stop`. A second signal cuts the grace short."""
+        if self._server is None:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        requested = asyncio.Event()
+        stop_task: list[asyncio.Task[None]] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not requested.is_set():
+                log.info("received %s", sig.name)
+                requested.set()
+            elif self._server is not None and not stop_task:
+                log.warning("received %s again: stopping now, cancelling calls in flight", sig.name)
+                stop_task.append(loop.create_task(self._server.stop(None)))
+
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            await requested.wait()
+            await self.stop()
+            if stop_task:
+                await stop_task[0]
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+
+async def serve(backend: ExpertBackend, fingerprint: str, *, arch: str, address: str, site: str = "",
+                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_tokens: int = DEFAULT_MAX_TOKENS,
+                grace: float = DEFAULT_GRACE_S, check_finite: bool = True) -> None:
+    """Serve ``backend`` on ``address`` until SIGTERM/SIGINT, then shut down gracefully."""
+    server = WorkerServer(backend, fingerprint, arch=arch, address=address, site=site,
+                          max_message_bytes=max_message_bytes, max_tokens=max_tokens, grace=grace,
+                          check_finite=check_finite)
+    await server.start()
+    await server.run_until_signal()

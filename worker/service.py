@@ -1,0 +1,173 @@
+"""The ExpertService of the worker: request validation and execution as pure functions, plus a thin servicer.
+
+:func:`validate_and_run` checks a ``RunExpertsRequest`` completely (fingerprint, layer, experts, tensors, caps)
+before computing anything and raises :class:`RequestError` with the gRPC status and a message naming the
+problem. :class:`ExpertServicer` only maps that onto ``context.abort``; no exception ever escapes a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Collection, Mapping
+from concurrent.futures import Executor
+from typing import Any
+
+import grpc
+import torch
+
+from moevit_rpc.tensors import DTYPES, proto_to_tensor, tensor_to_proto
+from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
+from worker.backends import ExpertBackend
+
+__all__ = ["DEFAULT_MAX_TOKENS", "PROTOCOL_VERSION", "ExpertServicer", "RequestError", "info_response",
+           "validate_and_run"]
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "v1"
+# Pixel tokens per request: a batch of 64 images at layer 0-1 resolution (32x32 pixels at 256 px input) is 64K;
+# the cap bounds one request's memory and compute whatever the message size allows.
+DEFAULT_MAX_TOKENS = 1 << 18
+
+_WIRE_NAME = {enum: name for name, (enum, _) in DTYPES.items()}
+_DTYPE_NAMES = ", ".join(expert_pb2.DType.Name(enum) for enum in _WIRE_NAME)
+
+
+class RequestError(Exception):
+    """A request the worker refuses: ``code`` is the gRPC status to answer with, ``message`` says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _dtype_name(value: int) -> str:
+    return expert_pb2.DType.Name(value) if value in expert_pb2.DType.values() else str(value)
+
+
+def validate_and_run(backend: ExpertBackend, hosted: Mapping[int, Collection[int]], fingerprint: str,
+                     request: expert_pb2.RunExpertsRequest, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                     check_finite: bool = True) -> expert_pb2.RunExpertsResponse:
+    """Run the request's experts and build the response, or raise :class:`RequestError`.
+
+    Every batch is checked before any expert runs, so a bad batch costs no compute. Outputs come back in request
+    order, each in the wire dtype its input came in; ``compute_ms`` covers the experts only.
+    """
+    if request.model_fingerprint != fingerprint:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"model fingerprint mismatch: the request is for model {request.model_fingerprint!r} "
+                           f"but this worker serves model {fingerprint!r}; load the same checkpoint on both ends")
+    layer = request.layer
+    if layer not in hosted:
+        raise _invalid(f"layer {layer} is not hosted by this worker (hosted layers: {sorted(hosted)})")
+    experts, dim = hosted[layer], backend.dims[layer]
+
+    # Pass 1: structure only, from the message headers (no tensor bytes touched).
+    seen: set[int] = set()
+    total = 0
+    for i, batch in enumerate(request.batches):
+        expert = batch.expert
+        where = f"layer {layer} expert {expert} (batch {i})"
+        if expert not in experts:
+            raise _invalid(f"expert {expert} of layer {layer} is not hosted by this worker "
+                           f"(hosted on layer {layer}: {sorted(experts)})")
+        if expert in seen:
+            raise _invalid(f"expert {expert} of layer {layer} appears more than once in the request; "
+                           "send all of an expert's tokens in one batch")
+        seen.add(expert)
+        if not batch.HasField("tokens"):
+            raise _invalid(f"{where}: no tokens tensor")
+        tokens = batch.tokens
+        if tokens.dtype not in _WIRE_NAME:
+            raise _invalid(f"{where}: unsupported tensor dtype {_dtype_name(tokens.dtype)}; "
+                           f"expected one of {_DTYPE_NAMES}")
+        shape = list(tokens.shape)
+        if len(shape) != 2 or shape[0] < 0 or shape[1] != dim:
+            raise _invalid(f"{where}: tokens have shape {shape}, expected [n, {dim}] (layer {layer} has dim {dim})")
+        total += shape[0]
+    if total > max_tokens:
+        raise _invalid(f"layer {layer}: the request carries {total} tokens, over this worker's cap of "
+                       f"{max_tokens} per request; split it into smaller requests")
+
+    # Pass 2: decode (byte counts, finiteness).
+    inputs: list[tuple[int, torch.Tensor, str]] = []
+    for i, batch in enumerate(request.batches):
+        try:
+            x = proto_to_tensor(batch.tokens, check_finite=check_finite)
+        except ValueError as e:
+            raise _invalid(f"layer {layer} expert {batch.expert} (batch {i}): {e}") from None
+        inputs.append((batch.expert, x, _WIRE_NAME[batch.tokens.dtype]))
+
+    work = [(expert, x) for expert, x, _ in inputs if x.shape[0] > 0]
+    t0 = time.perf_counter()
+    results = iter(backend.run_many(layer, work) if work else [])
+    compute_ms = (time.perf_counter() - t0) * 1e3
+
+    outputs = []
+    for expert, x, wire in inputs:
+        y = next(results) if x.shape[0] > 0 else x  # an empty batch maps to an empty output
+        if tuple(y.shape) != tuple(x.shape):  # a backend bug, not the client's: surfaces as INTERNAL
+            raise RuntimeError(f"backend {backend.name} returned shape {list(y.shape)} for layer {layer} expert "
+                               f"{expert} on input {list(x.shape)}")
+        outputs.append(expert_pb2.ExpertTokens(expert=expert, tokens=tensor_to_proto(y, wire)))
+    return expert_pb2.RunExpertsResponse(outputs=outputs, compute_ms=compute_ms)
+
+
+def info_response(backend: ExpertBackend, fingerprint: str, *, arch: str, site: str) -> expert_pb2.InfoResponse:
+    """What the worker hosts, for the Info RPC."""
+    layers = [expert_pb2.HostedLayer(layer=layer, experts=list(experts), dim=backend.dims[layer])
+              for layer, experts in sorted(backend.hosted.items())]
+    return expert_pb2.InfoResponse(model_fingerprint=fingerprint, arch=arch, layers=layers, backend=backend.name,
+                                   site=site, version=PROTOCOL_VERSION)
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
+    """Async ExpertService over one backend.
+
+    With an ``executor`` the computation runs there, so the event loop keeps answering health checks and
+    accepting calls while experts compute; without one it runs inline (tests, single-call use).
+    """
+
+    def __init__(self, backend: ExpertBackend, fingerprint: str, *, arch: str, site: str = "",
+                 max_tokens: int = DEFAULT_MAX_TOKENS, check_finite: bool = True,
+                 executor: Executor | None = None) -> None:
+        self.backend = backend
+        self.fingerprint = fingerprint
+        self.hosted = {layer: frozenset(experts) for layer, experts in backend.hosted.items()}
+        self.max_tokens = max_tokens
+        self.check_finite = check_finite
+        self.executor = executor
+        self._info = info_response(backend, fingerprint, arch=arch, site=site)
+
+    async def RunExperts(self, request: expert_pb2.RunExpertsRequest,
+                         context: grpc.aio.ServicerContext) -> expert_pb2.RunExpertsResponse:
+        log.debug("RunExperts start request_id=%s layer=%d experts=%s", request.request_id, request.layer,
+                  [b.expert for b in request.batches])
+        run = functools.partial(validate_and_run, self.backend, self.hosted, self.fingerprint, request,
+                                max_tokens=self.max_tokens, check_finite=self.check_finite)
+        try:
+            if self.executor is None:
+                response = run()
+            else:
+                response = await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            log.debug("RunExperts done request_id=%s compute_ms=%.3f", request.request_id, response.compute_ms)
+            return response
+        except RequestError as e:
+            log.info("RunExperts request_id=%s refused (%s): %s", request.request_id, e.code.name, e.message)
+            code, message = e.code, e.message
+        except Exception as e:  # the worker keeps serving whatever one request does
+            log.exception("RunExperts request_id=%s failed", request.request_id)
+            code, message = grpc.StatusCode.INTERNAL, f"worker error: {type(e).__name__}: {e}"
+        # Outside the try: abort raises to end the call, and that must not be caught above.
+        await context.abort(code, message)
+
+    async def Info(self, request: expert_pb2.InfoRequest, context: Any) -> expert_pb2.InfoResponse:
+        return self._info
