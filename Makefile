@@ -25,7 +25,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 demo: $(STAMP)
-	$(BIN)/python -m moevit.demo
+	$(BIN)/python -m coordinator.demo
+
+# The paper's Table 1/2 protocol on the bundled digits (about 10 min on 2 cores; add GRID=1 for the E x K grid)
+results: $(STAMP)
+	$(BIN)/python bench/table1.py $(if $(GRID),--grid,)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
