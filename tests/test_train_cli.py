@@ -1,0 +1,50 @@
+"""moe-train and moe-eval as a user runs them: random search with a reusable best configuration, JSON metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moevit.cli.train import SEARCH_SPACE
+
+SPEC = "synthetic:classes=3,per_class=16,size=32"
+
+
+def _run(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_search_writes_a_table_and_a_reusable_best_config(tmp_path):
+    r = _run("moevit.cli.train", "--data", SPEC, "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+             "--search", "2", "--out", str(tmp_path / "s"), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "s" / "search.csv").open()))
+    assert len(rows) == 2 and set(SEARCH_SPACE) <= set(rows[0]) and "val_top1" in rows[0]
+    assert float(rows[0]["val_top1"]) >= float(rows[1]["val_top1"])  # best first
+    best = json.loads((tmp_path / "s" / "best_config.json").read_text())
+    assert best["lr_head"] == pytest.approx(float(rows[0]["lr_head"]))
+    assert "val_top1" in r.stdout and "best val top-1" in r.stdout
+    # reused: the run's config.json carries the searched rates
+    r2 = _run("moevit.cli.train", "--data", SPEC, "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+              "--config", str(tmp_path / "s" / "best_config.json"), "--out", str(tmp_path / "final"), "--no-progress")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    used = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert used["lr_head"] == pytest.approx(best["lr_head"]) and used["mixup"] == best["mixup"]
+
+    ev = _run("moevit.cli.eval", "--model", str(tmp_path / "final" / "best.safetensors"), "--data", SPEC, "--json")
+    assert ev.returncode == 0, ev.stderr
+    out = json.loads(ev.stdout)
+    assert 0 <= out["top1"] <= out["top5"] <= 1 and out["params"] > 1e6 and out["macs"] > 0
+    assert out["image_size"] == 32 and len(out["per_class"]) == 3
+
+
+def test_bad_flags_are_one_clear_line(tmp_path):
+    r = _run("moevit.cli.train", "--data", "nonsense:x", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "nonsense" in r.stderr and "Traceback" not in r.stderr
+    r = _run("moevit.cli.eval", "--model", str(tmp_path / "missing.safetensors"), "--data", "digits")
+    assert r.returncode == 2 and "no such checkpoint" in r.stderr
