@@ -46,7 +46,13 @@ class SplitRuntime:
                                          deadline_s=deadline_s, max_message_mb=max_message_mb) for name in remote}
         for layer_id, layer in model.moe_layers().items():
             routes = {e: self._choose(placement.sites_for(layer_id, e)) for e in range(layer.num_experts)}
-            layer.set_dispatcher(RemoteDispatcher(layer_id, layer.experts, routes, self.clients,
+            bank = layer.experts
+            if topology.fallback != "local":
+                # the camera site keeps only the experts placed on it (what the cost model charges it for);
+                # the `local` fallback needs a copy of every expert
+                bank = bank.subset([e for e, site in sorted(routes.items()) if site == self.local_site])
+                layer.experts = bank
+            layer.set_dispatcher(RemoteDispatcher(layer_id, bank, routes, self.clients,
                                                   local_site=self.local_site, context=self.context,
                                                   fallback=topology.fallback))
 

@@ -786,9 +786,15 @@ def _resolve(value: Any, file: str, key: str, base: Path) -> Path:
     if not isinstance(value, str) or not value:
         _fail(file, key, f"expected a file path (a non-empty string), got {_describe(value)}")
     p = Path(value)
+    if p.is_absolute():
+        return Path(os.path.normpath(p))
     # normpath, not resolve(): keep symlinks as written and do not require the file to exist yet
     # (the demo builds the model after the topology is written).
-    return Path(os.path.normpath(p if p.is_absolute() else base.absolute() / p))
+    beside = Path(os.path.normpath(base.absolute() / p))
+    # Beside the topology file first; a path written relative to the folder the commands run from (as in the
+    # examples, run from the project root) is accepted when only it exists.
+    from_cwd = Path(os.path.normpath(Path.cwd() / p))
+    return from_cwd if not beside.exists() and from_cwd.exists() else beside
 
 
 def _parse_device(raw: Any, file: str, key: str) -> Device:
@@ -940,5 +946,6 @@ def parse_topology(
 
 
 def load_topology(path: str | os.PathLike[str], *, require_coordinator_links: bool = True) -> Topology:
-    """Read and validate a topology file (``sites.yaml``); relative paths in it resolve against its folder."""
+    """Read and validate a topology file (``sites.yaml``); relative paths in it resolve against its folder (or,
+    when only that exists, against the current folder)."""
     return parse_topology(read_yaml(path), str(path), require_coordinator_links=require_coordinator_links)

@@ -625,3 +625,17 @@ def test_validate_placement_reports_every_problem_and_names_the_placement_file(t
 
 def test_topology_type_is_exported():
     assert isinstance(load_topology(EXAMPLE), Topology)
+
+
+def test_relative_model_path_beside_the_file_first_then_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "m.safetensors").write_bytes(b"x")
+    doc = ("coordinator: a\nmodel: runs/m.safetensors\nsites:\n  a: {address: 127.0.0.1:5000, device: "
+           "{gflops: 1, memory_mb: 10, active_w: 1, idle_w: 1}}\n")
+    (tmp_path / "cfg" / "sites.yaml").write_text(doc)
+    monkeypatch.chdir(tmp_path)
+    assert load_topology(tmp_path / "cfg" / "sites.yaml").model == tmp_path / "runs" / "m.safetensors"
+    (tmp_path / "cfg" / "runs").mkdir()
+    (tmp_path / "cfg" / "runs" / "m.safetensors").write_bytes(b"y")  # beside the file wins when it exists
+    assert load_topology(tmp_path / "cfg" / "sites.yaml").model == tmp_path / "cfg" / "runs" / "m.safetensors"

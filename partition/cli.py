@@ -1,0 +1,199 @@
+"""Console scripts of the partitioner: ``moe-profile`` (routing statistics) and ``moe-partition`` (placement).
+
+Every input is checked before any work starts; a problem the user can fix is one line on stderr,
+``<prog>: error: <what is wrong>``, and exit status 2. ``moe-partition`` never imports torch unless the
+topology's model file lacks a stored fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from partition.costmodel import OBJECTIVES, REPLICA_POLICIES, SCENARIOS, load_stats, parse_weights, save_stats
+
+__all__ = ["checkpoint_fingerprint", "partition_main", "profile_main"]
+
+_MAX_HEADER = 100 << 20
+
+
+def _run(prog: str, body: Callable[[], int | None]) -> int:
+    """Run ``body``; errors a user can fix become one line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format=f"{prog}: %(levelname)s: %(message)s")
+    try:
+        return int(body() or 0)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """The model fingerprint of a moevit checkpoint: from the safetensors header's metadata when stored there
+    (no tensors read, no torch), else by loading the model."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < size <= _MAX_HEADER:
+            raise ValueError(f"{path}: not a safetensors checkpoint (bad header)")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not a safetensors checkpoint (header is not JSON)") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    fp = meta.get("fingerprint") if isinstance(meta, dict) else None
+    if isinstance(fp, str) and fp:
+        return fp
+    from moevit.checkpoint import load_checkpoint, model_fingerprint
+
+    return model_fingerprint(load_checkpoint(path))
+
+
+# ============================================================================================ moe-profile
+
+
+def profile_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="moe-profile",
+        description="Routing statistics of an MoE checkpoint on a dataset, for moe-partition and moe-sim "
+                    "(format: docs/stats.md).")
+    ap.add_argument("--model", required=True, help="a moevit MoE .safetensors checkpoint")
+    ap.add_argument("--data", required=True,
+                    help="dataset spec: digits | synthetic[:k=v,...] | folder:PATH | ssw60:PATH")
+    ap.add_argument("--out", required=True, help="where to write stats.json")
+    ap.add_argument("--images", type=int, default=512,
+                    help="profile a seeded subset of this many images of the split (default 512; 0 = all)")
+    ap.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
+    ap.add_argument("--split", default="eval", help="dataset split (default eval: the seeded 20%% holdout)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the holdout split and of the image subset")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--no-dense", action="store_true", help="skip counting the dense equivalent's MACs")
+    args = ap.parse_args(argv)
+
+    def body() -> int:
+        if args.images < 0:
+            raise ValueError(f"--images must be >= 0, got {args.images}")
+        if args.image_size is not None and args.image_size < 8:
+            raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        import torch
+
+        from moevit.checkpoint import load_checkpoint
+        from moevit.data import open_dataset
+        from partition.profile import profile_model
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = load_checkpoint(args.model)
+        if not model.moe_layers():
+            raise ValueError(f"{args.model}: a dense model (no MoE layers); profile a converted MoE checkpoint")
+        size = args.image_size or model.config.image_size
+        data = open_dataset(args.data, image_size=size, split=args.split, seed=args.seed)
+        stats = profile_model(model, data, images=args.images or None, batch_size=args.batch_size,
+                              seed=args.seed, progress=sys.stderr.isatty(), count_dense=not args.no_dense)
+        stats["model_file"] = str(args.model)
+        save_stats(stats, args.out)
+        print(f"profiled {stats['images']} images of {data.describe()}")
+        print(f"{'layer':>5} {'dim':>4} {'grid':>7} {'experts':>7} {'K':>4} {'busiest share':>13} "
+              f"{'idle experts':>12}")
+        for ls in stats["layers"]:
+            mean = ls["patches_per_expert"]["mean"]
+            share = max(mean) / max(sum(mean), 1e-12)
+            idle = sum(1 for v in mean if v == 0)
+            grid = f"{ls['grid'][0]}x{ls['grid'][1]}"
+            print(f"{ls['layer']:>5} {ls['dim']:>4} {grid:>7} {ls['num_experts']:>7} {ls['expert_hidden']:>4} "
+                  f"{share:>13.2f} {idle:>12}")
+        print(f"MACs/image: {stats['total_macs']:,} (trunk {stats['trunk_macs']:,}, experts {stats['expert_macs']:,})")
+        print(f"fingerprint {stats['fingerprint']}; wrote {args.out}")
+        return 0
+
+    return _run("moe-profile", body)
+
+
+# ============================================================================================ moe-partition
+
+
+def partition_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="moe-partition",
+        description="Place the experts of an MoE model on the sites of a topology, within memory caps, minimising "
+                    "latency, energy, bytes or a weighted sum (cost model: docs/stats.md).")
+    ap.add_argument("--topology", required=True, help="sites.yaml")
+    ap.add_argument("--stats", required=True, help="stats.json from moe-profile")
+    ap.add_argument("--objective", required=True, metavar="|".join(OBJECTIVES),
+                    help="what to minimise per image")
+    ap.add_argument("--weights", default=None,
+                    help="for --objective weighted: e.g. latency=1,energy=1,bytes=1 (per s, per J, per MB)")
+    ap.add_argument("--out", required=True, help="where to write placement.yaml")
+    ap.add_argument("--time-limit", type=float, default=10.0, help="MILP time limit in seconds (default 10)")
+    ap.add_argument("--replicas", type=int, default=0,
+                    help="per layer, up to N background experts also get a copy on the coordinator when it helps")
+    ap.add_argument("--replica-policy", default="local-first", metavar="|".join(REPLICA_POLICIES),
+                    help="how the coordinator uses copies: its own copy, else the first by site name (default, what "
+                         "moe-coordinator does), or split the load evenly")
+    ap.add_argument("--method", default="auto", metavar="auto|milp|heuristic",
+                    help="auto (default): both, keep the better")
+    ap.add_argument("--scenarios", default="class", metavar="|".join(SCENARIOS),
+                    help="latency over per-class routing scenarios (default) or from mean loads")
+    ap.add_argument("--wire", default="fp16", metavar="fp16|fp32", help="token format on the wire (default fp16)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the heuristic and the random baseline")
+    args = ap.parse_args(argv)
+
+    def body() -> int:
+        from partition.placement import METHODS, format_report, place
+        from partition.topology import load_topology, save_placement
+
+        # Every argument is checked before anything is read or solved.
+        if args.objective not in OBJECTIVES:
+            raise ValueError(f"--objective {args.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if args.weights is not None and args.objective != "weighted":
+            raise ValueError(f"--weights applies only to --objective weighted, not {args.objective!r}")
+        weights = parse_weights(args.weights) if args.objective == "weighted" else None
+        if args.method not in METHODS:
+            raise ValueError(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
+        if args.replica_policy not in REPLICA_POLICIES:
+            raise ValueError(f"--replica-policy {args.replica_policy!r} is not one of {', '.join(REPLICA_POLICIES)}")
+        if args.scenarios not in SCENARIOS:
+            raise ValueError(f"--scenarios {args.scenarios!r} is not one of {', '.join(SCENARIOS)}")
+        wire = {"fp16": 2, "fp32": 4}.get(args.wire)
+        if wire is None:
+            raise ValueError(f"--wire {args.wire!r} is not fp16 or fp32")
+        if not args.time_limit > 0:
+            raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
+        if args.replicas < 0:
+            raise ValueError(f"--replicas must be >= 0, got {args.replicas}")
+        out = Path(args.out)
+        if out.is_dir():
+            raise ValueError(f"--out {args.out}: is a directory; name the placement file")
+        topology = load_topology(args.topology)
+        stats = load_stats(args.stats)
+        if topology.model is not None and topology.model.is_file():
+            model_fp = checkpoint_fingerprint(topology.model)
+            if model_fp != stats.fingerprint:
+                raise ValueError(
+                    f"{args.stats}: profiled from model {stats.fingerprint}, but the topology's model "
+                    f"{topology.model} is {model_fp}; run moe-profile on that model")
+        result = place(topology, stats, objective=args.objective, weights=weights, wire_bytes=wire,
+                       method=args.method, time_limit=args.time_limit, replicas=args.replicas,
+                       replica_policy=args.replica_policy, scenarios=args.scenarios, seed=args.seed)
+        print(format_report(result))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_placement(result.placement, out, fingerprint=stats.fingerprint)
+        print(f"wrote {out} ({result.seconds:.2f} s)")
+        return 0
+
+    return _run("moe-partition", body)
+
+
+if __name__ == "__main__":
+    sys.exit(partition_main())

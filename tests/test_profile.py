@@ -1,0 +1,182 @@
+"""Routing statistics (partition/profile.py, moe-profile) on a tiny random MoE model and synthetic images."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import moevit
+from moevit.checkpoint import model_fingerprint, save_checkpoint
+from moevit.data import open_dataset
+from moevit.flops import count_macs
+from partition.cli import checkpoint_fingerprint, partition_main, profile_main
+from partition.costmodel import load_stats, parse_stats
+from partition.profile import profile_model, select_images
+
+DATA = "synthetic:classes=3,per_class=6,size=64"
+
+
+def tiny_model(top_k: int = 1) -> moevit.MobileViTV2:
+    torch.manual_seed(0)
+    model = moevit.create_model("mobilevitv2_050", num_classes=3,
+                                moe=moevit.MoEConfig(layers=(4, 5, 8), num_experts=4, expert_hidden=16, top_k=top_k))
+    with torch.no_grad():  # spread the centroids so routing is not one expert everywhere
+        for layer in model.moe_layers().values():
+            layer.router.centroids.normal_(0.5, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Batches of a few 64 px images: one thread is faster, and immune to other processes on a shared CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return open_dataset(DATA, image_size=64, split="eval")
+
+
+@pytest.fixture(scope="module")
+def profiled(dataset):
+    model = tiny_model()
+    return model, profile_model(model, dataset, batch_size=3)
+
+
+def test_counts_sum_to_patches_times_images_times_top_k(profiled, dataset):
+    _, stats = profiled
+    n = len(dataset)
+    assert stats["images"] == n and sum(stats["class_images"]) == n
+    grids = {ls["layer"]: ls["grid"] for ls in stats["layers"]}
+    # 64 px: stage 3 (layers 2-5) sees 4x4 features -> a 2x2 patch grid; stage 4 (6-8) 2x2 -> 1x1.
+    assert grids == {4: [2, 2], 5: [2, 2], 8: [1, 1]}
+    for ls in stats["layers"]:
+        ppe = ls["patches_per_expert"]
+        assert sum(ppe["total"]) == ls["patches"] * n * 1
+        assert sum(ppe["mean"]) == pytest.approx(ls["patches"])
+        assert all(p95 <= mx + 1e-9 for p95, mx in zip(ppe["p95"], ppe["max"], strict=True))
+        cl = np.array(ls["class_patches_per_expert"])
+        assert cl.sum(axis=1) == pytest.approx(np.full(3, ls["patches"]))
+        # affinity: per-class mean of a softmax over experts -> each row sums to 1
+        assert np.array(ls["affinity"]).sum(axis=1) == pytest.approx(np.ones(3))
+
+
+def test_coactivation_rows_and_columns(profiled):
+    _, stats = profiled
+    by = {ls["layer"]: ls for ls in stats["layers"]}
+    pairs = [(c["from_layer"], c["to_layer"]) for c in stats["coactivation"]]
+    assert pairs == [(4, 5), (5, 8)]
+    for co in stats["coactivation"]:
+        a, b = by[co["from_layer"]], by[co["to_layer"]]
+        m = np.array(co["patches"])
+        assert m.shape == (a["num_experts"], b["num_experts"])
+        assert m.sum() == pytest.approx(b["patches"])
+        # columns: patches routed to j at b (per image); rows: i's share at a mapped to b's grid (whole multiples)
+        assert m.sum(axis=0) == pytest.approx(np.array(b["patches_per_expert"]["mean"]))
+        scale = b["patches"] / a["patches"]
+        assert m.sum(axis=1) == pytest.approx(np.array(a["patches_per_expert"]["mean"]) * scale)
+        cond = np.array(co["conditional"])
+        used = m.sum(axis=1) > 0
+        assert cond[used].sum(axis=1) == pytest.approx(np.ones(used.sum()))
+        assert np.all(cond[~used] == 0)
+
+
+def test_coactivation_follows_the_spatial_rule(dataset):
+    # Recompute one pair by hand on one batch: layer 5's 2x2 routing averaged down to layer 8's single patch.
+    model = tiny_model()
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    stats = profile_model(model, dataset, batch_size=len(dataset), count_dense=False)
+    model(x)
+    r5 = model.moe_layers()[5].last_routing.expert_idx_BNK[:, :, 0]  # [B, 4]
+    r8 = model.moe_layers()[8].last_routing.expert_idx_BNK[:, 0, 0]  # [B]
+    want = np.zeros((4, 4))
+    for b in range(len(dataset)):
+        for n in range(4):
+            want[int(r5[b, n]), int(r8[b])] += 0.25
+    want /= len(dataset)
+    assert np.array(stats["coactivation"][1]["patches"]) == pytest.approx(want)
+
+
+def test_model_figures_and_fingerprint(profiled):
+    model, stats = profiled
+    assert stats["fingerprint"] == model_fingerprint(model)
+    assert stats["arch"] == "mobilevitv2_050" and stats["image_size"] == 64 and stats["top_k"] == 1
+    assert stats["pixels_per_patch"] == 4
+    assert stats["total_macs"] == count_macs(model, 64)
+    assert stats["trunk_macs"] + stats["expert_macs"] == stats["total_macs"]
+    dense = moevit.build_model(dataclasses.replace(model.config, moe=None))
+    assert stats["dense_macs"] == count_macs(dense, 64)
+    for ls in stats["layers"]:
+        layer = model.moe_layers()[ls["layer"]]
+        assert ls["dim"] == layer.experts.dim and ls["expert_hidden"] == 16 and ls["num_experts"] == 4
+        C, K = ls["dim"], 16
+        assert ls["expert_params"] == C + C + K * C + K + C * K + C + C + 1  # affine, fc1, fc2, correction, alpha
+        assert ls["expert_weight_bytes"] == 4 * ls["expert_params"]
+        assert ls["expert_macs_per_token"] == 2 * C * K
+    expert_bytes = sum(4 * ls["expert_params"] * 4 for ls in stats["layers"])
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert stats["trunk_weight_bytes"] == state - expert_bytes
+    parsed = parse_stats(json.loads(json.dumps(stats)))
+    assert parsed.moe_layers() == {4: 4, 5: 4, 8: 4}
+    assert model.training is False and all(m.record_routing for m in model.moe_layers().values())
+
+
+def test_top_2_counts_both_slots(dataset):
+    stats = profile_model(tiny_model(top_k=2), dataset, batch_size=4, count_dense=False)
+    assert stats["top_k"] == 2 and stats["dense_macs"] is None
+    for ls in stats["layers"]:
+        assert sum(ls["patches_per_expert"]["total"]) == ls["patches"] * len(dataset) * 2
+    for co in stats["coactivation"]:
+        assert np.array(co["patches"]).sum() == pytest.approx(
+            next(ls["patches"] for ls in stats["layers"] if ls["layer"] == co["to_layer"]))
+
+
+def test_select_images_is_seeded_and_spread():
+    assert select_images(10, None, 0) == list(range(10))
+    assert select_images(10, 50, 0) == list(range(10))
+    a = select_images(100, 10, 0)
+    assert a == select_images(100, 10, 0) and a == sorted(a) and len(set(a)) == 10 and a != list(range(10))
+    with pytest.raises(ValueError):
+        select_images(10, 0, 0)
+
+
+def test_dense_model_is_refused(dataset):
+    with pytest.raises(ValueError, match="no MoE layers"):
+        profile_model(moevit.create_model("mobilevitv2_050", num_classes=3), dataset)
+
+
+def test_cli_profile_then_partition(tmp_path, capsys):
+    model = tiny_model()
+    ck = save_checkpoint(model, tmp_path / "moe.safetensors")
+    out = tmp_path / "stats.json"
+    rc = profile_main(["--model", str(ck), "--data", DATA, "--out", str(out), "--image-size", "64",
+                       "--no-dense", "--images", "3"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    stats = load_stats(out)
+    assert stats.images == 3 and stats.fingerprint == checkpoint_fingerprint(ck) == model_fingerprint(model)
+    assert "fingerprint" in stdout
+    sites = tmp_path / "sites.yaml"
+    sites.write_text(
+        "model: moe.safetensors\ncoordinator: cam\nsites:\n"
+        "  cam: {address: 127.0.0.1:50050, device: {gflops: 8, memory_mb: 64, active_w: 4, idle_w: 1}}\n"
+        "  pi: {address: 127.0.0.1:50051, device: {gflops: 4, memory_mb: 32, active_w: 3, idle_w: 1}}\n"
+        "links:\n  - {between: [cam, pi], bandwidth_mbps: 20, latency_ms: 4}\n")
+    rc = partition_main(["--topology", str(sites), "--stats", str(out), "--objective", "energy", "--out",
+                         str(tmp_path / "placement.yaml")])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err and "round-robin" in stdout
+    rc = profile_main(["--model", str(tmp_path / "missing.safetensors"), "--data", DATA, "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("moe-profile: error: ") and len(err.strip().splitlines()) == 1
+    dense = save_checkpoint(moevit.create_model("mobilevitv2_050", num_classes=3), tmp_path / "dense.safetensors")
+    rc = profile_main(["--model", str(dense), "--data", DATA, "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "no MoE layers" in err and len(err.strip().splitlines()) == 1
