@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
@@ -55,7 +55,7 @@ MAX_FILE_BYTES = 1 << 20
 # What the coordinator does when every replica of an expert is unreachable. The coordinator implements them;
 # the loader only checks the name. fail: stop and report; local: run the expert on the coordinator from its own
 # copy of the model; skip: drop that expert's output for the affected patches (the residual stream passes).
-FALLBACKS = ("fail", "local", "skip")
+FALLBACKS = ("fail", "local", "nearest", "skip")
 
 # Radio energy per bit when a link does not say: Wi-Fi-class order of magnitude for a Raspberry-Pi-class board
 # (about 1 W transmitting at ~20 Mbit/s, about half that receiving).
@@ -67,8 +67,11 @@ STRING_SOURCE = "<string>"
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
-_TOP_KEYS = {"required": ("coordinator", "sites"), "optional": ("model", "links", "placement", "fallback")}
-_SITE_KEYS = {"required": ("address", "device"), "optional": ()}
+_TOP_KEYS = {"required": ("coordinator", "sites"),
+             "optional": ("model", "links", "placement", "fallback", "rpc")}
+_SITE_KEYS = {"required": ("address", "device"), "optional": ("tls", "token_file")}
+_TLS_KEYS = {"required": ("ca", "cert", "key"), "optional": ()}
+_RPC_KEYS = {"required": (), "optional": ("deadline_s", "hedge_ms", "max_message_mb")}
 _DEVICE_KEYS = {"required": ("gflops", "memory_mb", "active_w", "idle_w"), "optional": ("battery_wh",)}
 _LINK_KEYS = {
     "required": ("between", "bandwidth_mbps", "latency_ms"),
@@ -373,12 +376,52 @@ class Device:
 
 
 @dataclass(frozen=True)
+class TLSFiles:
+    """PEM files of a site: the CA that signs every site's certificate, this site's certificate and key.
+
+    The site's server requires clients to present a certificate signed by ``ca`` (mutual TLS), and the site uses
+    its own certificate as a client when it calls other sites.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class RpcOptions:
+    """How the coordinator calls the workers: deadline per expert RPC, optional hedging delay, message cap."""
+
+    deadline_s: float = 10.0
+    hedge_ms: float | None = None
+    max_message_mb: float = 64.0
+
+
+@dataclass(frozen=True)
 class Site:
-    """A device at a named place, reachable at ``address`` (``host:port`` of its gRPC daemon)."""
+    """A device at a named place, reachable at ``address`` (``host:port`` of its gRPC daemon).
+
+    ``tls``: mutual TLS files (None: plaintext); ``token_file``: a file holding the bearer token that callers of
+    this site's services must present (None: no token).
+    """
 
     name: str
     address: str
     device: Device
+    tls: TLSFiles | None = None
+    token_file: Path | None = None
+
+    def token(self) -> str | None:
+        """The bearer token, read from ``token_file`` (stripped), or None."""
+        if self.token_file is None:
+            return None
+        try:
+            text = self.token_file.read_text().strip()
+        except OSError as e:
+            raise TopologyError(str(self.token_file), f"sites.{self.name}.token_file", f"unreadable: {e}") from None
+        if not text:
+            raise TopologyError(str(self.token_file), f"sites.{self.name}.token_file", "the token file is empty")
+        return text
 
     def __post_init__(self) -> None:
         _site_name(self.name, "<Site>", "name")
@@ -520,6 +563,7 @@ class Topology:
     placement: Placement | None = None
     placement_source: str | None = None
     fallback: str = "fail"
+    rpc: RpcOptions = field(default_factory=RpcOptions)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", MappingProxyType(dict(sorted(dict(self.sites).items()))))
@@ -814,7 +858,30 @@ def _parse_device(raw: Any, file: str, key: str) -> Device:
     )
 
 
-def _parse_sites(raw: Any, file: str) -> dict[str, Site]:
+def _parse_tls(raw: Any, file: str, key: str, base: Path) -> TLSFiles:
+    d = _mapping(raw, file, key, "a mapping with ca, cert and key (PEM file paths)")
+    _check_keys(d, file, key, _TLS_KEYS)
+    paths = {k: _resolve(d[k], file, _join(key, k), base) for k in ("ca", "cert", "key")}
+    for k, p in paths.items():
+        if not p.is_file():
+            _fail(file, _join(key, k), f"file {str(p)!r} not found (make one with moe-certs)")
+    return TLSFiles(**paths)
+
+
+def _parse_rpc(raw: Any, file: str) -> RpcOptions:
+    if raw is None:
+        return RpcOptions()
+    d = _mapping(raw, file, "rpc")
+    _check_keys(d, file, "rpc", _RPC_KEYS)
+    hedge = d.get("hedge_ms")
+    return RpcOptions(
+        deadline_s=_number(d.get("deadline_s", 10.0), file, "rpc.deadline_s", "positive"),
+        hedge_ms=None if hedge is None else _number(hedge, file, "rpc.hedge_ms", "non-negative"),
+        max_message_mb=_number(d.get("max_message_mb", 64.0), file, "rpc.max_message_mb", "positive"),
+    )
+
+
+def _parse_sites(raw: Any, file: str, base: Path | None = None) -> dict[str, Site]:
     sites = _mapping(raw, file, "sites", "a mapping of site name -> {address, device}")
     if not sites:
         _fail(file, "sites", "expected at least one site, got an empty mapping")
@@ -831,7 +898,15 @@ def _parse_sites(raw: Any, file: str) -> dict[str, Site]:
         if norm in addresses:
             _fail(file, f"{key}.address", f"address {address!r} is already used by site {addresses[norm]!r}")
         addresses[norm] = name
-        out[name] = Site(name=name, address=address, device=_parse_device(spec["device"], file, f"{key}.device"))
+        base_dir = base if base is not None else Path.cwd()
+        tls = None if spec.get("tls") is None else _parse_tls(spec["tls"], file, f"{key}.tls", base_dir)
+        token_file = None
+        if spec.get("token_file") is not None:
+            token_file = _resolve(spec["token_file"], file, f"{key}.token_file", base_dir)
+            if not token_file.is_file():
+                _fail(file, f"{key}.token_file", f"file {str(token_file)!r} not found")
+        out[name] = Site(name=name, address=address, device=_parse_device(spec["device"], file, f"{key}.device"),
+                         tls=tls, token_file=token_file)
     return out
 
 
@@ -901,8 +976,9 @@ def parse_topology(
     d = _mapping(data, file, "", "a mapping with keys coordinator, sites, ...")
     _check_keys(d, file, "", _TOP_KEYS)
 
-    sites = _parse_sites(d["sites"], file)
+    sites = _parse_sites(d["sites"], file, base)
     coordinator = _known_site(d["coordinator"], file, "coordinator", sites)
+    rpc = _parse_rpc(d.get("rpc"), file)
     links = _parse_links(d.get("links"), file, sites)
     model = None if d.get("model") is None else _resolve(d["model"], file, "model", base)
 
@@ -939,6 +1015,7 @@ def parse_topology(
         placement=placement,
         placement_source=source,
         fallback=fallback,
+        rpc=rpc,
     )
     if require_coordinator_links:
         topology.require_links_to_coordinator()

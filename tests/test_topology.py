@@ -203,7 +203,7 @@ RULES = [
     (("set", ("coordinator",), "pi-west"), "coordinator", "unknown site 'pi-west'"),
     (("del", ("coordinator",)), "coordinator", "missing required key 'coordinator'"),
     (("set", ("coordinater",), "camera-01"), "coordinater", "did you mean 'coordinator'?"),
-    (("set", ("fallback",), "retry"), "fallback", "expected one of fail, local, skip, got 'retry'"),
+    (("set", ("fallback",), "retry"), "fallback", "expected one of fail, local, nearest, skip, got 'retry'"),
     (("set", ("model",), ""), "model", "expected a file path"),
     (("set", ("placement",), 3), "placement", "expected a placement file path or a mapping"),
     (("set", ("links",), {"a": 1}), "links", "expected a list of links"),

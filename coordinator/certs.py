@@ -1,0 +1,43 @@
+"""``moe-certs --topology sites.yaml --out DIR``: a CA and a certificate per site of a topology (mutual TLS for
+coordinator and workers), optionally a bearer token per site; prints the entries to add to sites.yaml.
+
+For tests and small deployments; a real deployment may use its own PKI with the same sites.yaml keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from moevit_rpc.security import write_site_pki
+from partition.topology import TopologyError, load_topology
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moe-certs", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topology", required=True)
+    ap.add_argument("--out", required=True, help="folder for ca.pem, <site>.pem, <site>.key (keys mode 0600)")
+    ap.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
+    ap.add_argument("--tokens", action="store_true", help="also write a random bearer token per site")
+    args = ap.parse_args(argv)
+    try:
+        topo = load_topology(args.topology, require_coordinator_links=False)
+    except TopologyError as e:
+        print(f"moe-certs: error: {e}", file=sys.stderr)
+        return 2
+    if args.days < 1:
+        print("moe-certs: error: --days must be at least 1", file=sys.stderr)
+        return 2
+    out = Path(args.out).absolute()
+    entries = write_site_pki(out, {n: s.host for n, s in topo.sites.items()}, days=args.days, tokens=args.tokens)
+    print(f"# wrote a CA and {len(entries)} site certificates to {out}; add under each site of {args.topology}:")
+    print(yaml.safe_dump({"sites": entries}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

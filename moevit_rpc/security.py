@@ -1,0 +1,180 @@
+"""Transport security shared by coordinator and workers: mutual TLS credentials, bearer tokens, and a small CA
+for tests and small deployments (``moe-certs``).
+
+Mutual TLS: every site's server presents its certificate and requires a client certificate signed by the same CA.
+A client without one, with one from another CA, or with an expired one fails the TLS handshake (the client sees
+UNAVAILABLE with the handshake error; gRPC gives no status to a connection that never opened). A plaintext client
+of a TLS server fails the same way. Bearer tokens are checked per call: a missing or wrong token gets
+UNAUTHENTICATED. The health service answers without a token so that probes work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import ipaddress
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+# ------------------------------------------------------------------------------------------------ credentials
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def server_credentials(ca: Path, cert: Path, key: Path) -> grpc.ServerCredentials:
+    """TLS server credentials that require and verify a client certificate signed by ``ca``."""
+    return grpc.ssl_server_credentials([(_read(key), _read(cert))], root_certificates=_read(ca),
+                                       require_client_auth=True)
+
+
+def channel_credentials(ca: Path, cert: Path | None = None, key: Path | None = None) -> grpc.ChannelCredentials:
+    """TLS channel credentials trusting ``ca``, presenting ``cert``/``key`` when given (mutual TLS)."""
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca),
+                                        private_key=_read(key) if key else None,
+                                        certificate_chain=_read(cert) if cert else None)
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call but health checks unless it carries ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        if handler_call_details.method.startswith(HEALTH_PREFIX):
+            return await continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):  # constant time: no timing oracle on the token
+            return await continuation(handler_call_details)
+        return self._deny
+
+
+# ------------------------------------------------------------------------------------------------------- a CA
+
+
+def _name(cn: str):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "moevit"), x509.NameAttribute(NameOID.COMMON_NAME,
+                                                                                                  cn)])
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem_cert(cert) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_ca(common_name: str = "moevit CA", *, days: int = 365, not_before: dt.datetime | None = None
+            ) -> tuple[bytes, bytes]:
+    """A self-signed CA: (certificate PEM, key PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    key = _key()
+    start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    cert = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    return _pem_cert(cert), _pem_key(key)
+
+
+def make_site_cert(ca_cert_pem: bytes, ca_key_pem: bytes, site: str, hosts: Sequence[str], *, days: int = 365,
+                   not_before: dt.datetime | None = None) -> tuple[bytes, bytes]:
+    """A certificate for ``site`` valid as server (for ``hosts``) and as client: (certificate PEM, key PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    key = _key()
+    sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    for h in hosts:
+        h = h.strip("[]")
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    if not any(isinstance(s, x509.IPAddress) and str(s.value) == "127.0.0.1" for s in sans):
+        sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    cert = (x509.CertificateBuilder().subject_name(_name(site)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    return _pem_cert(cert), _pem_key(key)
+
+
+def write_site_pki(out: Path, sites: dict[str, str], *, days: int = 365, tokens: bool = False) -> dict[str, dict]:
+    """CA plus one certificate per site (``name -> host``) under ``out``; keys are written 0600.
+
+    Returns, per site, the ``tls`` (and ``token_file``) entries to put in sites.yaml.
+    """
+    import secrets
+
+    out.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = make_ca(days=days)
+    (out / "ca.pem").write_bytes(ca_cert)
+    _write_secret(out / "ca.key", ca_key)
+    entries: dict[str, dict] = {}
+    for name, host in sorted(sites.items()):
+        cert, key = make_site_cert(ca_cert, ca_key, name, [host], days=days)
+        (out / f"{name}.pem").write_bytes(cert)
+        _write_secret(out / f"{name}.key", key)
+        entry: dict[str, Any] = {"tls": {"ca": str(out / "ca.pem"), "cert": str(out / f"{name}.pem"),
+                                         "key": str(out / f"{name}.key")}}
+        if tokens:
+            _write_secret(out / f"{name}.token", (secrets.token_urlsafe(32) + "\n").encode())
+            entry["token_file"] = str(out / f"{name}.token")
+        entries[name] = entry
+    return entries
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_bytes(data)
