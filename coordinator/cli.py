@@ -1,34 +1,44 @@
 """``moe-coordinator --topology sites.yaml``: classify images with the MoE model split over the sites.
 
     moe-coordinator --topology examples/sites.yaml --data digits --limit 200
-    moe-coordinator --topology sites.yaml --images /data/cam01 --out results.jsonl
+    moe-coordinator --topology sites.yaml --images /data/cam01 --out results.json     # MegaDetector format 1.6
+    moe-coordinator --topology sites.yaml --images /data/cam01 --out results.jsonl    # one JSON line per image
     moe-coordinator --topology sites.yaml --serve 0.0.0.0:50100
 
 Loopback sites where no worker answers get a local worker process, stopped on exit (``--no-spawn`` turns this
 off). Prints a progress bar, then a summary: images/s, latency, bytes per site per image, tokens per expert/site.
+
+Results are written as they are made (``results.json.partial.jsonl``, one fsync per batch); the same command run
+again after a crash or kill skips the images already done by the same model (a ``.jsonl`` output is rewritten).
+Each image's EXIF capture time and camera are recorded and images are grouped into sequences
+(``--sequence-gap``). ``--metrics-port`` serves Prometheus metrics. Output fields, the resume rule and metric
+names: docs/outputs.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from coordinator import results as res
+from coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, read_image_meta
 from coordinator.launcher import LaunchError, ensure_workers
 from coordinator.runtime import CoordinatorError, SplitRuntime
 from coordinator.sites import SiteError
 from moevit.checkpoint import CheckpointError
-from moevit.data import IMAGE_EXTENSIONS, UnreadableImageError, load_image, open_dataset
+from moevit.data import IMAGE_EXTENSIONS, Taxon, UnreadableImageError, load_image, open_dataset
 from partition.topology import TopologyError, load_topology
 
 
@@ -42,7 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--data", metavar="SPEC", help="classify a dataset split (labels known: accuracy reported)")
     ap.add_argument("--split", default="eval", help="split of --data (default eval: the seeded 20%% holdout)")
     ap.add_argument("--limit", type=int, default=None, help="at most N images")
-    ap.add_argument("--out", help="write one JSON line per image here")
+    ap.add_argument("--out", metavar="FILE", help="results: FILE.json is MegaDetector batch output (format 1.6; a "
+                    "run with the same --out resumes, docs/outputs.md), FILE.jsonl one JSON line per image")
+    ap.add_argument("--restart", action="store_true", help="discard the results of earlier runs with this --out "
+                    "instead of resuming")
+    ap.add_argument("--sequence-gap", type=float, default=DEFAULT_SEQUENCE_GAP_S, metavar="S",
+                    help="a new sequence starts after more than S seconds without an image (default 60)")
+    ap.add_argument("--taxa", metavar="CSV", help="taxa.csv (label,common_name,scientific_name) naming the classes' "
+                    "scientific names (default with --data ssw60:PATH: its taxa.csv)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
     ap.add_argument("--wire", choices=("fp16", "fp32", "bf16"), default="fp16", help="token dtype on the wire")
@@ -54,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-spawn", action="store_true", help="never start local workers")
     ap.add_argument("--serve", metavar="ADDR", help="serve the Classify RPC on ADDR instead of a batch run")
     ap.add_argument("--max-batch", type=int, default=8, help="with --serve: largest batch formed from requests")
+    ap.add_argument("--metrics-port", metavar="[HOST:]PORT", help="serve Prometheus metrics at "
+                    "http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
     return ap
 
 
@@ -67,112 +86,181 @@ def _image_files(root: str) -> list[Path]:
     return files
 
 
-def _inputs(args: argparse.Namespace, size: int) -> tuple[int, Iterator[tuple[str, torch.Tensor | None, int | None,
-                                                                            str | None]]]:
-    """(count, iterator of (name, image or None, true label or None, error or None))."""
+@dataclass
+class _Item:
+    """One input: its name in the results, how to load it (image, true label or None), its field metadata."""
+
+    name: str
+    load: Callable[[], tuple[torch.Tensor, int | None]]
+    meta: Callable[[], dict[str, Any]] | None = None
+
+
+def _sources(args: argparse.Namespace, size: int) -> tuple[list[_Item], list[Taxon] | None]:
+    """The inputs in order (nothing is decoded yet) and the dataset's taxa when it has some."""
     if args.images:
-        files = _image_files(args.images)[: args.limit]
+        root = Path(args.images)
 
-        def gen_files():
-            for f in files:
-                try:
-                    yield str(f.relative_to(args.images)), load_image(f, size), None, None
-                except UnreadableImageError as e:
-                    yield str(f.relative_to(args.images)), None, None, f"unreadable image: {e}"
+        def item(f: Path) -> _Item:
+            return _Item(f.relative_to(root).as_posix(), lambda: (load_image(f, size), None),
+                         lambda: read_image_meta(f).to_record())
 
-        return len(files), gen_files()
+        return [item(f) for f in _image_files(args.images)[: args.limit]], None
     data = open_dataset(args.data, image_size=size, split=args.split)
     n = min(len(data), args.limit or len(data))
 
-    def gen_data():
-        for i in range(n):
+    def ditem(i: int) -> _Item:
+        def load() -> tuple[torch.Tensor, int | None]:
             x, y = data[i]
-            yield f"{args.data}:{args.split}:{i}", x, int(y), None
+            return x, int(y)
 
-    return n, gen_data()
+        return _Item(f"{args.data}:{args.split}:{i}", load)
 
-
-def _batches(it, size: int):
-    batch = []
-    for item in it:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    return [ditem(i) for i in range(n)], data.taxa
 
 
-def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int) -> dict[str, Any]:
-    total, inputs = _inputs(args, size)
+def _batches(items: list[Any], size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], failures: dict[str, int],
+              latencies: list[float]) -> list[dict[str, Any]]:
+    """Records of one batch, in batch order."""
+    fp = runtime.fingerprint
+    records: dict[str, dict[str, Any]] = {}
+    good: list[tuple[_Item, torch.Tensor, int | None]] = []
+    for it in batch:
+        base: dict[str, Any] = {"file": it.name, "model": fp}
+        try:
+            x, y = it.load()
+            good.append((it, x, y))
+        except UnreadableImageError as e:
+            base.update(error=f"unreadable image: {e}", error_kind="unreadable")
+        if it.meta is not None:
+            base.update(it.meta())
+        records[it.name] = base
+    if good:
+        try:
+            out = runtime.classify(torch.stack([x for _, x, _ in good]))
+            latencies += [out.seconds * 1e3] * len(good)
+            probs = out.logits.softmax(dim=1)
+            for j, (it, _, y) in enumerate(good):
+                top = torch.topk(probs[j], min(res.TOP_K, probs.shape[1]))
+                pred = int(top.indices[0])
+                rec = records[it.name]
+                rec.update(prediction=pred, label=labels[pred] if pred < len(labels) else str(pred),
+                           confidence=res.round_p(top.values[0]),
+                           top5=[[int(i), res.round_p(p)] for p, i in zip(top.values, top.indices, strict=True)],
+                           degraded=bool(out.degraded[j]))
+                if y is not None:
+                    rec["true"] = y
+            for f in out.failures:
+                failures[f] = failures.get(f, 0) + 1
+        except SiteError as e:
+            for it, _, _ in good:
+                records[it.name].update(error=str(e), error_kind="site")
+            failures[str(e)] = failures.get(str(e), 0) + len(good)
+    return [_ordered(records[it.name]) for it in batch]
+
+
+_FIRST = ("file", "model", "prediction", "label", "confidence", "top5", "degraded", "true", "error", "error_kind")
+
+
+def _ordered(rec: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: rec[k] for k in _FIRST if k in rec}, **{k: v for k, v in rec.items() if k not in _FIRST}}
+
+
+def _taxa(args: argparse.Namespace, dataset_taxa: list[Taxon] | None) -> list[Taxon] | None:
+    return res.read_taxa(args.taxa) if args.taxa else dataset_taxa
+
+
+def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int, metrics: Any = None) -> dict[str, Any]:
+    items, dataset_taxa = _sources(args, size)
     labels = list(runtime.model.config.labels)
-    out = open(args.out, "w") if args.out else None  # noqa: SIM115 (closed below)
-    latencies, n_ok, n_degraded, n_failed, n_correct, n_labelled = [], 0, 0, 0, 0, 0
+    taxa = _taxa(args, dataset_taxa)
+    out = Path(args.out) if args.out else None
+    say = lambda s: print(f"moe-coordinator: {s}", file=sys.stderr)  # noqa: E731
+    previous = res.load_previous(out, runtime.fingerprint, restart=args.restart, log=say) if out else {}
+    if out is not None and res.is_jsonl(out):
+        out.unlink(missing_ok=True)  # JSON lines: rewritten by every run, as before (resume is for .json)
+    names = {it.name for it in items}
+    reused = {n: r for n, r in previous.items() if n in names}
+    todo = [it for it in items if it.name not in reused]
+    if reused:
+        say(f"resuming {out}: {len(reused)} of {len(items)} images already done by model {runtime.fingerprint}; "
+            f"classifying the other {len(todo)}")
+        if metrics is not None:
+            metrics.images.labels("reused").inc(len(reused))
+    log = res.ResultLog(out if res.is_jsonl(out) else res.partial_path(out)) if out else None
+    new: dict[str, dict[str, Any]] = {}
+    latencies: list[float] = []
     failures: dict[str, int] = {}
     shown = 0
     t_start = time.perf_counter()
-    bar = tqdm(total=total, unit="img", desc="classify", dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="img", desc="classify", dynamic_ncols=True)
     try:
-        for batch in _batches(inputs, args.batch_size):
-            good = [b for b in batch if b[1] is not None]
-            records = {b[0]: {"file": b[0], "error": b[3]} for b in batch if b[1] is None}
-            if good:
-                x = torch.stack([b[1] for b in good])
-                try:
-                    res = runtime.classify(x)
-                    latencies += [res.seconds * 1e3] * len(good)
-                    probs = res.logits.softmax(dim=1)
-                    for j, (name, _, y, _) in enumerate(good):
-                        top = torch.topk(probs[j], min(5, probs.shape[1]))
-                        pred = int(top.indices[0])
-                        rec = {"file": name, "prediction": pred,
-                               "label": labels[pred] if pred < len(labels) else str(pred),
-                               "confidence": float(top.values[0]),
-                               "top5": [[int(i), float(p)] for p, i in zip(top.values, top.indices, strict=True)],
-                               "degraded": bool(res.degraded[j])}
-                        if y is not None:
-                            rec["true"] = y
-                            n_labelled += 1
-                            n_correct += int(pred == y)
-                        records[name] = rec
-                    for f in res.failures:
-                        failures[f] = failures.get(f, 0) + 1
-                except SiteError as e:
-                    for name, *_ in good:
-                        records[name] = {"file": name, "error": str(e)}
-                    failures[str(e)] = failures.get(str(e), 0) + len(good)
-            for name, *_ in batch:
-                rec = records[name]
-                if "error" in rec and rec["error"]:
-                    n_failed += 1
-                else:
-                    rec.pop("error", None)
-                    n_ok += 1
-                    n_degraded += int(rec["degraded"])
-                    if shown < 10:
-                        truth = f" (true {labels[rec['true']]})" if "true" in rec and rec["true"] < len(labels) else ""
-                        bar.write(f"  {name}: {rec['label']} {rec['confidence']:.2f}{truth}"
-                                  + ("  [degraded]" if rec["degraded"] else ""))
-                        shown += 1
-                if out:
-                    out.write(json.dumps(rec) + "\n")
+        for batch in _batches(todo, args.batch_size):
+            records = _classify(runtime, batch, labels, failures, latencies)
+            if log is not None:
+                log.append(records)
+            for rec in records:
+                new[rec["file"]] = rec
+                if metrics is not None and rec.get("error_kind") == "unreadable":
+                    metrics.images.labels("unreadable").inc()
+                if "error" not in rec and shown < 10:
+                    truth = f" (true {labels[rec['true']]})" if "true" in rec and rec["true"] < len(labels) else ""
+                    bar.write(f"  {rec['file']}: {rec['label']} {rec['confidence']:.2f}{truth}"
+                              + ("  [degraded]" if rec["degraded"] else ""))
+                    shown += 1
             bar.update(len(batch))
     finally:
         bar.close()
-        if out:
-            out.close()
+        if log is not None:
+            log.close()
     elapsed = time.perf_counter() - t_start
-    n = n_ok + n_failed
+    ordered = [reused.get(it.name) or new[it.name] for it in items]
+    if out is not None:
+        _write_results(out, ordered, runtime, args, size, labels, taxa)
+    return _summary(runtime, ordered, reused, new, latencies, failures, elapsed, out)
+
+
+def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRuntime, args: argparse.Namespace,
+                   size: int, labels: list[str], taxa: list[Taxon] | None) -> None:
+    if res.is_jsonl(out):
+        return  # the log is the output: one line per image, in input order
+    cfg = runtime.model.config
+    arch = f"{cfg.arch}_moe"
+    meta = {"model_fingerprint": runtime.fingerprint, "architecture": arch, "image_size": size,
+            "moe_layers": list(cfg.moe.layers) if cfg.moe else [],
+            "experts_per_layer": cfg.moe.num_experts if cfg.moe else 0,
+            "sites": [runtime.local_site, *runtime.clients], "wire": args.wire, "fallback": runtime.topology.fallback}
+    extra = {"moevit_image_root": str(Path(args.images).resolve()) if args.images else f"data:{args.data}"}
+    doc = res.build_megadetector(records, labels=labels, fingerprint=runtime.fingerprint,
+                                 classifier=f"moevit {arch} {runtime.fingerprint}", classifier_metadata=meta,
+                                 descriptions=res.descriptions_for(labels, taxa), gap_s=args.sequence_gap,
+                                 completed=datetime.now().astimezone(), extra_info=extra)
+    res.write_json_atomic(out, doc)
+    res.partial_path(out).unlink(missing_ok=True)
+
+
+def _summary(runtime: SplitRuntime, records: list[dict[str, Any]], reused: dict[str, Any], new: dict[str, Any],
+             latencies: list[float], failures: dict[str, int], elapsed: float, out: Path | None) -> dict[str, Any]:
+    ok = [r for r in records if "error" not in r]
+    n_new_ok = sum(1 for r in new.values() if "error" not in r)
+    labelled = [r for r in ok if "true" in r]
     lat = sorted(latencies)
     traffic = runtime.traffic()
+    per_img = max(n_new_ok, 1)
     summary = {
-        "images": n, "ok": n_ok, "degraded": n_degraded, "failed": n_failed,
-        "images_per_s": n_ok / elapsed if elapsed else 0.0,
+        "images": len(records), "ok": len(ok), "degraded": sum(1 for r in ok if r.get("degraded")),
+        "failed": len(records) - len(ok), "reused": len(reused), "classified_now": len(new),
+        "out": str(out) if out else None,
+        "images_per_s": n_new_ok / elapsed if elapsed and n_new_ok else 0.0,
         "latency_ms": {"p50": statistics.median(lat) if lat else None,
                        "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None},
-        "accuracy": n_correct / n_labelled if n_labelled else None,
-        "per_site": {site: {**t, "bytes_sent_per_image": t["bytes_sent"] / max(n_ok, 1),
-                            "bytes_received_per_image": t["bytes_received"] / max(n_ok, 1)}
+        "accuracy": sum(r["prediction"] == r["true"] for r in labelled) / len(labelled) if labelled else None,
+        "per_site": {site: {**t, "bytes_sent_per_image": t["bytes_sent"] / per_img,
+                            "bytes_received_per_image": t["bytes_received"] / per_img}
                      for site, t in traffic.items()},
         "tokens_per_site": runtime.tokens_by_site(),
         "tokens_per_expert": {f"{layer}:{e}": v for (layer, e), v in sorted(runtime.context.tokens.items())},
@@ -185,6 +273,10 @@ def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int) -> dic
 def _print_summary(s: dict[str, Any], runtime: SplitRuntime) -> None:
     p = print
     p(f"\n{s['images']} images: {s['ok']} classified ({s['degraded']} degraded), {s['failed']} failed")
+    if s["reused"]:
+        p(f"resumed: {s['reused']} reused from the previous run's results, {s['classified_now']} classified now")
+    if s["out"]:
+        p(f"results in {s['out']}")
     if s["latency_ms"]["p50"] is not None:
         p(f"throughput {s['images_per_s']:.1f} images/s   latency p50 {s['latency_ms']['p50']:.1f} ms   "
           f"p99 {s['latency_ms']['p99']:.1f} ms (per batch)")
@@ -215,8 +307,22 @@ def main(argv: list[str] | None = None) -> int:
         topology = load_topology(args.topology)
         if not (args.images or args.data or args.serve):
             raise CoordinatorError("nothing to do: give --images DIR, --data SPEC or --serve ADDR")
+        if args.batch_size < 1:
+            raise CoordinatorError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if not args.sequence_gap >= 0:
+            raise CoordinatorError(f"--sequence-gap must be >= 0 seconds, got {args.sequence_gap}")
+        if args.out and Path(args.out).is_dir():
+            raise CoordinatorError(f"--out {args.out} is a folder; give a file name ending in .json or .jsonl")
         runtime = SplitRuntime.from_topology(topology, model_path=args.model, wire=args.wire,
                                              deadline_s=args.deadline)
+        metrics = None
+        if args.metrics_port is not None:
+            from coordinator.metrics import CoordinatorMetrics
+
+            metrics = CoordinatorMetrics()
+            metrics.instrument(runtime)
+            host, port = metrics.serve(args.metrics_port)
+            print(f"moe-coordinator: metrics on http://{host}:{port}/metrics", file=sys.stderr)
         if not args.no_spawn:
             workers = ensure_workers(args.topology, runtime.clients, model=args.model, threads=args.worker_threads,
                                      log=lambda s: print(f"moe-coordinator: {s}", file=sys.stderr))
@@ -232,14 +338,17 @@ def main(argv: list[str] | None = None) -> int:
 
             asyncio.run(serve(runtime, args.serve, image_size=size, max_batch=args.max_batch))
             return 0
-        summary = run_batch(runtime, args, size)
+        summary = run_batch(runtime, args, size, metrics)
         return 0 if summary["ok"] or not summary["images"] else 1
-    except (TopologyError, CoordinatorError, CheckpointError, LaunchError, SiteError, FileNotFoundError,
+    except (TopologyError, CoordinatorError, CheckpointError, LaunchError, SiteError, OSError,
             ValueError) as e:
         print(f"moe-coordinator: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("moe-coordinator: interrupted", file=sys.stderr)
+        hint = ""
+        if args.out and not res.is_jsonl(args.out) and res.partial_path(args.out).exists():
+            hint = f"; results so far in {res.partial_path(args.out)}: run the same command again to resume"
+        print(f"moe-coordinator: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
         if runtime is not None:

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                      "(default 262144)")
     run.add_argument("--grace", type=float, default=5.0, metavar="S",
                      help="seconds calls in flight get to finish on SIGTERM/SIGINT (default 5)")
+    run.add_argument("--metrics-port", metavar="[HOST:]PORT", help="serve Prometheus metrics at "
+                     "http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -159,6 +161,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not args.grace >= 0:
         raise CliError(f"--grace must be >= 0 seconds, got {args.grace}")
+    if args.metrics_port is not None:
+        from coordinator.metrics import parse_listen
+
+        try:
+            parse_listen(args.metrics_port)
+        except ValueError as e:
+            raise CliError(str(e)) from None
 
     # Heavy imports only once the arguments are known to be sound: a typo fails in a fraction of a second.
     import asyncio
@@ -189,7 +198,8 @@ def _serve(args: argparse.Namespace) -> int:
     arch = f"{config.arch}_moe" if config.moe is not None else config.arch
     asyncio.run(serve(backend, fingerprint, arch=arch, address=address, site=site,
                       max_message_bytes=int(args.max_message_mb * (1 << 20)),
-                      max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, grace=args.grace))
+                      max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, grace=args.grace,
+                      metrics=args.metrics_port))
     return 0
 
 

@@ -200,10 +200,15 @@ class WorkerServer:
 
 async def serve(backend: ExpertBackend, fingerprint: str, *, arch: str, address: str, site: str = "",
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_tokens: int = DEFAULT_MAX_TOKENS,
-                grace: float = DEFAULT_GRACE_S, check_finite: bool = True) -> None:
-    """Serve ``backend`` on ``address`` until SIGTERM/SIGINT, then shut down gracefully."""
+                grace: float = DEFAULT_GRACE_S, check_finite: bool = True, metrics: str | None = None) -> None:
+    """Serve ``backend`` on ``address`` until SIGTERM/SIGINT, then shut down gracefully. ``metrics``
+    (``PORT`` or ``HOST:PORT``) also serves Prometheus metrics there (see worker/metrics.py)."""
     server = WorkerServer(backend, fingerprint, arch=arch, address=address, site=site,
                           max_message_bytes=max_message_bytes, max_tokens=max_tokens, grace=grace,
                           check_finite=check_finite)
+    if metrics is not None:
+        from worker.metrics import serve_worker_metrics
+
+        serve_worker_metrics(server, metrics)
     await server.start()
     await server.run_until_signal()
