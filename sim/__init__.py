@@ -1,0 +1,1 @@
+"""Simulation and emulation of deployments: link shaping, outages, simulated timings."""

@@ -1,0 +1,861 @@
+"""The discrete-event simulator: one :class:`~sim.config.Scenario` becomes one deterministic run.
+
+Everything is driven by one event queue (a heap of ``(time, sequence, callback, args)``; equal times run in the
+order they were scheduled), with explicit seeded random streams, so the same scenario and seed always give the same
+result, bit for bit, on any machine.
+
+What one image does (docs/sim.md has the formulas):
+
+* it arrives at the camera site (periodic, Poisson or camera-trap bursts) and waits, FIFO, until the coordinator
+  has a free slot (``concurrency``; the real coordinator works on one image at a time);
+* the trunk runs on the coordinator's CPU (a FIFO server), split into the segments before, between and after the
+  MoE layers;
+* at each MoE layer the image's routed patches (sampled from ``stats.json``, or replayed from a trace) are grouped by
+  the site holding their expert; the coordinator sends each remote site one RPC (payload + protocol overhead) over
+  its link, all at once, and computes its own experts meanwhile; each link direction is a FIFO radio with
+  bandwidth, one-way latency, per-packet loss with retransmission rounds, a duty-cycle off-time after every packet
+  and outage windows; the worker's CPU is a FIFO server; the reply comes back the same way;
+* a reply missing at the RPC deadline (site down, link out) applies the topology's ``fallback``: ``fail`` ends the
+  image, ``local`` computes those patches on the coordinator, ``skip`` goes on without them, ``nearest`` sends them
+  once more to the nearest other site holding those experts (each of the last three marks the image degraded).
+
+Per-patch compute times, bytes and the trunk time come from the one cost model (:func:`partition.costmodel.
+coefficients`); the simulator adds what an expectation cannot show: queueing, bursts, loss as it happens,
+duty-cycle waits, outages, energy over a deployment's idle time, and battery life.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from partition.costmodel import FLOPS_PER_MAC, Stats, coefficients
+from partition.placement import background_experts
+from partition.topology import Device, Link, Placement, Topology
+from sim.config import Arrival, FailureSet, Scenario, Settings
+from sim.trace import Trace
+
+__all__ = ["TRUNK_FRACTION_BEFORE", "Calibration", "ComputeModel", "EventQueue", "LinkResult", "Routing",
+           "ScenarioResult", "SiteResult", "World", "arrival_times", "best_connected", "compute_model", "dense_macs",
+           "run_scenario", "sample_routing"]
+
+# Share of MobileViTV2's MACs (dense model, every width and input size alike: measured with torch's FlopCounterMode
+# at 64 and 256 px on mobilevitv2_050) done before the MLP of each transformer layer. The stats give only the trunk's
+# total, so this splits it into the segments before, between and after the MoE layers.
+TRUNK_FRACTION_BEFORE = {0: 0.507, 1: 0.570, 2: 0.751, 3: 0.787, 4: 0.822, 5: 0.858, 6: 0.955, 7: 0.971, 8: 0.986}
+
+
+# ============================================================================================ inputs
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Compute speeds measured on the machine of an emulation run; when given they replace the topology's device
+    figures at every site (the topology describes field hardware, the emulation runs on one laptop).
+
+    trunk_gflops: the model without its experts, batch 1; expert_gflops: one expert on one image's tokens;
+    how: how they were measured (free text for reports)."""
+
+    trunk_gflops: float
+    expert_gflops: float
+    how: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class World:
+    """What every scenario of a sweep shares (put once into Ray's object store): the topology variants by name,
+    the placement of each, the routing statistics, and optionally a trace and a calibration."""
+
+    topologies: Mapping[str, Topology]
+    placements: Mapping[str, Placement]
+    stats: Stats
+    trace: Trace | None = None
+    calibration: Calibration | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ComputeModel:
+    """Seconds of compute, per image or per patch, on each site (sorted names), from the cost model.
+
+    trunk_s: the trunk on the coordinator; patch_s: [L, S] one routed patch of layer l's experts on site s;
+    local_moe_s / local_dense_s: the whole MoE / dense model on the coordinator; offload_s: [S] the whole MoE model
+    on site s (offload-image); patch_bytes: [L] one patch's tokens one way on the wire."""
+
+    sites: tuple[str, ...]
+    coordinator: int
+    trunk_s: float
+    patch_s: np.ndarray
+    patch_bytes: np.ndarray
+    local_moe_s: float
+    local_dense_s: float
+    offload_s: np.ndarray
+    dense_estimated: bool
+
+
+def _with_gflops(topology: Topology, gflops: float) -> Topology:
+    sites = {n: dataclasses.replace(s, device=dataclasses.replace(s.device, gflops=gflops))
+             for n, s in topology.sites.items()}
+    return dataclasses.replace(topology, sites=sites)
+
+
+def dense_macs(stats: Stats) -> tuple[int, bool]:
+    """MACs of the dense model per image: from the stats, or estimated (trunk + the dense MLPs the MoE layers
+    replaced: MobileViTV2's MLP is dim -> 2 dim -> dim, 4 dim^2 MACs per pixel token). (macs, estimated)."""
+    if stats.dense_macs is not None:
+        return int(stats.dense_macs), False
+    mlp = sum(ls.patches * stats.pixels_per_patch * 4 * ls.dim * ls.dim for ls in stats.layers)
+    return int(stats.trunk_macs + mlp), True
+
+
+def compute_model(topology: Topology, stats: Stats, *, wire_bytes: int = 2,
+                  calibration: Calibration | None = None) -> ComputeModel:
+    """The compute figures of ``stats`` on ``topology``'s devices (or the calibrated speeds), via
+    :func:`partition.costmodel.coefficients`."""
+    if calibration is None:
+        coef_t = coef_e = coefficients(topology, stats, wire_bytes=wire_bytes)
+        gflops_t = np.array([topology.sites[n].device.gflops for n in coef_t.sites])
+    else:
+        coef_t = coefficients(_with_gflops(topology, calibration.trunk_gflops), stats, wire_bytes=wire_bytes)
+        coef_e = coefficients(_with_gflops(topology, calibration.expert_gflops), stats, wire_bytes=wire_bytes)
+        gflops_t = np.full(len(coef_t.sites), calibration.trunk_gflops)
+    c = coef_t.coordinator
+    routed = np.array([ls.patches * stats.top_k for ls in stats.layers], dtype=np.float64)  # patches per layer
+    experts_s = routed @ coef_e.patch_compute_s  # [S]: every routed patch of an image on site s
+    trunk_site_s = stats.trunk_macs * FLOPS_PER_MAC / (gflops_t * 1e9)  # [S] the trunk on site s
+    dmacs, estimated = dense_macs(stats)
+    return ComputeModel(
+        sites=coef_t.sites, coordinator=c, trunk_s=float(coef_t.trunk_s), patch_s=coef_e.patch_compute_s,
+        patch_bytes=coef_e.patch_bytes, local_moe_s=float(coef_t.trunk_s + experts_s[c]),
+        local_dense_s=float(dmacs * FLOPS_PER_MAC / (gflops_t[c] * 1e9)),
+        offload_s=trunk_site_s + experts_s, dense_estimated=estimated)
+
+
+def best_connected(topology: Topology) -> str | None:
+    """The remote site the coordinator reaches best: highest effective throughput ``bandwidth x duty_cycle x
+    (1 - loss)``, then lowest latency, then name. None when the coordinator has no links."""
+    best = None
+    for site in topology.remote_sites():
+        link = topology.link_between(topology.coordinator, site.name)
+        if link is None:
+            continue
+        key = (-link.bandwidth_mbps * link.duty_cycle * (1 - link.loss), link.latency_ms, site.name)
+        if best is None or key < best[0]:
+            best = (key, site.name)
+    return None if best is None else best[1]
+
+
+# ============================================================================================ workload
+
+
+def arrival_times(arrival: Arrival, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Arrival times (s) of ``n`` images, ascending, the first at or after 0."""
+    if arrival.kind == "periodic":
+        return np.arange(n, dtype=np.float64) / arrival.rate_hz
+    if arrival.kind == "poisson":
+        return np.cumsum(rng.exponential(1.0 / arrival.rate_hz, size=n))
+    k = arrival.burst_size
+    bursts = -(-n // k)
+    idle = rng.exponential(arrival.idle_s, size=bursts)
+    # A trigger fires an exponential idle time after the previous burst's last image.
+    starts = np.cumsum(idle + np.r_[0.0, np.full(bursts - 1, (k - 1) * arrival.burst_gap_s)])
+    t = (starts[:, None] + np.arange(k)[None, :] * arrival.burst_gap_s).reshape(-1)
+    return t[:n]
+
+
+@dataclass(frozen=True, eq=False)
+class Routing:
+    """Per image and MoE layer: patches per expert ``counts[l]`` [n, E] and of those the low-confidence ones
+    ``low[l]`` [n, E] (background experts only); ``source`` says where they came from."""
+
+    counts: tuple[np.ndarray, ...]
+    low: tuple[np.ndarray, ...]
+    background: tuple[np.ndarray, ...]  # per layer: bool [E]
+    source: str
+
+
+def sample_routing(stats: Stats, n: int, rng: np.random.Generator, *, trace: Trace | None = None,
+                   low_confidence_share: float = 0.5) -> Routing:
+    """Routing of ``n`` images: replayed from ``trace`` (in order, wrapping around) or sampled from the stats (a
+    class by the profiled class frequencies, then each layer's patches multinomially over that class's mean
+    per-expert shares). Low-confidence patches of background experts: the trace's counts when it has them, else a
+    binomial ``low_confidence_share`` of the background expert's patches."""
+    background = tuple(np.isin(np.arange(ls.num_experts), background_experts(stats, ls.layer))
+                       for ls in stats.layers)
+    counts: list[np.ndarray] = []
+    low: list[np.ndarray] = []
+    if trace is not None:
+        idx = np.arange(n) % trace.images
+        for li, ls in enumerate(stats.layers):
+            counts.append(trace.patches[ls.layer][idx])
+            if trace.low_confidence is not None:
+                low.append(trace.low_confidence[ls.layer][idx] * background[li][None, :])
+        source = f"trace {trace.source}"
+        if trace.low_confidence is None:
+            source += f" (low confidence: assumed share {low_confidence_share:g})"
+            low = [rng.binomial(c, low_confidence_share) * bg[None, :] for c, bg in zip(counts, background,
+                                                                                          strict=True)]
+        else:
+            source += f" (low confidence: top-1 < {trace.header.confidence_threshold:g}, recorded)"
+    else:
+        classes = rng.choice(len(stats.classes), size=n, p=stats.class_prior)
+        for ls in stats.layers:
+            shares = ls.class_load / np.maximum(ls.class_load.sum(axis=1, keepdims=True), 1e-300)
+            empty = ls.class_load.sum(axis=1) <= 0  # a class never seen in profiling: use the mean load
+            if empty.any():
+                shares[empty] = ls.load_mean / ls.load_mean.sum()
+            counts.append(rng.multinomial(ls.patches * stats.top_k, shares[classes]))
+        low = [rng.binomial(c, low_confidence_share) * bg[None, :] for c, bg in zip(counts, background, strict=True)]
+        source = f"stats {stats.source} (sampled; low confidence: assumed share {low_confidence_share:g})"
+    return Routing(tuple(counts), tuple(low), background, source)
+
+
+# ============================================================================================ engine
+
+
+class EventQueue:
+    """A heap of events ``(time, sequence, callback, args)``; equal times run in scheduling order."""
+
+    __slots__ = ("_heap", "_seq", "now", "events")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = 0
+        self.now = 0.0
+        self.events = 0
+
+    def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
+        if t < self.now:  # guards the model's arithmetic: nothing may be scheduled in the past
+            raise RuntimeError(f"event scheduled at {t} before now ({self.now})")
+        heapq.heappush(self._heap, (t, self._seq, fn, args))
+        self._seq += 1
+
+    def run(self) -> None:
+        heap = self._heap
+        while heap:
+            t, _, fn, args = heapq.heappop(heap)
+            self.now = t
+            self.events += 1
+            fn(*args)
+
+
+class _Windows:
+    """Sorted, merged time intervals ``[start, end)`` (outages, downtime)."""
+
+    __slots__ = ("spans",)
+
+    def __init__(self, spans: Sequence[tuple[float, float]]) -> None:
+        merged: list[list[float]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.spans = [(a, b) for a, b in merged]
+
+    def contains(self, t: float) -> bool:
+        return bool(self.spans) and any(a <= t < b for a, b in self.spans)
+
+    def overlaps(self, t0: float, t1: float) -> bool:
+        return bool(self.spans) and (any(a < t1 and t0 < b for a, b in self.spans) or self.contains(t0))
+
+    def advance(self, t: float, work: float) -> float:
+        """The time at which ``work`` seconds of activity started at ``t`` end, pausing inside the windows."""
+        for a, b in self.spans:
+            if b <= t:
+                continue
+            if t >= a:  # starts inside a window: wait for its end
+                t = b
+                continue
+            if t + work <= a:
+                break
+            work -= a - t
+            t = b
+        return t + work
+
+    def total(self, horizon: float) -> float:
+        return sum(max(0.0, min(b, horizon) - a) for a, b in self.spans if a < horizon)
+
+
+class _Cpu:
+    """A FIFO server: work is served in the order it is requested (requests come in event-time order)."""
+
+    __slots__ = ("free_at", "busy_s")
+
+    def __init__(self) -> None:
+        self.free_at = 0.0
+        self.busy_s = 0.0
+
+    def serve(self, now: float, seconds: float) -> float:
+        start = now if now > self.free_at else self.free_at
+        self.free_at = start + seconds
+        self.busy_s += seconds
+        return self.free_at
+
+
+class _Channel:
+    """One direction of a link: a FIFO radio.
+
+    A message of n bytes is cut into packets of ``packet_bytes``; every packet occupies the radio for its airtime
+    ``bits / bandwidth`` and then, on a duty-cycled link, keeps it silent for ``airtime x (1 / duty_cycle - 1)``
+    (the regulatory off-time, so a saturated link carries ``duty_cycle x bandwidth``). Each packet is lost
+    independently with probability ``loss``; lost packets go again in another round, which starts one round trip
+    (2 x latency: the loss is noticed at the receiver and reported back) after the round before ends. The radio
+    pauses during outage windows and resumes where it stopped. The last bit arrives ``latency`` after it leaves.
+    """
+
+    __slots__ = ("rate", "lat", "loss", "duty", "packet", "outages", "rng", "free_at", "airtime_s", "bits",
+                 "payload")
+
+    def __init__(self, link: Link, packet_bytes: int, outages: _Windows, rng: np.random.Generator) -> None:
+        self.rate = link.bandwidth_mbps * 1e6
+        self.lat = link.latency_ms / 1e3
+        self.loss = link.loss
+        self.duty = link.duty_cycle
+        self.packet = packet_bytes
+        self.outages = outages
+        self.rng = rng
+        self.free_at = 0.0
+        self.airtime_s = 0.0
+        self.bits = 0.0  # on air, retransmissions included
+        self.payload = 0  # bytes handed to the link
+
+    def send(self, now: float, nbytes: int) -> float:
+        """Queue a message at ``now``; returns when its last bit arrives at the far end."""
+        self.payload += nbytes
+        full, rest = divmod(nbytes, self.packet)
+        npk = full + (1 if rest else 0)
+        off = 1.0 / self.duty - 1.0
+        t = now if now > self.free_at else self.free_at
+        tx = self.rng.geometric(1.0 - self.loss, size=npk).tolist() if self.loss > 0 and npk else None
+        rounds = max(tx) if tx else 1
+        if rounds == 1:
+            tx = None
+        last_bits = last_off = 0.0
+        for r in range(1, rounds + 1):
+            if tx is None:
+                n_full, has_rest = full, rest > 0
+            else:
+                sent = [k >= r for k in tx]
+                has_rest = bool(rest) and sent[-1]
+                n_full = sum(sent) - (1 if has_rest else 0)
+            last_bits = (rest if has_rest else self.packet) * 8.0 if (n_full or has_rest) else 0.0
+            bits = n_full * self.packet * 8.0 + (rest * 8.0 if has_rest else 0.0)
+            air = bits / self.rate
+            # every packet but the round's last is followed by its off-time before the next one starts
+            span = air * (1.0 + off) - last_bits / self.rate * off
+            if r > 1:
+                t = t + max(2.0 * self.lat, last_off)
+            t = self.outages.advance(t, span) if self.outages.spans else t + span
+            last_off = last_bits / self.rate * off
+            self.airtime_s += air
+            self.bits += bits
+        self.free_at = t + last_off
+        return t + self.lat
+
+
+# ============================================================================================ results
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    """One site over the whole scenario. compute_j: active_w x busy time; radio_j: tx + rx energy of its links;
+    idle_j: idle_w x the time it was neither busy nor down; energy_j: their sum; *_per_image: divided by the images
+    that arrived; avg_power_w: energy_j / horizon; lifetime_h: battery (state of charge x battery_wh) / avg power,
+    None on mains; soc_end: state of charge at the end of the run."""
+
+    site: str
+    busy_s: float
+    down_s: float
+    compute_j: float
+    radio_j: float
+    idle_j: float
+    energy_j: float
+    active_j_per_image: float
+    energy_j_per_image: float
+    avg_power_w: float
+    battery_wh: float | None
+    lifetime_h: float | None
+    soc_end: float | None
+    utilisation: float
+
+
+@dataclass(frozen=True)
+class LinkResult:
+    """The coordinator's link to ``site``: bytes handed to it each way (payload + protocol overhead, per image too),
+    bits actually on air (retransmissions included) and the share of time each direction's radio was busy."""
+
+    site: str
+    bytes_up: int
+    bytes_down: int
+    bytes_per_image: float
+    bits_on_air: float
+    utilisation_up: float
+    utilisation_down: float
+
+
+@dataclass
+class ScenarioResult:
+    """What one scenario measured. Latencies are of completed images (ok or degraded), arrival to result."""
+
+    params: dict[str, Any]
+    horizon_s: float = 0.0
+    arrived: int = 0
+    ok: int = 0
+    degraded: int = 0
+    failed: int = 0
+    latency_mean_s: float = math.nan
+    latency_p50_s: float = math.nan
+    latency_p95_s: float = math.nan
+    latency_p99_s: float = math.nan
+    latency_max_s: float = math.nan
+    wait_mean_s: float = math.nan
+    service_mean_s: float = math.nan
+    throughput_hz: float = 0.0
+    bytes_per_image: float = 0.0
+    patches_sent_per_image: float = 0.0
+    patches_dropped_per_image: float = 0.0
+    patches_kept_local_per_image: float = 0.0
+    offload_site: str | None = None
+    routing_source: str = ""
+    events: int = 0
+    wall_s: float = 0.0
+    sites: dict[str, SiteResult] = field(default_factory=dict)
+    links: dict[str, LinkResult] = field(default_factory=dict)
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    latencies_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """A flat row for the CSV: parameters, figures, and per-site / per-link columns ``name:site``."""
+        out = dict(self.params)
+        for k in ("horizon_s", "arrived", "ok", "degraded", "failed", "latency_mean_s", "latency_p50_s",
+                  "latency_p95_s", "latency_p99_s", "latency_max_s", "wait_mean_s", "service_mean_s",
+                  "throughput_hz", "bytes_per_image", "patches_sent_per_image", "patches_dropped_per_image",
+                  "patches_kept_local_per_image", "offload_site", "events", "wall_s", "error"):
+            out[k] = getattr(self, k)
+        for s in self.sites.values():
+            out[f"energy_j_per_image:{s.site}"] = s.energy_j_per_image
+            out[f"active_j_per_image:{s.site}"] = s.active_j_per_image
+            out[f"avg_power_w:{s.site}"] = s.avg_power_w
+            out[f"lifetime_h:{s.site}"] = s.lifetime_h
+            out[f"utilisation:{s.site}"] = s.utilisation
+        for lk in self.links.values():
+            out[f"bytes_per_image:{lk.site}"] = lk.bytes_per_image
+            out[f"link_utilisation_up:{lk.site}"] = lk.utilisation_up
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ============================================================================================ the scenario
+
+
+class _Image:
+    __slots__ = ("i", "arrival", "start", "finish", "pending", "degraded", "failed", "reason")
+
+    def __init__(self, i: int, arrival: float) -> None:
+        self.i, self.arrival = i, arrival
+        self.start = self.finish = math.nan
+        self.pending = 0
+        self.degraded = self.failed = False
+        self.reason = ""
+
+
+class _Rpc:
+    __slots__ = ("img", "li", "site", "compute_s", "bytes_back", "closed", "local_s", "nbytes", "patches", "retry")
+
+    def __init__(self, img: _Image, li: int, site: int, compute_s: float, bytes_back: int, local_s: float,
+                 nbytes: int, patches: float, retry: bool) -> None:
+        self.img, self.li, self.site, self.compute_s, self.bytes_back = img, li, site, compute_s, bytes_back
+        self.local_s = local_s  # what the coordinator would spend computing the same patches (fallback local)
+        self.nbytes, self.patches = nbytes, patches  # request payload, patches (for a retry elsewhere)
+        self.retry = retry  # already a retry (fallback nearest): a second miss fails
+        self.closed = False
+
+
+class _Run:
+    """The state of one scenario run; the callbacks are the model's event handlers."""
+
+    def __init__(self, world: World, sc: Scenario) -> None:
+        self.sc = sc
+        st: Settings = sc.settings
+        self.st = st
+        base = world.topologies[sc.topology]
+        self.topology = topo = sc.condition.apply(base)
+        self.stats = stats = world.stats
+        self.cm = cm = compute_model(topo, stats, wire_bytes=st.wire_bytes, calibration=world.calibration)
+        self.sites = cm.sites
+        self.c = cm.coordinator
+        self.fallback = topo.fallback
+        S = len(self.sites)
+        index = {n: j for j, n in enumerate(self.sites)}
+        self.q = EventQueue()
+        # Separate seeded streams, so every strategy of a seed sees the same images arriving with the same routing.
+        rng_arr = np.random.default_rng([sc.seed, 1])
+        rng_route = np.random.default_rng([sc.seed, 2])
+        self.arrivals = arrival_times(sc.arrival, sc.images, rng_arr)
+        self.split = sc.strategy.startswith("split")
+        self.routing = None
+        if self.split:
+            self.routing = sample_routing(stats, sc.images, rng_route, trace=world.trace,
+                                          low_confidence_share=st.low_confidence_share)
+        failures: FailureSet = sc.failures
+        self.down = [_Windows([(d.start_s, math.inf if d.end_s is None else d.end_s)
+                               for d in failures.site_downs if d.site == n]) for n in self.sites]
+        # A site that rejoins is reachable only once the coordinator's channel has reconnected.
+        self.unreachable = [_Windows([(d.start_s, math.inf if d.end_s is None else d.end_s + st.reconnect_s)
+                                      for d in failures.site_downs if d.site == n]) for n in self.sites]
+        self.cpus = [_Cpu() for _ in range(S)]
+        self.up: list[_Channel | None] = [None] * S
+        self.dn: list[_Channel | None] = [None] * S
+        self.links: list[Link | None] = [None] * S
+        for j, name in enumerate(self.sites):
+            if j == self.c:
+                continue
+            link = topo.link_between(topo.coordinator, name)
+            if link is None:
+                continue
+            self.links[j] = link
+            outages = _Windows([(o.start_s, o.end_s) for o in failures.link_outages if o.site == name])
+            pk = sc.condition.packet_bytes if (sc.condition.packet_bytes and sc.condition.applies_to(topo, name)) \
+                else st.packet_bytes
+            self.up[j] = _Channel(link, pk, outages, np.random.default_rng([sc.seed, 3, j, 0]))
+            self.dn[j] = _Channel(link, pk, outages, np.random.default_rng([sc.seed, 3, j, 1]))
+        # Where each expert's patches go: the coordinator's own copy when it has one, else the first replica (what
+        # coordinator.runtime.SplitRuntime does).
+        placement = world.placements[sc.topology]
+        self.site_of: list[np.ndarray] = []
+        self.replicas: list[list[tuple[int, ...]]] = []
+        for ls in stats.layers:
+            reps = [placement.sites_for(ls.layer, e) for e in range(ls.num_experts)]
+            self.site_of.append(np.array([self.c if topo.coordinator in r else index[r[0]] for r in reps]))
+            self.replicas.append([tuple(index[n] for n in r) for r in reps])
+        for li, so in enumerate(self.site_of):
+            for e, j in enumerate(so):
+                if j != self.c and self.links[j] is None:
+                    raise ValueError(f"expert {e} of layer {stats.layers[li].layer} is on {self.sites[j]!r}, which has "
+                                     f"no direct link to the coordinator {topo.coordinator!r}")
+        layers = [ls.layer for ls in stats.layers]
+        cuts = [TRUNK_FRACTION_BEFORE.get(layer, (layer + 1) / 10) for layer in layers]
+        self.segments = np.diff([0.0, *cuts, 1.0]) * cm.trunk_s  # before layer 0, between, after the last
+        self.offload_site = None
+        if sc.strategy == "offload-image":
+            best = best_connected(topo)
+            if best is None:
+                raise ValueError(f"{topo.path}: offload-image needs a remote site linked to the coordinator")
+            self.offload_site = index[best]
+        # A quality-90 JPEG of a natural scene is about an eighth of its raw RGB bytes.
+        self.image_bytes = st.image_bytes if st.image_bytes is not None else stats.image_size ** 2 * 3 // 8
+        self.images: list[_Image] = []
+        self.waiting: list[_Image] = []
+        self.wait_head = 0
+        self.free_slots = st.concurrency
+        self.sent_patches = 0
+        self.dropped_patches = 0
+        self.kept_local = 0
+        if self.split:
+            self._plan_layers()
+
+    # -- arrivals and slots ---------------------------------------------------------------------------------------
+    def run(self) -> None:
+        q = self.q
+        for i, t in enumerate(self.arrivals):
+            q.at(float(t), self._arrive, i)
+        for d in self.sc.failures.site_downs:
+            if d.site == self.topology.coordinator:
+                q.at(d.start_s, self._camera_down, d.end_s if d.end_s is not None else math.inf)
+        q.run()
+
+    def _arrive(self, i: int) -> None:
+        img = _Image(i, self.q.now)
+        self.images.append(img)
+        if self.down[self.c].contains(self.q.now):
+            self._fail(img, "camera site down")
+            return
+        self.waiting.append(img)
+        self._next()
+
+    def _next(self) -> None:
+        while self.free_slots > 0 and self.wait_head < len(self.waiting):
+            img = self.waiting[self.wait_head]
+            self.wait_head += 1
+            if img.failed:
+                continue
+            self.free_slots -= 1
+            img.start = self.q.now
+            self._begin(img)
+
+    def _release(self, img: _Image) -> None:
+        if not math.isnan(img.start):
+            self.free_slots += 1
+            self._next()
+
+    def _camera_down(self, until: float) -> None:
+        cpu = self.cpus[self.c]
+        cpu.free_at = max(cpu.free_at, until)
+        for img in self.images:
+            if not img.failed and math.isnan(img.finish):
+                self._fail(img, "camera site down")
+
+    def _fail(self, img: _Image, reason: str) -> None:
+        if img.failed or not math.isnan(img.finish):
+            return
+        img.failed = True
+        img.reason = reason
+        img.finish = self.q.now
+        self._release(img)
+
+    def _finish(self, img: _Image) -> None:
+        if img.failed:
+            return
+        img.finish = self.q.now
+        self._release(img)
+
+    # -- strategies -----------------------------------------------------------------------------------------------
+    def _begin(self, img: _Image) -> None:
+        now, cm, strategy = self.q.now, self.cm, self.sc.strategy
+        cpu = self.cpus[self.c]
+        if strategy == "local-dense":
+            self.q.at(cpu.serve(now, cm.local_dense_s), self._finish, img)
+        elif strategy == "local-moe":
+            self.q.at(cpu.serve(now, cm.local_moe_s), self._finish, img)
+        elif strategy == "offload-image":
+            j = self.offload_site
+            img.pending = 1
+            self._send(img, -1, j, self.image_bytes, float(cm.offload_s[j]), self.st.result_bytes, cm.local_moe_s)
+        else:
+            self.q.at(cpu.serve(now, float(self.segments[0])), self._layer, img, 0)
+
+    def _plan_layers(self) -> None:
+        """Patches per site for every image and MoE layer, after the strategy's treatment of weak background
+        patches; computed once, vectorised (the event handlers then only read Python lists)."""
+        assert self.routing is not None
+        S = len(self.sites)
+        self.per_site: list[list[list[float]]] = []
+        for li, site_of in enumerate(self.site_of):
+            counts = self.routing.counts[li].astype(np.float64)
+            onehot = np.zeros((len(site_of), S))
+            onehot[np.arange(len(site_of)), site_of] = 1.0
+            local_extra = np.zeros(len(counts))
+            if self.sc.strategy == "split-drop-background":
+                low = self.routing.low[li]
+                counts = counts - low  # dropped wherever their expert is: no bytes, no compute
+                self.dropped_patches += int(low.sum())
+            elif self.sc.strategy == "split-local-background":
+                moved = self.routing.low[li] * (site_of != self.c)[None, :]  # remote experts' weak patches stay home
+                counts = counts - moved
+                local_extra = moved.sum(axis=1)
+                self.kept_local += int(local_extra.sum())
+            per_site = counts @ onehot
+            per_site[:, self.c] += local_extra
+            self.per_site.append(per_site.tolist())
+        self.patch_s = self.cm.patch_s.tolist()
+        self.patch_bytes = self.cm.patch_bytes.tolist()
+
+    def _layer(self, img: _Image, li: int) -> None:
+        if img.failed:
+            return
+        now, c = self.q.now, self.c
+        patch_s = self.patch_s[li]
+        pb = self.patch_bytes[li]
+        img.pending = 0
+        for j, n in enumerate(self.per_site[li][img.i]):
+            if n <= 0:
+                continue
+            img.pending += 1
+            compute = n * patch_s[j]
+            if j == c:
+                self.q.at(self.cpus[j].serve(now, compute), self._part_done, img, li)
+            else:
+                nbytes = int(round(n * pb))
+                self.sent_patches += int(n)
+                self._send(img, li, j, nbytes, compute, nbytes, n * patch_s[c], n)
+        if img.pending == 0:
+            img.pending = 1
+            self._part_done(img, li)
+
+    def _send(self, img: _Image, li: int, j: int, nbytes: int, compute_s: float, bytes_back: int,
+              local_s: float, patches: float = 0.0, retry: bool = False) -> None:
+        now = self.q.now
+        ov = self.st.rpc_overhead_bytes
+        rpc = _Rpc(img, li, j, compute_s + self.st.rpc_overhead_s, bytes_back + ov, local_s, nbytes, patches, retry)
+        arrive = self.up[j].send(now, nbytes + ov)
+        self.q.at(arrive, self._at_site, rpc)
+        self.q.at(now + self.st.deadline_s, self._timeout, rpc)
+
+    def _at_site(self, rpc: _Rpc) -> None:
+        now, j = self.q.now, rpc.site
+        if self.unreachable[j].contains(now):
+            return  # lost: the site is off (or not yet reconnected); the deadline will notice
+        end = self.cpus[j].serve(now, rpc.compute_s)
+        if self.down[j].overlaps(now, end):
+            return  # the site died while the work was queued or running
+        self.q.at(end, self._site_reply, rpc)
+
+    def _site_reply(self, rpc: _Rpc) -> None:
+        arrive = self.dn[rpc.site].send(self.q.now, rpc.bytes_back)
+        self.q.at(arrive, self._reply, rpc)
+
+    def _reply(self, rpc: _Rpc) -> None:
+        if rpc.closed:
+            return
+        rpc.closed = True
+        self._part_done(rpc.img, rpc.li)
+
+    def _timeout(self, rpc: _Rpc) -> None:
+        if rpc.closed:
+            return
+        rpc.closed = True
+        img = rpc.img
+        if img.failed:
+            return
+        site = self.sites[rpc.site]
+        fb = self.fallback
+        if fb == "nearest":
+            alt = None if rpc.retry else self._nearest_other(rpc)
+            if alt is not None:  # the same work, once, at the nearest other site that holds it
+                img.degraded = True
+                if rpc.li < 0:
+                    compute, back = float(self.cm.offload_s[alt]), rpc.bytes_back - self.st.rpc_overhead_bytes
+                else:
+                    compute, back = rpc.patches * self.patch_s[rpc.li][alt], rpc.nbytes
+                self._send(img, rpc.li, alt, rpc.nbytes, compute, back, rpc.local_s, rpc.patches, retry=True)
+                return
+        if fb in ("fail", "nearest") or (fb == "skip" and rpc.li < 0):  # a skipped whole image has no result
+            self._fail(img, f"{site} no reply within {self.st.deadline_s:g} s (fallback {fb})")
+            return
+        img.degraded = True
+        if fb == "local":
+            self.q.at(self.cpus[self.c].serve(self.q.now, rpc.local_s), self._part_done, img, rpc.li)
+        else:
+            self._part_done(img, rpc.li)
+
+    def _nearest_other(self, rpc: _Rpc) -> int | None:
+        """For fallback ``nearest``: the remote site, other than the one that missed the deadline, that holds a copy
+        of every expert the RPC carried and has the lowest link latency (then the highest bandwidth, then name)."""
+        if rpc.li < 0:  # offload-image: any other linked site can run the whole model
+            holders = {j for j, lk in enumerate(self.links) if lk is not None}
+        else:
+            counts = self.routing.counts[rpc.li][rpc.img.i]
+            experts = [e for e, j in enumerate(self.site_of[rpc.li]) if j == rpc.site and counts[e] > 0]
+            holders = set(range(len(self.sites)))
+            for e in experts:
+                holders &= set(self.replicas[rpc.li][e])
+        holders -= {rpc.site, self.c}
+        best = None
+        for j in holders:
+            lk = self.links[j]
+            if lk is None:
+                continue
+            key = (lk.latency_ms, -lk.bandwidth_mbps, self.sites[j])
+            if best is None or key < best[0]:
+                best = (key, j)
+        return None if best is None else best[1]
+
+    def _part_done(self, img: _Image, li: int) -> None:
+        if img.failed:
+            return
+        img.pending -= 1
+        if img.pending > 0:
+            return
+        if li < 0:  # offload-image: the label is back
+            self._finish(img)
+            return
+        end = self.cpus[self.c].serve(self.q.now, float(self.segments[li + 1]))
+        if li + 1 < len(self.site_of):
+            self.q.at(end, self._layer, img, li + 1)
+        else:
+            self.q.at(end, self._finish, img)
+
+    # -- results --------------------------------------------------------------------------------------------------
+    def result(self) -> ScenarioResult:
+        sc, topo = self.sc, self.topology
+        res = ScenarioResult(params=sc.params())
+        imgs = self.images
+        n = len(imgs)
+        # The run lasts until the last arrival or the last piece of work, whichever is later (a camera site that
+        # never comes back leaves its CPU "busy" forever: that is not work).
+        ends = [float(self.arrivals[-1]) if len(self.arrivals) else 0.0]
+        ends += [im.finish for im in imgs if math.isfinite(im.finish)]
+        ends += [c.free_at for c in self.cpus if math.isfinite(c.free_at)]
+        horizon = max(max(ends), 1e-9)
+        done = [im for im in imgs if not im.failed and not math.isnan(im.finish)]
+        lat = np.array([im.finish - im.arrival for im in done])
+        res.horizon_s, res.arrived = horizon, n
+        res.failed = sum(1 for im in imgs if im.failed)
+        res.degraded = sum(1 for im in done if im.degraded)
+        res.ok = len(done) - res.degraded
+        for im in imgs:
+            if im.failed:
+                res.failures_by_reason[im.reason] = res.failures_by_reason.get(im.reason, 0) + 1
+        if len(lat):
+            res.latency_mean_s = float(lat.mean())
+            res.latency_p50_s, res.latency_p95_s, res.latency_p99_s = (float(v) for v in
+                                                                       np.percentile(lat, [50, 95, 99]))
+            res.latency_max_s = float(lat.max())
+            res.wait_mean_s = float(np.mean([im.start - im.arrival for im in done]))
+            res.service_mean_s = float(np.mean([im.finish - im.start for im in done]))
+            res.latencies_s = [float(v) for v in lat]
+        res.throughput_hz = len(done) / horizon
+        per = max(n, 1)
+        total_bytes = 0
+        radio = np.zeros(len(self.sites))
+        for j, name in enumerate(self.sites):
+            up, dn, link = self.up[j], self.dn[j], self.links[j]
+            if up is None or dn is None or link is None:
+                continue
+            b = up.payload + dn.payload
+            total_bytes += b
+            # tx at the sender, rx at the receiver, per bit on air (retransmissions included)
+            e_up_tx, e_up_rx = up.bits * link.tx_nj_per_bit * 1e-9, up.bits * link.rx_nj_per_bit * 1e-9
+            e_dn_tx, e_dn_rx = dn.bits * link.tx_nj_per_bit * 1e-9, dn.bits * link.rx_nj_per_bit * 1e-9
+            radio[self.c] += e_up_tx + e_dn_rx
+            radio[j] += e_up_rx + e_dn_tx
+            res.links[name] = LinkResult(site=name, bytes_up=up.payload, bytes_down=dn.payload,
+                                         bytes_per_image=b / per, bits_on_air=up.bits + dn.bits,
+                                         utilisation_up=up.airtime_s / horizon, utilisation_down=dn.airtime_s / horizon)
+        res.bytes_per_image = total_bytes / per
+        res.patches_sent_per_image = self.sent_patches / per
+        res.patches_dropped_per_image = self.dropped_patches / per
+        res.patches_kept_local_per_image = self.kept_local / per
+        res.offload_site = None if self.offload_site is None else self.sites[self.offload_site]
+        res.routing_source = self.routing.source if self.routing is not None else ""
+        soc = sc.settings.battery_soc
+        for j, name in enumerate(self.sites):
+            dev: Device = topo.sites[name].device
+            busy = self.cpus[j].busy_s
+            down = self.down[j].total(horizon)
+            compute_j = busy * dev.active_w
+            idle_j = max(0.0, horizon - busy - down) * dev.idle_w
+            energy = compute_j + radio[j] + idle_j
+            power = energy / horizon
+            life = soc_end = None
+            if dev.battery_wh is not None:
+                life = soc * dev.battery_wh / power if power > 0 else math.inf
+                soc_end = soc - energy / 3600.0 / dev.battery_wh
+            res.sites[name] = SiteResult(
+                site=name, busy_s=busy, down_s=down, compute_j=compute_j, radio_j=float(radio[j]), idle_j=idle_j,
+                energy_j=energy, active_j_per_image=(compute_j + radio[j]) / per, energy_j_per_image=energy / per,
+                avg_power_w=power, battery_wh=dev.battery_wh, lifetime_h=life, soc_end=soc_end,
+                utilisation=busy / horizon)
+        res.events = self.q.events
+        return res
+
+
+def run_scenario(world: World, scenario: Scenario) -> ScenarioResult:
+    """Simulate one scenario; deterministic for a given world and scenario (seed included)."""
+    import time
+
+    t0 = time.perf_counter()
+    run = _Run(world, scenario)
+    run.run()
+    res = run.result()
+    res.wall_s = time.perf_counter() - t0
+    return res
