@@ -1,8 +1,27 @@
-"""gRPC channel settings shared by the coordinator's clients: message-size caps, fast reconnect, no proxies."""
+"""gRPC channel settings shared by the coordinator's clients: message-size caps, fast reconnect, no proxies; and
+channels with mutual TLS when the topology configures it (:func:`open_channel`).
+
+Mutual TLS, as ``moe-certs`` / :func:`moevit_rpc.security.write_site_pki` set it up: one CA per topology, and one
+certificate per site whose subject alternative names are the site's host from ``sites.yaml`` plus ``localhost``
+and ``127.0.0.1``. A caller presents its OWN site's certificate (the coordinator: the coordinator site's) and
+checks the server's certificate against the CA and against the host it dials. The host the coordinator dials is
+the host of the site's ``address``, which is in that site's certificate, so no ``grpc.ssl_target_name_override``
+is needed (nor wanted: it would accept any certificate of the CA for any address).
+
+:func:`check_tls_files` reads the three files once and names the file and the fix when they cannot work, since
+grpc only reports a failed handshake, as UNAVAILABLE, on every call. The worker's command line uses it too.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # grpc and the topology module stay unimported until a channel is opened
+    import grpc
+
+    from partition.topology import TLSFiles
 
 DEFAULT_MAX_MESSAGE_MB = 64.0
 
@@ -18,8 +37,85 @@ def channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tupl
         ("grpc.max_reconnect_backoff_ms", 1000),
         # field sites talk to each other directly: never route through an HTTP proxy from the environment
         ("grpc.enable_http_proxy", 0),
+        # A link that silently stops forwarding leaves the TCP connection open; pings every 2 s answered within
+        # 2 s notice it, fail the calls on it (so they go to another replica) and mark the site down. Workers
+        # accept pings this often (worker/server.py).
+        ("grpc.keepalive_time_ms", 2000),
+        ("grpc.keepalive_timeout_ms", 2000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
+def check_tls_files(tls: TLSFiles, *, now: dt.datetime | None = None) -> None:
+    """Raise ValueError naming the file when ``tls`` cannot work: a file missing or unreadable, not PEM, a key
+    that does not belong to the certificate, a certificate not signed by the CA or outside its validity period.
+
+    The same problems would otherwise surface only as failed handshakes (UNAVAILABLE) on the other side.
+    """
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such {what} file (make one with moe-certs)") from None
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
+
+    def certificate(path: Path, what: str) -> x509.Certificate:
+        try:
+            return x509.load_pem_x509_certificate(read(path, what))
+        except ValueError:
+            raise ValueError(f"{path}: not a PEM certificate (the {what} file)") from None
+
+    ca = certificate(tls.ca, "CA certificate")
+    cert = certificate(tls.cert, "certificate")
+    key_pem = read(tls.key, "key")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):  # TypeError: an encrypted key; gRPC cannot use one
+        raise ValueError(f"{tls.key}: not an unencrypted PEM private key") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.DER, spki)
+            != cert.public_key().public_bytes(serialization.Encoding.DER, spki)):
+        raise ValueError(f"{tls.key}: this key does not belong to the certificate {tls.cert}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):  # another CA's issuer name, key type or signature
+        raise ValueError(f"{tls.cert}: not signed by the CA {tls.ca}; every site of a topology needs a "
+                         "certificate of the same CA (make them with moe-certs)") from None
+    now = now or dt.datetime.now(dt.timezone.utc)
+    for path, c in ((tls.ca, ca), (tls.cert, cert)):
+        if now < c.not_valid_before_utc:
+            raise ValueError(f"{path}: certificate not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+                             "(is this machine's clock right?)")
+        if now > c.not_valid_after_utc:
+            raise ValueError(f"{path}: certificate expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+                             "make new ones with moe-certs")
+
+
+def open_channel(address: str, *, tls: TLSFiles | None, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
+                 ) -> grpc.Channel:
+    """A channel to ``address``: mutual TLS presenting ``tls.cert``/``tls.key`` and trusting ``tls.ca`` when
+    ``tls`` is given (the CALLER's own site files), plaintext otherwise.
+
+    The bearer token is not part of the channel: each call passes the called site's token as metadata
+    (``metadata=moevit_rpc.security.token_metadata(site.token())``). Raises ValueError (naming the file) when
+    the TLS files cannot work, see :func:`check_tls_files`.
+    """
+    import grpc
+
+    options = channel_options(max_message_mb)
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    from moevit_rpc.security import channel_credentials
+
+    check_tls_files(tls)
+    return grpc.secure_channel(address, channel_credentials(tls.ca, tls.cert, tls.key), options=options)

@@ -3,7 +3,7 @@
     moe-coordinator --topology examples/sites.yaml --data digits --limit 200
     moe-coordinator --topology sites.yaml --images /data/cam01 --out results.json     # MegaDetector format 1.6
     moe-coordinator --topology sites.yaml --images /data/cam01 --out results.jsonl    # one JSON line per image
-    moe-coordinator --topology sites.yaml --serve 0.0.0.0:50100
+    moe-coordinator --topology sites.yaml --serve 0.0.0.0:50100    # mutual TLS/token: the coordinator site's
 
 Loopback sites where no worker answers get a local worker process, stopped on exit (``--no-spawn`` turns this
 off). Prints a progress bar, then a summary: images/s, latency, bytes per site per image, tokens per expert/site.
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -39,7 +39,10 @@ from coordinator.runtime import CoordinatorError, SplitRuntime
 from coordinator.sites import SiteError
 from moevit.checkpoint import CheckpointError
 from moevit.data import IMAGE_EXTENSIONS, Taxon, UnreadableImageError, load_image, open_dataset
-from partition.topology import TopologyError, load_topology
+from partition.topology import Topology, TopologyError, load_topology
+
+if TYPE_CHECKING:
+    import grpc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,13 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
     ap.add_argument("--wire", choices=("fp16", "fp32", "bf16"), default="fp16", help="token dtype on the wire")
-    ap.add_argument("--deadline", type=float, default=10.0, help="seconds allowed for each expert RPC")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds allowed for each MoE layer's expert RPCs, retries included (default: the "
+                    "topology's rpc.deadline_s, 10)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of the coordinator (default: all cores, or 1 when it started local workers: "
                          "spinning OpenMP threads would starve workers on the same cores)")
     ap.add_argument("--worker-threads", type=int, default=1, help="threads of each local worker it starts")
     ap.add_argument("--no-spawn", action="store_true", help="never start local workers")
-    ap.add_argument("--serve", metavar="ADDR", help="serve the Classify RPC on ADDR instead of a batch run")
+    ap.add_argument("--serve", metavar="ADDR", help="serve the Classify RPC on ADDR instead of a batch run; with "
+                    "the coordinator site's tls (mutual TLS only) and token_file (bearer token) when it has them")
     ap.add_argument("--max-batch", type=int, default=8, help="with --serve: largest batch formed from requests")
     ap.add_argument("--metrics-port", metavar="[HOST:]PORT", help="serve Prometheus metrics at "
                     "http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
@@ -265,6 +271,8 @@ def _summary(runtime: SplitRuntime, records: list[dict[str, Any]], reused: dict[
         "tokens_per_site": runtime.tokens_by_site(),
         "tokens_per_expert": {f"{layer}:{e}": v for (layer, e), v in sorted(runtime.context.tokens.items())},
         "failures": failures,
+        "fallback": runtime.policy.fallback,
+        "rpc": runtime.counters.as_dict(),
     }
     _print_summary(summary, runtime)
     return summary
@@ -294,8 +302,29 @@ def _print_summary(s: dict[str, Any], runtime: SplitRuntime) -> None:
         per_layer.setdefault(layer, []).append(f"{e}:{v}")
     for layer, items in per_layer.items():
         p(f"layer {layer} tokens per expert: " + " ".join(items))
+    rpc = s["rpc"]
+    if rpc["retries"] or rpc["hedges"] or rpc["fallback_tokens"]:
+        p(f"rpc: {rpc['calls']} calls, {rpc['retries']} retried on another replica, {rpc['hedges']} hedged "
+          f"({rpc['hedge_wins']} hedges won, {rpc['cancelled']} losers cancelled); {rpc['fallback_tokens']} tokens "
+          f"under fallback {s['fallback']!r}")
     for f, count in s["failures"].items():
         p(f"failure ({count} images): {f}")
+
+
+def _classify_security(topology: Topology) -> tuple[grpc.ServerCredentials | None, str | None]:
+    """Credentials and bearer token of the Classify server: the coordinator site's ``tls`` and ``token_file``.
+
+    Checked before the model loads, so a bad certificate or token file fails at once, naming the file.
+    """
+    from coordinator.channels import check_tls_files
+    from moevit_rpc.security import server_credentials
+
+    site = topology.site(topology.coordinator)
+    token = site.token()  # TopologyError when unreadable or empty
+    if site.tls is None:
+        return None, token
+    check_tls_files(site.tls)  # ValueError naming the file
+    return server_credentials(site.tls.ca, site.tls.cert, site.tls.key), token
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CoordinatorError(f"--sequence-gap must be >= 0 seconds, got {args.sequence_gap}")
         if args.out and Path(args.out).is_dir():
             raise CoordinatorError(f"--out {args.out} is a folder; give a file name ending in .json or .jsonl")
+        credentials, token = _classify_security(topology) if args.serve else (None, None)
         runtime = SplitRuntime.from_topology(topology, model_path=args.model, wire=args.wire,
                                              deadline_s=args.deadline)
         metrics = None
@@ -336,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.serve:
             from coordinator.server import serve
 
-            asyncio.run(serve(runtime, args.serve, image_size=size, max_batch=args.max_batch))
+            asyncio.run(serve(runtime, args.serve, image_size=size, max_batch=args.max_batch,
+                              credentials=credentials, token=token))
             return 0
         summary = run_batch(runtime, args, size, metrics)
         return 0 if summary["ok"] or not summary["images"] else 1

@@ -3,19 +3,23 @@ tokens to the sites of the placement. Checks that every worker serves the same m
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 
-from coordinator.dispatcher import ForwardContext, RemoteDispatcher
+from coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher
 from coordinator.sites import SiteClient, SiteError
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.mobilevitv2 import MobileViTV2
-from partition.topology import Placement, Topology
+from partition.topology import Placement, Topology, TopologyError
+
+log = logging.getLogger("moevit.coordinator")
 
 
 class CoordinatorError(RuntimeError):
@@ -31,33 +35,52 @@ class BatchResult:
 
 
 class SplitRuntime:
-    """``model`` with its MoE layers dispatched over ``topology``'s sites per ``placement``."""
+    """``model`` with its MoE layers dispatched over ``topology``'s sites per ``placement``.
+
+    ``deadline_s``, ``hedge_ms`` and ``max_message_mb`` default to the topology's ``rpc`` section.
+    """
 
     def __init__(self, model: MobileViTV2, topology: Topology, placement: Placement, *, wire: str = "fp16",
-                 deadline_s: float = 10.0, max_message_mb: float = 64.0) -> None:
+                 deadline_s: float | None = None, hedge_ms: float | None = None,
+                 max_message_mb: float | None = None, watch: bool = True) -> None:
         if model.config.moe is None:
             raise CoordinatorError("the model has no MoE layers: nothing to split (run moe-convert first)")
         self.model, self.topology, self.placement = model.eval(), topology, placement
         self.fingerprint = model_fingerprint(model)
         self.local_site = topology.coordinator
         self.context = ForwardContext()
+        self.counters = DispatchCounters()
+        self.down_at_start: list[str] = []
+        rpc = topology.rpc
+        self.policy = CallPolicy(deadline_s=deadline_s if deadline_s is not None else rpc.deadline_s,
+                                 hedge_ms=hedge_ms if hedge_ms is not None else rpc.hedge_ms,
+                                 fallback=topology.fallback)
+        own_tls = topology.site(self.local_site).tls
         remote = sorted({s for (_, _), sites in placement.assignment.items() for s in sites} - {self.local_site})
-        self.clients = {name: SiteClient(name, topology.site(name).address, fingerprint=self.fingerprint, wire=wire,
-                                         deadline_s=deadline_s, max_message_mb=max_message_mb) for name in remote}
+        self.clients: dict[str, SiteClient] = {}
+        try:
+            for name in remote:
+                site = topology.site(name)
+                self.clients[name] = SiteClient(
+                    name, site.address, fingerprint=self.fingerprint, wire=wire, deadline_s=self.policy.deadline_s,
+                    max_message_mb=max_message_mb if max_message_mb is not None else rpc.max_message_mb,
+                    tls=own_tls, token=site.token(), watch=watch)
+        except (ValueError, TopologyError) as e:  # unusable TLS files or token file: say which
+            self.close()
+            raise CoordinatorError(str(e)) from None
         for layer_id, layer in model.moe_layers().items():
-            routes = {e: self._choose(placement.sites_for(layer_id, e)) for e in range(layer.num_experts)}
+            replicas = {e: placement.sites_for(layer_id, e) for e in range(layer.num_experts)}
             bank = layer.experts
             if topology.fallback != "local":
                 # the camera site keeps only the experts placed on it (what the cost model charges it for);
                 # the `local` fallback needs a copy of every expert
-                bank = bank.subset([e for e, site in sorted(routes.items()) if site == self.local_site])
+                bank = bank.subset([e for e, sites in sorted(replicas.items()) if self.local_site in sites])
                 layer.experts = bank
-            layer.set_dispatcher(RemoteDispatcher(layer_id, bank, routes, self.clients,
-                                                  local_site=self.local_site, context=self.context,
-                                                  fallback=topology.fallback))
+            layer.set_dispatcher(RemoteDispatcher(layer_id, bank, replicas, self.clients, local_site=self.local_site,
+                                                  context=self.context, policy=self.policy, counters=self.counters))
 
     def _choose(self, sites: tuple[str, ...]) -> str:
-        """The coordinator's own copy when placed there, otherwise the first replica."""
+        """Where an expert's tokens go when every site is up: the coordinator's own copy, else the first replica."""
         return self.local_site if self.local_site in sites else sites[0]
 
     @classmethod
@@ -73,11 +96,29 @@ class SplitRuntime:
         placement = topology.resolve_placement({i: m.num_experts for i, m in model.moe_layers().items()})
         return cls(model, topology, placement, **kw)
 
-    def check_workers(self) -> dict[str, Any]:
-        """Every remote site answers Info with our fingerprint and hosts what the placement gives it."""
-        infos = {}
+    def check_workers(self, wait_s: float = 5.0) -> dict[str, Any]:
+        """Every reachable remote site answers Info with our fingerprint and hosts what the placement gives it.
+
+        Sites still down after ``wait_s`` are tolerated when every expert has another reachable replica or the
+        fallback is not ``fail`` (the run starts degraded and uses them once they report SERVING); otherwise a
+        :class:`CoordinatorError` names them."""
+        deadline = time.monotonic() + wait_s
+        for client in self.clients.values():
+            if client.watch is not None:
+                client.watch.wait_up(max(0.0, deadline - time.monotonic()))
+        infos, down = {}, []
         for name, client in self.clients.items():
-            info = client.info()
+            if not client.up:
+                down.append(name)
+                continue
+            try:
+                info = client.info()
+            except SiteError as err:
+                if err.code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise CoordinatorError(f"site {name} ({client.address}) refused the coordinator's token: "
+                                           f"{err}; check token_file in the topology") from None
+                down.append(name)
+                continue
             if info.model_fingerprint != self.fingerprint:
                 raise CoordinatorError(
                     f"site {name} ({client.address}) serves model {info.model_fingerprint}, the coordinator runs "
@@ -90,6 +131,18 @@ class SplitRuntime:
                 raise CoordinatorError(f"site {name} ({client.address}) does not host experts the placement gives "
                                        f"it: {missing}; restart it with the same topology/placement")
             infos[name] = info
+        self.down_at_start = down
+        if down:
+            where = ", ".join(f"{n} ({self.clients[n].address})" for n in down)
+            orphans = [(layer, e) for (layer, e), sites in self.placement.assignment.items()
+                       if self.local_site not in sites and not any(s in infos for s in sites)]
+            if self.policy.fallback == "fail" and orphans:
+                raise CoordinatorError(f"site(s) {where} not reachable (no SERVING health within {wait_s:g} s) and "
+                                       f"{len(orphans)} expert(s) have no other replica, e.g. layer {orphans[0][0]} "
+                                       f"expert {orphans[0][1]}; start the worker(s) or set fallback: "
+                                       f"local|nearest|skip in the topology")
+            log.warning("site(s) %s not reachable yet: %d expert(s) without a reachable replica run under fallback "
+                        "%r until they report SERVING", where, len(orphans), self.policy.fallback)
         return infos
 
     @torch.no_grad()
@@ -106,7 +159,7 @@ class SplitRuntime:
         for name, c in self.clients.items():
             t = c.traffic
             out[name] = {"calls": t.calls, "failures": t.failures, "bytes_sent": t.bytes_sent,
-                         "bytes_received": t.bytes_received, "tokens": t.tokens}
+                         "bytes_received": t.bytes_received, "tokens": t.tokens, "up": c.up}
         return out
 
     def tokens_by_site(self) -> dict[str, int]:
@@ -116,7 +169,7 @@ class SplitRuntime:
         return dict(per_site)
 
     def close(self) -> None:
-        for c in self.clients.values():
+        for c in getattr(self, "clients", {}).values():
             c.close()
 
 

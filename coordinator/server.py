@@ -2,6 +2,10 @@
 
 Requests are decoded as they arrive, queued, and run in batches of up to ``max_batch`` (waiting at most
 ``max_wait_ms`` for a batch to fill) on one thread, since one forward uses every MoE layer's dispatcher.
+
+When the topology gives the coordinator site ``tls`` and/or ``token_file``, the server listens with mutual TLS
+only (clients need a certificate of the topology's CA) and/or requires ``authorization: Bearer <token>`` on
+every call but health checks, as the workers do.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import concurrent.futures
 import logging
 import signal
 import time
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -20,6 +25,8 @@ from coordinator.channels import channel_options
 from coordinator.runtime import SplitRuntime
 from coordinator.sites import SiteError
 from moevit.data import UnreadableImageError, load_image
+from moevit_rpc.messages import clip
+from moevit_rpc.security import TokenAuthInterceptor
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger("moe-coordinator")
@@ -40,6 +47,13 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._batcher())
 
+    def close(self) -> None:
+        """Stop batching and free the threads (after the server stopped taking calls)."""
+        if self._task is not None:
+            self._task.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
     async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
         t0 = time.perf_counter()
         if not request.image:
@@ -48,7 +62,7 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         try:
             x = await loop.run_in_executor(self.decode_pool, load_image, request.image, self.image_size)
         except UnreadableImageError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {request.name!r} is unreadable: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {clip(request.name)} is unreadable: {e}")
         fut = loop.create_future()
         await self.queue.put((x, fut))
         try:
@@ -92,15 +106,39 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
                     fut.set_result((probs[j], bool(res.degraded[j])))
 
 
-async def serve(runtime: SplitRuntime, address: str, *, image_size: int, max_batch: int = 8,
-                max_wait_ms: float = 2.0, grace: float = 5.0, ready=None) -> None:
-    """Serve Classify (and grpc.health.v1) on ``address`` until SIGTERM/SIGINT."""
-    server = grpc.aio.server(options=channel_options())
+@dataclass
+class ClassifyServer:
+    """A started Classify server: ``address`` is the bound ``host:port``; :meth:`stop` drains and frees it."""
+
+    server: grpc.aio.Server
+    servicer: ClassifyServicer
+    health: health.aio.HealthServicer
+    address: str
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        self.servicer.close()
+
+
+async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, max_batch: int = 8,
+                       max_wait_ms: float = 2.0, credentials: grpc.ServerCredentials | None = None,
+                       token: str | None = None) -> ClassifyServer:
+    """Bind ``address`` and serve Classify and grpc.health.v1 on it. ``credentials``
+    (:func:`moevit_rpc.security.server_credentials`): mutual TLS only; ``token``: required bearer token."""
+    interceptors = [TokenAuthInterceptor(token)] if token else []
+    server = grpc.aio.server(options=channel_options(), interceptors=interceptors)
     servicer = ClassifyServicer(runtime, image_size=image_size, max_batch=max_batch, max_wait_ms=max_wait_ms)
     expert_pb2_grpc.add_ClassifierServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    try:
+        # TLS configured -> only a TLS port, so plaintext clients cannot go around it
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+    except RuntimeError:  # grpc's message only points at an environment variable
+        port = 0
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
@@ -108,14 +146,24 @@ async def serve(runtime: SplitRuntime, address: str, *, image_size: int, max_bat
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     bound = f"{address.rsplit(':', 1)[0]}:{port}"
-    log.warning("serving Classify on %s (batches up to %d)", bound, max_batch)
+    log.warning("serving Classify on %s (batches up to %d) tls=%s token=%s", bound, max_batch,
+                "on" if credentials is not None else "off", "on" if token else "off")
+    if token and credentials is None:
+        log.warning("a bearer token without TLS travels in clear text: anyone on the link can read and reuse it")
+    return ClassifyServer(server, servicer, health_servicer, bound)
+
+
+async def serve(runtime: SplitRuntime, address: str, *, image_size: int, max_batch: int = 8,
+                max_wait_ms: float = 2.0, grace: float = 5.0, ready=None,
+                credentials: grpc.ServerCredentials | None = None, token: str | None = None) -> None:
+    """Serve Classify (and grpc.health.v1) on ``address`` until SIGTERM/SIGINT (see :func:`start_server`)."""
+    running = await start_server(runtime, address, image_size=image_size, max_batch=max_batch,
+                                 max_wait_ms=max_wait_ms, credentials=credentials, token=token)
     if ready is not None:
-        ready(bound)
+        ready(running.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace)
+    await running.stop(grace)

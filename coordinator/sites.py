@@ -1,4 +1,4 @@
-"""Clients of the expert workers: one channel per site, with traffic counters."""
+"""Clients of the expert workers: one channel per site, with a health watch and traffic counters."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.channels import DEFAULT_MAX_MESSAGE_MB, channel_options
+from coordinator.channels import DEFAULT_MAX_MESSAGE_MB, open_channel
+from coordinator.health import HealthWatch
+from moevit_rpc.security import token_metadata
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
+from partition.topology import TLSFiles
 
 
 class SiteError(RuntimeError):
@@ -46,34 +49,61 @@ class Traffic:
 
 
 class PendingCall:
-    """An RPC in flight; :meth:`result` decodes the outputs (float32 [n, C] each, request order)."""
+    """An RPC in flight. :attr:`future` completes with the response (or the RPC error); :meth:`result` decodes the
+    outputs (float32 [n, C] each, request order); :meth:`cancel` abandons it (and cancels the RPC itself when it
+    was started cancellable)."""
 
     def __init__(self, client: SiteClient, future: concurrent.futures.Future, sent: int, tokens: int,
-                 t0: float) -> None:
-        self.client, self.future, self.sent, self.tokens, self.t0 = client, future, sent, tokens, t0
+                 t0: float, rpc: grpc.Future | None = None) -> None:
+        self.client, self.future, self.sent, self.tokens, self.t0, self.rpc = client, future, sent, tokens, t0, rpc
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def cancel(self) -> None:
+        if self.rpc is not None:
+            self.rpc.cancel()
+        self.future.cancel()
 
     def result(self) -> list[torch.Tensor]:
         c = self.client
         try:
             resp = self.future.result()
         except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            details = e.details() if hasattr(e, "details") else str(e)
             with c.traffic.lock:
                 c.traffic.failures += 1
-            raise SiteError(c.name, f"{e.code().name}: {e.details()}", e.code()) from None
-        except concurrent.futures.CancelledError:  # close() before the call started
-            raise SiteError(c.name, "CANCELLED: the client was closed", grpc.StatusCode.CANCELLED) from None
+            raise SiteError(c.name, f"{code.name}: {details}", code) from None
+        except concurrent.futures.CancelledError:  # cancelled, or close() before the call started
+            raise SiteError(c.name, "CANCELLED: the call was cancelled", grpc.StatusCode.CANCELLED) from None
         c.traffic.add(self.sent, resp.ByteSize(), self.tokens, (time.perf_counter() - self.t0) * 1e3)
         return [proto_to_tensor(o.tokens) for o in resp.outputs]
 
 
+def _transfer(rpc: grpc.Future, fut: concurrent.futures.Future) -> None:
+    """Completion of a grpc future → a concurrent.futures one (so calls can be waited on together)."""
+    if rpc.cancelled():
+        fut.cancel()
+        return
+    err = rpc.exception()
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(rpc.result())
+
+
 class SiteClient:
-    """Expert and health stubs of one worker site."""
+    """Expert and health stubs of one worker site, over TLS when ``tls`` is given (the coordinator's own
+    certificate, key and the CA), presenting ``token`` (the site's bearer token) on every expert call."""
 
     def __init__(self, name: str, address: str, *, fingerprint: str, wire: str = "fp16",
-                 deadline_s: float = 10.0, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> None:
-        self.name, self.address, self.fingerprint, self.wire, self.deadline_s = name, address, fingerprint, wire, \
-            deadline_s
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+                 deadline_s: float = 10.0, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
+                 tls: TLSFiles | None = None, token: str | None = None, watch: bool = True) -> None:
+        self.name, self.address, self.fingerprint, self.wire = name, address, fingerprint, wire
+        self.deadline_s = deadline_s
+        self.channel = open_channel(address, tls=tls, max_message_mb=max_message_mb)
+        self.metadata = token_metadata(token) or None
         self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.traffic = Traffic()
@@ -83,7 +113,14 @@ class SiteClient:
         # the next one, so one MoE layer after another paid a thread start per site (measured: ~0.13 ms of the
         # coordinator's CPU per call, ~0.4 ms per layer over three sites). Idle threads are reused; more than
         # one lets concurrent forwards (several runtimes, threads) still overlap their calls to a site.
+        # Calls that may have to be cancelled (hedged) are grpc futures instead: a blocking call cannot be.
         self._calls = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"site-{name}")
+        self.watch = HealthWatch(name, self.channel) if watch else None
+
+    @property
+    def up(self) -> bool:
+        """Healthy as far as the health watch knows (always True without a watch)."""
+        return self.watch.up if self.watch is not None else True
 
     def health(self, timeout: float = 1.0) -> str:
         """``SERVING``, ``NOT_SERVING``, … or ``UNREACHABLE``."""
@@ -95,24 +132,35 @@ class SiteClient:
 
     def info(self, timeout: float = 5.0) -> expert_pb2.InfoResponse:
         try:
-            return self.stub.Info(expert_pb2.InfoRequest(), timeout=timeout)
+            return self.stub.Info(expert_pb2.InfoRequest(), timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise SiteError(self.name, f"Info failed at {self.address}: {e.code().name}: {e.details()}",
                             e.code()) from None
 
-    def start(self, layer: int, batches: list[tuple[int, torch.Tensor]]) -> PendingCall:
-        """Send the tokens of several experts of one layer in one RPC; returns at once."""
+    def start(self, layer: int, batches: list[tuple[int, torch.Tensor]], *, timeout: float | None = None,
+              cancellable: bool = False) -> PendingCall:
+        """Send the tokens of several experts of one layer in one RPC; returns at once. ``timeout`` defaults to
+        the client's deadline."""
         self._seq += 1
         req = expert_pb2.RunExpertsRequest(
             model_fingerprint=self.fingerprint, layer=layer, request_id=f"{self.name}-{self._seq}",
             batches=[expert_pb2.ExpertTokens(expert=e, tokens=tensor_to_proto(x, self.wire)) for e, x in batches])
+        timeout = self.deadline_s if timeout is None else max(timeout, 1e-3)
         t0 = time.perf_counter()
+        rpc = None
         try:
-            fut = self._calls.submit(self.stub.RunExperts, req, timeout=self.deadline_s)
-        except RuntimeError:  # submit after close()
-            raise SiteError(self.name, "the client is closed") from None
-        return PendingCall(self, fut, req.ByteSize(), sum(len(x) for _, x in batches), t0)
+            if cancellable:
+                rpc = self.stub.RunExperts.future(req, timeout=timeout, metadata=self.metadata)
+                fut: concurrent.futures.Future = concurrent.futures.Future()
+                rpc.add_done_callback(lambda r: _transfer(r, fut))
+            else:
+                fut = self._calls.submit(self.stub.RunExperts, req, timeout=timeout, metadata=self.metadata)
+        except (RuntimeError, ValueError):  # submit after close(), or the channel is closed
+            raise SiteError(self.name, "the client is closed", grpc.StatusCode.CANCELLED) from None
+        return PendingCall(self, fut, req.ByteSize(), sum(len(x) for _, x in batches), t0, rpc)
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         self._calls.shutdown(wait=False, cancel_futures=True)
         self.channel.close()  # cancels calls still in flight: their threads return at once

@@ -238,14 +238,25 @@ class UnreadableImageError(OSError):
     """An image file that PIL cannot decode (corrupt, truncated, missing, not an image)."""
 
 
+# Largest image decoded: 40 megapixels covers camera-trap sensors (12-24 MP) with room to spare. A file of a few
+# bytes can declare billions of pixels ("decompression bomb"); it is refused from its header, before decoding.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 def _read_image(path: Path, image_size: int) -> torch.Tensor:
     """Decode ``path`` to RGB, resize bilinearly to image_size², return float32 [3, S, S] in [0, 1]."""
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise UnreadableImageError(f"the image declares {w}x{h} pixels, more than the "
+                                           f"{MAX_IMAGE_PIXELS:,}-pixel limit")
             rgb = im.convert("RGB")  # convert() forces the full decode, so truncation surfaces here
         if rgb.size != (image_size, image_size):
             rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
         array = np.asarray(rgb, dtype=np.float32) / 255.0
+    except UnreadableImageError:
+        raise
     except Exception as err:  # any failure to decode an untrusted file makes it unusable, whatever PIL raised
         raise UnreadableImageError(f"{type(err).__name__}: {err}") from err
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -10,47 +10,23 @@ import time
 
 import pytest
 import torch
-import yaml
 
 import moevit
 from coordinator.runtime import CoordinatorError, SplitRuntime
 from coordinator.sites import SiteError
 from moevit.checkpoint import save_checkpoint
-from moevit.convert import capture_pre_mlp
 from partition.topology import load_topology
+from tests.deploy import small_moe_model, write_topology
 from tests.netutil import free_port, start_worker, stop
 
 LAYERS = (1, 5, 8)
 
 
 def _model():
-    torch.manual_seed(0)
-    m = moevit.create_model("mobilevitv2_050", num_classes=5, labels=list("abcde"),
-                            moe=moevit.MoEConfig(layers=LAYERS, num_experts=6, expert_hidden=16))
-    m.eval()
-    calib = torch.randn(8, 3, 128, 128, generator=torch.Generator().manual_seed(42))
-    with torch.no_grad():  # spread the routing over every expert: scaler and centroids from real patches
-        for i, layer in m.moe_layers().items():
-            zbar = capture_pre_mlp(m, i, calib).mean(dim=2).reshape(-1, layer.router.dim)
-            lo, hi = zbar.min(0).values, zbar.max(0).values
-            layer.router.scale_min.copy_(lo)
-            layer.router.scale_max.copy_(hi)
-            pick = torch.randperm(len(zbar), generator=torch.Generator().manual_seed(i))[: layer.num_experts]
-            layer.router.centroids.copy_((zbar[pick] - lo) / (hi - lo))
-            layer.experts.correction.normal_(0, 0.1)
-    return m
+    return small_moe_model(LAYERS)
 
 
-def _topology(tmp, model_path, ports, fallback="fail", name="sites.yaml"):
-    doc = {
-        "model": str(model_path), "coordinator": "cam", "fallback": fallback,
-        "sites": {n: {"address": f"127.0.0.1:{p}", "device": {"gflops": 5, "memory_mb": 256, "active_w": 3,
-                                                                 "idle_w": 1}} for n, p in ports.items()},
-        "links": [{"between": ["cam", n], "bandwidth_mbps": 20, "latency_ms": 4} for n in ports if n != "cam"],
-    }
-    path = tmp / name
-    path.write_text(yaml.safe_dump(doc))
-    return path
+_topology = write_topology
 
 
 @pytest.fixture(scope="module")

@@ -386,3 +386,17 @@ def test_make_loader_seeded() -> None:
     xb, yb = next(iter(make_loader(ds, batch_size=4, shuffle=False, seed=0)))
     assert xb.shape == (4, 3, S, S) and yb.dtype == torch.int64
     assert np.array_equal(yb.numpy(), np.array(ds.targets[:4]))
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    """69 bytes of PNG declaring 1 x 67,108,864 RGB pixels: refused before decoding (it would take ~2.4 GB)."""
+    import time
+
+    from moevit.data import UnreadableImageError, load_image
+
+    bomb = bytes.fromhex("89504e470d0a1a0a0000000d494844520000000104000000080200000006c7d1770000000c49444154789c6360a0"
+                         "3d00000064000186643c350000000049454e44ae426082")
+    t0 = time.monotonic()
+    with pytest.raises(UnreadableImageError, match="pixel limit"):
+        load_image(bomb, 64)
+    assert time.monotonic() - t0 < 1.0

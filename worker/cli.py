@@ -5,6 +5,11 @@ Two ways to say what to serve::
     moe-worker --topology sites.yaml --site pi-north [--listen 0.0.0.0:50051]
     moe-worker --listen 127.0.0.1:50051 --model moe.safetensors --experts 8:0-3,8:7,5:1   # or --experts all
 
+Security: with --topology the site's ``tls`` (mutual TLS) and ``token_file`` (bearer token) keys apply;
+``--tls-ca/--tls-cert/--tls-key`` (all three) and ``--token-file`` set them in --listen mode or override the site's.
+With TLS the worker listens with TLS only and requires a client certificate signed by the CA; with a token every
+call but health checks must carry it (docs/topology.md, "Security").
+
 Mistakes a user can fix (missing model file, bad ``--experts``, unknown site, an expert the model lacks) print one
 line on stderr and exit 2; an address that cannot be bound or an unwritable ONNX cache exits 1 (one line too).
 SIGTERM/SIGINT stop the worker gracefully and exit 0.
@@ -17,7 +22,12 @@ import logging
 import re
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from partition.topology import TLSFiles
 
 __all__ = ["CliError", "main", "parse_experts"]
 
@@ -79,16 +89,38 @@ def _parser() -> argparse.ArgumentParser:
                      help="largest gRPC message received or sent, MiB (default 64)")
     run.add_argument("--max-tokens", type=int, metavar="N", help="largest token count per request "
                      "(default 262144)")
+    run.add_argument("--max-queue", type=int, default=32, metavar="N",
+                     help="expert calls admitted at once (computing or queued); more get RESOURCE_EXHAUSTED at "
+                     "once so the coordinator tries another replica (default 32)")
     run.add_argument("--grace", type=float, default=5.0, metavar="S",
                      help="seconds calls in flight get to finish on SIGTERM/SIGINT (default 5)")
     run.add_argument("--metrics-port", metavar="[HOST:]PORT", help="serve Prometheus metrics at "
                      "http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    sec = p.add_argument_group("security (default with --topology: the site's tls and token_file)")
+    sec.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) that client certificates must be "
+                     "signed by; with --tls-cert and --tls-key: listen with mutual TLS only")
+    sec.add_argument("--tls-cert", metavar="FILE", help="this worker's certificate (PEM)")
+    sec.add_argument("--tls-key", metavar="FILE", help="this worker's private key (PEM, unencrypted)")
+    sec.add_argument("--token-file", metavar="FILE", help="file holding the bearer token every call but health "
+                     "checks must carry")
     return p
 
 
-def _resolve(args: argparse.Namespace) -> tuple[Path, dict[int, list[int]] | None, str, str, str | None]:
-    """(model path, hosted experts or None for all, listen address, site label, placement fingerprint)."""
+@dataclass(frozen=True)
+class _Plan:
+    """What to serve and how, resolved from the flags (and the topology)."""
+
+    model: Path
+    hosted: dict[int, list[int]] | None  # None: every expert of every MoE layer
+    address: str
+    site: str
+    placement_fingerprint: str | None = None
+    tls: TLSFiles | None = None  # the site's, before the --tls-* flags apply
+    token_file: Path | None = None
+
+
+def _resolve(args: argparse.Namespace) -> _Plan:
     if args.topology is not None:
         return _resolve_topology(args)
     missing = [flag for flag, value in (("--listen", args.listen), ("--model", args.model),
@@ -98,7 +130,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, dict[int, list[int]] | Non
                        "or --topology FILE --site NAME")
     hosted = parse_experts(args.experts)
     model = _existing_model(args.model)
-    return model, hosted, args.listen, args.site or socket.gethostname(), None
+    return _Plan(model, hosted, args.listen, args.site or socket.gethostname())
 
 
 def _existing_model(path: str | Path) -> Path:
@@ -108,7 +140,7 @@ def _existing_model(path: str | Path) -> Path:
     return model
 
 
-def _resolve_topology(args: argparse.Namespace) -> tuple[Path, dict[int, list[int]], str, str, str | None]:
+def _resolve_topology(args: argparse.Namespace) -> _Plan:
     from partition.topology import TopologyError, load_topology
 
     if args.site is None:
@@ -148,17 +180,63 @@ def _resolve_topology(args: argparse.Namespace) -> tuple[Path, dict[int, list[in
     if not hosted:
         raise CliError(f"{args.topology}: site {site.name!r} hosts no experts in the "
                        f"{'default ' if topology.placement is None else ''}placement; nothing to serve")
-    return model, hosted, args.listen or site.address, site.name, placement.fingerprint
+    return _Plan(model, hosted, args.listen or site.address, site.name, placement.fingerprint, site.tls,
+                 site.token_file)
+
+
+_TLS_FLAGS = (("--tls-ca", "tls_ca"), ("--tls-cert", "tls_cert"), ("--tls-key", "tls_key"))
+
+
+def _security(args: argparse.Namespace, plan: _Plan) -> tuple[TLSFiles | None, str | None]:
+    """The TLS files and the bearer token to serve with: the flags' when given, else the site's; all checked."""
+    from partition.topology import TLSFiles
+
+    given = [flag for flag, attr in _TLS_FLAGS if getattr(args, attr) is not None]
+    if given and len(given) < len(_TLS_FLAGS):
+        missing = [flag for flag, attr in _TLS_FLAGS if getattr(args, attr) is None]
+        raise CliError(f"{', '.join(given)} without {', '.join(missing)}: mutual TLS needs all three of "
+                       "--tls-ca, --tls-cert and --tls-key")
+    tls = TLSFiles(Path(args.tls_ca), Path(args.tls_cert), Path(args.tls_key)) if given else plan.tls
+    if tls is not None:
+        from coordinator.channels import check_tls_files
+
+        try:
+            check_tls_files(tls)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    token_file = Path(args.token_file) if args.token_file is not None else plan.token_file
+    return tls, None if token_file is None else _read_token(token_file)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such token file") from None
+    except OSError as e:
+        raise CliError(f"{path}: cannot read the token file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path}: the token file is not text") from None
+    if not token:
+        raise CliError(f"{path}: the token file is empty")
+    # gRPC metadata values are printable ASCII; one word keeps "Bearer <token>" unambiguous
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise CliError(f"{path}: the token must be one word of printable ASCII (moe-certs --tokens makes one)")
+    return token
 
 
 def _serve(args: argparse.Namespace) -> int:
-    model, hosted, address, site, placement_fingerprint = _resolve(args)
+    plan = _resolve(args)
+    model, hosted, address, site = plan.model, plan.hosted, plan.address, plan.site
+    tls, token = _security(args, plan)
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
     if not args.max_message_mb > 0:
         raise CliError(f"--max-message-mb must be positive, got {args.max_message_mb}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise CliError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_queue < 1:
+        raise CliError(f"--max-queue must be >= 1, got {args.max_queue}")
     if not args.grace >= 0:
         raise CliError(f"--grace must be >= 0 seconds, got {args.grace}")
     if args.metrics_port is not None:
@@ -185,8 +263,8 @@ def _serve(args: argparse.Namespace) -> int:
         banks, fingerprint, config = load_hosted(model, hosted)
     except (CheckpointError, WorkerConfigError) as e:
         raise CliError(str(e)) from None
-    if placement_fingerprint is not None and placement_fingerprint != fingerprint:
-        log.warning("the placement was made for model %s but %s is model %s", placement_fingerprint, model,
+    if plan.placement_fingerprint is not None and plan.placement_fingerprint != fingerprint:
+        log.warning("the placement was made for model %s but %s is model %s", plan.placement_fingerprint, model,
                     fingerprint)
     backend: ExpertBackend
     if args.backend == "onnx":
@@ -196,10 +274,15 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         backend = TorchBackend(banks)
     arch = f"{config.arch}_moe" if config.moe is not None else config.arch
+    credentials = None
+    if tls is not None:
+        from moevit_rpc.security import server_credentials
+
+        credentials = server_credentials(tls.ca, tls.cert, tls.key)
     asyncio.run(serve(backend, fingerprint, arch=arch, address=address, site=site,
                       max_message_bytes=int(args.max_message_mb * (1 << 20)),
                       max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, grace=args.grace,
-                      metrics=args.metrics_port))
+                      metrics=args.metrics_port, credentials=credentials, token=token, max_queue=args.max_queue))
     return 0
 
 

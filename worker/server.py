@@ -1,5 +1,9 @@
 """The worker's gRPC server: loads the hosted experts, serves ExpertService and the standard health service,
 and shuts down gracefully on SIGTERM/SIGINT (health NOT_SERVING, calls in flight finish within the grace period).
+
+With ``credentials`` (see :func:`moevit_rpc.security.server_credentials`) it listens with mutual TLS only: a
+plaintext client, or one without a certificate of the topology's CA, fails the handshake. With ``token`` every
+call but health checks must carry ``authorization: Bearer <token>`` (UNAUTHENTICATED otherwise).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.config import ModelConfig
 from moevit.moe.experts import ExpertBank
+from moevit_rpc.security import TokenAuthInterceptor
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from worker.backends import ExpertBackend
-from worker.service import DEFAULT_MAX_TOKENS, ExpertServicer
+from worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertServicer
 
 __all__ = ["DEFAULT_GRACE_S", "DEFAULT_MAX_MESSAGE_BYTES", "SERVICE_NAME", "WorkerConfigError", "WorkerServer",
            "format_experts", "load_hosted", "serve"]
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_GRACE_S = 5.0
+DEFAULT_MAX_CONCURRENT_RPCS = 256
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 
 
@@ -104,12 +110,15 @@ def _bound_address(address: str, port: int) -> str:
 class WorkerServer:
     """ExpertService + health on one address. ``await start()`` binds and returns the port (0 picks a free one);
     ``await stop()`` drains; ``await run_until_signal()`` serves until SIGTERM/SIGINT and then stops.
+    ``credentials``: listen with (mutual) TLS only; ``token``: require this bearer token on every call but health.
     """
 
     def __init__(self, backend: ExpertBackend, fingerprint: str, *, arch: str, address: str = "127.0.0.1:0",
                  site: str = "", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  max_tokens: int = DEFAULT_MAX_TOKENS, grace: float = DEFAULT_GRACE_S,
-                 check_finite: bool = True) -> None:
+                 check_finite: bool = True, credentials: grpc.ServerCredentials | None = None,
+                 token: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                 max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS) -> None:
         if max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
         if grace < 0:
@@ -117,12 +126,14 @@ class WorkerServer:
         self.backend, self.fingerprint, self.arch = backend, fingerprint, arch
         self.address, self.site, self.grace = address, site, grace
         self.max_message_bytes = max_message_bytes
+        self.credentials, self.token = credentials, token
+        self.max_concurrent_rpcs = max_concurrent_rpcs
         self.port: int | None = None
         # One compute thread: torch/onnxruntime already use the cores inside an op, and queued requests then run
         # one after another instead of fighting over the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
         self._servicer = ExpertServicer(backend, fingerprint, arch=arch, site=site, max_tokens=max_tokens,
-                                        check_finite=check_finite, executor=self._executor)
+                                        check_finite=check_finite, executor=self._executor, max_queue=max_queue)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._stopping = False
@@ -135,12 +146,23 @@ class WorkerServer:
             # gRPC sets SO_REUSEPORT by default on Linux: a second worker on the same port would bind too and
             # silently take half the connections. Refuse instead.
             ("grpc.so_reuseport", 0),
+            # Coordinators send keepalive pings every couple of seconds to notice a link that silently stopped
+            # forwarding; accept them (gRPC's default would answer frequent pings with GOAWAY "too_many_pings").
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+            ("grpc.http2.max_ping_strikes", 0),
         ]
-        server = grpc.aio.server(options=options)
+        interceptors = [TokenAuthInterceptor(self.token)] if self.token else []
+        # Every RPC beyond the cap (health watches and Info included) gets RESOURCE_EXHAUSTED from gRPC itself:
+        # a hard bound on the worker's memory above the per-call queue cap of the servicer.
+        server = grpc.aio.server(options=options, interceptors=interceptors,
+                                 maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         expert_pb2_grpc.add_ExpertServiceServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
-            port = server.add_insecure_port(self.address)
+            # TLS configured -> only a TLS port: a plaintext port beside it would let a client skip the check
+            port = (server.add_secure_port(self.address, self.credentials) if self.credentials is not None
+                    else server.add_insecure_port(self.address))
         except RuntimeError:  # grpc's message only points at an environment variable; say what is likely wrong
             port = 0
         if port == 0:
@@ -150,8 +172,12 @@ class WorkerServer:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         hosted = " ".join(f"{layer}:{list(experts)}" for layer, experts in sorted(self.backend.hosted.items()))
-        log.info("serving site=%s address=%s backend=%s experts=%s fingerprint=%s", self.site or "-",
-                 _bound_address(self.address, port), self.backend.name, hosted, self.fingerprint)
+        tls, token = ("on" if self.credentials is not None else "off"), ("on" if self.token else "off")
+        log.info("serving site=%s address=%s backend=%s experts=%s fingerprint=%s tls=%s token=%s",
+                 self.site or "-", _bound_address(self.address, port), self.backend.name, hosted, self.fingerprint,
+                 tls, token)
+        if self.token and self.credentials is None:
+            log.warning("a bearer token without TLS travels in clear text: anyone on the link can read and reuse it")
         return port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -200,12 +226,15 @@ class WorkerServer:
 
 async def serve(backend: ExpertBackend, fingerprint: str, *, arch: str, address: str, site: str = "",
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_tokens: int = DEFAULT_MAX_TOKENS,
-                grace: float = DEFAULT_GRACE_S, check_finite: bool = True, metrics: str | None = None) -> None:
+                grace: float = DEFAULT_GRACE_S, check_finite: bool = True, metrics: str | None = None,
+                credentials: grpc.ServerCredentials | None = None, token: str | None = None,
+                max_queue: int = DEFAULT_MAX_QUEUE) -> None:
     """Serve ``backend`` on ``address`` until SIGTERM/SIGINT, then shut down gracefully. ``metrics``
-    (``PORT`` or ``HOST:PORT``) also serves Prometheus metrics there (see worker/metrics.py)."""
+    (``PORT`` or ``HOST:PORT``) also serves Prometheus metrics there (see worker/metrics.py); ``credentials``
+    and ``token`` as for :class:`WorkerServer`."""
     server = WorkerServer(backend, fingerprint, arch=arch, address=address, site=site,
                           max_message_bytes=max_message_bytes, max_tokens=max_tokens, grace=grace,
-                          check_finite=check_finite)
+                          check_finite=check_finite, credentials=credentials, token=token, max_queue=max_queue)
     if metrics is not None:
         from worker.metrics import serve_worker_metrics
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import Collection, Mapping
 from concurrent.futures import Executor
@@ -18,6 +19,7 @@ from typing import Any
 import grpc
 import torch
 
+from moevit_rpc.messages import clip
 from moevit_rpc.tensors import DTYPES, proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from worker.backends import ExpertBackend
@@ -35,6 +37,11 @@ DEFAULT_MAX_TOKENS = 1 << 18
 # Token elements (tokens x dim) up to which a request runs on the event loop rather than the executor:
 # 2^18 elements is e.g. 2048 tokens of dim 128, about a millisecond of expert compute on one core.
 DEFAULT_INLINE_ELEMENTS = 1 << 18
+
+# RunExperts calls a worker admits at once (computing or waiting for the compute thread); more get
+# RESOURCE_EXHAUSTED at once, so the caller tries another replica instead of queueing behind them. Bounds the
+# worker's memory to about this many requests of at most the message-size cap.
+DEFAULT_MAX_QUEUE = 32
 
 _WIRE_NAME = {enum: name for name, (enum, _) in DTYPES.items()}
 _DTYPE_NAMES = ", ".join(expert_pb2.DType.Name(enum) for enum in _WIRE_NAME)
@@ -58,13 +65,14 @@ def _dtype_name(value: int) -> str:
 
 
 def _elements(request: expert_pb2.RunExpertsRequest) -> int:
-    """Token elements the request says it carries (from the shapes alone; validation comes later)."""
+    """Token elements the request says it carries (from the shapes alone; validation comes later). A shape that
+    is not 2-d counts as nothing: validation refuses it at once, so it may run inline. (Multiplying out a hostile
+    shape of thousands of entries would itself stall the event loop.)"""
     total = 0
     for batch in request.batches:
-        n = 1
-        for d in batch.tokens.shape:
-            n *= d
-        total += n
+        shape = batch.tokens.shape
+        if len(shape) == 2:
+            total += shape[0] * shape[1]
     return total
 
 
@@ -78,7 +86,7 @@ def validate_and_run(backend: ExpertBackend, hosted: Mapping[int, Collection[int
     """
     if request.model_fingerprint != fingerprint:
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"model fingerprint mismatch: the request is for model {request.model_fingerprint!r} "
+                           f"model fingerprint mismatch: the request is for model {clip(request.model_fingerprint)} "
                            f"but this worker serves model {fingerprint!r}; load the same checkpoint on both ends")
     layer = request.layer
     if layer not in hosted:
@@ -106,7 +114,8 @@ def validate_and_run(backend: ExpertBackend, hosted: Mapping[int, Collection[int
                            f"expected one of {_DTYPE_NAMES}")
         shape = list(tokens.shape)
         if len(shape) != 2 or shape[0] < 0 or shape[1] != dim:
-            raise _invalid(f"{where}: tokens have shape {shape}, expected [n, {dim}] (layer {layer} has dim {dim})")
+            shown = clip(str(shape)).strip("'")
+            raise _invalid(f"{where}: tokens have shape {shown}, expected [n, {dim}] (layer {layer} has dim {dim})")
         total += shape[0]
     if total > max_tokens:
         raise _invalid(f"layer {layer}: the request carries {total} tokens, over this worker's cap of "
@@ -156,7 +165,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     def __init__(self, backend: ExpertBackend, fingerprint: str, *, arch: str, site: str = "",
                  max_tokens: int = DEFAULT_MAX_TOKENS, check_finite: bool = True,
-                 executor: Executor | None = None, inline_elements: int = DEFAULT_INLINE_ELEMENTS) -> None:
+                 executor: Executor | None = None, inline_elements: int = DEFAULT_INLINE_ELEMENTS,
+                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.backend = backend
         self.fingerprint = fingerprint
         self.hosted = {layer: frozenset(experts) for layer, experts in backend.hosted.items()}
@@ -164,6 +176,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.check_finite = check_finite
         self.executor = executor
         self.inline_elements = inline_elements
+        self.max_queue = max_queue
+        self.active = 0  # RunExperts calls admitted and not finished
+        self.refused_busy = 0  # calls refused with RESOURCE_EXHAUSTED
+        self.cancelled = 0  # calls whose caller gave up (deadline, cancel) before the answer
         self._info = info_response(backend, fingerprint, arch=arch, site=site)
 
     async def RunExperts(self, request: expert_pb2.RunExpertsRequest,
@@ -171,21 +187,40 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("RunExperts start request_id=%s layer=%d experts=%s", request.request_id, request.layer,
                       [b.expert for b in request.batches])
+        if self.active >= self.max_queue:
+            self.refused_busy += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"worker busy: {self.active} calls already admitted (cap {self.max_queue}); "
+                                "try another replica")
         run = functools.partial(validate_and_run, self.backend, self.hosted, self.fingerprint, request,
                                 max_tokens=self.max_tokens, check_finite=self.check_finite)
+        gave_up = threading.Event()
+
+        def run_unless_abandoned() -> expert_pb2.RunExpertsResponse | None:
+            # a call whose caller gave up while it waited for the compute thread is not computed at all
+            return None if gave_up.is_set() else run()
+
+        self.active += 1
         try:
             if self.executor is None or _elements(request) <= self.inline_elements:
                 response = run()
             else:
-                response = await asyncio.get_running_loop().run_in_executor(self.executor, run)
+                response = await asyncio.get_running_loop().run_in_executor(self.executor, run_unless_abandoned)
             log.debug("RunExperts done request_id=%s compute_ms=%.3f", request.request_id, response.compute_ms)
             return response
+        except asyncio.CancelledError:  # the caller's deadline passed or it cancelled (e.g. a hedge it lost)
+            gave_up.set()
+            self.cancelled += 1
+            log.info("RunExperts request_id=%s cancelled by the caller (deadline or cancel)", request.request_id)
+            raise
         except RequestError as e:
             log.info("RunExperts request_id=%s refused (%s): %s", request.request_id, e.code.name, e.message)
             code, message = e.code, e.message
         except Exception as e:  # the worker keeps serving whatever one request does
             log.exception("RunExperts request_id=%s failed", request.request_id)
             code, message = grpc.StatusCode.INTERNAL, f"worker error: {type(e).__name__}: {e}"
+        finally:
+            self.active -= 1
         # Outside the try: abort raises to end the call, and that must not be caught above.
         await context.abort(code, message)
 

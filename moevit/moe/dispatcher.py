@@ -22,6 +22,8 @@ class DispatchPlan:
     order_S: index into the flattened [T*k] assignments, sorted by expert.
     experts: the experts that got at least one patch, ascending; counts: patches for each of them.
     x_SPC: the patch tokens in that order (each patch's P pixels stay together).
+    scores_SE: the router's probabilities of each of those patches over all experts, when the layer passed them
+    (a remote dispatcher uses them to pick a substitute for an expert it cannot reach).
     """
 
     order_S: torch.Tensor
@@ -29,6 +31,15 @@ class DispatchPlan:
     counts: list[int]
     x_SPC: torch.Tensor
     top_k: int
+    scores_SE: torch.Tensor | None = None
+
+    def slices(self) -> list[slice]:
+        """Per expert in ``experts``: its rows of ``order_S`` / ``x_SPC``."""
+        out, start = [], 0
+        for c in self.counts:
+            out.append(slice(start, start + c))
+            start += c
+        return out
 
     def chunks(self) -> list[torch.Tensor]:
         """Per expert in ``experts``: its pixel tokens [n_e * P, C]."""
@@ -39,13 +50,20 @@ class DispatchPlan:
 class Dispatcher(ABC):
     """Moves tokens to experts and back. Subclasses say where ``compute`` runs."""
 
-    def dispatch(self, x_TPC: torch.Tensor, expert_idx_TK: torch.Tensor) -> DispatchPlan:
+    #: whether :meth:`dispatch` should be given the router's scores (only a dispatcher that uses them pays for
+    #: reordering them)
+    wants_scores: bool = False
+
+    def dispatch(self, x_TPC: torch.Tensor, expert_idx_TK: torch.Tensor,
+                 scores_TE: torch.Tensor | None = None) -> DispatchPlan:
         k = expert_idx_TK.shape[1]
         flat_S = expert_idx_TK.reshape(-1)
         order_S = torch.argsort(flat_S, stable=True)
         experts, counts = torch.unique_consecutive(flat_S[order_S], return_counts=True)
-        x_SPC = x_TPC.index_select(0, order_S // k) if k > 1 else x_TPC.index_select(0, order_S)
-        return DispatchPlan(order_S, experts.tolist(), counts.tolist(), x_SPC, k)
+        token_S = order_S // k if k > 1 else order_S
+        x_SPC = x_TPC.index_select(0, token_S)
+        scores_SE = scores_TE.index_select(0, token_S) if scores_TE is not None else None
+        return DispatchPlan(order_S, experts.tolist(), counts.tolist(), x_SPC, k, scores_SE)
 
     @abstractmethod
     def compute(self, layer_id: int, plan: DispatchPlan) -> list[torch.Tensor]:

@@ -67,7 +67,8 @@ class MoELayer(nn.Module):
             self.last_routing = Routing(expert_idx_TK.detach().reshape(B, N, k), gates_TK.detach().reshape(B, N, k),
                                         probs_TE.detach().reshape(B, N, -1))
         x_TPC = z_hat_BCPN.permute(0, 3, 2, 1).reshape(B * N, P, C)  # [B, C, P, N] -> [B*N, P, C]
-        plan = self.dispatcher.dispatch(x_TPC, expert_idx_TK)
+        plan = self.dispatcher.dispatch(x_TPC, expert_idx_TK,
+                                        probs_TE.detach() if self.dispatcher.wants_scores else None)
         outputs = self.dispatcher.compute(self.layer_id, plan)
         y_TPC = self.dispatcher.combine(plan, outputs, gates_TK, B * N)
         return y_TPC.reshape(B, N, P, C).permute(0, 3, 2, 1)  # [B*N, P, C] -> [B, C, P, N]

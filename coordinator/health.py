@@ -1,0 +1,101 @@
+"""Whether a worker site is up, as the coordinator sees it: a background watch of the site's standard gRPC health
+service, plus a short penalty after a call to it fails.
+
+A site is *up* when its health stream last said SERVING and no call failed in the last ``penalty_s`` seconds.
+The watch reconnects every ``retry_s`` while the site is unreachable (the channel's own reconnect backoff is
+capped at 1 s, see :mod:`coordinator.channels`), so a worker that comes back is used again within about a second
+of reporting SERVING. A failed call only penalises the site for a moment: the watch stream may still be open
+(a worker that is alive but overloaded, a link that stopped forwarding before keepalive notices), so the site is
+tried again after the penalty rather than waiting for a status change that may never come.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger("moevit.coordinator")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class HealthWatch:
+    """Tracks one site's health on a daemon thread; :attr:`up` is cheap to read from any thread."""
+
+    def __init__(self, name: str, channel: grpc.Channel, *, retry_s: float = 0.2, penalty_s: float = 0.5,
+                 on_change: Callable[[str, bool], None] | None = None) -> None:
+        self.name, self.retry_s, self.penalty_s, self.on_change = name, retry_s, penalty_s, on_change
+        self._stub = health_pb2_grpc.HealthStub(channel)
+        self._serving = False
+        self._penalty_until = 0.0
+        self._call: grpc.Call | None = None
+        self._closed = threading.Event()
+        self._seen = threading.Event()  # set once the first status (or failure) is known
+        self.serving_since: float | None = None
+        self.transitions = 0
+        self._thread = threading.Thread(target=self._run, name=f"health-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def up(self) -> bool:
+        return self._serving and time.monotonic() >= self._penalty_until
+
+    @property
+    def serving(self) -> bool:
+        """What the health stream last said, ignoring call penalties."""
+        return self._serving
+
+    def wait_known(self, timeout: float) -> bool:
+        """Block until the first status is known (or ``timeout``); returns :attr:`up`."""
+        self._seen.wait(timeout)
+        return self.up
+
+    def wait_up(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.up and time.monotonic() < deadline and not self._closed.is_set():
+            time.sleep(0.02)
+        return self.up
+
+    def penalize(self) -> None:
+        """A call to the site failed: route around it for ``penalty_s`` seconds."""
+        self._penalty_until = time.monotonic() + self.penalty_s
+
+    def _set(self, serving: bool) -> None:
+        if serving != self._serving:
+            self._serving = serving
+            self.transitions += 1
+            if serving:
+                self.serving_since = time.monotonic()
+                self._penalty_until = 0.0  # a fresh SERVING clears what earlier failures said
+            log.log(logging.INFO if self.transitions > 1 or not serving else logging.DEBUG,
+                    "site %s is %s", self.name, "up (SERVING)" if serving else "down")
+            if self.on_change is not None:
+                self.on_change(self.name, serving)
+        self._seen.set()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._call = self._stub.Watch(health_pb2.HealthCheckRequest(service=""))
+                for resp in self._call:
+                    self._set(resp.status == SERVING)
+            except grpc.RpcError:
+                pass
+            except ValueError:  # the channel was closed under us
+                break
+            self._set(False)
+            self._closed.wait(self.retry_s)
+
+    def close(self) -> None:
+        self._closed.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+
+__all__ = ["HealthWatch"]
