@@ -162,6 +162,28 @@ def test_coordinator_channel_with_its_own_certificate_and_the_sites_token(worker
         assert "tls=on token=on" in w.log()
 
 
+def test_split_inference_over_mutual_tls_with_tokens(workers, topology_file):
+    """The coordinator's runtime, configured only by sites.yaml (its own certificate, each site's token), checks
+    the TLS workers and classifies exactly as the in-process model does."""
+    from coordinator.runtime import SplitRuntime
+    from moevit.checkpoint import load_checkpoint
+
+    topo = load_topology(topology_file)
+    rt = SplitRuntime.from_topology(topo, wire="fp32")
+    try:
+        assert set(rt.check_workers()) == {"north"}
+        size = rt.model.config.image_size
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        res = rt.classify(x)
+        ref = load_checkpoint(topo.model).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(res.logits, ref(x), atol=1e-5, rtol=1e-5)
+        assert not res.degraded.any()
+        assert all(t["calls"] > 0 for t in rt.traffic().values())
+    finally:
+        rt.close()
+
+
 def _expired(pki: Path, out: Path) -> grpc.ChannelCredentials:
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
     cert, key = make_site_cert((pki / "ca.pem").read_bytes(), (pki / "ca.key").read_bytes(), "cam", ["127.0.0.1"],
