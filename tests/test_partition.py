@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +274,7 @@ def one_line_error(rc: int, err: str, *needles: str) -> None:
 def write_topology(tmp_path: Path, *, model: str | None = None, drop_link: bool = False,
                    memory_mb: float = 512) -> Path:
     text = (ROOT / "examples" / "sites.yaml").read_text()
-    text = text.replace("model: ../runs/demo/moe.safetensors", f"model: {model}" if model else "")
+    text = re.sub(r"(?m)^model:.*$", f"model: {model}" if model else "", text)
     text = text.replace("memory_mb: 512", f"memory_mb: {memory_mb}")
     if drop_link:
         text = text.replace("  - {between: [camera-01, pi-south]", "  # ")

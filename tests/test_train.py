@@ -61,7 +61,9 @@ def test_short_training_learns_and_beats_chance(tmp_path):
     cfg = TrainConfig(epochs=6, batch_size=12, lr_rest=3e-3, lr_head=5e-3, warmup_epochs=0.5, mixup=0.2, seed=0)
     Trainer(model, train, held_out, cfg, tmp_path, progress=False).fit()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and rows[-1]["loss"] < before["loss"]
+    # top-1, not the loss: on a handful of held-out images an over-confident mistake can outweigh the loss of
+    # several right answers, so the loss of a model that learned can still sit above the untrained one's
+    assert len(rows) == 6 and rows[-1]["top1"] > before["top1"]
     assert rows[-1]["top1"] > 0.6  # chance is 1/3
     best = load_checkpoint(tmp_path / "best.safetensors")
     assert evaluate(best, held_out)["top1"] == pytest.approx(max(r["top1"] for r in rows))
