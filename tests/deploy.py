@@ -15,14 +15,16 @@ DEVICE = {"gflops": 5, "memory_mb": 256, "active_w": 3, "idle_w": 1}
 
 
 def small_moe_model(layers: tuple[int, ...] = (1, 5, 8), *, num_experts: int = 6, expert_hidden: int = 16,
-                    num_classes: int = 5, calib_size: int = 128, seed: int = 0) -> moevit.MobileViTV2:
+                    num_classes: int = 5, labels: tuple[str, ...] | None = None, image_size: int | None = None,
+                    calib_size: int = 128, correction: bool = True, seed: int = 0) -> moevit.MobileViTV2:
     """A random ``mobilevitv2_050`` with MoE layers whose routers spread patches over every expert (scalers and
-    centroids from real patches of random images) and non-zero correction terms."""
+    centroids from real patches of random images) and, with ``correction``, non-zero correction terms."""
     torch.manual_seed(seed)
-    labels = [chr(97 + i) for i in range(num_classes)]
-    m = moevit.create_model("mobilevitv2_050", num_classes=num_classes, labels=labels,
-                            moe=moevit.MoEConfig(layers=layers, num_experts=num_experts, expert_hidden=expert_hidden))
-    m.eval()
+    labels = tuple(labels) if labels is not None else tuple(chr(97 + i) for i in range(num_classes))
+    moe = moevit.MoEConfig(layers=layers, num_experts=num_experts, expert_hidden=expert_hidden)
+    extra = {} if image_size is None else {"image_size": image_size}
+    m = moevit.build_model(moevit.ModelConfig(arch="mobilevitv2_050", num_classes=num_classes, labels=labels,
+                                              moe=moe, **extra)).eval()
     calib = torch.randn(8, 3, calib_size, calib_size, generator=torch.Generator().manual_seed(42))
     with torch.no_grad():
         for i, layer in m.moe_layers().items():
@@ -32,7 +34,8 @@ def small_moe_model(layers: tuple[int, ...] = (1, 5, 8), *, num_experts: int = 6
             layer.router.scale_max.copy_(hi)
             pick = torch.randperm(len(zbar), generator=torch.Generator().manual_seed(i))[: layer.num_experts]
             layer.router.centroids.copy_((zbar[pick] - lo) / (hi - lo))
-            layer.experts.correction.normal_(0, 0.1)
+            if correction:
+                layer.experts.correction.normal_(0, 0.1)
     return m
 
 

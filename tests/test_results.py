@@ -26,12 +26,11 @@ import torch
 import yaml
 from PIL import Image
 
-import moevit
 from coordinator import fieldmeta
 from coordinator import results as res
 from moevit.checkpoint import save_checkpoint
-from moevit.convert import capture_pre_mlp
 from moevit.data import Taxon, load_image
+from tests.deploy import small_moe_model
 from tests.netutil import free_port, stop, wait_serving
 
 LABELS = ("Northern Cardinal", "Blue Jay", "American Robin")
@@ -302,21 +301,7 @@ def test_taxa_csv_gives_scientific_names(tmp_path):
 
 
 def _model():
-    torch.manual_seed(0)
-    cfg = moevit.ModelConfig(arch="mobilevitv2_050", num_classes=3, labels=LABELS, image_size=SIZE,
-                             moe=moevit.MoEConfig(layers=(1, 5, 8), num_experts=6, expert_hidden=16))
-    m = moevit.build_model(cfg).eval()
-    calib = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(42))
-    with torch.no_grad():  # spread the routing over the experts (as tests/test_coordinator.py does)
-        for i, layer in m.moe_layers().items():
-            zbar = capture_pre_mlp(m, i, calib).mean(dim=2).reshape(-1, layer.router.dim)
-            lo, hi = zbar.min(0).values, zbar.max(0).values
-            layer.router.scale_min.copy_(lo)
-            layer.router.scale_max.copy_(hi)
-            pick = torch.randperm(len(zbar), generator=torch.Generator().manual_seed(i))[: layer.num_experts]
-            layer.router.centroids.copy_((zbar[pick] - lo) / (hi - lo))
-            layer.experts.correction.normal_(0, 0.1)
-    return m
+    return small_moe_model(num_classes=3, labels=LABELS, image_size=SIZE, calib_size=SIZE)
 
 
 PALETTE = [(200, 30, 30), (30, 60, 220), (40, 170, 60), (230, 210, 40), (120, 40, 160), (20, 20, 20),

@@ -6,33 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
-import moevit
 from moevit.checkpoint import save_checkpoint
-from moevit.convert import capture_pre_mlp
 from sim.cli import main
+from tests.deploy import small_moe_model
 
 SYNTH = "synthetic:classes=3,per_class=20,size=64"
 
 
 def _model():
     """A small MoE model (layers 1, 5, 8; 4 experts) whose routers spread real patches over every expert."""
-    torch.manual_seed(0)
-    cfg = moevit.ModelConfig(arch="mobilevitv2_050", num_classes=3, image_size=64, labels=("a", "b", "c"),
-                             moe=moevit.MoEConfig(layers=(1, 5, 8), num_experts=4, expert_hidden=16))
-    m = moevit.build_model(cfg).eval()
-    calib = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        for i, layer in m.moe_layers().items():
-            zbar = capture_pre_mlp(m, i, calib).mean(dim=2).reshape(-1, layer.router.dim)
-            lo, hi = zbar.min(0).values, zbar.max(0).values
-            layer.router.scale_min.copy_(lo)
-            layer.router.scale_max.copy_(hi)
-            pick = torch.randperm(len(zbar), generator=torch.Generator().manual_seed(i))[: layer.num_experts]
-            layer.router.centroids.copy_((zbar[pick] - lo) / (hi - lo))
-    return m
+    return small_moe_model(num_experts=4, num_classes=3, image_size=64, calib_size=64, correction=False)
 
 
 @pytest.mark.slow
