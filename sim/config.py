@@ -172,7 +172,8 @@ class Settings:
     framing) on top of the payload; rpc_overhead_s: fixed time per RPC at the
     worker (decode, dispatch, encode); packet_bytes: link-layer packet size (loss and duty cycle act per packet);
     concurrency: images the coordinator works on at once (1: the real coordinator, one image at a time);
-    reconnect_s: after a site rejoins, how long until the coordinator's channel is back; confidence_threshold: a
+    reconnect_s: after a site rejoins, how long until the coordinator's channel is back; detect_s: after a site goes
+    down, how long until the coordinator's health watch sees it down (and routes around it); confidence_threshold: a
     patch whose top-1 router probability is below it is "low confidence"; low_confidence_share: the share of a
     background expert's patches taken as low confidence when no trace gives the real count; battery_soc: state of
     charge at the start (fraction of battery_wh).
@@ -187,6 +188,7 @@ class Settings:
     packet_bytes: int = 1500
     concurrency: int = 1
     reconnect_s: float = 1.0
+    detect_s: float = 0.2
     confidence_threshold: float = 0.5
     low_confidence_share: float = 0.5
     battery_soc: float = 1.0

@@ -15,9 +15,16 @@ What one image does (docs/sim.md has the formulas):
   its link, all at once, and computes its own experts meanwhile; each link direction is a FIFO radio with
   bandwidth, one-way latency, per-packet loss with retransmission rounds, a duty-cycle off-time after every packet
   and outage windows; the worker's CPU is a FIFO server; the reply comes back the same way;
-* a reply missing at the RPC deadline (site down, link out) applies the topology's ``fallback``: ``fail`` ends the
-  image, ``local`` computes those patches on the coordinator, ``skip`` goes on without them, ``nearest`` sends them
-  once more to the nearest other site holding those experts (each of the last three marks the image degraded).
+* replica failover, as the coordinator's health-aware dispatcher does it: a site is seen down ``detect_s`` after it
+  dies until ``reconnect_s`` after it rejoins; while it is, the experts it would serve go to their next replica
+  that is up (same result, not degraded), and those with none go straight to the fallback, without waiting for a
+  deadline;
+* a reply missing at the layer's deadline (a site that died with the work in flight, a link that is out) leaves no
+  time for another replica: the fallback applies;
+* the topology's ``fallback``, applied once the layer's other calls are back (as the coordinator does): ``fail`` ends
+  the image, ``local`` computes those patches on the coordinator, ``skip`` goes on without them, ``nearest`` gives
+  them to a substitute expert of the layer: on the coordinator when it holds any, else on the lowest-latency site
+  that is up and holds any, else skipped (each of the last three marks the image degraded).
 
 Per-patch compute times, bytes and the trunk time come from the one cost model (:func:`partition.costmodel.
 coefficients`); the simulator adds what an expectation cannot show: queueing, bursts, loss as it happens,
@@ -458,7 +465,7 @@ class ScenarioResult:
 
 
 class _Image:
-    __slots__ = ("i", "arrival", "start", "finish", "pending", "degraded", "failed", "reason")
+    __slots__ = ("i", "arrival", "start", "finish", "pending", "degraded", "failed", "reason", "deadline", "deferred")
 
     def __init__(self, i: int, arrival: float) -> None:
         self.i, self.arrival = i, arrival
@@ -466,6 +473,10 @@ class _Image:
         self.pending = 0
         self.degraded = self.failed = False
         self.reason = ""
+        self.deadline = math.inf  # the current MoE layer's deadline
+        # the current layer's patches no replica served: (site, patches, why), given to the fallback once the
+        # layer's other parts are done
+        self.deferred: list[tuple[int, float, str]] = []
 
 
 class _Rpc:
@@ -475,8 +486,8 @@ class _Rpc:
                  nbytes: int, patches: float, retry: bool) -> None:
         self.img, self.li, self.site, self.compute_s, self.bytes_back = img, li, site, compute_s, bytes_back
         self.local_s = local_s  # what the coordinator would spend computing the same patches (fallback local)
-        self.nbytes, self.patches = nbytes, patches  # request payload, patches (for a retry elsewhere)
-        self.retry = retry  # already a retry (fallback nearest): a second miss fails
+        self.nbytes, self.patches = nbytes, patches  # request payload, patches (for a fallback)
+        self.retry = retry  # already a fallback's call (nearest's substitute): a miss gets no further fallback
         self.closed = False
 
 
@@ -512,6 +523,13 @@ class _Run:
         # A site that rejoins is reachable only once the coordinator's channel has reconnected.
         self.unreachable = [_Windows([(d.start_s, math.inf if d.end_s is None else d.end_s + st.reconnect_s)
                                       for d in failures.site_downs if d.site == n]) for n in self.sites]
+        # What the coordinator's health watch says: a site is seen down detect_s after it dies, and up again once
+        # its channel has reconnected after it rejoins (coordinator.health); while it is seen down nothing is sent
+        # there.
+        seen = [[(d.start_s + st.detect_s, math.inf if d.end_s is None else d.end_s + st.reconnect_s)
+                 for d in failures.site_downs if d.site == n] for n in self.sites]
+        self.seen_down = [_Windows([(a, b) for a, b in w if a < b]) for w in seen]
+        self.watched = any(w.spans for j, w in enumerate(self.seen_down) if j != self.c)
         self.cpus = [_Cpu() for _ in range(S)]
         self.up: list[_Channel | None] = [None] * S
         self.dn: list[_Channel | None] = [None] * S
@@ -542,6 +560,15 @@ class _Run:
                 if j != self.c and self.links[j] is None:
                     raise ValueError(f"expert {e} of layer {stats.layers[li].layer} is on {self.sites[j]!r}, which has "
                                      f"no direct link to the coordinator {topo.coordinator!r}")
+        # Per layer: the experts each site serves first; whether the coordinator holds any expert (fallback
+        # nearest substitutes there first); the remote sites holding any, by link latency (then bandwidth, name).
+        self.experts_at = [[[e for e, s in enumerate(so) if s == j] for j in range(S)] for so in self.site_of]
+        self.coord_holds = [any(self.c in r for r in reps) for reps in self.replicas]
+        self.holders_any = []
+        for reps in self.replicas:
+            held = {j for r in reps for j in r if j != self.c and self.links[j] is not None}
+            self.holders_any.append(sorted(held, key=lambda j: (self.links[j].latency_ms, -self.links[j].bandwidth_mbps,
+                                                                self.sites[j])))
         layers = [ls.layer for ls in stats.layers]
         cuts = [TRUNK_FRACTION_BEFORE.get(layer, (layer + 1) / 10) for layer in layers]
         self.segments = np.diff([0.0, *cuts, 1.0]) * cm.trunk_s  # before layer 0, between, after the last
@@ -639,6 +666,7 @@ class _Run:
         assert self.routing is not None
         S = len(self.sites)
         self.per_site: list[list[list[float]]] = []
+        self.counts: list[np.ndarray] = []  # per layer [n, E]: patches per expert that leave the coordinator's hands
         for li, site_of in enumerate(self.site_of):
             counts = self.routing.counts[li].astype(np.float64)
             onehot = np.zeros((len(site_of), S))
@@ -655,6 +683,7 @@ class _Run:
                 self.kept_local += int(local_extra.sum())
             per_site = counts @ onehot
             per_site[:, self.c] += local_extra
+            self.counts.append(counts)
             self.per_site.append(per_site.tolist())
         self.patch_s = self.cm.patch_s.tolist()
         self.patch_bytes = self.cm.patch_bytes.tolist()
@@ -665,8 +694,10 @@ class _Run:
         now, c = self.q.now, self.c
         patch_s = self.patch_s[li]
         pb = self.patch_bytes[li]
+        img.deadline = now + self.st.deadline_s
+        row = self._failover(img, li, now) if self.watched else self.per_site[li][img.i]
         img.pending = 0
-        for j, n in enumerate(self.per_site[li][img.i]):
+        for j, n in enumerate(row):
             if n <= 0:
                 continue
             img.pending += 1
@@ -681,14 +712,43 @@ class _Run:
             img.pending = 1
             self._part_done(img, li)
 
+    def _failover(self, img: _Image, li: int, now: float) -> list[float]:
+        """Patches per site of layer ``li`` for ``img`` as the coordinator's dispatcher routes them at ``now``: the
+        experts of a site its health watch sees down go to their next replica that is up (placement order, only
+        sites with a link to the coordinator), all of one site's in one RPC; patches of experts with no such
+        replica are queued in ``img.deferred`` for the fallback."""
+        row = self.per_site[li][img.i]
+        seen = self.seen_down
+        down = [j for j, n in enumerate(row) if n > 0 and j != self.c and seen[j].contains(now)]
+        if not down:
+            return row
+        row = list(row)
+        counts = self.counts[li][img.i]
+        for j in down:
+            row[j] = 0.0
+            lost = 0.0
+            for e in self.experts_at[li][j]:
+                n = float(counts[e])
+                if n <= 0:
+                    continue
+                alt = next((k for k in self.replicas[li][e]
+                            if k != j and self.links[k] is not None and not seen[k].contains(now)), None)
+                if alt is None:
+                    lost += n
+                else:
+                    row[alt] += n
+            if lost > 0:
+                img.deferred.append((j, lost, f"{self.sites[j]} down, no replica up"))
+        return row
+
     def _send(self, img: _Image, li: int, j: int, nbytes: int, compute_s: float, bytes_back: int,
-              local_s: float, patches: float = 0.0, retry: bool = False) -> None:
+              local_s: float, patches: float = 0.0, retry: bool = False, deadline: float | None = None) -> None:
         now = self.q.now
         ov = self.st.rpc_overhead_bytes
         rpc = _Rpc(img, li, j, compute_s + self.st.rpc_overhead_s, bytes_back + ov, local_s, nbytes, patches, retry)
         arrive = self.up[j].send(now, nbytes + ov)
         self.q.at(arrive, self._at_site, rpc)
-        self.q.at(now + self.st.deadline_s, self._timeout, rpc)
+        self.q.at(now + self.st.deadline_s if deadline is None else deadline, self._timeout, rpc)
 
     def _at_site(self, rpc: _Rpc) -> None:
         now, j = self.q.now, rpc.site
@@ -716,43 +776,73 @@ class _Run:
         img = rpc.img
         if img.failed:
             return
-        site = self.sites[rpc.site]
-        fb = self.fallback
-        if fb == "nearest":
-            alt = None if rpc.retry else self._nearest_other(rpc)
-            if alt is not None:  # the same work, once, at the nearest other site that holds it
-                img.degraded = True
-                if rpc.li < 0:
-                    compute, back = float(self.cm.offload_s[alt]), rpc.bytes_back - self.st.rpc_overhead_bytes
-                else:
-                    compute, back = rpc.patches * self.patch_s[rpc.li][alt], rpc.nbytes
-                self._send(img, rpc.li, alt, rpc.nbytes, compute, back, rpc.local_s, rpc.patches, retry=True)
-                return
-        if fb in ("fail", "nearest") or (fb == "skip" and rpc.li < 0):  # a skipped whole image has no result
-            self._fail(img, f"{site} no reply within {self.st.deadline_s:g} s (fallback {fb})")
+        if rpc.li < 0:
+            self._offload_timeout(rpc)
+            return
+        if rpc.retry:  # nearest's substitute missed too: the residual carries those patches (the coordinator's zeros)
+            img.degraded = True
+        else:  # the layer's deadline is spent: no other replica is tried, the fallback takes these patches
+            img.deferred.append((rpc.site, rpc.patches, f"{self.sites[rpc.site]} no reply within "
+                                                        f"{self.st.deadline_s:g} s"))
+        self._part_done(img, rpc.li)
+
+    def _fallback(self, img: _Image, li: int, j: int, patches: float, why: str) -> None:
+        """The topology's fallback for ``patches`` of layer ``li`` that site ``j``'s experts did not serve; run
+        once the layer's other parts are done (the coordinator falls back after its calls are back)."""
+        fb, now, c = self.fallback, self.q.now, self.c
+        if fb == "fail":
+            self._fail(img, f"{why} (fallback {fb})")
             return
         img.degraded = True
-        if fb == "local":
-            self.q.at(self.cpus[self.c].serve(self.q.now, rpc.local_s), self._part_done, img, rpc.li)
-        else:
-            self._part_done(img, rpc.li)
+        where = c if fb == "local" else self._substitute(li, j, now) if fb == "nearest" else None
+        if where is None:  # skip, or no substitute: the residual carries them
+            return
+        img.pending += 1
+        compute = patches * self.patch_s[li][where]
+        if where == c:
+            self.q.at(self.cpus[c].serve(now, compute), self._part_done, img, li)
+        else:  # what is left of the layer's deadline, but at least a quarter of it (the coordinator's rule)
+            nbytes = int(round(patches * self.patch_bytes[li]))
+            self.sent_patches += int(patches)
+            self._send(img, li, where, nbytes, compute, nbytes, patches * self.patch_s[li][c], patches, retry=True,
+                       deadline=max(img.deadline, now + self.st.deadline_s / 4))
 
-    def _nearest_other(self, rpc: _Rpc) -> int | None:
-        """For fallback ``nearest``: the remote site, other than the one that missed the deadline, that holds a copy
-        of every expert the RPC carried and has the lowest link latency (then the highest bandwidth, then name)."""
-        if rpc.li < 0:  # offload-image: any other linked site can run the whole model
-            holders = {j for j, lk in enumerate(self.links) if lk is not None}
-        else:
-            counts = self.routing.counts[rpc.li][rpc.img.i]
-            experts = [e for e, j in enumerate(self.site_of[rpc.li]) if j == rpc.site and counts[e] > 0]
-            holders = set(range(len(self.sites)))
-            for e in experts:
-                holders &= set(self.replicas[rpc.li][e])
-        holders -= {rpc.site, self.c}
+    def _substitute(self, li: int, missed: int, now: float) -> int | None:
+        """For fallback ``nearest``: where the patches of layer ``li`` that ``missed`` did not serve go instead.
+        The coordinator gives each patch to the reachable expert its router scored highest; without router scores
+        the simulator takes the coordinator when it holds any expert of the layer (no radio), else the remote site
+        with the lowest link latency that holds one and is not seen down, other than ``missed``; None: none."""
+        if self.coord_holds[li]:
+            return self.c
+        for k in self.holders_any[li]:
+            if k != missed and not self.seen_down[k].contains(now):
+                return k
+        return None
+
+    def _offload_timeout(self, rpc: _Rpc) -> None:
+        """offload-image: the image got no label in time. ``nearest`` sends it once more to the nearest other linked
+        site (a second miss fails); ``local`` runs the whole model on the coordinator; ``fail`` and ``skip`` (a
+        skipped image has no result) fail it."""
+        img, fb = rpc.img, self.fallback
+        if fb == "nearest" and not rpc.retry:
+            alt = self._nearest_other(rpc.site)
+            if alt is not None:
+                img.degraded = True
+                self._send(img, rpc.li, alt, rpc.nbytes, float(self.cm.offload_s[alt]),
+                           rpc.bytes_back - self.st.rpc_overhead_bytes, rpc.local_s, rpc.patches, retry=True)
+                return
+        if fb in ("fail", "nearest", "skip"):
+            self._fail(img, f"{self.sites[rpc.site]} no reply within {self.st.deadline_s:g} s (fallback {fb})")
+            return
+        img.degraded = True
+        self.q.at(self.cpus[self.c].serve(self.q.now, rpc.local_s), self._part_done, img, rpc.li)
+
+    def _nearest_other(self, missed: int) -> int | None:
+        """offload-image's ``nearest``: the linked remote site other than ``missed`` with the lowest link latency
+        (then the highest bandwidth, then name)."""
         best = None
-        for j in holders:
-            lk = self.links[j]
-            if lk is None:
+        for j, lk in enumerate(self.links):
+            if lk is None or j in (missed, self.c):
                 continue
             key = (lk.latency_ms, -lk.bandwidth_mbps, self.sites[j])
             if best is None or key < best[0]:
@@ -765,6 +855,14 @@ class _Run:
         img.pending -= 1
         if img.pending > 0:
             return
+        if img.deferred:  # the layer's calls are all back: now the fallback for what no replica served
+            todo, img.deferred = img.deferred, []
+            for j, patches, why in todo:
+                self._fallback(img, li, j, patches, why)
+                if img.failed:
+                    return
+            if img.pending > 0:
+                return
         if li < 0:  # offload-image: the label is back
             self._finish(img)
             return

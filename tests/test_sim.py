@@ -29,7 +29,7 @@ from sim.config import (
     expand,
     parse_sweep,
 )
-from sim.engine import World, _Channel, _Windows, arrival_times, run_scenario
+from sim.engine import World, _Channel, _Windows, arrival_times, run_scenario, sample_routing
 from sim.sweep import run_local
 from sim.trace import TraceError, TraceHeader, TraceImage, read_trace, write_trace
 
@@ -230,47 +230,166 @@ def test_queueing_when_the_link_is_saturated():
 # ============================================================================================ failures
 
 
-def test_site_down_fails_after_the_deadline_then_rejoins():
+# One image of one_expert_stats on two_site_topology: the trunk before the MoE layer (98.6 % of 6 ms) and after it,
+# the RPC each way at 1 Mbit/s (1024 B) + 10 ms, the expert on the node (2 GFLOP/s) or on cam (10 GFLOP/s).
+BEFORE, AFTER = 0.006 * 0.986, 0.006 * 0.014
+TRIP = 8192 / 1e6 + 0.010
+EXPERT_NODE, EXPERT_CAM = 4 * 16384 * 2 / 2e9, 4 * 16384 * 2 / 10e9
+SPLIT = BEFORE + 2 * TRIP + EXPERT_NODE + AFTER
+
+
+def test_site_seen_down_fails_at_once_naming_it_then_rejoins():
     stats = one_expert_stats()
     topo = two_site_topology()
-    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0, reconnect_s=1.0)
+    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0, reconnect_s=1.0, detect_s=0.2)
     down = FailureSet("node-down", site_downs=(SiteDown("node", 2.5, 5.5),))
     res = run_scenario(world_for(topo, stats), scenario(images=10, failures=down, settings=st))
-    # One image at a time (the coordinator's way): the image of 3 s finds the node off and fails at its deadline
-    # (5 s); the image of 4 s waits for it, sends at ~5 s (still off) and fails at ~7 s; the image of 5 s starts at
-    # ~7 s, after the rejoin (5.5 s) and reconnection (+1 s), and succeeds 2 s late; the queue then drains.
-    assert res.failed == 2 and res.ok == 8
-    assert res.failures_by_reason == {"node no reply within 2 s (fallback fail)": 2}
-    # 5 s image: waits for two deadlines each started after a 6 ms trunk segment, then runs (42.4 ms): 7.054 - 5
-    assert res.latency_max_s == pytest.approx(2 * (0.006 * 0.986 + 2.0) + 0.0424495 - 2.0, abs=1e-3)
+    # The coordinator sees the node down from 2.7 s (2.5 + detect_s) until its channel is back at 6.5 s (5.5 +
+    # reconnect_s): the images of 3, 4, 5 and 6 s find no replica up and fail at once (no deadline wait), so nobody
+    # queues; the image of 7 s is served as usual.
+    assert res.failed == 4 and res.ok == 6
+    assert res.failures_by_reason == {"node down, no replica up (fallback fail)": 4}
+    assert res.latency_max_s == pytest.approx(SPLIT, rel=1e-9) and res.wait_mean_s == pytest.approx(0, abs=1e-12)
+    assert res.links["node"].bytes_up == 6 * 1024
 
 
-def test_fallback_local_degrades_instead_of_failing():
+def test_rpc_in_flight_when_the_site_dies_waits_the_deadline():
     stats = one_expert_stats()
-    topo = two_site_topology(fallback="local")
-    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0)
-    down = FailureSet("node-down", site_downs=(SiteDown("node", 2.5, None),))
+    topo = two_site_topology()
+    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0, detect_s=0.2)
+    down = FailureSet("node-dies", site_downs=(SiteDown("node", 2.01, None),))
     res = run_scenario(world_for(topo, stats), scenario(images=6, failures=down, settings=st))
-    assert res.failed == 0 and res.degraded == 3 and res.latency_max_s > 2.0
+    # The image of 2 s sends at 2.0059 s, before the node dies: its request is lost and the layer's deadline (4.0059 s)
+    # ends it; the image of 3 s starts then, sees the node down and fails at once; so do the later ones.
+    assert res.failed == 4 and res.ok == 2
+    assert res.failures_by_reason == {"node no reply within 2 s (fallback fail)": 1,
+                                      "node down, no replica up (fallback fail)": 3}
 
 
-def test_fallback_nearest_retries_at_another_replica():
+@pytest.mark.parametrize("fallback, patch", [("local", EXPERT_CAM), ("skip", 0.0)])
+def test_fallback_local_and_skip_degrade_at_once_once_the_site_is_seen_down(fallback, patch):
     stats = one_expert_stats()
-    doc = {"coordinator": "cam", "fallback": "nearest",
+    topo = two_site_topology(fallback=fallback)
+    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0, detect_s=0.2)
+    down = FailureSet("node-dies", site_downs=(SiteDown("node", 2.01, None),))
+    res = run_scenario(world_for(topo, stats), scenario(images=6, failures=down, settings=st))
+    assert res.failed == 0 and res.ok == 2 and res.degraded == 4
+    lat = res.latencies_s
+    assert lat[:2] == pytest.approx([SPLIT, SPLIT], rel=1e-9)
+    # in flight when the node died: the whole deadline, then the fallback (the coordinator's expert, or nothing)
+    assert lat[2] == pytest.approx(BEFORE + 2.0 + patch + AFTER, rel=1e-9)
+    # queued behind it, then degraded at once: the node is seen down
+    assert lat[3] == pytest.approx(lat[2] - 1.0 + BEFORE + patch + AFTER, rel=1e-9)
+    assert lat[4] == pytest.approx(lat[3] - 1.0 + BEFORE + patch + AFTER, rel=1e-9)
+    assert lat[5] == pytest.approx(BEFORE + patch + AFTER, rel=1e-9)
+
+
+def test_detect_s_is_the_blind_window():
+    stats = one_expert_stats()
+    topo = two_site_topology(fallback="skip")
+    down = FailureSet("node-dies", site_downs=(SiteDown("node", 2.5, None),))
+    quick = run_scenario(world_for(topo, stats), scenario(images=4, failures=down, settings=Settings(
+        rpc_overhead_bytes=0, deadline_s=2.0, detect_s=0.2)))
+    slow = run_scenario(world_for(topo, stats), scenario(images=4, failures=down, settings=Settings(
+        rpc_overhead_bytes=0, deadline_s=2.0, detect_s=1.0)))
+    # seen down at 2.7 s: the image of 3 s skips at once; seen down only at 3.5 s: it is sent and waits the deadline
+    assert quick.latencies_s[3] == pytest.approx(0.006, rel=1e-9)
+    assert slow.latencies_s[3] == pytest.approx(BEFORE + 2.0 + AFTER, rel=1e-9)
+
+
+def three_site_topology(fallback="fail", *, experts=1):
+    doc = {"coordinator": "cam", "fallback": fallback,
            "sites": {n: {"address": f"10.0.0.{i}:1", "device": {"gflops": 10, "memory_mb": 512, "active_w": 4.0,
                                                                 "idle_w": 1.0}}
                      for i, n in enumerate(("cam", "near", "far"), 1)},
            "links": [{"between": ["cam", "near"], "bandwidth_mbps": 1, "latency_ms": 10},
                      {"between": ["cam", "far"], "bandwidth_mbps": 1, "latency_ms": 30}]}
-    topo = parse_topology(doc, "<three sites>")
-    placement = Placement({(8, 0): ("near", "far")})  # replicated; the coordinator uses the first copy ("far")
-    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0)
-    down = FailureSet("far-down", site_downs=(SiteDown("far", 0.5, None),))
+    return parse_topology(doc, "<three sites>")
+
+
+def test_failover_to_an_up_replica_is_not_degraded_and_waits_no_deadline():
+    stats = one_expert_stats()
+    topo = three_site_topology("fail")
+    placement = Placement({(8, 0): ("far", "near")})  # replicated; the coordinator uses the first copy ("far")
+    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0, reconnect_s=1.0, detect_s=0.2)
+    down = FailureSet("far-down", site_downs=(SiteDown("far", 0.5, 2.5),))
+    res = run_scenario(world_for(topo, stats, placement), scenario(images=6, failures=down, settings=st))
+    # far is seen down from 0.7 s to 3.5 s: images 1, 2 and 3 go to near (10 ms instead of 30 ms each way): the
+    # same expert, so not degraded, and nothing waits for a deadline
+    expert = 4 * 16384 * 2 / 10e9
+    via_near = BEFORE + 2 * (8192 / 1e6 + 0.010) + expert + AFTER
+    via_far = BEFORE + 2 * (8192 / 1e6 + 0.030) + expert + AFTER
+    assert res.failed == 0 and res.degraded == 0 and res.ok == 6
+    assert res.latencies_s == pytest.approx([via_far] + [via_near] * 3 + [via_far] * 2, rel=1e-9)
+    assert res.links["far"].bytes_up == 3 * 1024 and res.links["near"].bytes_up == 3 * 1024
+
+
+def test_a_missed_deadline_is_not_retried_at_another_replica():
+    stats = one_expert_stats()
+    topo = three_site_topology("local")
+    placement = Placement({(8, 0): ("far", "near")})
+    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0, detect_s=0.2)
+    down = FailureSet("far-dies", site_downs=(SiteDown("far", 1.01, None),))
     res = run_scenario(world_for(topo, stats, placement), scenario(images=3, failures=down, settings=st))
-    # image 0 is served by "far"; images 1 and 2 miss the deadline there and are served by "near" (degraded)
-    assert res.failed == 0 and res.ok == 1 and res.degraded == 2
-    assert res.latencies_s[1] == pytest.approx(2.0 + 0.0059 + 2 * (8192 / 1e6 + 0.010) + 4 * 16384 * 2 / 10e9
-                                               + 0.006 * 0.014, abs=1e-3)
+    expert = 4 * 16384 * 2 / 10e9
+    # image 1's call was in flight when far died: the deadline is spent, near is not tried, the fallback computes
+    # it on cam (degraded); image 2, queued behind it, goes to near (far is seen down by then): exact
+    assert res.failed == 0 and res.degraded == 1 and res.ok == 2
+    assert res.latencies_s[1] == pytest.approx(BEFORE + 2.0 + expert + AFTER, rel=1e-9)
+    assert res.latencies_s[2] == pytest.approx(res.latencies_s[1] - 1.0 + BEFORE + 2 * (8192 / 1e6 + 0.010) + expert
+                                               + AFTER, rel=1e-9)
+    assert res.links["near"].bytes_up == 1024
+
+
+def two_expert_stats():
+    """Layer 8 with two experts at 128 px: 4 patches per image, 1024 B each on the wire (fp16)."""
+    return parse_stats(synthetic_stats(layers=(8,), num_experts=2, expert_hidden=64, num_classes=2, image_size=128,
+                                       concentration=5.0), "<two experts>")
+
+
+def _routing(stats, images, seed=0):
+    return sample_routing(stats, images, np.random.default_rng([seed, 2])).counts[0]
+
+
+def test_fallback_nearest_substitutes_on_the_coordinator_and_never_fails():
+    stats = two_expert_stats()
+    topo = two_site_topology(fallback="nearest")
+    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0, detect_s=0.2)
+    down = FailureSet("node-down", site_downs=(SiteDown("node", 0.5, None),))
+    res = run_scenario(world_for(topo, stats, Placement({(8, 0): ("cam",), (8, 1): ("node",)})),
+                       scenario(images=12, failures=down, settings=st))
+    at_home = run_scenario(world_for(topo, stats, Placement({(8, 0): ("cam",), (8, 1): ("cam",)})),
+                           scenario(images=12, settings=st))
+    counts = _routing(stats, 12)
+    used = counts[:, 1] > 0  # images with patches of expert 1 (node's)
+    assert used[1:].sum() >= 4
+    # from the image of 1 s on, node is seen down: expert 1's patches go to the coordinator's expert 0 at once,
+    # costing what they would if the coordinator held expert 1 (degraded, never failed)
+    assert res.failed == 0 and res.degraded == used[1:].sum() and res.ok == 12 - res.degraded
+    assert res.latencies_s[1:] == pytest.approx(at_home.latencies_s[1:], rel=1e-9)
+    assert res.links["node"].bytes_up == 1024 * counts[0, 1]
+
+
+def test_fallback_nearest_substitutes_at_another_site_else_skips():
+    stats = two_expert_stats()
+    topo = three_site_topology("nearest")
+    placement = Placement({(8, 0): ("near",), (8, 1): ("far",)})  # the coordinator holds no expert
+    st = Settings(rpc_overhead_bytes=0, deadline_s=2.0, detect_s=0.2)
+    down = FailureSet("both", site_downs=(SiteDown("near", 0.5, None), SiteDown("far", 2.5, None)))
+    res = run_scenario(world_for(topo, stats, placement), scenario(images=5, failures=down, settings=st))
+    counts = _routing(stats, 5)
+    assert counts[1:3, 0].sum() > 0
+    # images 1 and 2: near is seen down, its patches go to far (a second call, after the first is back); from 3 s
+    # neither is up: everything is skipped (trunk only), degraded, never failed
+    assert res.failed == 0 and res.ok == 1 and res.degraded == 4
+    assert res.links["near"].bytes_up == 1024 * counts[0, 0]
+    assert res.links["far"].bytes_up == 1024 * (counts[:3, 1].sum() + counts[1:3, 0].sum())
+    trunk = stats.trunk_macs * 2 / 10e9
+    assert res.latencies_s[3:] == pytest.approx([trunk, trunk], rel=1e-9)
+    # the substitute call goes out once far's own call is back (the coordinator falls back after its calls return)
+    trip = lambda k: 2 * (k * 8192 / 1e6 + 0.030) + k * 4 * 16384 * 2 / 10e9 if k else 0.0
+    for i in (1, 2):
+        assert res.latencies_s[i] == pytest.approx(trunk + trip(counts[i, 1]) + trip(counts[i, 0]), rel=1e-9)
 
 
 def test_link_outage_delays_without_failing():
@@ -316,6 +435,7 @@ def test_sweep_parses_and_expands():
     ({"conditions": [{"name": "x", "bandwidth_mbps": 0}]}, "conditions[0].bandwidth_mbps", "> 0"),
     ({"arrivals": [{"kind": "poison", "rate_hz": 1}]}, "arrivals[0].kind", "did you mean 'poisson'"),
     ({"settings": {"wire": "int8"}}, "settings.wire", "fp16"),
+    ({"settings": {"detect_s": -0.1}}, "settings.detect_s", ">= 0"),
     ({"seedz": 3}, "seedz", "did you mean 'seeds'"),
 ])
 def test_bad_sweeps_name_the_key(doc, key, words):
