@@ -329,7 +329,7 @@ def _classify_security(topology: Topology) -> tuple[grpc.ServerCredentials | Non
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="moe-coordinator: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="moe-coordinator: %(asctime)s %(message)s", datefmt="%H:%M:%S")
     workers = None
     runtime = None
     try:

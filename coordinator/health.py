@@ -72,8 +72,10 @@ class HealthWatch:
             if serving:
                 self.serving_since = time.monotonic()
                 self._penalty_until = 0.0  # a fresh SERVING clears what earlier failures said
-            log.log(logging.INFO if self.transitions > 1 or not serving else logging.DEBUG,
-                    "site %s is %s", self.name, "up (SERVING)" if serving else "down")
+            # the first SERVING is the normal start; every later change is news a person watching the run wants
+            log.log(logging.WARNING if self.transitions > 1 else logging.DEBUG,
+                    "site %s is %s", self.name, "back (SERVING): using it again" if serving else
+                    "down (health stream lost or not SERVING): its experts go to replicas or the fallback")
             if self.on_change is not None:
                 self.on_change(self.name, serving)
         self._seen.set()
@@ -87,6 +89,8 @@ class HealthWatch:
             except grpc.RpcError:
                 pass
             except ValueError:  # the channel was closed under us
+                break
+            if self._closed.is_set():  # our own close(), not the site's doing
                 break
             self._set(False)
             self._closed.wait(self.retry_s)
