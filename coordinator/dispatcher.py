@@ -65,27 +65,61 @@ class DispatchCounters:
                                               "fallback_tokens", "substitutes")}
 
 
-@dataclass
 class ForwardContext:
-    """Per-forward bookkeeping shared by all MoE layers: which images are degraded, tokens per expert."""
+    """Bookkeeping shared by all MoE layers: per forward (and per thread, so concurrent forwards from several
+    threads do not mix their flags) which images are degraded and why; over all forwards, tokens per expert."""
 
-    batch_size: int = 0
-    degraded: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-    failures: list[str] = field(default_factory=list)
-    tokens: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.tokens: dict[tuple[int, int], int] = defaultdict(int)
 
     def begin(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self.degraded = torch.zeros(batch_size, dtype=torch.bool)
-        self.failures = []
+        self._local.batch_size = batch_size
+        self._local.degraded = torch.zeros(batch_size, dtype=torch.bool)
+        self._local.failures = []
+        self._local.num_tokens = 0
+
+    @property
+    def batch_size(self) -> int:
+        return getattr(self._local, "batch_size", 0)
+
+    @property
+    def degraded(self) -> torch.Tensor:
+        if not hasattr(self._local, "degraded"):
+            self._local.degraded = torch.zeros(0, dtype=torch.bool)
+        return self._local.degraded
+
+    @property
+    def failures(self) -> list[str]:
+        if not hasattr(self._local, "failures"):
+            self._local.failures = []
+        return self._local.failures
+
+    @property
+    def num_tokens(self) -> int:
+        """Patches (all images) entering the current layer of this thread's forward."""
+        return getattr(self._local, "num_tokens", 0)
+
+    @num_tokens.setter
+    def num_tokens(self, n: int) -> None:
+        self._local.num_tokens = n
+
+    def count(self, layer: int, expert: int, n: int) -> None:
+        with self._lock:
+            self.tokens[(layer, expert)] += n
 
     def mark(self, plan: DispatchPlan, positions: list[int], num_tokens: int) -> None:
         """Images owning the patches of the experts at ``positions`` of ``plan`` are degraded."""
-        per_image = max(1, num_tokens // max(1, self.batch_size))
+        batch = self.batch_size
+        if batch == 0:
+            raise RuntimeError("ForwardContext.begin(batch_size) was not called before the forward: run the split "
+                               "model through SplitRuntime.classify, not model(x)")
+        per_image = max(1, num_tokens // max(1, batch))
         slices = plan.slices()
         for pos in positions:
             sl = plan.order_S[slices[pos]] // plan.top_k
-            self.degraded[(sl // per_image).clamp_max(self.batch_size - 1)] = True
+            self.degraded[(sl // per_image).clamp_max(batch - 1)] = True
 
 
 @dataclass
@@ -113,13 +147,12 @@ class RemoteDispatcher(Dispatcher):
         self.replicas = {e: tuple(sorted(sites, key=lambda s: s != local_site)) for e, sites in replicas.items()}
         self.placed_local = {e for e, sites in self.replicas.items() if local_site in sites}
         self.wants_scores = policy.fallback == "nearest"
-        self._num_tokens = 0
 
     # ------------------------------------------------------------------------------------------ plumbing
 
     def dispatch(self, x_TPC: torch.Tensor, expert_idx_TK: torch.Tensor,
                  scores_TE: torch.Tensor | None = None) -> DispatchPlan:
-        self._num_tokens = x_TPC.shape[0]
+        self.context.num_tokens = x_TPC.shape[0]
         return super().dispatch(x_TPC, expert_idx_TK, scores_TE)
 
     def reachable(self, expert: int) -> bool:
@@ -144,7 +177,7 @@ class RemoteDispatcher(Dispatcher):
     def compute(self, layer_id: int, plan: DispatchPlan) -> list[torch.Tensor]:
         chunks = plan.chunks()
         for pos, e in enumerate(plan.experts):
-            self.context.tokens[(layer_id, e)] += len(chunks[pos])
+            self.context.count(layer_id, e, len(chunks[pos]))
         deadline = time.monotonic() + self.policy.deadline_s
         outputs, errors = self._run(layer_id, list(zip(plan.experts, chunks, strict=True)), deadline)
         if errors:
@@ -220,6 +253,9 @@ class RemoteDispatcher(Dispatcher):
                         self.counters.add(retries=1)
                         launch(again)
                     continue
+                watch = self.clients[att.site].watch
+                if watch is not None:
+                    watch.succeeded()
                 won = False
                 for i, y in zip(att.positions, ys, strict=True):
                     if outputs[i] is None:
@@ -234,6 +270,9 @@ class RemoteDispatcher(Dispatcher):
                         for i in other.positions:
                             covering[i] -= 1
                         self.counters.add(cancelled=1)
+                        loser = self.clients[other.site].watch
+                        if att.hedge and not other.hedge and loser is not None:
+                            loser.penalize()  # slower than the hedge delay: route around it for a while
             if time.monotonic() >= hedge_at:
                 hedge_at = float("inf")
                 slow = [i for i in range(n) if outputs[i] is None and covering[i] > 0]
@@ -258,7 +297,7 @@ class RemoteDispatcher(Dispatcher):
         positions = sorted(errors)
         for msg in dict.fromkeys(str(err) for err in errors.values()):
             self.context.failures.append(msg)
-        self.context.mark(plan, positions, self._num_tokens)
+        self.context.mark(plan, positions, self.context.num_tokens)
         self.counters.add(fallback_tokens=sum(len(chunks[p]) for p in positions))
         if self.policy.fallback == "local":
             for pos in positions:

@@ -1,12 +1,14 @@
 """Whether a worker site is up, as the coordinator sees it: a background watch of the site's standard gRPC health
 service, plus a short penalty after a call to it fails.
 
-A site is *up* when its health stream last said SERVING and no call failed in the last ``penalty_s`` seconds.
-The watch reconnects every ``retry_s`` while the site is unreachable (the channel's own reconnect backoff is
-capped at 1 s, see :mod:`coordinator.channels`), so a worker that comes back is used again within about a second
-of reporting SERVING. A failed call only penalises the site for a moment: the watch stream may still be open
-(a worker that is alive but overloaded, a link that stopped forwarding before keepalive notices), so the site is
-tried again after the penalty rather than waiting for a status change that may never come.
+A site is *up* when its health stream last said SERVING and it is not serving a penalty: a call that fails (or
+loses a hedge) keeps the site out for ``penalty_s`` seconds, doubled for each failure in a row up to
+``max_penalty_s``, and a call that answers clears the count. The watch reconnects every ``retry_s`` while the site
+is unreachable (the channel's own reconnect backoff is capped at 1 s, see :mod:`coordinator.channels`), so a
+worker that comes back is used again within about a second of reporting SERVING. A failed call only penalises the
+site for a while: the watch stream may still be open (a worker that is alive but overloaded, a link that stopped
+forwarding before keepalive notices), so the site is tried again after the penalty rather than waiting for a
+status change that may never come.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ class HealthWatch:
     """Tracks one site's health on a daemon thread; :attr:`up` is cheap to read from any thread."""
 
     def __init__(self, name: str, channel: grpc.Channel, *, retry_s: float = 0.2, penalty_s: float = 0.5,
-                 on_change: Callable[[str, bool], None] | None = None) -> None:
+                 max_penalty_s: float = 30.0, on_change: Callable[[str, bool], None] | None = None) -> None:
         self.name, self.retry_s, self.penalty_s, self.on_change = name, retry_s, penalty_s, on_change
+        self.max_penalty_s = max_penalty_s
+        self._strikes = 0
         self._stub = health_pb2_grpc.HealthStub(channel)
         self._serving = False
         self._penalty_until = 0.0
@@ -62,8 +66,15 @@ class HealthWatch:
         return self.up
 
     def penalize(self) -> None:
-        """A call to the site failed: route around it for ``penalty_s`` seconds."""
-        self._penalty_until = time.monotonic() + self.penalty_s
+        """A call to the site failed or was too slow: route around it for ``penalty_s`` seconds, doubled for each
+        failure in a row (up to ``max_penalty_s``), so a link that stays silent is not tried on every forward."""
+        self._strikes += 1
+        wait = min(self.penalty_s * 2 ** min(self._strikes - 1, 16), self.max_penalty_s)
+        self._penalty_until = time.monotonic() + wait
+
+    def succeeded(self) -> None:
+        """A call to the site answered: forget earlier failures."""
+        self._strikes = 0
 
     def _set(self, serving: bool) -> None:
         if serving != self._serving:
@@ -72,6 +83,7 @@ class HealthWatch:
             if serving:
                 self.serving_since = time.monotonic()
                 self._penalty_until = 0.0  # a fresh SERVING clears what earlier failures said
+                self._strikes = 0
             # the first SERVING is the normal start; every later change is news a person watching the run wants
             log.log(logging.WARNING if self.transitions > 1 else logging.DEBUG,
                     "site %s is %s", self.name, "back (SERVING): using it again" if serving else

@@ -63,14 +63,17 @@ class _IncrementalHistogram:
         self.seen = 0
         self.lock = threading.Lock()
 
-    def advance(self, samples: Sequence[float], scale: float = 1.0) -> None:
+    def advance(self, samples: Sequence[float], total: int, scale: float = 1.0) -> None:
+        """Take in the samples added since the last call: the last ``total - seen`` of ``samples`` (the most
+        recent ones, as far as ``samples`` still holds them: it is a bounded window)."""
         with self.lock:
-            n = len(samples)
-            for v in samples[self.seen:n]:
+            new = total - self.seen
+            recent = list(samples)[-new:] if new > 0 else []
+            for v in recent:
                 x = float(v) * scale
                 self.counts[bisect_left(self.buckets, x)] += 1
                 self.sum += x
-            self.seen = n
+            self.seen = total
 
     def family_buckets(self) -> list[tuple[str, float]]:
         out, acc = [], 0
@@ -113,7 +116,9 @@ class _RuntimeCollector(Collector):
             sent.add_metric([name], t.bytes_sent)
             recv.add_metric([name], t.bytes_received)
             h = self._rpc[name]
-            h.advance(t.rpc_ms, scale=1e-3)
+            with t.lock:
+                samples, total = list(t.rpc_ms), t.calls
+            h.advance(samples, total, scale=1e-3)
             rpc.add_metric([name], h.family_buckets(), h.sum)
             up.add_metric([name, client.address], 1.0 if client.health(timeout=self.health_timeout) == "SERVING"
                           else 0.0)

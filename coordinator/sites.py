@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,6 +18,8 @@ from moevit_rpc.security import token_metadata
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from partition.topology import TLSFiles
+
+RPC_MS_KEPT = 1 << 16
 
 
 class SiteError(RuntimeError):
@@ -36,7 +39,8 @@ class Traffic:
     bytes_sent: int = 0
     bytes_received: int = 0
     tokens: int = 0
-    rpc_ms: list[float] = field(default_factory=list)
+    # the latest RPC times only: one float per call kept for the life of a process would grow without bound
+    rpc_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RPC_MS_KEPT))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, sent: int, received: int, tokens: int, ms: float) -> None:
@@ -83,14 +87,17 @@ class PendingCall:
 
 def _transfer(rpc: grpc.Future, fut: concurrent.futures.Future) -> None:
     """Completion of a grpc future → a concurrent.futures one (so calls can be waited on together)."""
-    if rpc.cancelled():
+    if rpc.cancelled() or fut.cancelled():
         fut.cancel()
         return
     err = rpc.exception()
-    if err is not None:
-        fut.set_exception(err)
-    else:
-        fut.set_result(rpc.result())
+    try:
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(rpc.result())
+    except concurrent.futures.InvalidStateError:  # cancelled by the dispatcher while the answer arrived
+        pass
 
 
 class SiteClient:

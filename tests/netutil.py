@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
@@ -34,10 +35,16 @@ def wait_serving(address: str, timeout: float = 60.0, proc: subprocess.Popen | N
 
 
 def start_worker(model: str, address: str, experts: str = "all", *extra: str) -> subprocess.Popen:
+    # stderr to an unnamed file, not a pipe nobody reads: a chatty worker would block once the pipe filled
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--listen", address, "--model", model,
                              "--experts", experts, "--threads", "1", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    wait_serving(address, proc=proc)
+                            stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        wait_serving(address, proc=proc)
+    except (RuntimeError, TimeoutError) as e:
+        log.seek(0)
+        raise RuntimeError(f"{e}; worker log:\n{log.read().decode(errors='replace')[-2000:]}") from None
     return proc
 
 
