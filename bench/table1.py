@@ -52,7 +52,8 @@ def main() -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     dense_dir = out / "dense"
-    if not (dense_dir / "best.safetensors").exists() or not (dense_dir / "metrics.jsonl").exists():
+    done = (dense_dir / "metrics.jsonl").read_text().splitlines() if (dense_dir / "metrics.jsonl").exists() else []
+    if len(done) < args.dense_epochs:  # not run, or cut short: moe-train resumes from its last checkpoint
         _run(train_main, ["--model", "mobilevitv2_050", "--data", "digits", "--image-size", "64", "--epochs",
                           str(args.dense_epochs), "--seed", "0", "--out", str(dense_dir), "--no-progress"])
     dense_ck = dense_dir / "best.safetensors"
@@ -66,8 +67,11 @@ def main() -> int:
     for name, layers, experts in VARIANTS:
         tag = name.replace(" ", "").replace("[", "_").replace("]", "").replace(",", "-")
         conv, report = out / f"{tag}.safetensors", out / f"{tag}.report.json"
-        _run(convert_main, ["--dense", str(dense_ck), "--data", "digits", "--layers", layers, "--experts",
-                            str(experts), "--hidden", str(args.hidden), "--out", str(conv), "--report", str(report)])
+        if not (conv.exists() and report.exists()):  # a rerun (e.g. to add --grid) reuses finished work
+            _run(convert_main, ["--dense", str(dense_ck), "--data", "digits", "--layers", layers, "--experts",
+                                str(experts), "--hidden", str(args.hidden), "--out", str(conv), "--report",
+                                str(report)])
+        # moe-train resumes an interrupted run in the same folder and returns at once from a finished one
         _run(train_main, ["--model", str(conv), "--data", "digits", "--out", str(out / f"{tag}-ft"), *ft])
         rep = json.loads(report.read_text())
         tuned = load_checkpoint(out / f"{tag}-ft" / "best.safetensors")
@@ -80,9 +84,10 @@ def main() -> int:
             for e in (2, 8, 16):
                 for k in (16, 32, 64, 128):
                     rp = out / "grid" / f"E{e}-K{k}-{correction}.json"
-                    _run(convert_main, ["--dense", str(dense_ck), "--data", "digits", "--layers", "8", "--experts",
-                                        str(e), "--hidden", str(k), "--correction", correction,
-                                        "--out", str(rp.with_suffix(".safetensors")), "--report", str(rp)])
+                    if not rp.exists():
+                        _run(convert_main, ["--dense", str(dense_ck), "--data", "digits", "--layers", "8", "--experts",
+                                            str(e), "--hidden", str(k), "--correction", correction,
+                                            "--out", str(rp.with_suffix(".safetensors")), "--report", str(rp)])
                     rep = json.loads(rp.read_text())
                     grid.append({"experts": e, "hidden": k, "correction": correction,
                                  "agreement": rep["agreement_top1"], "top1_before": rep["top1_moe_before_finetune"],
