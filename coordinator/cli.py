@@ -290,12 +290,12 @@ def _print_summary(s: dict[str, Any], runtime: SplitRuntime) -> None:
           f"p99 {s['latency_ms']['p99']:.1f} ms (per batch)")
     if s["accuracy"] is not None:
         p(f"accuracy {s['accuracy']:.4f}")
-    p(f"{'site':<14}{'address':<22}{'calls':>7}{'sent B/img':>12}{'recv B/img':>12}{'tokens':>9}")
+    p(f"{'site':<14}{'address':<22}{'calls':>7}{'bytes sent/img':>16}{'bytes recv/img':>16}{'tokens':>9}")
     for site, t in s["per_site"].items():
-        p(f"{site:<14}{runtime.topology.site(site).address:<22}{t['calls']:>7}{t['bytes_sent_per_image']:>12.0f}"
-          f"{t['bytes_received_per_image']:>12.0f}{t['tokens']:>9}")
+        p(f"{site:<14}{runtime.topology.site(site).address:<22}{t['calls']:>7}{t['bytes_sent_per_image']:>16.0f}"
+          f"{t['bytes_received_per_image']:>16.0f}{t['tokens']:>9}")
     local = s["tokens_per_site"].get(runtime.local_site, 0)
-    p(f"{runtime.local_site:<14}{'(in-process)':<22}{'':>7}{'':>12}{'':>12}{local:>9}")
+    p(f"{runtime.local_site:<14}{'(in-process)':<22}{'':>7}{'':>16}{'':>16}{local:>9}")
     per_layer: dict[str, list[str]] = {}
     for key, v in s["tokens_per_expert"].items():
         layer, e = key.split(":")
