@@ -145,18 +145,6 @@ def draw_fault(rng: random.Random, cfg: SoakConfig) -> tuple[Fault, float]:
     return Fault(kind, worker, down), gap
 
 
-def replicated_placement(layers: dict[int, int]) -> dict[int, dict[str, list[int]]]:
-    """Expert e of every MoE layer on w[e mod 3] and w[(e+1) mod 3]: two replicas each."""
-    out: dict[int, dict[str, list[int]]] = {}
-    for layer, n in layers.items():
-        sites: dict[str, list[int]] = {w: [] for w in WORKERS}
-        for e in range(n):
-            sites[WORKERS[e % 3]].append(e)
-            sites[WORKERS[(e + 1) % 3]].append(e)
-        out[layer] = sites
-    return out
-
-
 def random_pngs(n: int, size: int, seed: int) -> list[bytes]:
     import numpy as np
     from PIL import Image
@@ -211,7 +199,7 @@ class Cluster:
         from moevit.data import load_image
         from partition.topology import load_topology
         from sim.linkproxy import ThreadedLinkProxy
-        from tests.deploy import small_moe_model, write_topology
+        from tests.deploy import replicated_placement, small_moe_model, write_topology
         from tests.netutil import free_port
 
         cfg = self.cfg
@@ -250,7 +238,7 @@ class Cluster:
         topo = write_topology(self.workdir, self.model_path, {COORDINATOR: free_port(), **self.ports},
                               fallback=cfg.fallback, name="soak.yaml", coordinator=COORDINATOR,
                               addresses={w: p.address for w, p in self.proxies.items()},
-                              placement=replicated_placement(self.moe_layers), rpc=rpc)
+                              placement=replicated_placement(self.moe_layers, WORKERS), rpc=rpc)
         self.runtime = SplitRuntime.from_topology(load_topology(topo), wire=cfg.wire)
         self.runtime.check_workers(wait_s=10)
         self._loop = _LoopThread()

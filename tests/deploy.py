@@ -60,3 +60,17 @@ def write_topology(tmp: Path, model_path: str | Path, ports: dict[str, int], fal
     path = Path(tmp) / name
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def replicated_placement(layers: dict[int, int], sites: tuple[str, ...] = ("w0", "w1", "w2")
+                         ) -> dict[int, dict[str, list[int]]]:
+    """Expert e of every MoE layer (layer -> expert count) on sites[e mod n] and sites[(e+1) mod n]: two replicas."""
+    n = len(sites)
+    out: dict[int, dict[str, list[int]]] = {}
+    for layer, count in layers.items():
+        held: dict[str, list[int]] = {s: [] for s in sites}
+        for e in range(count):
+            held[sites[e % n]].append(e)
+            held[sites[(e + 1) % n]].append(e)
+        out[layer] = held
+    return out

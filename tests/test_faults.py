@@ -28,7 +28,7 @@ from moevit.data import load_image
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from partition.topology import load_topology
 from sim.linkproxy import ThreadedLinkProxy
-from tests.deploy import small_moe_model, write_topology
+from tests.deploy import replicated_placement, small_moe_model, write_topology
 from tests.netutil import free_port, start_worker, stop, wait_serving
 from worker.backends import TorchBackend
 from worker.server import WorkerServer
@@ -41,14 +41,7 @@ WORKERS = ("w0", "w1", "w2")
 
 def _replicated() -> dict[int, dict[str, list[int]]]:
     """Expert e on w[e mod 3] and w[(e+1) mod 3]: every expert has two replicas."""
-    out: dict[int, dict[str, list[int]]] = {}
-    for layer in LAYERS:
-        sites: dict[str, list[int]] = {w: [] for w in WORKERS}
-        for e in range(E):
-            sites[WORKERS[e % 3]].append(e)
-            sites[WORKERS[(e + 1) % 3]].append(e)
-        out[layer] = sites
-    return out
+    return replicated_placement({layer: E for layer in LAYERS}, WORKERS)
 
 
 def _png(seed: int) -> bytes:
