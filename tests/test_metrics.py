@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -102,6 +103,11 @@ def test_coordinator_and_worker_metrics(tmp_path):
         with pytest.raises(SiteError, match="FAILED_PRECONDITION"):
             bad.start(8, [(0, torch.zeros(2, model.moe_layers()[8].router.dim))]).result()
         bad.close()
+        # the worker counts a call once its handler has returned, which can be just after the client saw the status
+        t_end = time.monotonic() + 5
+        while (total(scrape(wport), "moevit_worker_requests_total", method="RunExperts", code="FAILED_PRECONDITION")
+               == 0 and time.monotonic() < t_end):
+            time.sleep(0.05)
         assert total(scrape(wport), "moevit_worker_requests_total", method="RunExperts",
                      code="FAILED_PRECONDITION") == 1
 
