@@ -11,6 +11,7 @@ every call but health checks, as the workers do.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import signal
@@ -31,6 +32,8 @@ from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger("moe-coordinator")
 SERVICE = "moevit.rpc.v1.ClassifierService"
+# Longest a batch waits for requests that have arrived and are still being decoded.
+GATHER_LIMIT_MS = 50.0
 
 
 class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
@@ -43,6 +46,8 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         self.labels = list(runtime.model.config.labels)
         self._task: asyncio.Task | None = None
         self.served = 0
+        self.arriving = 0  # requests received and still being decoded: the batcher waits for them (see _gather)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._batcher())
@@ -59,12 +64,17 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         if not request.image:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ClassifyRequest.image is empty")
         loop = asyncio.get_running_loop()
+        self.arriving += 1
         try:
             x = await loop.run_in_executor(self.decode_pool, load_image, request.image, self.image_size)
         except UnreadableImageError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {clip(request.name)} is unreadable: {e}")
+            x, problem = None, f"image {clip(request.name)} is unreadable: {e}"
+        finally:
+            self.arriving -= 1
+        if x is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         fut = loop.create_future()
-        await self.queue.put((x, fut))
+        self.queue.put_nowait((x, fut))
         try:
             probs, degraded = await fut
         except SiteError as e:
@@ -79,19 +89,35 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             degraded=bool(degraded), model_fingerprint=self.runtime.fingerprint,
             latency_ms=(time.perf_counter() - t0) * 1e3, name=request.name)
 
+    async def _gather(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
+        """The next batch: the first request waiting, then more until ``max_batch``. Requests that already
+        arrived but are still being decoded are waited for (up to ``GATHER_LIMIT_MS``): with several clients the
+        decodes finish one after another on the coordinator's core, and cutting the batch at ``max_wait_ms``
+        then splits them into a full batch and a small one, paying every MoE layer's calls twice. With nothing
+        on its way, the batch waits at most ``max_wait_ms`` for another request."""
+        loop = asyncio.get_running_loop()
+        items = [await self.queue.get()]
+        start = loop.time()
+        while len(items) < self.max_batch:
+            if not self.queue.empty():
+                items.append(self.queue.get_nowait())
+                continue
+            waited = loop.time() - start
+            limit = GATHER_LIMIT_MS / 1e3 if self.arriving else self.max_wait / 1e3
+            if waited >= limit:
+                break
+            # re-check the decodes in flight at least every millisecond: one may fail or a new one start
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(), min(limit - waited, 1e-3)))
+            except TimeoutError:
+                pass
+        self.batch_sizes[len(items)] += 1
+        return items
+
     async def _batcher(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            items = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait / 1e3
-            while len(items) < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0 and self.queue.empty():
-                    break
-                try:
-                    items.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0)))
-                except TimeoutError:
-                    break
+            items = await self._gather()
             x = torch.stack([i[0] for i in items])
             try:
                 res = await loop.run_in_executor(self.pool, self.runtime.classify, x)

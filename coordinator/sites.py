@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.channels import DEFAULT_MAX_MESSAGE_MB, open_channel
 from coordinator.health import HealthWatch
+from coordinator.stream import ExpertStream
 from moevit_rpc.security import token_metadata
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
@@ -53,13 +54,15 @@ class Traffic:
 
 
 class PendingCall:
-    """An RPC in flight. :attr:`future` completes with the response (or the RPC error); :meth:`result` decodes the
-    outputs (float32 [n, C] each, request order); :meth:`cancel` abandons it (and cancels the RPC itself when it
-    was started cancellable)."""
+    """A request in flight. :attr:`future` completes with the response (or the RPC error); :meth:`result` decodes
+    the outputs (float32 [n, C] each, request order); :meth:`cancel` abandons it (and cancels the RPC itself when
+    it was started cancellable). ``deadline`` (monotonic): when :meth:`result` stops waiting, for requests on a
+    stream (a unary call carries its own deadline)."""
 
     def __init__(self, client: SiteClient, future: concurrent.futures.Future, sent: int, tokens: int,
-                 t0: float, rpc: grpc.Future | None = None) -> None:
+                 t0: float, rpc: grpc.Future | None = None, deadline: float | None = None) -> None:
         self.client, self.future, self.sent, self.tokens, self.t0, self.rpc = client, future, sent, tokens, t0, rpc
+        self.deadline = deadline
 
     def done(self) -> bool:
         return self.future.done()
@@ -72,7 +75,13 @@ class PendingCall:
     def result(self) -> list[torch.Tensor]:
         c = self.client
         try:
-            resp = self.future.result()
+            resp = self.future.result(None if self.deadline is None else max(0.0, self.deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            self.cancel()
+            with c.traffic.lock:
+                c.traffic.failures += 1
+            raise SiteError(c.name, "DEADLINE_EXCEEDED: no answer on the expert stream before the deadline",
+                            grpc.StatusCode.DEADLINE_EXCEEDED) from None
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
             details = e.details() if hasattr(e, "details") else str(e)
@@ -83,6 +92,18 @@ class PendingCall:
             raise SiteError(c.name, "CANCELLED: the call was cancelled", grpc.StatusCode.CANCELLED) from None
         c.traffic.add(self.sent, resp.ByteSize(), self.tokens, (time.perf_counter() - self.t0) * 1e3)
         return [proto_to_tensor(o.tokens) for o in resp.outputs]
+
+
+def _settle(done: concurrent.futures.Future, fut: concurrent.futures.Future) -> None:
+    """The outcome of ``done`` (finished) → ``fut``, unless ``fut`` was cancelled meanwhile."""
+    try:
+        err = done.exception()
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(done.result())
+    except (concurrent.futures.InvalidStateError, concurrent.futures.CancelledError):
+        pass
 
 
 def _transfer(rpc: grpc.Future, fut: concurrent.futures.Future) -> None:
@@ -102,12 +123,20 @@ def _transfer(rpc: grpc.Future, fut: concurrent.futures.Future) -> None:
 
 class SiteClient:
     """Expert and health stubs of one worker site, over TLS when ``tls`` is given (the coordinator's own
-    certificate, key and the CA), presenting ``token`` (the site's bearer token) on every expert call."""
+    certificate, key and the CA), presenting ``token`` (the site's bearer token) on every expert call.
+
+    With ``stream`` (the default) requests go over one long-lived ``RunExpertsStream`` call
+    (:mod:`coordinator.stream`), opened at the first request and again after it ends; cancellable requests and
+    every request once the worker turns out not to implement streams use unary ``RunExperts`` calls."""
 
     def __init__(self, name: str, address: str, *, fingerprint: str, wire: str = "fp16",
                  deadline_s: float = 10.0, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
-                 tls: TLSFiles | None = None, token: str | None = None, watch: bool = True) -> None:
+                 tls: TLSFiles | None = None, token: str | None = None, watch: bool = True,
+                 stream: bool = True) -> None:
         self.name, self.address, self.fingerprint, self.wire = name, address, fingerprint, wire
+        self.stream = stream
+        self._stream: ExpertStream | None = None
+        self._stream_lock = threading.Lock()
         self.deadline_s = deadline_s
         self.channel = open_channel(address, tls=tls, max_message_mb=max_message_mb)
         self.metadata = token_metadata(token) or None
@@ -123,6 +152,7 @@ class SiteClient:
         # Calls that may have to be cancelled (hedged) are grpc futures instead: a blocking call cannot be.
         self._calls = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"site-{name}")
         self.watch = HealthWatch(name, self.channel) if watch else None
+        self._closed = False
 
     @property
     def up(self) -> bool:
@@ -155,6 +185,11 @@ class SiteClient:
         timeout = self.deadline_s if timeout is None else max(timeout, 1e-3)
         t0 = time.perf_counter()
         rpc = None
+        if self.stream and not cancellable:
+            fut_or_none = self._submit_on_stream(req)
+            if fut_or_none is not None:
+                return PendingCall(self, fut_or_none, req.ByteSize(), sum(len(x) for _, x in batches), t0,
+                                   deadline=time.monotonic() + timeout)
         try:
             if cancellable:
                 rpc = self.stub.RunExperts.future(req, timeout=timeout, metadata=self.metadata)
@@ -166,7 +201,41 @@ class SiteClient:
             raise SiteError(self.name, "the client is closed", grpc.StatusCode.CANCELLED) from None
         return PendingCall(self, fut, req.ByteSize(), sum(len(x) for _, x in batches), t0, rpc)
 
+    def _submit_on_stream(self, req: expert_pb2.RunExpertsRequest) -> concurrent.futures.Future | None:
+        """The answer's future, on the open stream or a new one; None once the client is closed or streams are off."""
+        with self._stream_lock:
+            for _ in range(2):  # the stream may end between the check and the submit: then once more on a new one
+                if not self.stream or self._closed:
+                    return None
+                if self._stream is None or self._stream.ended:
+                    try:
+                        self._stream = ExpertStream(self.stub, name=self.name, metadata=self.metadata,
+                                                    on_unimplemented=self._resend_unary)
+                    except ValueError:  # the channel is closed
+                        return None
+                fut = self._stream.submit(req)
+                if fut is not None:
+                    return fut
+        return None
+
+    def _resend_unary(self, pending: list[tuple[expert_pb2.RunExpertsRequest, concurrent.futures.Future]]) -> None:
+        """The worker has no RunExpertsStream: stop using streams and send what was waiting as unary calls."""
+        self.stream = False
+        for req, fut in pending:
+            if fut.cancelled():
+                continue
+            try:
+                call = self._calls.submit(self.stub.RunExperts, req, timeout=self.deadline_s, metadata=self.metadata)
+            except RuntimeError:  # closed meanwhile
+                fut.cancel()
+                continue
+            call.add_done_callback(lambda c, fut=fut: _settle(c, fut))
+
     def close(self) -> None:
+        self._closed = True
+        with self._stream_lock:
+            if self._stream is not None:
+                self._stream.close()
         if self.watch is not None:
             self.watch.close()
         self._calls.shutdown(wait=False, cancel_futures=True)

@@ -58,15 +58,22 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        # the refusal has the shape of the method it stands in for, so a streaming call is refused as cleanly
+        self._deny = {(False, False): grpc.unary_unary_rpc_method_handler(deny),
+                      (False, True): grpc.unary_stream_rpc_method_handler(deny),
+                      (True, False): grpc.stream_unary_rpc_method_handler(deny),
+                      (True, True): grpc.stream_stream_rpc_method_handler(deny)}
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         if handler_call_details.method.startswith(HEALTH_PREFIX):
             return await continuation(handler_call_details)
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        handler = await continuation(handler_call_details)
         if hmac.compare_digest(given.encode(), self._expected):  # constant time: no timing oracle on the token
-            return await continuation(handler_call_details)
-        return self._deny
+            return handler
+        if handler is None:  # no such method: the caller learns no more than UNAUTHENTICATED
+            return self._deny[(False, False)]
+        return self._deny[(handler.request_streaming, handler.response_streaming)]
 
 
 # ------------------------------------------------------------------------------------------------------- a CA

@@ -71,7 +71,7 @@ _TOP_KEYS = {"required": ("coordinator", "sites"),
              "optional": ("model", "links", "placement", "fallback", "rpc")}
 _SITE_KEYS = {"required": ("address", "device"), "optional": ("tls", "token_file")}
 _TLS_KEYS = {"required": ("ca", "cert", "key"), "optional": ()}
-_RPC_KEYS = {"required": (), "optional": ("deadline_s", "hedge_ms", "max_message_mb")}
+_RPC_KEYS = {"required": (), "optional": ("deadline_s", "hedge_ms", "max_message_mb", "stream")}
 _DEVICE_KEYS = {"required": ("gflops", "memory_mb", "active_w", "idle_w"), "optional": ("battery_wh",)}
 _LINK_KEYS = {
     "required": ("between", "bandwidth_mbps", "latency_ms"),
@@ -390,11 +390,13 @@ class TLSFiles:
 
 @dataclass(frozen=True)
 class RpcOptions:
-    """How the coordinator calls the workers: deadline per expert RPC, optional hedging delay, message cap."""
+    """How the coordinator calls the workers: deadline per expert RPC, optional hedging delay, message cap, and
+    whether requests go over one long-lived stream per site (``stream``) or one unary call each."""
 
     deadline_s: float = 10.0
     hedge_ms: float | None = None
     max_message_mb: float = 64.0
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -874,7 +876,11 @@ def _parse_rpc(raw: Any, file: str) -> RpcOptions:
     d = _mapping(raw, file, "rpc")
     _check_keys(d, file, "rpc", _RPC_KEYS)
     hedge = d.get("hedge_ms")
+    stream = d.get("stream", True)
+    if not isinstance(stream, bool):
+        _fail(file, "rpc.stream", f"expected true or false, got {_describe(stream)}")
     return RpcOptions(
+        stream=stream,
         deadline_s=_number(d.get("deadline_s", 10.0), file, "rpc.deadline_s", "positive"),
         hedge_ms=None if hedge is None else _number(hedge, file, "rpc.hedge_ms", "non-negative"),
         max_message_mb=_number(d.get("max_message_mb", 64.0), file, "rpc.max_message_mb", "positive"),

@@ -281,11 +281,12 @@ def slow_worker(cluster):
 
 
 def test_deadline_cancellation_reaches_the_worker(cluster, slow_worker):
+    """On a unary call (stream off, or a hedge) the worker learns that the caller gave up."""
     server, port = slow_worker
     from moevit.checkpoint import model_fingerprint
 
     client = SiteClient("slow", f"127.0.0.1:{port}", fingerprint=model_fingerprint(cluster["model"]),
-                        wire="fp32", deadline_s=0.2, watch=False)
+                        wire="fp32", deadline_s=0.2, watch=False, stream=False)
     try:
         t0 = time.monotonic()
         with pytest.raises(SiteError, match="DEADLINE_EXCEEDED"):
@@ -300,6 +301,32 @@ def test_deadline_cancellation_reaches_the_worker(cluster, slow_worker):
         client.close()
 
 
+def test_a_late_answer_on_the_stream_is_dropped_and_the_stream_keeps_serving(cluster, slow_worker):
+    """A request abandoned at its deadline on the expert stream: the caller gets DEADLINE_EXCEEDED on time, the
+    worker's late answer is not taken for the next request's (answers are matched by request_id), and the next
+    request on the same stream gets its own, exact answer."""
+    server, port = slow_worker
+    model = cluster["model"]
+    from moevit.checkpoint import model_fingerprint
+
+    client = SiteClient("slow", f"127.0.0.1:{port}", fingerprint=model_fingerprint(model), wire="fp32",
+                        deadline_s=0.3, watch=False)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(SiteError, match="DEADLINE_EXCEEDED"):
+            client.start(8, [(0, torch.randn(16, 128))]).result()
+        assert time.monotonic() - t0 < 0.6
+        stream = client._stream
+        x = torch.randn(5, 128)
+        (y,) = client.start(8, [(1, x)], timeout=3.0).result()  # queued behind the abandoned one on the worker
+        assert client._stream is stream and not stream.ended  # the same stream served both
+        bank = model.moe_layers()[8].experts
+        torch.testing.assert_close(y, bank.forward_one(1, x), atol=1e-5, rtol=0)
+        assert client.traffic.failures == 1 and client.traffic.calls == 1
+    finally:
+        client.close()
+
+
 def test_a_busy_worker_refuses_at_once_and_the_coordinator_reroutes(cluster, slow_worker):
     """Beyond its queue cap a worker answers RESOURCE_EXHAUSTED at once; the coordinator then uses another
     replica, so the result is exact and not degraded."""
@@ -308,7 +335,9 @@ def test_a_busy_worker_refuses_at_once_and_the_coordinator_reroutes(cluster, slo
     from moevit.checkpoint import model_fingerprint
 
     fp = model_fingerprint(cluster["model"])
-    hog = SiteClient("slow", f"127.0.0.1:{port}", fingerprint=fp, wire="fp32", deadline_s=5, watch=False)
+    # unary calls: requests on one stream are served one after another, so one client cannot overfill the queue
+    hog = SiteClient("slow", f"127.0.0.1:{port}", fingerprint=fp, wire="fp32", deadline_s=5, watch=False,
+                     stream=False)
     busy = hog.start(8, [(0, torch.randn(16, 128))])  # occupies the only admitted slot for 0.6 s
     time.sleep(0.1)
     t0 = time.monotonic()

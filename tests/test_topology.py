@@ -230,6 +230,8 @@ RULES = [
     (("set", ("placement",), {"x": {"pi-north": [0]}}), "placement.x", "expected a layer index"),
     (("set", ("placement",), {8: {}}), "placement.8", "at least one site"),
     (("set", ("placement",), {8: {"pi-north": [0]}, "8": {"pi-south": [1]}}), "placement.8", "listed twice"),
+    (("set", ("rpc",), {"stream": "yes"}), "rpc.stream", "expected true or false, got 'yes'"),
+    (("set", ("rpc",), {"streams": True}), "rpc.streams", "did you mean 'stream'?"),
 ]
 
 
@@ -247,6 +249,14 @@ def test_each_rule_names_file_and_key_path(change, key_path, text):
     assert (err.file, err.key_path) == ("field/sites.yaml", key_path), str(err)
     assert text in err.problem, str(err)
     assert str(err).startswith(f"field/sites.yaml: {key_path}: ")
+
+
+def test_rpc_stream_defaults_on_and_can_be_turned_off():
+    assert parse_topology(base(), "t.yaml").rpc.stream is True
+    data = base()
+    data["rpc"] = {"stream": False, "deadline_s": 2.0}
+    rpc = parse_topology(data, "t.yaml").rpc
+    assert (rpc.stream, rpc.deadline_s) == (False, 2.0)
 
 
 def test_base_is_valid():

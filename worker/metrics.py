@@ -1,12 +1,14 @@
 """Prometheus metrics of an expert worker (``moe-worker --metrics-port [HOST:]PORT``).
 
-Hooked from the outside: :func:`instrument` wraps the servicer's ``RunExperts`` and ``Info`` handlers of a
-:class:`~worker.server.WorkerServer` before it starts (requests by gRPC status, latency, bytes, tokens per expert);
+Hooked from the outside: :func:`instrument` wraps the servicer's per-request ``answer`` (behind both ``RunExperts``
+and ``RunExpertsStream``) and its ``Info`` handler of a :class:`~worker.server.WorkerServer` before it starts
+(requests by gRPC status, latency, bytes, tokens per expert);
 ``moevit_worker_up`` reads the server's state at scrape time. Names are listed in ``docs/outputs.md``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from coordinator.metrics import LATENCY_BUCKETS, start_metrics_server
+from worker.service import RequestError
 
 __all__ = ["WorkerMetrics", "instrument", "serve_worker_metrics"]
 
@@ -46,8 +49,9 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("moevit_worker_requests", "RPCs by method and gRPC status code", ["method", "code"],
-                                registry=r)
+        self.requests = Counter("moevit_worker_requests",
+                                "Requests by method and gRPC status code (RunExperts: every expert request, "
+                                "call or stream message)", ["method", "code"], registry=r)
         self.latency = Histogram("moevit_worker_request_seconds", "RPC handling time, by method", ["method"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.received = Counter("moevit_worker_received_bytes", "Serialised RunExperts request bytes", registry=r)
@@ -58,14 +62,15 @@ class WorkerMetrics:
     def instrument(self, server: Any) -> None:
         """Wrap the handlers of ``server``'s servicer; call before ``server.start()``."""
         servicer = server._servicer  # noqa: SLF001 - the hook point; the servicer's own code stays untouched
-        run, info = servicer.RunExperts, servicer.Info
+        answer, info = servicer.answer, servicer.Info
 
-        async def RunExperts(request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method name
+        # every expert request is counted here, whether it came as a RunExperts call or a RunExpertsStream message
+        async def counted_answer(request: Any) -> Any:
             t0 = time.perf_counter()
             self.received.inc(request.ByteSize())
             code = "UNKNOWN"
             try:
-                response = await run(request, context)
+                response = await answer(request)
                 code = "OK"
                 self.sent.inc(response.ByteSize())
                 for batch in request.batches:
@@ -73,12 +78,11 @@ class WorkerMetrics:
                     if shape:
                         self.tokens.labels(str(request.layer), str(batch.expert)).inc(shape[0])
                 return response
-            except BaseException:
-                try:
-                    status = context.code()
-                    code = status.name if status is not None else "UNKNOWN"
-                except Exception:  # noqa: BLE001 - metrics must never change what the call does
-                    pass
+            except RequestError as e:
+                code = e.code.name
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
                 raise
             finally:
                 self.requests.labels("RunExperts", code).inc()
@@ -92,7 +96,7 @@ class WorkerMetrics:
                 self.requests.labels("Info", "OK").inc()
                 self.latency.labels("Info").observe(time.perf_counter() - t0)
 
-        servicer.RunExperts, servicer.Info = RunExperts, Info
+        servicer.answer, servicer.Info = counted_answer, Info
         self.registry.register(_StateCollector(server))
 
 

@@ -188,6 +188,7 @@ class WorkerServer:
         grace = self.grace if grace is None else grace
         log.info("stopping: health NOT_SERVING, waiting up to %.1f s for calls in flight", grace)
         await self._health.enter_graceful_shutdown()
+        self._servicer.drain()  # idle RunExpertsStream calls end now instead of holding the grace period open
         await self._server.stop(grace)
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

@@ -30,6 +30,8 @@ __all__ = ["DEFAULT_MAX_TOKENS", "PROTOCOL_VERSION", "ExpertServicer", "RequestE
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "v1"
+# Optional parts of v1 this worker implements (InfoResponse.features).
+FEATURES = ("run_experts_stream",)
 # Pixel tokens per request: a batch of 64 images at layer 0-1 resolution (32x32 pixels at 256 px input) is 64K;
 # the cap bounds one request's memory and compute whatever the message size allows.
 DEFAULT_MAX_TOKENS = 1 << 18
@@ -150,11 +152,12 @@ def info_response(backend: ExpertBackend, fingerprint: str, *, arch: str, site: 
     layers = [expert_pb2.HostedLayer(layer=layer, experts=list(experts), dim=backend.dims[layer])
               for layer, experts in sorted(backend.hosted.items())]
     return expert_pb2.InfoResponse(model_fingerprint=fingerprint, arch=arch, layers=layers, backend=backend.name,
-                                   site=site, version=PROTOCOL_VERSION)
+                                   site=site, version=PROTOCOL_VERSION, features=list(FEATURES))
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    """Async ExpertService over one backend.
+    """Async ExpertService over one backend: ``RunExperts`` (one call per request) and ``RunExpertsStream`` (one
+    long-lived call, one message per request) share :meth:`answer`.
 
     With an ``executor`` the computation of a large request runs there, so the event loop keeps answering
     health checks and accepting calls while experts compute; without one everything runs inline (tests,
@@ -177,21 +180,24 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.executor = executor
         self.inline_elements = inline_elements
         self.max_queue = max_queue
-        self.active = 0  # RunExperts calls admitted and not finished
-        self.refused_busy = 0  # calls refused with RESOURCE_EXHAUSTED
-        self.cancelled = 0  # calls whose caller gave up (deadline, cancel) before the answer
+        self.active = 0  # requests admitted and not finished (calls and stream messages alike)
+        self.refused_busy = 0  # requests refused with RESOURCE_EXHAUSTED
+        self.cancelled = 0  # requests whose caller gave up (deadline, cancel) before the answer
         self._info = info_response(backend, fingerprint, arch=arch, site=site)
+        self._draining = False
+        self._idle_streams: set[asyncio.Task[Any]] = set()  # stream handlers waiting for their next request
 
-    async def RunExperts(self, request: expert_pb2.RunExpertsRequest,
-                         context: grpc.aio.ServicerContext) -> expert_pb2.RunExpertsResponse:
+    async def answer(self, request: expert_pb2.RunExpertsRequest) -> expert_pb2.RunExpertsResponse:
+        """Validate and run one request. Raises :class:`RequestError` for a refusal or a failure (INTERNAL);
+        :class:`asyncio.CancelledError` passes through (the caller gave up)."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("RunExperts start request_id=%s layer=%d experts=%s", request.request_id, request.layer,
                       [b.expert for b in request.batches])
         if self.active >= self.max_queue:
             self.refused_busy += 1
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"worker busy: {self.active} calls already admitted (cap {self.max_queue}); "
-                                "try another replica")
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"worker busy: {self.active} requests already admitted (cap {self.max_queue}); "
+                               "try another replica")
         run = functools.partial(validate_and_run, self.backend, self.hosted, self.fingerprint, request,
                                 max_tokens=self.max_tokens, check_finite=self.check_finite)
         gave_up = threading.Event()
@@ -207,6 +213,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             else:
                 response = await asyncio.get_running_loop().run_in_executor(self.executor, run_unless_abandoned)
             log.debug("RunExperts done request_id=%s compute_ms=%.3f", request.request_id, response.compute_ms)
+            response.request_id = request.request_id
             return response
         except asyncio.CancelledError:  # the caller's deadline passed or it cancelled (e.g. a hedge it lost)
             gave_up.set()
@@ -215,14 +222,49 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             raise
         except RequestError as e:
             log.info("RunExperts request_id=%s refused (%s): %s", request.request_id, e.code.name, e.message)
-            code, message = e.code, e.message
+            raise
         except Exception as e:  # the worker keeps serving whatever one request does
             log.exception("RunExperts request_id=%s failed", request.request_id)
-            code, message = grpc.StatusCode.INTERNAL, f"worker error: {type(e).__name__}: {e}"
+            raise RequestError(grpc.StatusCode.INTERNAL, f"worker error: {type(e).__name__}: {e}") from None
         finally:
             self.active -= 1
+
+    async def RunExperts(self, request: expert_pb2.RunExpertsRequest,
+                         context: grpc.aio.ServicerContext) -> expert_pb2.RunExpertsResponse:
+        try:
+            return await self.answer(request)
+        except RequestError as e:
+            code, message = e.code, e.message
         # Outside the try: abort raises to end the call, and that must not be caught above.
         await context.abort(code, message)
+
+    async def RunExpertsStream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        task = asyncio.current_task()
+        try:
+            while not self._draining:
+                self._idle_streams.add(task)
+                try:
+                    request = await context.read()
+                finally:
+                    self._idle_streams.discard(task)
+                if request is grpc.aio.EOF:  # the client closed its side
+                    return
+                try:
+                    response = await self.answer(request)
+                except RequestError as e:
+                    response = expert_pb2.RunExpertsResponse(request_id=request.request_id,
+                                                             error_code=e.code.value[0], error_message=e.message)
+                await context.write(response)
+        except asyncio.CancelledError:
+            if self._draining:  # drain() ended this idle stream: finish it cleanly, the client opens a new one
+                return
+            raise
+
+    def drain(self) -> None:
+        """Shutting down: streams waiting for their next request end now (OK); those computing end after it."""
+        self._draining = True
+        for task in list(self._idle_streams):
+            task.cancel()
 
     async def Info(self, request: expert_pb2.InfoRequest, context: Any) -> expert_pb2.InfoResponse:
         return self._info

@@ -49,12 +49,18 @@ class RunExpertsRequest(_message.Message):
     def __init__(self, model_fingerprint: _Optional[str] = ..., layer: _Optional[int] = ..., batches: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RunExpertsResponse(_message.Message):
-    __slots__ = ("outputs", "compute_ms")
+    __slots__ = ("outputs", "compute_ms", "request_id", "error_code", "error_message")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
     compute_ms: float
-    def __init__(self, outputs: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    request_id: str
+    error_code: int
+    error_message: str
+    def __init__(self, outputs: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., request_id: _Optional[str] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -71,20 +77,22 @@ class HostedLayer(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "arch", "layers", "backend", "site", "version")
+    __slots__ = ("model_fingerprint", "arch", "layers", "backend", "site", "version", "features")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     arch: str
     layers: _containers.RepeatedCompositeFieldContainer[HostedLayer]
     backend: str
     site: str
     version: str
-    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[HostedLayer, _Mapping]]] = ..., backend: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[HostedLayer, _Mapping]]] = ..., backend: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("image", "name", "top_k")
