@@ -250,7 +250,7 @@ class Deployment:
                 self.proxies[name].start()
         return {name: p.address for name, p in self.proxies.items()}
 
-    def topology(self, config: str, *, proxies: bool = False) -> Path:
+    def topology(self, config: str, *, proxies: bool = False, stream: bool = True) -> Path:
         import yaml
 
         addresses = self.proxied() if proxies else self.addresses
@@ -261,17 +261,20 @@ class Deployment:
             "sites": {n: {"address": a, "device": dict(device)} for n, a in sites.items()},
             "links": [{"between": [COORDINATOR, n], "bandwidth_mbps": 100, "latency_ms": 1} for n in WORKERS],
             "placement": placement_for(config, self.layers, self.num_experts),
+            "rpc": {"stream": stream},
         }
         self._count += 1
         path = self.workdir / f"sites-{config}-{'proxy' if proxies else 'direct'}-{self._count}.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path
 
-    def runtime(self, config: str, *, wire: str = "fp16", proxies: bool = False, memory_format=None):
+    def runtime(self, config: str, *, wire: str = "fp16", proxies: bool = False, memory_format=None,
+                stream: bool = True):
         from coordinator.runtime import SplitRuntime
         from partition.topology import load_topology
 
-        runtime = SplitRuntime.from_topology(load_topology(self.topology(config, proxies=proxies)), wire=wire)
+        runtime = SplitRuntime.from_topology(load_topology(self.topology(config, proxies=proxies, stream=stream)),
+                                             wire=wire)
         if memory_format is not None:
             runtime.model.to(memory_format=memory_format)
         runtime.check_workers()
@@ -351,7 +354,9 @@ def bench_latency(dep: Deployment, ref, layers: tuple[int, ...], args, memory_fo
     import torch
 
     runtimes = {"split_3w": dep.runtime("3w", memory_format=memory_format),
-                "split_cam+2w": dep.runtime("cam+2w", memory_format=memory_format)}
+                "split_cam+2w": dep.runtime("cam+2w", memory_format=memory_format),
+                # the same deployment with one unary RunExperts call per site and layer instead of the stream
+                "split_3w_unary": dep.runtime("3w", memory_format=memory_format, stream=False)}
     xs = [x[None].contiguous(memory_format=memory_format) for x in random_images(16, IMAGE_SIZE, seed=1)]
     try:
         fns = {name: cycling(rt.classify, xs) for name, rt in runtimes.items()}
@@ -378,6 +383,18 @@ def bench_latency(dep: Deployment, ref, layers: tuple[int, ...], args, memory_fo
                                "summary": {k: stats(v) for k, v in times.items()}}
         out["vs_inprocess"] = {name: ratio_stats(times[name], times["inprocess"], args.block) for name in runtimes}
         out["worker_cpu_ms_per_call"] = round(worker_cpu * 1e3 / max(1, calls), 3)
+        # per deployment, in a short untimed pass each (reading /proc inside the timed calls would add to them)
+        by_config = {}
+        with torch.inference_mode():
+            for name, rt in runtimes.items():
+                n0 = sum(c.traffic.calls for c in rt.clients.values())
+                c0 = sum(proc_cpu_seconds(p.pid) for p in dep.procs.values())
+                for x in xs:
+                    rt.classify(x)
+                n = sum(c.traffic.calls for c in rt.clients.values()) - n0
+                by_config[name] = round((sum(proc_cpu_seconds(p.pid) for p in dep.procs.values()) - c0) * 1e3
+                                        / max(1, n), 3)
+        out["worker_cpu_ms_per_call_by_config"] = by_config
         out["inprocess_cpu_per_wall_s"] = {"p50": round(statistics.median(cpu_share), 3),
                                            "p10": round(percentile(cpu_share, 10), 3)}
         out["loadavg_after"] = load_average()
@@ -744,6 +761,14 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"figure": f"split (cam holds ⅓ + 2 workers) ÷ in-process, batch-1 p50, MoE {key}",
                      "measured": f"{r2:.3f} ({s2['p50']:.1f} / {i['p50']:.1f} ms)", "target": "(info)",
                      "holds": None})
+        if "split_3w_unary" in lat["vs_inprocess"]:
+            r3 = lat["vs_inprocess"]["split_3w_unary"]["ratio_of_medians"]
+            s3 = lat["summary"]["split_3w_unary"]
+            cpu = lat["worker_cpu_ms_per_call_by_config"]
+            rows.append({"figure": f"split (3 workers), unary calls instead of the stream, MoE {key}",
+                         "measured": f"{r3:.3f} ({s3['p50']:.1f} / {i['p50']:.1f} ms); worker CPU per call "
+                                     f"{cpu['split_3w_unary']:.2f} ms unary, {cpu['split_3w']:.2f} ms streamed",
+                         "target": "(info)", "holds": None})
     for key, tp in result["throughput"].items():
         r = tp["ratio_vs_model"]
         ips = tp["median_images_per_s"]

@@ -1,0 +1,153 @@
+"""gRPC transport cost alone: one unary call per request vs one message on a long-lived stream.
+
+Three echo servers (grpc.aio, the worker's server stack, no model) on ``--server-cpus`` stand for the three workers;
+this process, on ``--client-cpus``, sends one "layer" at a time: the same message to all three at once, then waits
+for the three answers, as the coordinator does at each MoE layer. Measured per layer, in rounds that alternate the
+two transports: wall time, the servers' CPU (from /proc) and this process's CPU. ``--gap-ms`` sleeps between layers
+as the trunk would (servers then wake cold).
+
+Run: ``.venv/bin/python bench/bench_transport.py [--layers 1500] [--bytes 11000] [--gap-ms 0]``
+(about 30 s; writes ``bench/results/transport.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import load_average, write_result  # noqa: E402
+
+SERVICE = "bench.Echo"
+
+
+async def _serve(port: int) -> None:
+    import grpc
+
+    async def unary(request: bytes, context) -> bytes:
+        return request
+
+    async def stream(requests, context):
+        async for request in requests:
+            yield request
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.stream_stream_rpc_method_handler(stream),
+    }),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=1500, help="layers timed per transport and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bytes", type=int, default=11000, help="message size (one site's tokens of one layer)")
+    ap.add_argument("--gap-ms", type=float, default=0.0, help="sleep between layers (the trunk's time)")
+    ap.add_argument("--client-cpus", default="0")
+    ap.add_argument("--server-cpus", default="1")
+    ap.add_argument("--out", default="bench/results/transport.json")
+    ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        asyncio.run(_serve(args.serve))
+        return 0
+
+    import grpc
+
+    from tests.netutil import free_port
+
+    server_cpus = {int(c) for c in args.server_cpus.split(",")}
+    os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        p = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], stdout=subprocess.PIPE)
+        p.stdout.readline()
+        os.sched_setaffinity(p.pid, server_cpus)
+        procs.append(p)
+    payload = os.urandom(args.bytes)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{p}") for p in ports]
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    unary = [ch.unary_unary(f"/{SERVICE}/Unary") for ch in channels]
+    requests = [queue.SimpleQueue() for _ in channels]
+    streams = [ch.stream_stream(f"/{SERVICE}/Stream")(iter(q.get, None))
+               for ch, q in zip(channels, requests, strict=True)]
+
+    def layer_unary() -> None:
+        for f in [pool.submit(call, payload, timeout=10) for call in unary]:
+            f.result()
+
+    def layer_stream() -> None:
+        for q in requests:
+            q.put(payload)
+        for s in streams:
+            next(s)
+
+    layers = {"unary": layer_unary, "stream": layer_stream}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in layers}
+    try:
+        for fn in layers.values():  # warm-up: connections, first calls
+            for _ in range(200):
+                fn()
+        for _ in range(args.rounds):
+            for name, fn in layers.items():
+                s0, c0 = sum(_cpu_s(p.pid) for p in procs), time.process_time()
+                busy = 0.0
+                for _ in range(args.layers):
+                    if args.gap_ms:
+                        time.sleep(args.gap_ms / 1e3)
+                    t1 = time.perf_counter()
+                    fn()
+                    busy += time.perf_counter() - t1
+                n = args.layers
+                samples[name].append({
+                    "layer_ms": busy / n * 1e3,
+                    "servers_cpu_ms": (sum(_cpu_s(p.pid) for p in procs) - s0) / n * 1e3,
+                    "client_cpu_ms": (time.process_time() - c0) / n * 1e3,
+                })
+    finally:
+        for q in requests:
+            q.put(None)
+        for p in procs:
+            p.kill()
+    summary = {name: {k: round(statistics.median(s[k] for s in runs), 3) for k in runs[0]}
+               for name, runs in samples.items()}
+    result = {
+        "benchmark": "transport",
+        "description": "one layer = the same message to 3 grpc.aio echo servers at once; unary calls vs streams",
+        "settings": {k: getattr(args, k) for k in ("layers", "rounds", "bytes", "gap_ms", "client_cpus",
+                                                   "server_cpus")},
+        "loadavg_after": load_average(),
+        "samples": samples,
+        "median": summary,
+        "stream_vs_unary": {k: round(summary["stream"][k] / summary["unary"][k], 3) for k in summary["unary"]},
+    }
+    path = write_result(args.out, result)
+    for name, m in summary.items():
+        print(f"{name:7s} layer {m['layer_ms']:.3f} ms, servers' CPU {m['servers_cpu_ms']:.3f} ms, "
+              f"client CPU {m['client_cpu_ms']:.3f} ms")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
