@@ -98,14 +98,15 @@ class _RuntimeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         rt = self.runtime
-        calls = CounterMetricFamily("moevit_coordinator_site_rpcs", "Expert RPCs answered, per site", labels=["site"])
-        fails = CounterMetricFamily("moevit_coordinator_site_rpc_failures", "Expert RPCs that failed, per site",
+        calls = CounterMetricFamily("moevit_coordinator_site_rpcs",
+                                    "Expert requests answered (calls or stream messages), per site", labels=["site"])
+        fails = CounterMetricFamily("moevit_coordinator_site_rpc_failures", "Expert requests that failed, per site",
                                     labels=["site"])
         sent = CounterMetricFamily("moevit_coordinator_site_sent_bytes", "Serialised request bytes sent, per site",
                                    labels=["site"])
         recv = CounterMetricFamily("moevit_coordinator_site_received_bytes", "Serialised response bytes received, "
                                    "per site", labels=["site"])
-        rpc = HistogramMetricFamily("moevit_coordinator_site_rpc_seconds", "Expert RPC latency, per site",
+        rpc = HistogramMetricFamily("moevit_coordinator_site_rpc_seconds", "Expert request latency, per site",
                                     labels=["site"])
         up = GaugeMetricFamily("moevit_coordinator_site_up", "1 when the site's health service answers SERVING",
                                labels=["site", "address"])
