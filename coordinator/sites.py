@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import threading
 import time
 from collections import deque
@@ -143,7 +144,9 @@ class SiteClient:
         self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.traffic = Traffic()
-        self._seq = 0
+        # request ids must be unique per stream even when several threads send at once: next() on a count is
+        # atomic, ``+= 1`` on an attribute is not
+        self._seq = itertools.count(1)
         # Calls in flight run as blocking calls on these threads rather than as grpc futures: a sync-API future
         # needs the channel's "spin" thread, which grpc stops whenever no call is in flight and starts again for
         # the next one, so one MoE layer after another paid a thread start per site (measured: ~0.13 ms of the
@@ -178,9 +181,8 @@ class SiteClient:
               cancellable: bool = False) -> PendingCall:
         """Send the tokens of several experts of one layer in one RPC; returns at once. ``timeout`` defaults to
         the client's deadline."""
-        self._seq += 1
         req = expert_pb2.RunExpertsRequest(
-            model_fingerprint=self.fingerprint, layer=layer, request_id=f"{self.name}-{self._seq}",
+            model_fingerprint=self.fingerprint, layer=layer, request_id=f"{self.name}-{next(self._seq)}",
             batches=[expert_pb2.ExpertTokens(expert=e, tokens=tensor_to_proto(x, self.wire)) for e, x in batches])
         timeout = self.deadline_s if timeout is None else max(timeout, 1e-3)
         t0 = time.perf_counter()

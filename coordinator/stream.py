@@ -7,8 +7,9 @@ client opens a new one for the next request.
 
 Why a stream: in grpc-python most of a small call's cost is setting the call up and tearing it down, on both
 ends (bench/bench_transport.py, 3 echo servers sharing a core: a layer of three requests 2.32 ms over unary calls,
-1.29 ms over streams; servers' CPU 2.10 vs 0.95 ms). A request abandoned on a stream (deadline passed) is still computed by
-the worker and its answer dropped here; calls that must be cancellable (hedges) use unary ``RunExperts``.
+1.29 ms over streams; servers' CPU 2.10 vs 0.95 ms). A request abandoned on a stream (deadline passed) is still
+computed by the worker and its answer dropped here; calls that must be cancellable (hedges) use unary
+``RunExperts``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class ExpertStream:
         with self._lock:
             if self._ended is not None:
                 return None
+            if rid in self._pending:  # its answer would be taken for the other's
+                raise ValueError(f"request_id {rid!r} is already waiting for an answer on this stream")
             self._pending[rid] = (request, fut)
         fut.add_done_callback(lambda f: f.cancelled() and self._forget(rid))
         self._requests.put(request)

@@ -192,3 +192,27 @@ def test_a_worker_without_streams_is_used_through_unary_calls(model_path, refere
         client.close()
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_a_request_id_already_waiting_is_refused(worker, reference):
+    """Answers are matched by request_id: a second request with the id of one still waiting is refused, not sent."""
+    from coordinator.stream import ExpertStream
+    from moevit_rpc.tensors import tensor_to_proto
+    from moevit_rpc.v1 import expert_pb2
+
+    bank, fp = reference
+    channel = grpc.insecure_channel(worker)
+    stream = ExpertStream(expert_pb2_grpc.ExpertServiceStub(channel), name="w")
+    x = torch.randn(3, DIM)
+    req = expert_pb2.RunExpertsRequest(model_fingerprint=fp, layer=LAYER, request_id="same", batches=[
+        expert_pb2.ExpertTokens(expert=0, tokens=tensor_to_proto(x, "fp32"))])
+    try:
+        first = stream.submit(req)
+        with pytest.raises(ValueError, match="'same' is already waiting"):
+            stream.submit(req)
+        resp = first.result(timeout=10)
+        assert resp.request_id == "same" and len(resp.outputs) == 1
+        assert stream.submit(req).result(timeout=10).request_id == "same"  # answered: the id is free again
+    finally:
+        stream.close()
+        channel.close()
