@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--serve", metavar="ADDR", help="serve the Classify RPC on ADDR instead of a batch run; with "
                     "the coordinator site's tls (mutual TLS only) and token_file (bearer token) when it has them")
     ap.add_argument("--max-batch", type=int, default=8, help="with --serve: largest batch formed from requests")
+    ap.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+                    help="with --serve: how long a batch waits after its first request for more (default 2; "
+                    "more fills batches from many clients at the cost of a lone request's latency)")
     ap.add_argument("--metrics-port", metavar="[HOST:]PORT", help="serve Prometheus metrics at "
                     "http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
     return ap
@@ -338,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             raise CoordinatorError("nothing to do: give --images DIR, --data SPEC or --serve ADDR")
         if args.batch_size < 1:
             raise CoordinatorError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.max_batch < 1:
+            raise CoordinatorError(f"--max-batch must be >= 1, got {args.max_batch}")
+        if not args.max_wait_ms >= 0:
+            raise CoordinatorError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
         if not args.sequence_gap >= 0:
             raise CoordinatorError(f"--sequence-gap must be >= 0 seconds, got {args.sequence_gap}")
         if args.out and Path(args.out).is_dir():
@@ -367,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             from coordinator.server import serve
 
             asyncio.run(serve(runtime, args.serve, image_size=size, max_batch=args.max_batch,
-                              credentials=credentials, token=token))
+                              max_wait_ms=args.max_wait_ms, credentials=credentials, token=token))
             return 0
         summary = run_batch(runtime, args, size, metrics)
         return 0 if summary["ok"] or not summary["images"] else 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -81,3 +82,14 @@ async def test_a_lone_request_waits_at_most_max_wait(max_wait_ms):
     finally:
         await channel.close()
         await running.stop(0)
+
+
+@pytest.mark.parametrize(("flag", "value", "words"), [("--max-wait-ms", "-1", "--max-wait-ms must be >= 0"),
+                                                      ("--max-batch", "0", "--max-batch must be >= 1")])
+def test_bad_batching_flags_are_one_line_errors(capsys, flag, value, words):
+    from coordinator import cli
+
+    sites = Path(__file__).resolve().parents[1] / "examples" / "sites.yaml"
+    assert cli.main(["--topology", str(sites), "--serve", "127.0.0.1:0", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
