@@ -32,6 +32,10 @@ from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger("moe-coordinator")
 SERVICE = "moevit.rpc.v1.ClassifierService"
+# How long a batch waits for the clients the previous batch answered (see ClassifyServicer._gather): this fraction
+# of the previous forward's time, at most RETURN_WAIT_MAX_S.
+RETURN_WAIT_FRACTION = 0.1
+RETURN_WAIT_MAX_S = 0.05
 
 
 class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
@@ -44,6 +48,8 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         self._task: asyncio.Task | None = None
         self.served = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        # the previous batch: its size, when it was answered, how long its forward took; requests since then
+        self._last_size, self._answered_at, self._last_forward_s, self._returned = 0, 0.0, 0.0, 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._batcher())
@@ -59,6 +65,7 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         if not request.image:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ClassifyRequest.image is empty")
         fut = asyncio.get_running_loop().create_future()
+        self._returned += 1
         self.queue.put_nowait((request.image, fut))
         try:
             probs, degraded = await fut
@@ -82,14 +89,22 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
 
     async def _gather(self) -> list[tuple[bytes, asyncio.Future]]:
         """The next batch: the first request waiting, then those arriving within ``max_wait_ms`` of it, up to
-        ``max_batch``."""
+        ``max_batch``. While the clients the previous batch answered have not all come back, it waits for them a
+        little longer (a tenth of the previous forward's time, at most ``RETURN_WAIT_MAX_S``): closed-loop clients
+        send their next request right after their answer, and cutting the batch before they do splits them into
+        two half batches that alternate for good, each paying every MoE layer's expert calls. A lone client is
+        never held: it is the one client the previous batch answered."""
         loop = asyncio.get_running_loop()
         items = [await self.queue.get()]
-        deadline = loop.time() + self.max_wait / 1e3
+        first = loop.time()
         while len(items) < self.max_batch:
             if not self.queue.empty():
                 items.append(self.queue.get_nowait())
                 continue
+            deadline = first + self.max_wait / 1e3
+            if self._returned < self._last_size:
+                wait = min(RETURN_WAIT_MAX_S, RETURN_WAIT_FRACTION * self._last_forward_s)
+                deadline = max(deadline, self._answered_at + wait)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -123,10 +138,14 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         loop = asyncio.get_running_loop()
         while True:
             items = await self._gather()
+            t0 = loop.time()
             try:
                 outcomes = await loop.run_in_executor(self.pool, self._run_batch, [data for data, _ in items])
             except Exception as e:  # a failed batch fails its requests; the server keeps serving
                 outcomes = [e if isinstance(e, SiteError) else SiteError("coordinator", str(e))] * len(items)
+            self._answered_at = loop.time()
+            self._last_forward_s = self._answered_at - t0
+            self._last_size, self._returned = len(items), 0
             for (_, fut), outcome in zip(items, outcomes, strict=True):
                 if fut.done():
                     continue

@@ -1,5 +1,6 @@
 """The Classify server's batcher: requests that arrive within ``max_wait_ms`` of each other form one batch, an
-unreadable image in a batch fails alone, and a lone request is not held back beyond ``max_wait_ms``."""
+unreadable image in a batch fails alone, closed-loop clients coming back at different moments share full batches,
+and a lone client is never held back."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import coordinator.server as server_mod
 from coordinator.channels import channel_options
 from coordinator.server import start_server
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
@@ -22,13 +24,17 @@ from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 class _Runtime:
     """What the servicer uses of a SplitRuntime; batching is what is under test, not the model. Class 1 wins
-    for every image; the logits also say how many images the batch had."""
+    for every image; a forward takes ``seconds``."""
 
     fingerprint = "stub"
     model = SimpleNamespace(config=SimpleNamespace(labels=("a", "b")))
 
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+
     def classify(self, x: torch.Tensor) -> SimpleNamespace:
         assert x.shape[1:] == (3, 32, 32)
+        time.sleep(self.seconds)
         return SimpleNamespace(logits=torch.tensor([[0.0, 3.0]]).expand(len(x), 2),
                                degraded=torch.zeros(len(x), dtype=torch.bool))
 
@@ -39,8 +45,9 @@ def _png(side: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-async def _server(max_wait_ms: float):
-    running = await start_server(_Runtime(), "127.0.0.1:0", image_size=32, max_batch=8, max_wait_ms=max_wait_ms)
+async def _server(max_wait_ms: float, forward_s: float = 0.0):
+    running = await start_server(_Runtime(forward_s), "127.0.0.1:0", image_size=32, max_batch=8,
+                                 max_wait_ms=max_wait_ms)
     channel = grpc.aio.insecure_channel(running.address, options=channel_options())
     return running, channel, expert_pb2_grpc.ClassifierServiceStub(channel)
 
@@ -67,18 +74,47 @@ async def test_requests_arriving_together_form_one_batch_and_a_bad_image_fails_a
         await running.stop(0)
 
 
-@pytest.mark.parametrize("max_wait_ms", [2.0])
-async def test_a_lone_request_waits_at_most_max_wait(max_wait_ms):
-    running, channel, stub = await _server(max_wait_ms=max_wait_ms)
+@pytest.fixture
+def long_return_wait(monkeypatch):
+    """The wait for returning clients: 10 forwards' time, up to 5 s (generous where the default is a tenth)."""
+    monkeypatch.setattr(server_mod, "RETURN_WAIT_FRACTION", 10.0)
+    monkeypatch.setattr(server_mod, "RETURN_WAIT_MAX_S", 5.0)
+
+
+async def test_closed_loop_clients_coming_back_at_different_moments_share_full_batches(long_return_wait):
+    running, channel, stub = await _server(max_wait_ms=2.0, forward_s=0.1)
+    image = _png(32, 0)
+
+    async def client(i: int) -> None:
+        for _ in range(4):
+            await stub.Classify(expert_pb2.ClassifyRequest(image=image), timeout=60)
+            await asyncio.sleep(0.01 * i)  # back 0-70 ms after the answer: far over max_wait_ms
+
+    try:
+        await stub.Classify(expert_pb2.ClassifyRequest(image=image), timeout=30)
+        running.servicer.batch_sizes.clear()
+        await asyncio.gather(*(client(i) for i in range(8)))
+        sizes = running.servicer.batch_sizes
+        # the first round may split while clients connect; after it every batch waits for all eight
+        assert sizes[8] >= 3, dict(sizes)
+    finally:
+        await channel.close()
+        await running.stop(0)
+
+
+async def test_a_lone_client_is_never_held_back(long_return_wait):
+    """One client: the previous batch's one client is back as soon as its next request arrives, so no request
+    waits for company (here the wait for returning clients would be a whole second)."""
+    running, channel, stub = await _server(max_wait_ms=2.0, forward_s=0.1)
     try:
         image = _png(32, 0)
         await stub.Classify(expert_pb2.ClassifyRequest(image=image), timeout=30)
         running.servicer.batch_sizes.clear()
         t0 = time.monotonic()
-        for _ in range(5):
+        for _ in range(4):
             await stub.Classify(expert_pb2.ClassifyRequest(image=image), timeout=30)
-        assert dict(running.servicer.batch_sizes) == {1: 5}
-        assert time.monotonic() - t0 < 5.0
+        assert dict(running.servicer.batch_sizes) == {1: 4}
+        assert time.monotonic() - t0 < 2.5  # 4 forwards of 0.1 s; held, it would be over 4 s
     finally:
         await channel.close()
         await running.stop(0)
