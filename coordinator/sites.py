@@ -95,20 +95,9 @@ class PendingCall:
         return [proto_to_tensor(o.tokens) for o in resp.outputs]
 
 
-def _settle(done: concurrent.futures.Future, fut: concurrent.futures.Future) -> None:
-    """The outcome of ``done`` (finished) → ``fut``, unless ``fut`` was cancelled meanwhile."""
-    try:
-        err = done.exception()
-        if err is not None:
-            fut.set_exception(err)
-        else:
-            fut.set_result(done.result())
-    except (concurrent.futures.InvalidStateError, concurrent.futures.CancelledError):
-        pass
-
-
-def _transfer(rpc: grpc.Future, fut: concurrent.futures.Future) -> None:
-    """Completion of a grpc future → a concurrent.futures one (so calls can be waited on together)."""
+def _transfer(rpc: grpc.Future | concurrent.futures.Future, fut: concurrent.futures.Future) -> None:
+    """Completion of a (grpc or thread-pool) future → a concurrent.futures one (so calls can be waited on
+    together)."""
     if rpc.cancelled() or fut.cancelled():
         fut.cancel()
         return
@@ -231,7 +220,7 @@ class SiteClient:
             except RuntimeError:  # closed meanwhile
                 fut.cancel()
                 continue
-            call.add_done_callback(lambda c, fut=fut: _settle(c, fut))
+            call.add_done_callback(lambda c, fut=fut: _transfer(c, fut))
 
     def close(self) -> None:
         self._closed = True
