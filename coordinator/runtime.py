@@ -64,7 +64,8 @@ class SplitRuntime:
                 self.clients[name] = SiteClient(
                     name, site.address, fingerprint=self.fingerprint, wire=wire, deadline_s=self.policy.deadline_s,
                     max_message_mb=max_message_mb if max_message_mb is not None else rpc.max_message_mb,
-                    tls=own_tls, token=site.token(), watch=watch, stream=rpc.stream)
+                    tls=own_tls, token=site.token(), watch=watch, stream=rpc.stream,
+                    packed=rpc.packed)
         except (ValueError, TopologyError) as e:  # unusable TLS files or token file: say which
             self.close()
             raise CoordinatorError(str(e)) from None
@@ -130,8 +131,7 @@ class SplitRuntime:
             if missing:
                 raise CoordinatorError(f"site {name} ({client.address}) does not host experts the placement gives "
                                        f"it: {missing}; restart it with the same topology/placement")
-            if "run_experts_stream" not in info.features:  # an older worker: one unary call per request
-                client.stream = False
+            client.use_features(list(info.features))  # an older worker: unary calls, one tensor per expert
             infos[name] = info
         self.down_at_start = down
         if down:

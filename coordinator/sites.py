@@ -60,9 +60,9 @@ class PendingCall:
     it was started cancellable). ``deadline`` (monotonic): when :meth:`result` stops waiting, for requests on a
     stream (a unary call carries its own deadline)."""
 
-    def __init__(self, client: SiteClient, future: concurrent.futures.Future, sent: int, tokens: int,
+    def __init__(self, client: SiteClient, future: concurrent.futures.Future, sent: int, counts: list[int],
                  t0: float, rpc: grpc.Future | None = None, deadline: float | None = None) -> None:
-        self.client, self.future, self.sent, self.tokens, self.t0, self.rpc = client, future, sent, tokens, t0, rpc
+        self.client, self.future, self.sent, self.counts, self.t0, self.rpc = client, future, sent, counts, t0, rpc
         self.deadline = deadline
 
     def done(self) -> bool:
@@ -91,8 +91,27 @@ class PendingCall:
             raise SiteError(c.name, f"{code.name}: {details}", code) from None
         except concurrent.futures.CancelledError:  # cancelled, or close() before the call started
             raise SiteError(c.name, "CANCELLED: the call was cancelled", grpc.StatusCode.CANCELLED) from None
-        c.traffic.add(self.sent, resp.ByteSize(), self.tokens, (time.perf_counter() - self.t0) * 1e3)
-        return [proto_to_tensor(o.tokens) for o in resp.outputs]
+        c.traffic.add(self.sent, resp.ByteSize(), sum(self.counts), (time.perf_counter() - self.t0) * 1e3)
+        try:
+            return self._outputs(resp)
+        except ValueError as e:  # the worker broke the protocol: its answer cannot be used
+            with c.traffic.lock:
+                c.traffic.failures += 1
+            raise SiteError(c.name, f"INTERNAL: unusable answer: {e}", grpc.StatusCode.INTERNAL) from None
+
+    def _outputs(self, resp: expert_pb2.RunExpertsResponse) -> list[torch.Tensor]:
+        """The answer's outputs, one per request batch; ValueError when they do not match the request."""
+        if resp.HasField("packed"):
+            if list(resp.packed.counts) != self.counts:
+                raise ValueError(f"packed counts {list(resp.packed.counts)} differ from the request's {self.counts}")
+            y = proto_to_tensor(resp.packed.tokens)
+            if y.dim() != 2:
+                raise ValueError(f"packed outputs have shape {list(y.shape)}, expected [n, C]")
+            return list(torch.split(y, self.counts)) if self.counts else []
+        ys = [proto_to_tensor(o.tokens) for o in resp.outputs]
+        if [len(y) for y in ys] != self.counts:
+            raise ValueError(f"outputs have {[len(y) for y in ys]} rows, the request {self.counts}")
+        return ys
 
 
 def _transfer(rpc: grpc.Future | concurrent.futures.Future, fut: concurrent.futures.Future) -> None:
@@ -117,14 +136,16 @@ class SiteClient:
 
     With ``stream`` (the default) requests go over one long-lived ``RunExpertsStream`` call
     (:mod:`coordinator.stream`), opened at the first request and again after it ends; cancellable requests and
-    every request once the worker turns out not to implement streams use unary ``RunExperts`` calls."""
+    every request once the worker turns out not to implement streams use unary ``RunExperts`` calls. With
+    ``packed`` (the default; only for workers listing the "packed_tokens" feature) a request carries all its
+    experts' tokens in one tensor."""
 
     def __init__(self, name: str, address: str, *, fingerprint: str, wire: str = "fp16",
                  deadline_s: float = 10.0, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
                  tls: TLSFiles | None = None, token: str | None = None, watch: bool = True,
-                 stream: bool = True) -> None:
+                 stream: bool = True, packed: bool = True) -> None:
         self.name, self.address, self.fingerprint, self.wire = name, address, fingerprint, wire
-        self.stream = stream
+        self.stream, self.packed = stream, packed
         self._stream: ExpertStream | None = None
         self._stream_lock = threading.Lock()
         self.deadline_s = deadline_s
@@ -145,6 +166,13 @@ class SiteClient:
         self._calls = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"site-{name}")
         self.watch = HealthWatch(name, self.channel) if watch else None
         self._closed = False
+
+    def use_features(self, features: list[str] | tuple[str, ...]) -> None:
+        """Fall back from what the worker's Info does not list: streams, packed tokens (older v1 workers)."""
+        if "run_experts_stream" not in features:
+            self.stream = False
+        if "packed_tokens" not in features:
+            self.packed = False
 
     @property
     def up(self) -> bool:
@@ -170,17 +198,24 @@ class SiteClient:
               cancellable: bool = False) -> PendingCall:
         """Send the tokens of several experts of one layer in one RPC; returns at once. ``timeout`` defaults to
         the client's deadline."""
-        req = expert_pb2.RunExpertsRequest(
-            model_fingerprint=self.fingerprint, layer=layer, request_id=f"{self.name}-{next(self._seq)}",
-            batches=[expert_pb2.ExpertTokens(expert=e, tokens=tensor_to_proto(x, self.wire)) for e, x in batches])
+        req = expert_pb2.RunExpertsRequest(model_fingerprint=self.fingerprint, layer=layer,
+                                           request_id=f"{self.name}-{next(self._seq)}")
+        counts = [len(x) for _, x in batches]
+        if self.packed and batches:  # one tensor: one conversion here and one decode at the worker, not one per expert
+            tokens = torch.cat([x for _, x in batches]) if len(batches) > 1 else batches[0][1]
+            req.packed.experts.extend(e for e, _ in batches)
+            req.packed.counts.extend(counts)
+            req.packed.tokens.CopyFrom(tensor_to_proto(tokens, self.wire))
+        else:
+            req.batches.extend(expert_pb2.ExpertTokens(expert=e, tokens=tensor_to_proto(x, self.wire))
+                               for e, x in batches)
         timeout = self.deadline_s if timeout is None else max(timeout, 1e-3)
         t0 = time.perf_counter()
         rpc = None
         if self.stream and not cancellable:
             fut_or_none = self._submit_on_stream(req)
             if fut_or_none is not None:
-                return PendingCall(self, fut_or_none, req.ByteSize(), sum(len(x) for _, x in batches), t0,
-                                   deadline=time.monotonic() + timeout)
+                return PendingCall(self, fut_or_none, req.ByteSize(), counts, t0, deadline=time.monotonic() + timeout)
         try:
             if cancellable:
                 rpc = self.stub.RunExperts.future(req, timeout=timeout, metadata=self.metadata)
@@ -190,7 +225,7 @@ class SiteClient:
                 fut = self._calls.submit(self.stub.RunExperts, req, timeout=timeout, metadata=self.metadata)
         except (RuntimeError, ValueError):  # submit after close(), or the channel is closed
             raise SiteError(self.name, "the client is closed", grpc.StatusCode.CANCELLED) from None
-        return PendingCall(self, fut, req.ByteSize(), sum(len(x) for _, x in batches), t0, rpc)
+        return PendingCall(self, fut, req.ByteSize(), counts, t0, rpc)
 
     def _submit_on_stream(self, req: expert_pb2.RunExpertsRequest) -> concurrent.futures.Future | None:
         """The answer's future, on the open stream or a new one; None once the client is closed or streams are off."""

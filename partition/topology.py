@@ -71,7 +71,7 @@ _TOP_KEYS = {"required": ("coordinator", "sites"),
              "optional": ("model", "links", "placement", "fallback", "rpc")}
 _SITE_KEYS = {"required": ("address", "device"), "optional": ("tls", "token_file")}
 _TLS_KEYS = {"required": ("ca", "cert", "key"), "optional": ()}
-_RPC_KEYS = {"required": (), "optional": ("deadline_s", "hedge_ms", "max_message_mb", "stream")}
+_RPC_KEYS = {"required": (), "optional": ("deadline_s", "hedge_ms", "max_message_mb", "stream", "packed")}
 _DEVICE_KEYS = {"required": ("gflops", "memory_mb", "active_w", "idle_w"), "optional": ("battery_wh",)}
 _LINK_KEYS = {
     "required": ("between", "bandwidth_mbps", "latency_ms"),
@@ -391,12 +391,14 @@ class TLSFiles:
 @dataclass(frozen=True)
 class RpcOptions:
     """How the coordinator calls the workers: deadline per expert RPC, optional hedging delay, message cap, and
-    whether requests go over one long-lived stream per site (``stream``) or one unary call each."""
+    whether requests go over one long-lived stream per site (``stream``) or one unary call each, and whether a
+    request carries its experts' tokens in one tensor (``packed``) or one tensor per expert."""
 
     deadline_s: float = 10.0
     hedge_ms: float | None = None
     max_message_mb: float = 64.0
     stream: bool = True
+    packed: bool = True
 
 
 @dataclass(frozen=True)
@@ -876,11 +878,13 @@ def _parse_rpc(raw: Any, file: str) -> RpcOptions:
     d = _mapping(raw, file, "rpc")
     _check_keys(d, file, "rpc", _RPC_KEYS)
     hedge = d.get("hedge_ms")
-    stream = d.get("stream", True)
-    if not isinstance(stream, bool):
-        _fail(file, "rpc.stream", f"expected true or false, got {_describe(stream)}")
+    flags = {}
+    for name in ("stream", "packed"):
+        flags[name] = d.get(name, True)
+        if not isinstance(flags[name], bool):
+            _fail(file, f"rpc.{name}", f"expected true or false, got {_describe(flags[name])}")
     return RpcOptions(
-        stream=stream,
+        **flags,
         deadline_s=_number(d.get("deadline_s", 10.0), file, "rpc.deadline_s", "positive"),
         hedge_ms=None if hedge is None else _number(hedge, file, "rpc.hedge_ms", "non-negative"),
         max_message_mb=_number(d.get("max_message_mb", 64.0), file, "rpc.max_message_mb", "positive"),

@@ -71,7 +71,8 @@ class FakeSite:
             threading.Thread(target=later, daemon=True).start()
         else:
             fut.set_result(validate_and_run(self.backend, self.hosted, self.fingerprint, req))
-        return PendingCall(self, fut, 0, 0, time.perf_counter(), Rpc() if cancellable else None)
+        counts = [len(x) for _, x in batches]
+        return PendingCall(self, fut, 0, counts, time.perf_counter(), Rpc() if cancellable else None)
 
 
 @pytest.fixture(scope="module")

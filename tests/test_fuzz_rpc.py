@@ -8,7 +8,8 @@ with a status that says what is wrong, and the server must keep serving. Fuzzed 
 * RunExperts messages: right and wrong fingerprints, hosted/unhosted/huge layers, hosted/unhosted/duplicate
   experts, many batches, missing tensors, dtypes in and out of the enum, shapes (empty, rank != 2, wrong width,
   negative, huge, at and over the token cap), data of the wrong length, raw bit patterns, NaN/Inf, unicode
-  request ids. An independent oracle (written from the proto's documented rules) predicts the exact status
+  request ids; the packed form (one tensor for all experts) with true, wrong-length and wrong-sum counts, and
+  both forms at once. An independent oracle (written from the proto's documented rules) predicts the exact status
   code; an OK answer must equal the in-process experts.
 * Raw bytes on the method paths (random, truncated, bit-flipped, spliced valid messages, unknown fields of
   every wire type, 10-byte varints such as a negative layer), so the servers must cope with undecodable
@@ -228,6 +229,8 @@ def expected_status(req: expert_pb2.RunExpertsRequest, fingerprint: str) -> grpc
         return Code.FAILED_PRECONDITION
     if req.layer not in HOSTED:
         return Code.INVALID_ARGUMENT
+    if req.HasField("packed"):
+        return _expected_packed_status(req)
     experts = [b.expert for b in req.batches]
     if len(set(experts)) != len(experts) or not set(experts) <= set(HOSTED[req.layer]):
         return Code.INVALID_ARGUMENT
@@ -245,28 +248,61 @@ def expected_status(req: expert_pb2.RunExpertsRequest, fingerprint: str) -> grpc
     return Code.OK
 
 
+def _expected_packed_status(req: expert_pb2.RunExpertsRequest) -> grpc.StatusCode:
+    """The rest of :func:`expected_status` for a packed request (fingerprint and layer already checked)."""
+    p = req.packed
+    experts, t = list(p.experts), p.tokens
+    if req.batches or len(p.counts) != len(experts) or len(set(experts)) != len(experts):
+        return Code.INVALID_ARGUMENT
+    if not set(experts) <= set(HOSTED[req.layer]):
+        return Code.INVALID_ARGUMENT
+    if (not p.HasField("tokens") or t.dtype not in ITEMSIZE or len(t.shape) != 2 or t.shape[0] < 0
+            or t.shape[1] != DIMS[req.layer] or sum(p.counts) != t.shape[0] or t.shape[0] > MAX_TOKENS):
+        return Code.INVALID_ARGUMENT
+    if len(t.data) != math.prod(t.shape) * ITEMSIZE[t.dtype] or not np.isfinite(_decode(t.data, t.dtype)).all():
+        return Code.INVALID_ARGUMENT
+    return Code.OK
+
+
 def check_outputs(req: expert_pb2.RunExpertsRequest, resp: expert_pb2.RunExpertsResponse, banks) -> None:
-    """One output per batch, same order/expert/shape/dtype; values equal the in-process experts (rounded to the
-    wire dtype as the worker rounds them)."""
-    assert [o.expert for o in resp.outputs] == [b.expert for b in req.batches]
+    """One output per batch, same order/expert/shape/dtype (a packed request: one packed output with the same
+    experts and counts); values equal the in-process experts (rounded to the wire dtype as the worker rounds
+    them)."""
     assert resp.compute_ms >= 0
+    if req.HasField("packed"):
+        assert not resp.outputs and list(resp.packed.experts) == list(req.packed.experts)
+        assert list(resp.packed.counts) == list(req.packed.counts)
+        t, o = req.packed.tokens, resp.packed.tokens
+        assert o.dtype == t.dtype and list(o.shape) == list(t.shape) and len(o.data) == len(t.data)
+        x = torch.from_numpy(_decode(t.data, t.dtype).reshape(tuple(t.shape)))
+        y = torch.from_numpy(_decode(o.data, o.dtype).reshape(tuple(t.shape)))
+        counts = list(req.packed.counts)
+        pairs = zip(req.packed.experts, torch.split(x, counts), torch.split(y, counts), strict=True) if counts else []
+        for expert, x_e, y_e in pairs:
+            _check_values(banks[req.layer], expert, x_e, y_e, t.dtype)
+        return
+    assert [o.expert for o in resp.outputs] == [b.expert for b in req.batches]
     for b, o in zip(req.batches, resp.outputs, strict=True):
         assert o.tokens.dtype == b.tokens.dtype and list(o.tokens.shape) == list(b.tokens.shape)
         assert len(o.tokens.data) == len(b.tokens.data)
         shape = tuple(b.tokens.shape)
         x = torch.from_numpy(_decode(b.tokens.data, b.tokens.dtype).reshape(shape))
-        if x.numel() == 0 or x.abs().max() > 1e4:  # huge inputs: structure only (overflow paths may differ)
-            continue
-        with torch.inference_mode():
-            ref = banks[req.layer].forward_one(b.expert, x)
         out = torch.from_numpy(_decode(o.tokens.data, o.tokens.dtype).reshape(shape))
-        scale = max(1.0, float(x.abs().max()))  # float32 rounding differs between BLAS paths; grows with |x|
-        if b.tokens.dtype == FP32:
-            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale, equal_nan=True)
-        else:  # one rounding to 16 bits on the way back; ref may round the other way at a tie
-            wire = torch.float16 if b.tokens.dtype == FP16 else torch.bfloat16
-            tol = 2e-3 if wire == torch.float16 else 1.6e-2
-            torch.testing.assert_close(out, ref.to(wire).float(), rtol=tol, atol=tol * scale, equal_nan=True)
+        _check_values(banks[req.layer], b.expert, x, out, b.tokens.dtype)
+
+
+def _check_values(bank, expert: int, x: torch.Tensor, out: torch.Tensor, dtype: int) -> None:
+    if x.numel() == 0 or x.abs().max() > 1e4:  # huge inputs: structure only (overflow paths may differ)
+        return
+    with torch.inference_mode():
+        ref = bank.forward_one(expert, x)
+    scale = max(1.0, float(x.abs().max()))  # float32 rounding differs between BLAS paths; grows with |x|
+    if dtype == FP32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale, equal_nan=True)
+    else:  # one rounding to 16 bits on the way back; ref may round the other way at a tie
+        wire = torch.float16 if dtype == FP16 else torch.bfloat16
+        tol = 2e-3 if wire == torch.float16 else 1.6e-2
+        torch.testing.assert_close(out, ref.to(wire).float(), rtol=tol, atol=tol * scale, equal_nan=True)
 
 
 # --------------------------------------------------------------------------------- RunExperts strategies
@@ -356,8 +392,31 @@ def run_requests(draw, fingerprint: str) -> expert_pb2.RunExpertsRequest:
             batches.append(expert_pb2.ExpertTokens(expert=e))  # no tokens tensor at all
         else:
             batches.append(expert_pb2.ExpertTokens(expert=e, tokens=draw(tensors(dim, small=len(experts) > 6))))
+    request_id = draw(st.text(max_size=100))
+    if draw(st.integers(0, 2)) == 0:  # the packed form: one tensor for all experts
+        return expert_pb2.RunExpertsRequest(model_fingerprint=model_fp, layer=layer, request_id=request_id,
+                                            packed=draw(packed_tokens(experts, dim)),
+                                            batches=batches if draw(st.integers(0, 19)) == 0 else [])
     return expert_pb2.RunExpertsRequest(model_fingerprint=model_fp, layer=layer, batches=batches,
-                                        request_id=draw(st.text(max_size=100)))
+                                        request_id=request_id)
+
+
+@st.composite
+def packed_tokens(draw, experts: list[int], dim: int) -> expert_pb2.PackedTokens:
+    """Experts with counts that add up to the tensor's rows (mostly), or counts of the wrong number or sum."""
+    if draw(st.integers(0, 24)) == 0:
+        return expert_pb2.PackedTokens(experts=experts, counts=[0] * len(experts))  # no tokens tensor at all
+    tokens = draw(tensors(dim, small=len(experts) > 6))
+    rows = tokens.shape[0] if len(tokens.shape) == 2 and tokens.shape[0] >= 0 else 0
+    form = draw(st.integers(0, 9))
+    if form <= 6 and experts:  # a true split of the rows: cut points drawn at random
+        cuts = sorted(draw(st.lists(st.integers(0, rows), min_size=len(experts) - 1, max_size=len(experts) - 1)))
+        counts = [b - a for a, b in zip([0, *cuts], [*cuts, rows], strict=True)]
+    elif form <= 8:  # any counts, any number of them
+        counts = draw(st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 8), max_size=8))
+    else:
+        counts = [rows] * len(experts)
+    return expert_pb2.PackedTokens(experts=experts, counts=counts, tokens=tokens)
 
 
 # ------------------------------------------------------------------------------- raw protobuf strategies
@@ -479,7 +538,7 @@ def test_run_experts_stream_answers_every_message_in_kind_and_stays_open(deploym
     if want == Code.OK:
         check_outputs(req, resp, banks)
     else:
-        assert resp.error_message and not resp.outputs
+        assert resp.error_message and not resp.outputs and not resp.HasField("packed")
 
 
 def test_worker_serves_after_message_fuzzing(deployment, worker, model):

@@ -232,6 +232,7 @@ RULES = [
     (("set", ("placement",), {8: {"pi-north": [0]}, "8": {"pi-south": [1]}}), "placement.8", "listed twice"),
     (("set", ("rpc",), {"stream": "yes"}), "rpc.stream", "expected true or false, got 'yes'"),
     (("set", ("rpc",), {"streams": True}), "rpc.streams", "did you mean 'stream'?"),
+    (("set", ("rpc",), {"packed": 1}), "rpc.packed", "expected true or false, got 1"),
 ]
 
 
@@ -251,12 +252,13 @@ def test_each_rule_names_file_and_key_path(change, key_path, text):
     assert str(err).startswith(f"field/sites.yaml: {key_path}: ")
 
 
-def test_rpc_stream_defaults_on_and_can_be_turned_off():
-    assert parse_topology(base(), "t.yaml").rpc.stream is True
+def test_rpc_stream_and_packed_default_on_and_can_be_turned_off():
+    rpc = parse_topology(base(), "t.yaml").rpc
+    assert (rpc.stream, rpc.packed) == (True, True)
     data = base()
-    data["rpc"] = {"stream": False, "deadline_s": 2.0}
+    data["rpc"] = {"stream": False, "packed": False, "deadline_s": 2.0}
     rpc = parse_topology(data, "t.yaml").rpc
-    assert (rpc.stream, rpc.deadline_s) == (False, 2.0)
+    assert (rpc.stream, rpc.packed, rpc.deadline_s) == (False, False, 2.0)
 
 
 def test_base_is_valid():

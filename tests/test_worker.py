@@ -82,6 +82,16 @@ def request(fingerprint: str, layer: int, batches: list[tuple[int, torch.Tensor,
         batches=[expert_pb2.ExpertTokens(expert=e, tokens=tensor_to_proto(x, d)) for e, x, d in batches])
 
 
+def packed_request(fingerprint: str, layer: int, batches: list[tuple[int, torch.Tensor]], wire: str = "fp32",
+                   *, counts: list[int] | None = None) -> expert_pb2.RunExpertsRequest:
+    """All experts' tokens in one tensor (``counts`` overrides the true row counts, to build bad requests)."""
+    tokens = torch.cat([x for _, x in batches])
+    packed = expert_pb2.PackedTokens(experts=[e for e, _ in batches],
+                                     counts=[len(x) for _, x in batches] if counts is None else counts,
+                                     tokens=tensor_to_proto(tokens, wire))
+    return expert_pb2.RunExpertsRequest(model_fingerprint=fingerprint, layer=layer, packed=packed)
+
+
 # ------------------------------------------------------------------------------------------ worker process
 
 
@@ -182,6 +192,7 @@ async def test_info_lists_exactly_the_hosted_experts(channel, reference):
     assert info.model_fingerprint == reference[1]
     assert [(hl.layer, list(hl.experts), hl.dim) for hl in info.layers] == [(5, [2], 96), (8, [0, 1], 128)]
     assert (info.arch, info.backend, info.site, info.version) == ("mobilevitv2_050_moe", "torch-cpu", "test-site", "v1")
+    assert set(info.features) == {"run_experts_stream", "packed_tokens"}
 
 
 async def test_fp32_outputs_equal_the_in_process_experts(channel, reference):
@@ -203,6 +214,33 @@ async def test_fp32_outputs_equal_the_in_process_experts(channel, reference):
 
     resp = await stub.RunExperts(request(fingerprint, 8, [(0, torch.zeros(0, 128), "fp32")]), timeout=RPC_TIMEOUT)
     assert list(resp.outputs[0].tokens.shape) == [0, 128] and resp.outputs[0].tokens.data == b""
+
+
+@pytest.mark.parametrize("wire", ["fp32", "fp16"])
+async def test_packed_request_is_answered_packed_with_the_per_expert_outputs(channel, reference, wire):
+    banks, fingerprint = reference
+    stub = expert_pb2_grpc.ExpertServiceStub(channel)
+    batches = [(1, torch.randn(37, 128)), (0, torch.randn(64, 128))]  # request order (1 before 0) is kept
+    resp = await stub.RunExperts(packed_request(fingerprint, 8, batches, wire), timeout=RPC_TIMEOUT)
+    assert not resp.outputs and list(resp.packed.experts) == [1, 0] and list(resp.packed.counts) == [37, 64]
+    assert resp.packed.tokens.dtype == DTYPES[wire][0] and list(resp.packed.tokens.shape) == [101, 128]
+    per_expert = await stub.RunExperts(request(fingerprint, 8, [(e, x, wire) for e, x in batches]),
+                                       timeout=RPC_TIMEOUT)
+    # bit-identical to the per-expert form: the same experts on the same (rounded) inputs
+    assert torch.equal(proto_to_tensor(resp.packed.tokens),
+                       torch.cat([proto_to_tensor(o.tokens) for o in per_expert.outputs]))
+    if wire == "fp32":
+        ys = torch.split(proto_to_tensor(resp.packed.tokens), [37, 64])
+        for (e, x), y in zip(batches, ys, strict=True):
+            torch.testing.assert_close(y, expected(banks[8], e, x), atol=1e-6, rtol=0)
+    # an expert with no rows is allowed, even when no expert has any
+    x = torch.randn(3, 128)
+    resp = await stub.RunExperts(packed_request(fingerprint, 8, [(0, torch.zeros(0, 128)), (1, x)]),
+                                 timeout=RPC_TIMEOUT)
+    assert list(resp.packed.counts) == [0, 3]
+    torch.testing.assert_close(proto_to_tensor(resp.packed.tokens), expected(banks[8], 1, x), atol=1e-6, rtol=0)
+    resp = await stub.RunExperts(packed_request(fingerprint, 8, [(0, torch.zeros(0, 128))]), timeout=RPC_TIMEOUT)
+    assert list(resp.packed.counts) == [0] and list(resp.packed.tokens.shape) == [0, 128]
 
 
 @pytest.mark.parametrize("wire, tol", [("fp16", 2e-3), ("bf16", 2e-2)])
@@ -252,6 +290,19 @@ def _malformed(fingerprint: str, kind: str) -> expert_pb2.RunExpertsRequest:
                                                             (1, torch.zeros(MAX_TOKENS // 2 + 1, 128), "fp16")]),
         "nan": lambda: request(fingerprint, 8, [(0, torch.randn(4, 128), "fp32"), (1, nan, "fp32")]),
         "fp16_overflow": lambda: request(fingerprint, 8, [(0, torch.full((2, 128), 70000.0), "fp16")]),
+        "packed_and_batches": lambda: _with_batches(packed_request(fingerprint, 8, [(0, torch.randn(4, 128))])),
+        "packed_counts_length": lambda: packed_request(fingerprint, 8, [(0, torch.randn(4, 128))], counts=[2, 2]),
+        "packed_counts_sum": lambda: packed_request(fingerprint, 8, [(0, torch.randn(4, 128)),
+                                                                    (1, torch.randn(3, 128))], counts=[4, 4]),
+        "packed_expert": lambda: packed_request(fingerprint, 8, [(0, torch.randn(4, 128)), (2, torch.randn(1, 128))]),
+        "packed_duplicate": lambda: packed_request(fingerprint, 8, [(1, torch.randn(4, 128)),
+                                                                    (1, torch.randn(1, 128))]),
+        "packed_width": lambda: packed_request(fingerprint, 8, [(0, torch.randn(4, 96))]),
+        "packed_no_tokens": lambda: expert_pb2.RunExpertsRequest(
+            model_fingerprint=fingerprint, layer=8, packed=expert_pb2.PackedTokens(experts=[0], counts=[0])),
+        "packed_nan": lambda: packed_request(fingerprint, 8, [(0, torch.randn(4, 128)), (1, nan)]),
+        "packed_too_many_tokens": lambda: packed_request(fingerprint, 8, [(0, torch.zeros(MAX_TOKENS + 1, 128))],
+                                                         "fp16"),
     }
     return cases[kind]()
 
@@ -272,7 +323,21 @@ MALFORMED = [
     ("too_many_tokens", grpc.StatusCode.INVALID_ARGUMENT, [f"{MAX_TOKENS + 1} tokens", f"cap of {MAX_TOKENS}"]),
     ("nan", grpc.StatusCode.INVALID_ARGUMENT, ["expert 1", "1 non-finite"]),
     ("fp16_overflow", grpc.StatusCode.INVALID_ARGUMENT, ["expert 0", "256 non-finite"]),
+    ("packed_and_batches", grpc.StatusCode.INVALID_ARGUMENT, ["both batches and packed tokens"]),
+    ("packed_counts_length", grpc.StatusCode.INVALID_ARGUMENT, ["name 1 experts but give 2 counts"]),
+    ("packed_counts_sum", grpc.StatusCode.INVALID_ARGUMENT, ["counts add up to 8 rows but the tensor has 7"]),
+    ("packed_expert", grpc.StatusCode.INVALID_ARGUMENT, ["expert 2 of layer 8 is not hosted", "[0, 1]"]),
+    ("packed_duplicate", grpc.StatusCode.INVALID_ARGUMENT, ["expert 1 of layer 8", "more than once"]),
+    ("packed_width", grpc.StatusCode.INVALID_ARGUMENT, ["packed tokens", "shape [4, 96]", "expected [n, 128]"]),
+    ("packed_no_tokens", grpc.StatusCode.INVALID_ARGUMENT, ["packed tokens", "no tokens"]),
+    ("packed_nan", grpc.StatusCode.INVALID_ARGUMENT, ["packed tokens", "1 non-finite"]),
+    ("packed_too_many_tokens", grpc.StatusCode.INVALID_ARGUMENT, [f"{MAX_TOKENS + 1} tokens", f"cap of {MAX_TOKENS}"]),
 ]
+
+
+def _with_batches(req: expert_pb2.RunExpertsRequest) -> expert_pb2.RunExpertsRequest:
+    req.batches.append(expert_pb2.ExpertTokens(expert=1, tokens=tensor_to_proto(torch.randn(2, 128), "fp32")))
+    return req
 
 
 @pytest.mark.parametrize("kind, code, words", MALFORMED, ids=[m[0] for m in MALFORMED])

@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from coordinator.metrics import LATENCY_BUCKETS, start_metrics_server
-from worker.service import RequestError
+from worker.service import RequestError, expert_rows
 
 __all__ = ["WorkerMetrics", "instrument", "serve_worker_metrics"]
 
@@ -73,10 +73,8 @@ class WorkerMetrics:
                 response = await answer(request)
                 code = "OK"
                 self.sent.inc(response.ByteSize())
-                for batch in request.batches:
-                    shape = list(batch.tokens.shape)
-                    if shape:
-                        self.tokens.labels(str(request.layer), str(batch.expert)).inc(shape[0])
+                for expert, n in expert_rows(request):
+                    self.tokens.labels(str(request.layer), str(expert)).inc(n)
                 return response
             except RequestError as e:
                 code = e.code.name

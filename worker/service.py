@@ -24,14 +24,14 @@ from moevit_rpc.tensors import DTYPES, proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from worker.backends import ExpertBackend
 
-__all__ = ["DEFAULT_MAX_TOKENS", "PROTOCOL_VERSION", "ExpertServicer", "RequestError", "info_response",
-           "validate_and_run"]
+__all__ = ["DEFAULT_MAX_TOKENS", "PROTOCOL_VERSION", "ExpertServicer", "RequestError", "expert_rows",
+           "info_response", "validate_and_run"]
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "v1"
 # Optional parts of v1 this worker implements (InfoResponse.features).
-FEATURES = ("run_experts_stream",)
+FEATURES = ("run_experts_stream", "packed_tokens")
 # Pixel tokens per request: a batch of 64 images at layer 0-1 resolution (32x32 pixels at 256 px input) is 64K;
 # the cap bounds one request's memory and compute whatever the message size allows.
 DEFAULT_MAX_TOKENS = 1 << 18
@@ -70,12 +70,66 @@ def _elements(request: expert_pb2.RunExpertsRequest) -> int:
     """Token elements the request says it carries (from the shapes alone; validation comes later). A shape that
     is not 2-d counts as nothing: validation refuses it at once, so it may run inline. (Multiplying out a hostile
     shape of thousands of entries would itself stall the event loop.)"""
-    total = 0
-    for batch in request.batches:
-        shape = batch.tokens.shape
-        if len(shape) == 2:
-            total += shape[0] * shape[1]
-    return total
+    shapes = [request.packed.tokens.shape] if request.HasField("packed") else [b.tokens.shape for b in request.batches]
+    return sum(shape[0] * shape[1] for shape in shapes if len(shape) == 2)
+
+
+def expert_rows(request: expert_pb2.RunExpertsRequest) -> list[tuple[int, int]]:
+    """(expert, tokens) pairs a request names, batches or packed alike, from the headers (for logs and metrics)."""
+    if request.HasField("packed"):
+        return list(zip(request.packed.experts, request.packed.counts, strict=False))
+    return [(b.expert, b.tokens.shape[0] if b.tokens.shape else 0) for b in request.batches]
+
+
+def _check_tensor(tokens: expert_pb2.Tensor, where: str, layer: int, dim: int) -> int:
+    """Rows of a token tensor whose header (dtype, shape [n, dim]) is valid; bytes are checked when decoding."""
+    if tokens.dtype not in _WIRE_NAME:
+        raise _invalid(f"{where}: unsupported tensor dtype {_dtype_name(tokens.dtype)}; expected one of {_DTYPE_NAMES}")
+    shape = list(tokens.shape)
+    if len(shape) != 2 or shape[0] < 0 or shape[1] != dim:
+        shown = clip(str(shape)).strip("'")
+        raise _invalid(f"{where}: tokens have shape {shown}, expected [n, {dim}] (layer {layer} has dim {dim})")
+    return shape[0]
+
+
+def _check_expert(expert: int, layer: int, experts: Collection[int], seen: set[int]) -> None:
+    if expert not in experts:
+        raise _invalid(f"expert {expert} of layer {layer} is not hosted by this worker "
+                       f"(hosted on layer {layer}: {sorted(experts)})")
+    if expert in seen:
+        raise _invalid(f"expert {expert} of layer {layer} appears more than once in the request; "
+                       "send all of an expert's tokens in one batch")
+    seen.add(expert)
+
+
+def _check_total(total: int, layer: int, max_tokens: int) -> None:
+    if total > max_tokens:
+        raise _invalid(f"layer {layer}: the request carries {total} tokens, over this worker's cap of "
+                       f"{max_tokens} per request; split it into smaller requests")
+
+
+def _decode(tokens: expert_pb2.Tensor, where: str, check_finite: bool) -> torch.Tensor:
+    try:
+        return proto_to_tensor(tokens, check_finite=check_finite)
+    except ValueError as e:
+        raise _invalid(f"{where}: {e}") from None
+
+
+def _run_timed(backend: ExpertBackend, layer: int, work: list[tuple[int, torch.Tensor]]
+               ) -> tuple[list[torch.Tensor], float]:
+    """Outputs of the non-empty items of ``work`` (empty ones map to themselves) and the compute time in ms."""
+    busy = [(expert, x) for expert, x in work if x.shape[0] > 0]
+    t0 = time.perf_counter()
+    results = iter(backend.run_many(layer, busy) if busy else [])
+    compute_ms = (time.perf_counter() - t0) * 1e3
+    outputs = []
+    for expert, x in work:
+        y = next(results) if x.shape[0] > 0 else x
+        if tuple(y.shape) != tuple(x.shape):  # a backend bug, not the client's: surfaces as INTERNAL
+            raise RuntimeError(f"backend {backend.name} returned shape {list(y.shape)} for layer {layer} expert "
+                               f"{expert} on input {list(x.shape)}")
+        outputs.append(y)
+    return outputs, compute_ms
 
 
 def validate_and_run(backend: ExpertBackend, hosted: Mapping[int, Collection[int]], fingerprint: str,
@@ -84,7 +138,8 @@ def validate_and_run(backend: ExpertBackend, hosted: Mapping[int, Collection[int
     """Run the request's experts and build the response, or raise :class:`RequestError`.
 
     Every batch is checked before any expert runs, so a bad batch costs no compute. Outputs come back in request
-    order, each in the wire dtype its input came in; ``compute_ms`` covers the experts only.
+    order (a packed request gets a packed answer with the same experts and counts), each in the wire dtype its
+    input came in; ``compute_ms`` covers the experts only.
     """
     if request.model_fingerprint != fingerprint:
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -93,58 +148,57 @@ def validate_and_run(backend: ExpertBackend, hosted: Mapping[int, Collection[int
     layer = request.layer
     if layer not in hosted:
         raise _invalid(f"layer {layer} is not hosted by this worker (hosted layers: {sorted(hosted)})")
+    if request.HasField("packed"):
+        if request.batches:
+            raise _invalid(f"layer {layer}: the request carries both batches and packed tokens; send one or the other")
+        return _run_packed(backend, hosted[layer], request, max_tokens=max_tokens, check_finite=check_finite)
     experts, dim = hosted[layer], backend.dims[layer]
 
     # Pass 1: structure only, from the message headers (no tensor bytes touched).
     seen: set[int] = set()
     total = 0
     for i, batch in enumerate(request.batches):
-        expert = batch.expert
-        where = f"layer {layer} expert {expert} (batch {i})"
-        if expert not in experts:
-            raise _invalid(f"expert {expert} of layer {layer} is not hosted by this worker "
-                           f"(hosted on layer {layer}: {sorted(experts)})")
-        if expert in seen:
-            raise _invalid(f"expert {expert} of layer {layer} appears more than once in the request; "
-                           "send all of an expert's tokens in one batch")
-        seen.add(expert)
+        _check_expert(batch.expert, layer, experts, seen)
+        where = f"layer {layer} expert {batch.expert} (batch {i})"
         if not batch.HasField("tokens"):
             raise _invalid(f"{where}: no tokens tensor")
-        tokens = batch.tokens
-        if tokens.dtype not in _WIRE_NAME:
-            raise _invalid(f"{where}: unsupported tensor dtype {_dtype_name(tokens.dtype)}; "
-                           f"expected one of {_DTYPE_NAMES}")
-        shape = list(tokens.shape)
-        if len(shape) != 2 or shape[0] < 0 or shape[1] != dim:
-            shown = clip(str(shape)).strip("'")
-            raise _invalid(f"{where}: tokens have shape {shown}, expected [n, {dim}] (layer {layer} has dim {dim})")
-        total += shape[0]
-    if total > max_tokens:
-        raise _invalid(f"layer {layer}: the request carries {total} tokens, over this worker's cap of "
-                       f"{max_tokens} per request; split it into smaller requests")
+        total += _check_tensor(batch.tokens, where, layer, dim)
+    _check_total(total, layer, max_tokens)
 
     # Pass 2: decode (byte counts, finiteness).
-    inputs: list[tuple[int, torch.Tensor, str]] = []
-    for i, batch in enumerate(request.batches):
-        try:
-            x = proto_to_tensor(batch.tokens, check_finite=check_finite)
-        except ValueError as e:
-            raise _invalid(f"layer {layer} expert {batch.expert} (batch {i}): {e}") from None
-        inputs.append((batch.expert, x, _WIRE_NAME[batch.tokens.dtype]))
-
-    work = [(expert, x) for expert, x, _ in inputs if x.shape[0] > 0]
-    t0 = time.perf_counter()
-    results = iter(backend.run_many(layer, work) if work else [])
-    compute_ms = (time.perf_counter() - t0) * 1e3
-
-    outputs = []
-    for expert, x, wire in inputs:
-        y = next(results) if x.shape[0] > 0 else x  # an empty batch maps to an empty output
-        if tuple(y.shape) != tuple(x.shape):  # a backend bug, not the client's: surfaces as INTERNAL
-            raise RuntimeError(f"backend {backend.name} returned shape {list(y.shape)} for layer {layer} expert "
-                               f"{expert} on input {list(x.shape)}")
-        outputs.append(expert_pb2.ExpertTokens(expert=expert, tokens=tensor_to_proto(y, wire)))
+    work = [(batch.expert, _decode(batch.tokens, f"layer {layer} expert {batch.expert} (batch {i})", check_finite))
+            for i, batch in enumerate(request.batches)]
+    ys, compute_ms = _run_timed(backend, layer, work)
+    outputs = [expert_pb2.ExpertTokens(expert=batch.expert, tokens=tensor_to_proto(y, _WIRE_NAME[batch.tokens.dtype]))
+               for batch, y in zip(request.batches, ys, strict=True)]
     return expert_pb2.RunExpertsResponse(outputs=outputs, compute_ms=compute_ms)
+
+
+def _run_packed(backend: ExpertBackend, experts: Collection[int], request: expert_pb2.RunExpertsRequest, *,
+                max_tokens: int, check_finite: bool) -> expert_pb2.RunExpertsResponse:
+    """:func:`validate_and_run` for ``request.packed``: one tensor in, one out (the same rows)."""
+    layer, packed = request.layer, request.packed
+    ids, counts = list(packed.experts), list(packed.counts)
+    if len(ids) != len(counts):
+        raise _invalid(f"layer {layer}: packed tokens name {len(ids)} experts but give {len(counts)} counts; "
+                       "expected one count per expert")
+    seen: set[int] = set()
+    for expert in ids:
+        _check_expert(expert, layer, experts, seen)
+    where = f"layer {layer} packed tokens"
+    if not packed.HasField("tokens"):
+        raise _invalid(f"{where}: no tokens tensor")
+    rows = _check_tensor(packed.tokens, where, layer, backend.dims[layer])
+    if sum(counts) != rows:  # counts are uint64: no negative entries to worry about
+        raise _invalid(f"{where}: the counts add up to {sum(counts)} rows but the tensor has {rows}")
+    _check_total(rows, layer, max_tokens)
+    x = _decode(packed.tokens, where, check_finite)
+    chunks = torch.split(x, counts) if ids else ()
+    ys, compute_ms = _run_timed(backend, layer, list(zip(ids, chunks, strict=True)))
+    y = torch.cat(ys) if ys else x
+    wire = _WIRE_NAME[packed.tokens.dtype]
+    out = expert_pb2.PackedTokens(experts=ids, counts=counts, tokens=tensor_to_proto(y, wire))
+    return expert_pb2.RunExpertsResponse(packed=out, compute_ms=compute_ms)
 
 
 def info_response(backend: ExpertBackend, fingerprint: str, *, arch: str, site: str) -> expert_pb2.InfoResponse:
@@ -192,7 +246,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         :class:`asyncio.CancelledError` passes through (the caller gave up)."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("RunExperts start request_id=%s layer=%d experts=%s", request.request_id, request.layer,
-                      [b.expert for b in request.batches])
+                      [e for e, _ in expert_rows(request)])
         if self.active >= self.max_queue:
             self.refused_busy += 1
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,

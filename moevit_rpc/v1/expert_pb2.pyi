@@ -36,31 +36,45 @@ class ExpertTokens(_message.Message):
     tokens: Tensor
     def __init__(self, expert: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class PackedTokens(_message.Message):
+    __slots__ = ("experts", "counts", "tokens")
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    tokens: Tensor
+    def __init__(self, experts: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class RunExpertsRequest(_message.Message):
-    __slots__ = ("model_fingerprint", "layer", "batches", "request_id")
+    __slots__ = ("model_fingerprint", "layer", "batches", "request_id", "packed")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     layer: int
     batches: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
     request_id: str
-    def __init__(self, model_fingerprint: _Optional[str] = ..., layer: _Optional[int] = ..., batches: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    packed: PackedTokens
+    def __init__(self, model_fingerprint: _Optional[str] = ..., layer: _Optional[int] = ..., batches: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., request_id: _Optional[str] = ..., packed: _Optional[_Union[PackedTokens, _Mapping]] = ...) -> None: ...
 
 class RunExpertsResponse(_message.Message):
-    __slots__ = ("outputs", "compute_ms", "request_id", "error_code", "error_message")
+    __slots__ = ("outputs", "compute_ms", "request_id", "error_code", "error_message", "packed")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
     compute_ms: float
     request_id: str
     error_code: int
     error_message: str
-    def __init__(self, outputs: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., request_id: _Optional[str] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    packed: PackedTokens
+    def __init__(self, outputs: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., request_id: _Optional[str] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., packed: _Optional[_Union[PackedTokens, _Mapping]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
