@@ -11,6 +11,9 @@ serves is the topology's placement:
 * ``3w``: coordinator + three worker sites, every expert remote, expert e on worker e mod 3;
 * ``cam+2w``: the coordinator's own site holds every third expert (e mod 3 = 0), two workers the rest.
 
+``3w`` also runs with unary calls instead of the stream (``split_3w_unary``) and with one tensor per expert
+instead of one packed tensor per request (``split_3w_per_expert``), side by side.
+
 CPU placement (fairness on a small machine): this process, which is the coordinator, runs on ``--coordinator-cpus``
 (default core 0) with ``--threads`` torch threads (default 1); every worker runs on ``--worker-cpus`` (default
 core 1; each worker starts on every core and has all its threads moved there once it serves). The in-process
@@ -31,7 +34,8 @@ c. bytes on the wire per image: a :class:`sim.linkproxy.ThreadedLinkProxy` in fr
    tokens sent to remote experts × dim × 2 bytes (fp16) × 2 (there and back); the coordinator's own count of
    serialised messages (``runtime.traffic()``) is reported too;
 d. one expert call at 64 tokens (dim 128, K 64): the worker's onnxruntime backend vs its torch backend, one thread
-   each, interleaved (the in-process ``ExpertBank.forward_one`` for reference);
+   each, interleaved (the in-process ``ExpertBank.forward_one`` for reference, and the expert's two matrix
+   products alone: the arithmetic floor of any float32 backend);
 e. top-1 agreement of fp16 vs fp32 on the wire through the same ``3w`` deployment: the trained digits model at
    runs/demo/moe.safetensors on all 1797 bundled digits when it exists, else 2000 random 64-px images through a
    seeded random model; also fp32 wire vs in-process logits (max abs difference).
@@ -250,7 +254,7 @@ class Deployment:
                 self.proxies[name].start()
         return {name: p.address for name, p in self.proxies.items()}
 
-    def topology(self, config: str, *, proxies: bool = False, stream: bool = True) -> Path:
+    def topology(self, config: str, *, proxies: bool = False, stream: bool = True, packed: bool = True) -> Path:
         import yaml
 
         addresses = self.proxied() if proxies else self.addresses
@@ -261,7 +265,7 @@ class Deployment:
             "sites": {n: {"address": a, "device": dict(device)} for n, a in sites.items()},
             "links": [{"between": [COORDINATOR, n], "bandwidth_mbps": 100, "latency_ms": 1} for n in WORKERS],
             "placement": placement_for(config, self.layers, self.num_experts),
-            "rpc": {"stream": stream},
+            "rpc": {"stream": stream, "packed": packed},
         }
         self._count += 1
         path = self.workdir / f"sites-{config}-{'proxy' if proxies else 'direct'}-{self._count}.yaml"
@@ -269,12 +273,12 @@ class Deployment:
         return path
 
     def runtime(self, config: str, *, wire: str = "fp16", proxies: bool = False, memory_format=None,
-                stream: bool = True):
+                stream: bool = True, packed: bool = True):
         from coordinator.runtime import SplitRuntime
         from partition.topology import load_topology
 
-        runtime = SplitRuntime.from_topology(load_topology(self.topology(config, proxies=proxies, stream=stream)),
-                                             wire=wire)
+        topology = self.topology(config, proxies=proxies, stream=stream, packed=packed)
+        runtime = SplitRuntime.from_topology(load_topology(topology), wire=wire)
         if memory_format is not None:
             runtime.model.to(memory_format=memory_format)
         runtime.check_workers()
@@ -356,7 +360,9 @@ def bench_latency(dep: Deployment, ref, layers: tuple[int, ...], args, memory_fo
     runtimes = {"split_3w": dep.runtime("3w", memory_format=memory_format),
                 "split_cam+2w": dep.runtime("cam+2w", memory_format=memory_format),
                 # the same deployment with one unary RunExperts call per site and layer instead of the stream
-                "split_3w_unary": dep.runtime("3w", memory_format=memory_format, stream=False)}
+                "split_3w_unary": dep.runtime("3w", memory_format=memory_format, stream=False),
+                # ... and with one tensor per expert in each request instead of one packed tensor
+                "split_3w_per_expert": dep.runtime("3w", memory_format=memory_format, packed=False)}
     xs = [x[None].contiguous(memory_format=memory_format) for x in random_images(16, IMAGE_SIZE, seed=1)]
     try:
         fns = {name: cycling(rt.classify, xs) for name, rt in runtimes.items()}
@@ -666,9 +672,22 @@ def bench_onnx(workdir: Path, args) -> dict[str, Any]:
         with torch.inference_mode():
             return bank.forward_one(e, x)
 
+    # The arithmetic any fp32 backend must do: the expert's two matrix products alone, [64, C] x [C, K] then
+    # [64, K] x [K, C] (no bias, norm or activation). If the torch call is already close to this, onnxruntime
+    # cannot be twice as fast without giving up float32.
+    w1t = [bank.fc1_weight[e].detach().t().contiguous() for e in range(NUM_EXPERTS)]
+    w2t = [bank.fc2_weight[e].detach().t().contiguous() for e in range(NUM_EXPERTS)]
+    h = torch.empty(64, bank.hidden)
+    y = torch.empty(64, bank.dim)
+
+    def matmuls(e: int) -> Any:
+        torch.mm(x, w1t[e], out=h)
+        return torch.mm(h, w2t[e], out=y)
+
     fns = {"onnxruntime": many(lambda e: onnx_backend.run(8, e, x)),
            "torch_backend": many(lambda e: torch_backend.run(8, e, x)),
-           "expertbank_forward_one": many(in_process)}
+           "expertbank_forward_one": many(in_process),
+           "matmuls_only": many(matmuls)}
     times = time_interleaved(fns, rounds=args.onnx_rounds, warmup=3)
     us = {k: [t * 1e3 / calls for t in v] for k, v in times.items()}
     return {
@@ -678,6 +697,8 @@ def bench_onnx(workdir: Path, args) -> dict[str, Any]:
                                              / statistics.median(us["torch_backend"]), 4),
         "ratio_onnx_vs_forward_one": round(statistics.median(us["onnxruntime"])
                                            / statistics.median(us["expertbank_forward_one"]), 4),
+        "ratio_matmuls_only_vs_torch_backend": round(statistics.median(us["matmuls_only"])
+                                                     / statistics.median(us["torch_backend"]), 4),
         "max_abs_diff_onnx_vs_torch": diff,
     }
 
@@ -769,6 +790,15 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
                          "measured": f"{r3:.3f} ({s3['p50']:.1f} / {i['p50']:.1f} ms); worker CPU per call "
                                      f"{cpu['split_3w_unary']:.2f} ms unary, {cpu['split_3w']:.2f} ms streamed",
                          "target": "(info)", "holds": None})
+        if "split_3w_per_expert" in lat["vs_inprocess"]:
+            r4 = lat["vs_inprocess"]["split_3w_per_expert"]["ratio_of_medians"]
+            s4 = lat["summary"]["split_3w_per_expert"]
+            cpu = lat["worker_cpu_ms_per_call_by_config"]
+            rows.append({"figure": f"split (3 workers), one tensor per expert instead of packed, MoE {key}",
+                         "measured": f"{r4:.3f} ({s4['p50']:.1f} / {i['p50']:.1f} ms); worker CPU per call "
+                                     f"{cpu['split_3w_per_expert']:.2f} ms per expert, {cpu['split_3w']:.2f} ms "
+                                     "packed",
+                         "target": "(info)", "holds": None})
     for key, tp in result["throughput"].items():
         r = tp["ratio_vs_model"]
         ips = tp["median_images_per_s"]
@@ -804,6 +834,11 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
                      "measured": f"{r:.3f} ({u['onnxruntime']['p50']:.1f} / {u['torch_backend']['p50']:.1f} µs; "
                                  f"{on['ratio_onnx_vs_forward_one']:.3f} vs ExpertBank.forward_one)",
                      "target": f"≤ {TARGETS['onnx']}", "holds": r <= TARGETS["onnx"]})
+        if "matmuls_only" in u:
+            rows.append({"figure": "the expert's two fp32 matrix products alone ÷ torch expert call, 64 tokens",
+                         "measured": f"{on['ratio_matmuls_only_vs_torch_backend']:.3f} "
+                                     f"({u['matmuls_only']['p50']:.1f} / {u['torch_backend']['p50']:.1f} µs)",
+                         "target": "(info: a floor for any fp32 backend)", "holds": None})
     return rows
 
 
