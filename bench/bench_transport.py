@@ -1,13 +1,14 @@
-"""gRPC transport cost alone: one unary call per request vs one message on a long-lived stream.
+"""gRPC transport cost alone: one unary call per request vs one message on a long-lived stream (vs plain TCP).
 
-Three echo servers (grpc.aio, the worker's server stack, no model) on ``--server-cpus`` stand for the three workers;
+Three echo servers (grpc.aio, the worker's server stack, no model) on ``--server-cpus`` stand for the three workers
+(and three plain asyncio TCP echo servers, length-prefixed messages, for the floor without gRPC);
 this process, on ``--client-cpus``, sends one "layer" at a time: the same message to all three at once, then waits
 for the three answers, as the coordinator does at each MoE layer. Measured per layer, in rounds that alternate the
-two transports: wall time, the servers' CPU (from /proc) and this process's CPU. ``--gap-ms`` sleeps between layers
+transports: wall time, the servers' CPU (from /proc) and this process's CPU. ``--gap-ms`` sleeps between layers
 as the trunk would (servers then wake cold).
 
 Run: ``.venv/bin/python bench/bench_transport.py [--layers 1500] [--bytes 11000] [--gap-ms 0]``
-(about 30 s; writes ``bench/results/transport.json``).
+(about 45 s; writes ``bench/results/transport.json``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import asyncio
 import concurrent.futures
 import os
 import queue
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -51,6 +54,23 @@ async def _serve(port: int) -> None:
     await server.wait_for_termination()
 
 
+async def _serve_raw(port: int) -> None:
+    """The floor: an asyncio TCP echo of length-prefixed messages, no gRPC, no HTTP/2."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(4)
+                writer.write(header + await reader.readexactly(struct.unpack("<I", header)[0]))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", port)
+    print("ready", flush=True)
+    await server.serve_forever()
+
+
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -66,9 +86,13 @@ def main() -> int:
     ap.add_argument("--server-cpus", default="1")
     ap.add_argument("--out", default="bench/results/transport.json")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-raw", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         asyncio.run(_serve(args.serve))
+        return 0
+    if args.serve_raw:
+        asyncio.run(_serve_raw(args.serve_raw))
         return 0
 
     import grpc
@@ -77,13 +101,14 @@ def main() -> int:
 
     server_cpus = {int(c) for c in args.server_cpus.split(",")}
     os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
-    ports = [free_port() for _ in range(3)]
-    procs = []
-    for port in ports:
-        p = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], stdout=subprocess.PIPE)
+    ports, raw_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    procs, raw_procs = [], []
+    starts = [("--serve", p, procs) for p in ports] + [("--serve-raw", p, raw_procs) for p in raw_ports]
+    for flag, port, group in starts:
+        p = subprocess.Popen([sys.executable, __file__, flag, str(port)], stdout=subprocess.PIPE)
         p.stdout.readline()
         os.sched_setaffinity(p.pid, server_cpus)
-        procs.append(p)
+        group.append(p)
     payload = os.urandom(args.bytes)
     channels = [grpc.insecure_channel(f"127.0.0.1:{p}") for p in ports]
     pool = concurrent.futures.ThreadPoolExecutor(4)
@@ -102,7 +127,21 @@ def main() -> int:
         for s in streams:
             next(s)
 
-    layers = {"unary": layer_unary, "stream": layer_stream}
+    sockets = [socket.create_connection(("127.0.0.1", p)) for p in raw_ports]
+    for sock in sockets:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    framed = struct.pack("<I", len(payload)) + payload
+
+    def layer_raw() -> None:
+        for sock in sockets:
+            sock.sendall(framed)
+        for sock in sockets:
+            n = struct.unpack("<I", sock.recv(4, socket.MSG_WAITALL))[0]
+            if len(sock.recv(n, socket.MSG_WAITALL)) != n:
+                raise ConnectionError("raw echo server closed the connection")
+
+    layers = {"unary": layer_unary, "stream": layer_stream, "raw_tcp": layer_raw}
+    servers = {"unary": procs, "stream": procs, "raw_tcp": raw_procs}
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in layers}
     try:
         for fn in layers.values():  # warm-up: connections, first calls
@@ -110,7 +149,7 @@ def main() -> int:
                 fn()
         for _ in range(args.rounds):
             for name, fn in layers.items():
-                s0, c0 = sum(_cpu_s(p.pid) for p in procs), time.process_time()
+                s0, c0 = sum(_cpu_s(p.pid) for p in servers[name]), time.process_time()
                 busy = 0.0
                 for _ in range(args.layers):
                     if args.gap_ms:
@@ -121,25 +160,29 @@ def main() -> int:
                 n = args.layers
                 samples[name].append({
                     "layer_ms": busy / n * 1e3,
-                    "servers_cpu_ms": (sum(_cpu_s(p.pid) for p in procs) - s0) / n * 1e3,
+                    "servers_cpu_ms": (sum(_cpu_s(p.pid) for p in servers[name]) - s0) / n * 1e3,
                     "client_cpu_ms": (time.process_time() - c0) / n * 1e3,
                 })
     finally:
         for q in requests:
             q.put(None)
-        for p in procs:
+        for sock in sockets:
+            sock.close()
+        for p in procs + raw_procs:
             p.kill()
     summary = {name: {k: round(statistics.median(s[k] for s in runs), 3) for k in runs[0]}
                for name, runs in samples.items()}
     result = {
         "benchmark": "transport",
-        "description": "one layer = the same message to 3 grpc.aio echo servers at once; unary calls vs streams",
+        "description": "one layer = the same message to 3 echo servers at once: grpc.aio unary calls vs streams, "
+                       "and a plain asyncio TCP echo (no gRPC) as the floor",
         "settings": {k: getattr(args, k) for k in ("layers", "rounds", "bytes", "gap_ms", "client_cpus",
                                                    "server_cpus")},
         "loadavg_after": load_average(),
         "samples": samples,
         "median": summary,
         "stream_vs_unary": {k: round(summary["stream"][k] / summary["unary"][k], 3) for k in summary["unary"]},
+        "stream_vs_raw_tcp": {k: round(summary["stream"][k] / summary["raw_tcp"][k], 3) for k in summary["unary"]},
     }
     path = write_result(args.out, result)
     for name, m in summary.items():
