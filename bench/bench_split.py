@@ -28,7 +28,9 @@ a. batch-1 latency, split (``3w`` and ``cam+2w``, fp16 on the wire) vs in-proces
 b. throughput, 8 closed-loop clients calling the Classify RPC of a coordinator server (``coordinator.server.serve``
    in a subprocess pinned to the coordinator's cores; clients in this process, moved to the workers' cores for
    the run) with 256×256 JPEGs, vs the in-process model at batch 8 on the coordinator's cores: model only (the
-   target's baseline) and JPEG decode + model (the same work the server does);
+   target's baseline) and JPEG decode + model (the same work the server does). Each split round starts its 8
+   clients from idle (ramp included, the target's figure); the steady-state rate of the same rounds, without the
+   first and last 8 answers, is reported beside it;
 c. bytes on the wire per image: a :class:`sim.linkproxy.ThreadedLinkProxy` in front of each worker counts the TCP
    payload both ways (HTTP/2 and gRPC framing included, TCP/IP headers not) over N images; the payload floor is
    tokens sent to remote experts × dim × 2 bytes (fp16) × 2 (there and back); the coordinator's own count of
@@ -451,8 +453,12 @@ def serve_child(argv: list[str]) -> int:
     return 0
 
 
-def run_clients(address: str, images: list[bytes], n: int, concurrency: int) -> tuple[float, list[float]]:
-    """``n`` Classify calls by ``concurrency`` closed-loop clients; (seconds, per-call latencies ms)."""
+def run_clients(address: str, images: list[bytes], n: int, concurrency: int
+                ) -> tuple[float, list[float], float | None]:
+    """``n`` Classify calls by ``concurrency`` closed-loop clients: (seconds, per-call latencies ms, steady-state
+    images/s). The steady rate leaves out the ramp at both ends: the calls answered after the first
+    ``concurrency`` answers and up to the ``concurrency``-th last, over that time (answers of one batch arrive
+    together, so the window holds whole batches)."""
     import grpc
 
     from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
@@ -460,6 +466,7 @@ def run_clients(address: str, images: list[bytes], n: int, concurrency: int) -> 
     lock = threading.Lock()
     issued = [0]
     latencies: list[float] = []
+    done_at: list[float] = []
     errors: list[BaseException] = []
     with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
         stub = expert_pb2_grpc.ClassifierServiceStub(channel)
@@ -479,8 +486,10 @@ def run_clients(address: str, images: list[bytes], n: int, concurrency: int) -> 
                     with lock:
                         errors.append(e)
                     return
+                t1 = time.perf_counter()
                 with lock:
-                    latencies.append((time.perf_counter() - t0) * 1e3)
+                    latencies.append((t1 - t0) * 1e3)
+                    done_at.append(t1)
 
         threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
         t0 = time.perf_counter()
@@ -491,7 +500,13 @@ def run_clients(address: str, images: list[bytes], n: int, concurrency: int) -> 
         seconds = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"Classify failed: {errors[0]}")
-    return seconds, latencies
+    steady = None
+    if n > 2 * concurrency:
+        done_at.sort()
+        start, end = done_at[concurrency - 1], done_at[n - concurrency - 1]
+        inside = sum(1 for t in done_at if start < t <= end)
+        steady = inside / (end - start) if end > start else None
+    return seconds, latencies, steady
 
 
 def bench_throughput(dep: Deployment, ref, args, memory_format, coord_cpus, worker_cpus) -> dict[str, Any]:
@@ -515,7 +530,7 @@ def bench_throughput(dep: Deployment, ref, args, memory_format, coord_cpus, work
         run_clients(address, images, 2 * batch, args.concurrency)  # warm-up: connections, first batches
         pin_process(coord_cpus)
 
-        def split_run() -> tuple[float, list[float]]:
+        def split_run() -> tuple[float, list[float], float | None]:
             pin_process(worker_cpus)
             try:
                 return run_clients(address, images, n, args.concurrency)
@@ -541,6 +556,7 @@ def bench_throughput(dep: Deployment, ref, args, memory_format, coord_cpus, work
         with torch.inference_mode():
             inproc_model()
             rounds: dict[str, list[float]] = {"split": [], "inprocess_model": [], "inprocess_decode_model": []}
+            steady: list[float] = []  # the split rounds' steady-state rates (ramps at both ends left out)
             # CPU each run got per wall second: the in-process runs on the coordinator's core (this thread), the
             # split on the server's process (coordinator's core) and on the workers (their core). On a machine
             # shared with other jobs these say how much of its cores each side really had.
@@ -554,8 +570,10 @@ def bench_throughput(dep: Deployment, ref, args, memory_format, coord_cpus, work
                     c0 = time.thread_time()
                     s0, w0 = proc_cpu_seconds(server.pid), sum(proc_cpu_seconds(p.pid) for p in dep.procs.values())
                     if name == "split":
-                        seconds, lat = split_run()
+                        seconds, lat, rate = split_run()
                         latencies += lat
+                        if rate is not None:
+                            steady.append(rate)
                         shares["split_server"].append((proc_cpu_seconds(server.pid) - s0) / seconds)
                         shares["split_workers"].append(
                             (sum(proc_cpu_seconds(p.pid) for p in dep.procs.values()) - w0) / seconds)
@@ -578,6 +596,8 @@ def bench_throughput(dep: Deployment, ref, args, memory_format, coord_cpus, work
             "median_images_per_s": ips,
             "ratio_vs_model": round(ips["split"] / ips["inprocess_model"], 4),
             "ratio_vs_decode_model": round(ips["split"] / ips["inprocess_decode_model"], 4),
+            "steady_split_images_per_s": [round(x, 3) for x in steady],
+            "ratio_steady_vs_model": round(statistics.median(steady) / ips["inprocess_model"], 4) if steady else None,
             "median_round_ratio_vs_model": round(statistics.median(
                 a / b for a, b in zip(rounds["split"], rounds["inprocess_model"], strict=True)), 4),
             "request_latency_ms": stats(latencies),
@@ -803,8 +823,10 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         r = tp["ratio_vs_model"]
         ips = tp["median_images_per_s"]
         share = tp["cpu_per_wall_s"]
+        steady = tp.get("ratio_steady_vs_model")
+        steady_text = f"steady state {steady:.3f}; " if steady is not None else ""
         rows.append({"figure": f"Classify throughput, 8 clients ÷ in-process batch 8, MoE {key}",
-                     "measured": f"{r:.3f} ({ips['split']:.1f} / {ips['inprocess_model']:.1f} img/s; "
+                     "measured": f"{r:.3f} ({ips['split']:.1f} / {ips['inprocess_model']:.1f} img/s; {steady_text}"
                                  f"{tp['ratio_vs_decode_model']:.3f} vs decode + model; CPU/s: server "
                                  f"{share['split_server']:.2f}, workers {share['split_workers']:.2f}, in-process "
                                  f"{share['inprocess_model']:.2f})",
