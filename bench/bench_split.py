@@ -802,22 +802,18 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"figure": f"split (cam holds ⅓ + 2 workers) ÷ in-process, batch-1 p50, MoE {key}",
                      "measured": f"{r2:.3f} ({s2['p50']:.1f} / {i['p50']:.1f} ms)", "target": "(info)",
                      "holds": None})
-        if "split_3w_unary" in lat["vs_inprocess"]:
-            r3 = lat["vs_inprocess"]["split_3w_unary"]["ratio_of_medians"]
-            s3 = lat["summary"]["split_3w_unary"]
+        # the 3w deployment with one transport choice changed: (config, what changed, its label, the default's)
+        for config, change, label, default in (("split_3w_unary", "unary calls instead of the stream", "unary",
+                                                "streamed"),
+                                               ("split_3w_per_expert", "one tensor per expert instead of packed",
+                                                "per expert", "packed")):
+            if config not in lat["vs_inprocess"]:
+                continue
+            rc, sc = lat["vs_inprocess"][config]["ratio_of_medians"], lat["summary"][config]
             cpu = lat["worker_cpu_ms_per_call_by_config"]
-            rows.append({"figure": f"split (3 workers), unary calls instead of the stream, MoE {key}",
-                         "measured": f"{r3:.3f} ({s3['p50']:.1f} / {i['p50']:.1f} ms); worker CPU per call "
-                                     f"{cpu['split_3w_unary']:.2f} ms unary, {cpu['split_3w']:.2f} ms streamed",
-                         "target": "(info)", "holds": None})
-        if "split_3w_per_expert" in lat["vs_inprocess"]:
-            r4 = lat["vs_inprocess"]["split_3w_per_expert"]["ratio_of_medians"]
-            s4 = lat["summary"]["split_3w_per_expert"]
-            cpu = lat["worker_cpu_ms_per_call_by_config"]
-            rows.append({"figure": f"split (3 workers), one tensor per expert instead of packed, MoE {key}",
-                         "measured": f"{r4:.3f} ({s4['p50']:.1f} / {i['p50']:.1f} ms); worker CPU per call "
-                                     f"{cpu['split_3w_per_expert']:.2f} ms per expert, {cpu['split_3w']:.2f} ms "
-                                     "packed",
+            rows.append({"figure": f"split (3 workers), {change}, MoE {key}",
+                         "measured": f"{rc:.3f} ({sc['p50']:.1f} / {i['p50']:.1f} ms); worker CPU per call "
+                                     f"{cpu[config]:.2f} ms {label}, {cpu['split_3w']:.2f} ms {default}",
                          "target": "(info)", "holds": None})
     for key, tp in result["throughput"].items():
         r = tp["ratio_vs_model"]

@@ -105,8 +105,8 @@ class PendingCall:
             if list(resp.packed.counts) != self.counts:
                 raise ValueError(f"packed counts {list(resp.packed.counts)} differ from the request's {self.counts}")
             y = proto_to_tensor(resp.packed.tokens)
-            if y.dim() != 2:
-                raise ValueError(f"packed outputs have shape {list(y.shape)}, expected [n, C]")
+            if y.dim() != 2 or len(y) != sum(self.counts):
+                raise ValueError(f"packed outputs have shape {list(y.shape)}, expected [{sum(self.counts)}, C]")
             return list(torch.split(y, self.counts)) if self.counts else []
         ys = [proto_to_tensor(o.tokens) for o in resp.outputs]
         if [len(y) for y in ys] != self.counts:

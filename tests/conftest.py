@@ -44,3 +44,22 @@ def trained_dense(tmp_path_factory):
     Trainer(model, train, None, TrainConfig(epochs=4, batch_size=12, lr_rest=3e-3, lr_head=5e-3, seed=0), out,
             progress=False, log=lambda s: None).fit()
     return save_checkpoint(model.eval(), out / "dense.safetensors"), SYNTH
+
+
+@pytest.fixture(scope="session")
+def expert_model_path(tmp_path_factory):
+    """A saved random MoE model (MoE layers 5 and 8, four experts each) for the worker transport tests."""
+    from moevit.checkpoint import save_checkpoint
+    from tests.deploy import small_moe_model
+
+    model = small_moe_model((5, 8), num_experts=4, calib_size=64)
+    return save_checkpoint(model, tmp_path_factory.mktemp("experts") / "moe.safetensors")
+
+
+@pytest.fixture(scope="session")
+def layer8_reference(expert_model_path):
+    """(the in-process expert bank of layer 8, the model fingerprint) of ``expert_model_path``."""
+    from moevit.checkpoint import load_checkpoint, model_fingerprint
+
+    model = load_checkpoint(expert_model_path)
+    return model.moe_layers()[8].experts, model_fingerprint(model)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,3 +62,32 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def site_client(address: str, fingerprint: str, *, wire: str = "fp32", **kw: Any):
+    """The coordinator's client of one worker site (fp32 on the wire, no health watch), for transport tests."""
+    from coordinator.sites import SiteClient
+
+    return SiteClient("w", address, fingerprint=fingerprint, wire=wire, deadline_s=10.0, watch=False, **kw)
+
+
+@contextlib.contextmanager
+def in_process_worker(model_path: str | Path, hosted: Mapping[int, Sequence[int]],
+                      alter: Callable[[Any], None] | None = None) -> Iterator[str]:
+    """A WorkerServer on an event loop in a thread of this process, so a test can ``alter`` its servicer (e.g. to
+    act as an older worker) before it starts; yields its address and stops it on exit."""
+    from worker.backends import TorchBackend
+    from worker.server import WorkerServer, load_hosted
+
+    banks, fingerprint, _ = load_hosted(model_path, hosted)
+    server = WorkerServer(TorchBackend(banks), fingerprint, arch="test")
+    if alter is not None:
+        alter(server._servicer)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)

@@ -4,59 +4,41 @@ Against a real ``moe-worker`` process on loopback: the coordinator's client gets
 tensor per expert, over the stream and over unary calls, in fewer bytes. In-process: a worker that predates packed
 tokens (it ignores the field, as an older parser does, and does not list the feature) is noticed: its empty answer
 is an error naming the site rather than a silent result, and after ``use_features(info.features)`` the client sends
-it one tensor per expert.
+it one tensor per expert. An answer that does not fit its request is an error naming the site.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import concurrent.futures
+import time
 
 import grpc
 import pytest
 import torch
 
-from coordinator.sites import SiteClient, SiteError
-from moevit.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
-from tests.deploy import small_moe_model
-from tests.netutil import free_port, start_worker, stop
-from worker.backends import TorchBackend
-from worker.server import WorkerServer, load_hosted
+from coordinator.sites import PendingCall, SiteError
+from moevit_rpc.tensors import tensor_to_proto
+from moevit_rpc.v1 import expert_pb2
+from tests.netutil import free_port, in_process_worker, site_client, start_worker, stop
 from worker.service import ExpertServicer
 
 LAYER, DIM = 8, 128
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    model = small_moe_model((5, 8), num_experts=4, calib_size=64)
-    return save_checkpoint(model, tmp_path_factory.mktemp("packed") / "moe.safetensors")
-
-
-@pytest.fixture(scope="module")
-def reference(model_path):
-    model = load_checkpoint(model_path)
-    return model.moe_layers()[LAYER].experts, model_fingerprint(model)
-
-
-@pytest.fixture(scope="module")
-def worker(model_path):
+def worker(expert_model_path):
     address = f"127.0.0.1:{free_port()}"
-    proc = start_worker(str(model_path), address, "8:0-3")
+    proc = start_worker(str(expert_model_path), address, "8:0-3")
     yield address
     stop(proc)
 
 
-def _client(address: str, fingerprint: str, wire: str = "fp32", **kw) -> SiteClient:
-    return SiteClient("w", address, fingerprint=fingerprint, wire=wire, deadline_s=10.0, watch=False, **kw)
-
-
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
 @pytest.mark.parametrize("wire", ["fp32", "fp16"])
-def test_packed_requests_get_the_per_expert_outputs_in_fewer_bytes(worker, reference, stream, wire):
-    bank, fp = reference
-    packed = _client(worker, fp, wire, stream=stream)
-    per_expert = _client(worker, fp, wire, stream=stream, packed=False)
+def test_packed_requests_get_the_per_expert_outputs_in_fewer_bytes(worker, layer8_reference, stream, wire):
+    bank, fp = layer8_reference
+    packed = site_client(worker, fp, wire=wire, stream=stream)
+    per_expert = site_client(worker, fp, wire=wire, stream=stream, packed=False)
     try:
         for counts in ([1, 0, 5, 2], [64, 3, 0, 17], [0, 0, 0, 9]):
             batches = [(e, torch.randn(n, DIM)) for e, n in zip((3, 0, 2, 1), counts, strict=True)]
@@ -83,34 +65,52 @@ class _BeforePacking(ExpertServicer):
         return await super().answer(request)
 
 
-@pytest.fixture
-def old_worker(model_path):
-    banks, fingerprint, _ = load_hosted(model_path, {LAYER: [0, 1]})
-    server = WorkerServer(TorchBackend(banks), fingerprint, arch="test")
-    server._servicer.__class__ = _BeforePacking
-    server._servicer._info.features.remove("packed_tokens")
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-    yield f"127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
+def _before_packing(servicer: ExpertServicer) -> None:
+    servicer.__class__ = _BeforePacking
+    servicer._info.features.remove("packed_tokens")
 
 
-def test_a_worker_without_packed_tokens_is_noticed_and_sent_one_tensor_per_expert(old_worker, reference):
-    bank, fp = reference
-    client = _client(old_worker, fp)
+def test_a_worker_without_packed_tokens_is_noticed_and_sent_one_tensor_per_expert(expert_model_path,
+                                                                                   layer8_reference):
+    bank, fp = layer8_reference
+    with in_process_worker(expert_model_path, {LAYER: [0, 1]}, _before_packing) as address:
+        client = site_client(address, fp)
+        try:
+            x = torch.randn(6, DIM)
+            with pytest.raises(SiteError) as err:  # the old worker answers with no outputs: never taken as a result
+                client.start(LAYER, [(1, x)]).result()
+            assert err.value.code == grpc.StatusCode.INTERNAL and "site w" in str(err.value)
+            assert "unusable answer" in str(err.value)
+            client.use_features(list(client.info().features))
+            assert client.packed is False and client.stream is True
+            ys = client.start(LAYER, [(1, x), (0, x[:2])]).result()
+            torch.testing.assert_close(ys[0], bank.forward_one(1, x), atol=1e-5, rtol=0)
+            torch.testing.assert_close(ys[1], bank.forward_one(0, x[:2]), atol=1e-5, rtol=0)
+        finally:
+            client.close()
+
+
+def _answered(resp: expert_pb2.RunExpertsResponse, counts: list[int]) -> PendingCall:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_result(resp)
+    client = site_client("127.0.0.1:1", "fp")  # never connects: the answer is already there
+    return PendingCall(client, fut, 0, counts, time.perf_counter())
+
+
+@pytest.mark.parametrize("answer_counts, rows, words", [
+    ([2, 2], 5, "shape [5, 128], expected [4, C]"),
+    ([3, 1], 4, "packed counts [3, 1] differ from the request's [2, 2]"),
+    ([2, 2], None, "shape [4], expected [4, C]"),
+], ids=["rows", "counts", "rank"])
+def test_a_packed_answer_that_does_not_fit_the_request_is_an_error_naming_the_site(answer_counts, rows, words):
+    tokens = torch.randn(rows, DIM) if rows is not None else torch.randn(4)
+    resp = expert_pb2.RunExpertsResponse(packed=expert_pb2.PackedTokens(
+        experts=[0, 1], counts=answer_counts, tokens=tensor_to_proto(tokens, "fp32")))
+    call = _answered(resp, [2, 2])
     try:
-        x = torch.randn(6, DIM)
-        with pytest.raises(SiteError) as err:  # the old worker answers with no outputs: never taken as a result
-            client.start(LAYER, [(1, x)]).result()
-        assert err.value.code == grpc.StatusCode.INTERNAL and "site w" in str(err.value)
-        assert "unusable answer" in str(err.value)
-        info = client.info()
-        client.use_features(list(info.features))
-        assert client.packed is False and client.stream is True
-        ys = client.start(LAYER, [(1, x), (0, x[:2])]).result()
-        torch.testing.assert_close(ys[0], bank.forward_one(1, x), atol=1e-5, rtol=0)
-        torch.testing.assert_close(ys[1], bank.forward_one(0, x[:2]), atol=1e-5, rtol=0)
+        with pytest.raises(SiteError) as err:
+            call.result()
+        assert err.value.code == grpc.StatusCode.INTERNAL and "site w" in str(err.value) and words in str(err.value)
+        assert call.client.traffic.failures == 1
     finally:
-        client.close()
+        call.client.close()

@@ -16,45 +16,25 @@ import grpc
 import pytest
 import torch
 
-from coordinator.sites import SiteClient, SiteError
-from moevit.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
+from coordinator.sites import SiteError
 from moevit_rpc.v1 import expert_pb2_grpc
-from tests.deploy import small_moe_model
-from tests.netutil import free_port, start_worker, stop
-from worker.backends import TorchBackend
-from worker.server import WorkerServer
+from tests.netutil import free_port, in_process_worker, site_client, start_worker, stop
 from worker.service import ExpertServicer
 
 LAYER, DIM = 8, 128  # mobilevitv2_050's last transformer layer: tokens of 128 channels
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    model = small_moe_model((5, 8), num_experts=4, calib_size=64)
-    return save_checkpoint(model, tmp_path_factory.mktemp("stream") / "moe.safetensors")
-
-
-@pytest.fixture(scope="module")
-def reference(model_path):
-    model = load_checkpoint(model_path)
-    return model.moe_layers()[LAYER].experts, model_fingerprint(model)
-
-
-@pytest.fixture(scope="module")
-def worker(model_path):
+def worker(expert_model_path):
     address = f"127.0.0.1:{free_port()}"
-    proc = start_worker(str(model_path), address, "8:0-2")
+    proc = start_worker(str(expert_model_path), address, "8:0-2")
     yield address
     stop(proc)
 
 
-def _client(address: str, fingerprint: str, **kw) -> SiteClient:
-    return SiteClient("w", address, fingerprint=fingerprint, wire="fp32", deadline_s=10.0, watch=False, **kw)
-
-
-def test_stream_answers_equal_the_in_process_experts_and_the_unary_calls(worker, reference):
-    bank, fp = reference
-    streamed, unary = _client(worker, fp), _client(worker, fp, stream=False)
+def test_stream_answers_equal_the_in_process_experts_and_the_unary_calls(worker, layer8_reference):
+    bank, fp = layer8_reference
+    streamed, unary = site_client(worker, fp), site_client(worker, fp, stream=False)
     first = None
     try:
         for n in (1, 7, 64):
@@ -74,9 +54,9 @@ def test_stream_answers_equal_the_in_process_experts_and_the_unary_calls(worker,
         unary.close()
 
 
-def test_threads_sharing_one_stream_each_get_their_own_answers(worker, reference):
-    bank, fp = reference
-    client = _client(worker, fp)
+def test_threads_sharing_one_stream_each_get_their_own_answers(worker, layer8_reference):
+    bank, fp = layer8_reference
+    client = site_client(worker, fp)
 
     def ask(seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -95,9 +75,9 @@ def test_threads_sharing_one_stream_each_get_their_own_answers(worker, reference
         client.close()
 
 
-def test_a_refused_request_leaves_the_stream_open(worker, reference):
-    bank, fp = reference
-    client = _client(worker, fp)
+def test_a_refused_request_leaves_the_stream_open(worker, layer8_reference):
+    bank, fp = layer8_reference
+    client = site_client(worker, fp)
     try:
         with pytest.raises(SiteError, match=r"INVALID_ARGUMENT: expert 3 of layer 8 is not hosted"):
             client.start(LAYER, [(3, torch.randn(4, DIM))]).result()
@@ -108,7 +88,7 @@ def test_a_refused_request_leaves_the_stream_open(worker, reference):
         (y,) = client.start(LAYER, [(1, x)]).result()
         torch.testing.assert_close(y, bank.forward_one(1, x), atol=1e-5, rtol=0)
         assert client._stream is stream and not stream.ended
-        other = _client(worker, "another-model")
+        other = site_client(worker, "another-model")
         with pytest.raises(SiteError, match="FAILED_PRECONDITION"):
             other.start(LAYER, [(0, x)]).result()
         other.close()
@@ -116,19 +96,19 @@ def test_a_refused_request_leaves_the_stream_open(worker, reference):
         client.close()
 
 
-def test_the_stream_needs_the_token(model_path, reference, tmp_path):
-    bank, fp = reference
+def test_the_stream_needs_the_token(expert_model_path, layer8_reference, tmp_path):
+    bank, fp = layer8_reference
     (tmp_path / "token").write_text("s3cret\n")
     address = f"127.0.0.1:{free_port()}"
-    proc = start_worker(str(model_path), address, "8:0", "--token-file", str(tmp_path / "token"))
+    proc = start_worker(str(expert_model_path), address, "8:0", "--token-file", str(tmp_path / "token"))
     try:
         x = torch.randn(3, DIM)
         for token in (None, "wrong"):
-            client = _client(address, fp, token=token)
+            client = site_client(address, fp, token=token)
             with pytest.raises(SiteError, match="UNAUTHENTICATED"):
                 client.start(LAYER, [(0, x)]).result()
             client.close()
-        client = _client(address, fp, token="s3cret")
+        client = site_client(address, fp, token="s3cret")
         (y,) = client.start(LAYER, [(0, x)]).result()
         torch.testing.assert_close(y, bank.forward_one(0, x), atol=1e-5, rtol=0)
         client.close()
@@ -136,12 +116,12 @@ def test_the_stream_needs_the_token(model_path, reference, tmp_path):
         stop(proc)
 
 
-def test_sigterm_ends_idle_streams_without_waiting_out_the_grace_period(model_path, reference):
-    bank, fp = reference
+def test_sigterm_ends_idle_streams_without_waiting_out_the_grace_period(expert_model_path, layer8_reference):
+    bank, fp = layer8_reference
     address = f"127.0.0.1:{free_port()}"
     grace = 20.0
-    proc = start_worker(str(model_path), address, "8:0", "--grace", str(grace))
-    client = _client(address, fp)
+    proc = start_worker(str(expert_model_path), address, "8:0", "--grace", str(grace))
+    client = site_client(address, fp)
     try:
         client.start(LAYER, [(0, torch.randn(2, DIM))]).result()  # the stream is open, and now idle
         t0 = time.monotonic()
@@ -166,41 +146,33 @@ class _UnaryOnly(ExpertServicer):
     RunExpertsStream = expert_pb2_grpc.ExpertServiceServicer.RunExpertsStream
 
 
-def test_a_worker_without_streams_is_used_through_unary_calls(model_path, reference):
-    import asyncio
-    import threading
+def test_a_worker_without_streams_is_used_through_unary_calls(expert_model_path, layer8_reference):
+    bank, fp = layer8_reference
 
-    from worker.server import load_hosted
+    def before_streams(servicer: ExpertServicer) -> None:
+        servicer.__class__ = _UnaryOnly
 
-    bank, fp = reference
-    banks, fingerprint, _ = load_hosted(model_path, {LAYER: [0, 1]})
-    server = WorkerServer(TorchBackend(banks), fingerprint, arch="test")
-    server._servicer.__class__ = _UnaryOnly
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-    client = _client(f"127.0.0.1:{port}", fp)
-    try:
-        x = torch.randn(6, DIM)
-        (y,) = client.start(LAYER, [(1, x)]).result()  # sent on a stream, refused, then sent again unary
-        torch.testing.assert_close(y, bank.forward_one(1, x), atol=1e-5, rtol=0)
-        assert client.stream is False and client._stream.ended
-        assert client._stream._ended.code() == grpc.StatusCode.UNIMPLEMENTED
-        (y,) = client.start(LAYER, [(0, x)]).result()
-        torch.testing.assert_close(y, bank.forward_one(0, x), atol=1e-5, rtol=0)
-    finally:
-        client.close()
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
+    with in_process_worker(expert_model_path, {LAYER: [0, 1]}, before_streams) as address:
+        client = site_client(address, fp)
+        try:
+            x = torch.randn(6, DIM)
+            (y,) = client.start(LAYER, [(1, x)]).result()  # sent on a stream, refused, then sent again unary
+            torch.testing.assert_close(y, bank.forward_one(1, x), atol=1e-5, rtol=0)
+            assert client.stream is False and client._stream.ended
+            assert client._stream._ended.code() == grpc.StatusCode.UNIMPLEMENTED
+            (y,) = client.start(LAYER, [(0, x)]).result()
+            torch.testing.assert_close(y, bank.forward_one(0, x), atol=1e-5, rtol=0)
+        finally:
+            client.close()
 
 
-def test_a_request_id_already_waiting_is_refused(worker, reference):
+def test_a_request_id_already_waiting_is_refused(worker, layer8_reference):
     """Answers are matched by request_id: a second request with the id of one still waiting is refused, not sent."""
     from coordinator.stream import ExpertStream
     from moevit_rpc.tensors import tensor_to_proto
     from moevit_rpc.v1 import expert_pb2
 
-    bank, fp = reference
+    bank, fp = layer8_reference
     channel = grpc.insecure_channel(worker)
     stream = ExpertStream(expert_pb2_grpc.ExpertServiceStub(channel), name="w")
     x = torch.randn(3, DIM)
