@@ -355,7 +355,8 @@ def real_worker_check(model_path: Path, topology_path: Path, xs: torch.Tensor, b
                 topo = load_topology(path)
                 m = load_checkpoint(model_path).eval()
                 placement = topo.resolve_placement({i: layer.num_experts for i, layer in m.moe_layers().items()})
-                rt = SplitRuntime(m, topo, placement, wire="fp32")
+                # BatchNorms left unfolded: the logits are compared with the emulation's unfolded model
+                rt = SplitRuntime(m, topo, placement, wire="fp32", fold_bn=False)
                 try:
                     if workers is None:
                         t0 = time.perf_counter()

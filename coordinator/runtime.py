@@ -16,6 +16,7 @@ import torch
 from coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher
 from coordinator.sites import SiteClient, SiteError
 from moevit.checkpoint import load_checkpoint, model_fingerprint
+from moevit.fuse import fold_batchnorm
 from moevit.mobilevitv2 import MobileViTV2
 from partition.topology import Placement, Topology, TopologyError
 
@@ -37,16 +38,21 @@ class BatchResult:
 class SplitRuntime:
     """``model`` with its MoE layers dispatched over ``topology``'s sites per ``placement``.
 
-    ``deadline_s``, ``hedge_ms`` and ``max_message_mb`` default to the topology's ``rpc`` section.
+    ``deadline_s``, ``hedge_ms`` and ``max_message_mb`` default to the topology's ``rpc`` section. ``fold_bn``
+    folds the trunk's BatchNorms into its convolutions (:func:`moevit.fuse.fold_batchnorm`) after the fingerprint
+    is taken: the camera site's forward then takes about 0.88 of the time (``bench/bench_fold.py``); compare
+    outputs with a model folded the same way.
     """
 
     def __init__(self, model: MobileViTV2, topology: Topology, placement: Placement, *, wire: str = "fp16",
                  deadline_s: float | None = None, hedge_ms: float | None = None,
-                 max_message_mb: float | None = None, watch: bool = True) -> None:
+                 max_message_mb: float | None = None, watch: bool = True, fold_bn: bool = True) -> None:
         if model.config.moe is None:
             raise CoordinatorError("the model has no MoE layers: nothing to split (run moe-convert first)")
         self.model, self.topology, self.placement = model.eval(), topology, placement
-        self.fingerprint = model_fingerprint(model)
+        self.fingerprint = model_fingerprint(model)  # of the checkpoint's weights, as the workers compute it
+        if fold_bn:
+            fold_batchnorm(self.model)
         self.local_site = topology.coordinator
         self.context = ForwardContext()
         self.counters = DispatchCounters()

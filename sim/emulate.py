@@ -244,6 +244,7 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
     from coordinator.runtime import SplitRuntime
     from moevit.checkpoint import load_checkpoint
     from moevit.data import open_dataset
+    from moevit.fuse import fold_batchnorm
     from partition.profile import profile_model, select_images
     from sim.inputs import default_data
     from sim.linkproxy import ThreadedLinkProxy
@@ -254,7 +255,8 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
     data = opts.data or default_data(model_path)
     if data is None:
         raise SimConfigError(opts.topology, "model", f"--emulate needs images for {model_path}: pass --data SPEC")
-    local_model = load_checkpoint(model_path)
+    local_model = load_checkpoint(model_path).eval()
+    fold_batchnorm(local_model)  # timed as the coordinator runs the trunk (SplitRuntime folds its BatchNorms)
     split_model = load_checkpoint(model_path)
     layout = {i: m.num_experts for i, m in local_model.moe_layers().items()}
     if opts.placement is not None:

@@ -14,7 +14,8 @@ import torch
 import moevit
 from coordinator.runtime import CoordinatorError, SplitRuntime
 from coordinator.sites import SiteError
-from moevit.checkpoint import save_checkpoint
+from moevit.checkpoint import model_fingerprint, save_checkpoint
+from moevit.fuse import fold_batchnorm
 from partition.topology import load_topology
 from tests.deploy import small_moe_model, write_topology
 from tests.netutil import free_port, start_worker, stop
@@ -48,10 +49,12 @@ def _images(n, size=128, seed=0):
 
 
 def _reference(model, x):
+    """The in-process model as the coordinator runs it: BatchNorms folded into the convolutions."""
     ref = moevit.build_model(model.config)
     ref.load_state_dict(model.state_dict())
+    fold_batchnorm(ref.eval())
     with torch.no_grad():
-        return ref.eval()(x)
+        return ref(x)
 
 
 def test_split_logits_equal_in_process_with_fp32_wire(deployment):
@@ -63,6 +66,9 @@ def test_split_logits_equal_in_process_with_fp32_wire(deployment):
         ref = _reference(deployment["model"], x)
         assert (res.logits - ref).abs().max() <= 1e-5
         assert not res.degraded.any()
+        # the trunk runs with its BatchNorms folded; the fingerprint stays the checkpoint's, as the workers see it
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in rt.model.modules())
+        assert rt.fingerprint == model_fingerprint(deployment["model"])
         t = rt.traffic()
         for site in ("north", "south"):  # one RPC per site per MoE layer that routed tokens to it
             layers_used = {layer for (layer, e) in rt.context.tokens

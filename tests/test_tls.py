@@ -167,6 +167,7 @@ def test_split_inference_over_mutual_tls_with_tokens(workers, topology_file):
     the TLS workers and classifies exactly as the in-process model does."""
     from coordinator.runtime import SplitRuntime
     from moevit.checkpoint import load_checkpoint
+    from moevit.fuse import fold_batchnorm
 
     topo = load_topology(topology_file)
     rt = SplitRuntime.from_topology(topo, wire="fp32")
@@ -176,6 +177,7 @@ def test_split_inference_over_mutual_tls_with_tokens(workers, topology_file):
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         res = rt.classify(x)
         ref = load_checkpoint(topo.model).eval()
+        fold_batchnorm(ref)  # as the coordinator runs the trunk
         with torch.no_grad():
             torch.testing.assert_close(res.logits, ref(x), atol=1e-5, rtol=1e-5)
         assert not res.degraded.any()
