@@ -18,8 +18,8 @@ CPU placement (fairness on a small machine): this process, which is the coordina
 (default core 0) with ``--threads`` torch threads (default 1); every worker runs on ``--worker-cpus`` (default
 core 1; each worker starts on every core and has all its threads moved there once it serves). The in-process
 baseline is the same checkpoint, loaded again, run in this process on the coordinator's cores with the same thread
-count and memory format; split and in-process runs are interleaved (round-robin, starting point rotating, see
-bench/common.py) so load drift hits both alike.
+count and memory format, its BatchNorms folded as the coordinator folds them; split and in-process runs are
+interleaved (round-robin, starting point rotating, see bench/common.py) so load drift hits both alike.
 
 Figures:
 
@@ -30,14 +30,16 @@ b. throughput, 8 closed-loop clients calling the Classify RPC of a coordinator s
    the run) with 256×256 JPEGs, vs the in-process model at batch 8 on the coordinator's cores: model only (the
    target's baseline) and JPEG decode + model (the same work the server does). Each split round starts its 8
    clients from idle (ramp included, the target's figure); the steady-state rate of the same rounds, without the
-   first and last 8 answers, is reported beside it;
+   first and last 8 answers, is reported beside it, and so are the median of the per-round ratios with a seeded
+   bootstrap interval (``--tp-rounds``, default 9) and the server's and in-process CPU per image;
 c. bytes on the wire per image: a :class:`sim.linkproxy.ThreadedLinkProxy` in front of each worker counts the TCP
    payload both ways (HTTP/2 and gRPC framing included, TCP/IP headers not) over N images; the payload floor is
    tokens sent to remote experts × dim × 2 bytes (fp16) × 2 (there and back); the coordinator's own count of
    serialised messages (``runtime.traffic()``) is reported too;
 d. one expert call at 64 tokens (dim 128, K 64): the worker's onnxruntime backend vs its torch backend, one thread
    each, interleaved (the in-process ``ExpertBank.forward_one`` for reference, and the expert's two matrix
-   products alone: the arithmetic floor of any float32 backend);
+   products alone: the arithmetic floor of any float32 backend; and an onnxruntime call of a one-node Identity
+   graph: the fixed cost of any onnxruntime call);
 e. top-1 agreement of fp16 vs fp32 on the wire through the same ``3w`` deployment: the trained digits model at
    runs/demo/moe.safetensors on all 1797 bundled digits when it exists, else 2000 random 64-px images through a
    seeded random model; also fp32 wire vs in-process logits (max abs difference).
