@@ -2,6 +2,9 @@
 
 Three echo servers (grpc.aio, the worker's server stack, no model) on ``--server-cpus`` stand for the three workers
 (and three plain asyncio TCP echo servers, length-prefixed messages, for the floor without gRPC);
+``--variants`` adds two other ways to run the same streams: ``sync_server`` (three servers on grpcio's
+thread-pool server instead of grpc.aio) and ``aio_client`` (the client's three streams driven by one grpc.aio event
+loop on a thread of its own instead of grpcio's blocking stubs, which serialise each request on a thread per stream);
 this process, on ``--client-cpus``, sends one "layer" at a time: the same message to all three at once, then waits
 for the three answers, as the coordinator does at each MoE layer. Measured per layer, in rounds that alternate the
 transports: wall time, the servers' CPU (from /proc) and this process's CPU. ``--gap-ms`` sleeps between layers
@@ -23,6 +26,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +56,22 @@ async def _serve(port: int) -> None:
     await server.start()
     print("ready", flush=True)
     await server.wait_for_termination()
+
+
+def _serve_sync(port: int) -> None:
+    """The same echo on grpcio's thread-pool server."""
+    import grpc
+
+    def stream(requests, context):
+        yield from requests
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Stream": grpc.stream_stream_rpc_method_handler(stream)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print("ready", flush=True)
+    server.wait_for_termination()
 
 
 async def _serve_raw(port: int) -> None:
@@ -86,13 +106,18 @@ def main() -> int:
     ap.add_argument("--server-cpus", default="1")
     ap.add_argument("--out", default="bench/results/transport.json")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", action="store_true", help="also time sync_server and aio_client streams")
     ap.add_argument("--serve-raw", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-sync", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         asyncio.run(_serve(args.serve))
         return 0
     if args.serve_raw:
         asyncio.run(_serve_raw(args.serve_raw))
+        return 0
+    if args.serve_sync:
+        _serve_sync(args.serve_sync)
         return 0
 
     import grpc
@@ -102,8 +127,10 @@ def main() -> int:
     server_cpus = {int(c) for c in args.server_cpus.split(",")}
     os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
     ports, raw_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
-    procs, raw_procs = [], []
+    sync_ports = [free_port() for _ in range(3)] if args.variants else []
+    procs, raw_procs, sync_procs = [], [], []
     starts = [("--serve", p, procs) for p in ports] + [("--serve-raw", p, raw_procs) for p in raw_ports]
+    starts += [("--serve-sync", p, sync_procs) for p in sync_ports]
     for flag, port, group in starts:
         p = subprocess.Popen([sys.executable, __file__, flag, str(port)], stdout=subprocess.PIPE)
         p.stdout.readline()
@@ -142,6 +169,39 @@ def main() -> int:
 
     layers = {"unary": layer_unary, "stream": layer_stream, "raw_tcp": layer_raw}
     servers = {"unary": procs, "stream": procs, "raw_tcp": raw_procs}
+    loop = None
+    if args.variants:
+        # the same blocking-stub streams to the thread-pool servers
+        sync_requests = [queue.SimpleQueue() for _ in sync_ports]
+        sync_streams = [grpc.insecure_channel(f"127.0.0.1:{p}").stream_stream(f"/{SERVICE}/Stream")(iter(q.get, None))
+                        for p, q in zip(sync_ports, sync_requests, strict=True)]
+        requests += sync_requests
+
+        def layer_sync_server() -> None:
+            for q in sync_requests:
+                q.put(payload)
+            for s in sync_streams:
+                next(s)
+
+        # streams to the grpc.aio servers driven by one event loop on its own thread
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+
+        async def open_aio() -> list:
+            return [grpc.aio.insecure_channel(f"127.0.0.1:{p}").stream_stream(f"/{SERVICE}/Stream")() for p in ports]
+
+        aio_calls = asyncio.run_coroutine_threadsafe(open_aio(), loop).result()
+
+        async def aio_layer() -> None:
+            for c in aio_calls:
+                await c.write(payload)
+            await asyncio.gather(*(c.read() for c in aio_calls))
+
+        def layer_aio_client() -> None:
+            asyncio.run_coroutine_threadsafe(aio_layer(), loop).result()
+
+        layers.update(sync_server=layer_sync_server, aio_client=layer_aio_client)
+        servers.update(sync_server=sync_procs, aio_client=procs)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in layers}
     try:
         for fn in layers.values():  # warm-up: connections, first calls
@@ -168,8 +228,10 @@ def main() -> int:
             q.put(None)
         for sock in sockets:
             sock.close()
-        for p in procs + raw_procs:
+        for p in procs + raw_procs + sync_procs:
             p.kill()
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
     summary = {name: {k: round(statistics.median(s[k] for s in runs), 3) for k in runs[0]}
                for name, runs in samples.items()}
     result = {
@@ -177,7 +239,7 @@ def main() -> int:
         "description": "one layer = the same message to 3 echo servers at once: grpc.aio unary calls vs streams, "
                        "and a plain asyncio TCP echo (no gRPC) as the floor",
         "settings": {k: getattr(args, k) for k in ("layers", "rounds", "bytes", "gap_ms", "client_cpus",
-                                                   "server_cpus")},
+                                                   "server_cpus", "variants")},
         "loadavg_after": load_average(),
         "samples": samples,
         "median": summary,
@@ -186,7 +248,7 @@ def main() -> int:
     }
     path = write_result(args.out, result)
     for name, m in summary.items():
-        print(f"{name:7s} layer {m['layer_ms']:.3f} ms, servers' CPU {m['servers_cpu_ms']:.3f} ms, "
+        print(f"{name:11s} layer {m['layer_ms']:.3f} ms, servers' CPU {m['servers_cpu_ms']:.3f} ms, "
               f"client CPU {m['client_cpu_ms']:.3f} ms")
     print(f"wrote {path}")
     return 0
