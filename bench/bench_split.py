@@ -922,6 +922,31 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def pool_throughput(paths: list[str]) -> int:
+    """``--pool``: the paired throughput rounds of several runs of this benchmark, pooled per layer set."""
+    pooled: dict[str, list[float]] = {}
+    for path in paths:
+        try:
+            runs = json.loads(Path(path).read_text())["throughput"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"bench_split: {path}: no throughput section to pool ({e})", file=sys.stderr)
+            return 2
+        for key, tp in runs.items():
+            if "round_ratios_vs_model" not in tp:
+                print(f"bench_split: {path}: {key} has no per-round ratios (a run from before they were recorded)",
+                      file=sys.stderr)
+                return 2
+            pooled.setdefault(key, []).extend(tp["round_ratios_vs_model"])
+    target = TARGETS["throughput"]
+    for key, ratios in pooled.items():
+        lo, hi = bootstrap_median_ci(ratios)
+        share = sum(r >= target for r in ratios) / len(ratios)
+        print(f"MoE {key}: {len(ratios)} paired rounds from {len(paths)} file(s): median split ÷ in-process "
+              f"{statistics.median(ratios):.3f}, 95 % bootstrap interval {lo:.3f}–{hi:.3f}; {100 * share:.0f} % of "
+              f"rounds ≥ {target}")
+    return 0
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| figure | measured | target | holds? |", "|---|---|---|---|"]
     for r in rows:
@@ -967,6 +992,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", default="latency,throughput,bytes,onnx,agreement",
                     help="comma-separated sections to run")
     ap.add_argument("--layers", default=None, help="layer sets, e.g. '8;1,3,5,7' (default both)")
+    ap.add_argument("--pool", nargs="+", metavar="JSON", help="run nothing: pool the paired throughput rounds of "
+                    "these result files per layer set (median, bootstrap interval, share of rounds >= the target)")
     return ap
 
 
@@ -975,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--serve-child":
         return serve_child(argv[1:])
     args = _parser().parse_args(argv)
+    if args.pool:
+        return pool_throughput(args.pool)
     quick = args.quick
     args.out = args.out or ("bench/results/split_quick.json" if quick else "bench/results/split.json")
     args.rounds = args.rounds or (20 if quick else 200)
