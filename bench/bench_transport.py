@@ -96,6 +96,11 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _ratios(num: dict[str, float], den: dict[str, float]) -> dict[str, float | None]:
+    """Per-figure ratios; None where the denominator is 0 (CPU times below the clock tick in a short run)."""
+    return {k: round(num[k] / den[k], 3) if den[k] else None for k in den}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1500, help="layers timed per transport and round")
@@ -173,8 +178,10 @@ def main() -> int:
     if args.variants:
         # the same blocking-stub streams to the thread-pool servers
         sync_requests = [queue.SimpleQueue() for _ in sync_ports]
-        sync_streams = [grpc.insecure_channel(f"127.0.0.1:{p}").stream_stream(f"/{SERVICE}/Stream")(iter(q.get, None))
-                        for p, q in zip(sync_ports, sync_requests, strict=True)]
+        sync_channels = [grpc.insecure_channel(f"127.0.0.1:{p}") for p in sync_ports]
+        channels += sync_channels
+        sync_streams = [ch.stream_stream(f"/{SERVICE}/Stream")(iter(q.get, None))
+                        for ch, q in zip(sync_channels, sync_requests, strict=True)]
         requests += sync_requests
 
         def layer_sync_server() -> None:
@@ -187,10 +194,15 @@ def main() -> int:
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, daemon=True).start()
 
-        async def open_aio() -> list:
-            return [grpc.aio.insecure_channel(f"127.0.0.1:{p}").stream_stream(f"/{SERVICE}/Stream")() for p in ports]
+        async def open_aio() -> tuple[list, list]:
+            chans = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in ports]
+            return chans, [ch.stream_stream(f"/{SERVICE}/Stream")() for ch in chans]
 
-        aio_calls = asyncio.run_coroutine_threadsafe(open_aio(), loop).result()
+        aio_channels, aio_calls = asyncio.run_coroutine_threadsafe(open_aio(), loop).result()
+
+        async def close_aio() -> None:
+            for ch in aio_channels:
+                await ch.close()
 
         async def aio_layer() -> None:
             for c in aio_calls:
@@ -230,21 +242,25 @@ def main() -> int:
             sock.close()
         for p in procs + raw_procs + sync_procs:
             p.kill()
+        for ch in channels:
+            ch.close()
         if loop is not None:
+            asyncio.run_coroutine_threadsafe(close_aio(), loop).result(timeout=10)
             loop.call_soon_threadsafe(loop.stop)
     summary = {name: {k: round(statistics.median(s[k] for s in runs), 3) for k in runs[0]}
                for name, runs in samples.items()}
     result = {
         "benchmark": "transport",
         "description": "one layer = the same message to 3 echo servers at once: grpc.aio unary calls vs streams, "
-                       "and a plain asyncio TCP echo (no gRPC) as the floor",
+                       "and a plain asyncio TCP echo (no gRPC) as the floor; with --variants also streams to "
+                       "grpcio thread-pool servers (sync_server) and from one grpc.aio client loop (aio_client)",
         "settings": {k: getattr(args, k) for k in ("layers", "rounds", "bytes", "gap_ms", "client_cpus",
                                                    "server_cpus", "variants")},
         "loadavg_after": load_average(),
         "samples": samples,
         "median": summary,
-        "stream_vs_unary": {k: round(summary["stream"][k] / summary["unary"][k], 3) for k in summary["unary"]},
-        "stream_vs_raw_tcp": {k: round(summary["stream"][k] / summary["raw_tcp"][k], 3) for k in summary["unary"]},
+        "stream_vs_unary": _ratios(summary["stream"], summary["unary"]),
+        "stream_vs_raw_tcp": _ratios(summary["stream"], summary["raw_tcp"]),
     }
     path = write_result(args.out, result)
     for name, m in summary.items():

@@ -197,6 +197,7 @@ class Cluster:
         from coordinator.server import start_server
         from moevit.checkpoint import load_checkpoint, save_checkpoint
         from moevit.data import load_image
+        from moevit.fuse import fold_batchnorm
         from partition.topology import load_topology
         from sim.linkproxy import ThreadedLinkProxy
         from tests.deploy import replicated_placement, small_moe_model, write_topology
@@ -224,7 +225,7 @@ class Cluster:
         def reference() -> None:
             ref = moevit.build_model(model.config)
             ref.load_state_dict(model.state_dict())
-            ref.eval()
+            fold_batchnorm(ref.eval())  # as the coordinator runs the trunk
             with torch.no_grad():
                 self.ref_probs = torch.cat([ref(load_image(b, self.image_size)[None]) for b in self.pngs]).softmax(1)
 

@@ -39,9 +39,10 @@ class SplitRuntime:
     """``model`` with its MoE layers dispatched over ``topology``'s sites per ``placement``.
 
     ``deadline_s``, ``hedge_ms`` and ``max_message_mb`` default to the topology's ``rpc`` section. ``fold_bn``
-    folds the trunk's BatchNorms into its convolutions (:func:`moevit.fuse.fold_batchnorm`) after the fingerprint
-    is taken: the camera site's forward then takes about 0.88 of the time (``bench/bench_fold.py``); compare
-    outputs with a model folded the same way.
+    folds the trunk's BatchNorms into its convolutions (:func:`moevit.fuse.fold_batchnorm`), in ``model`` itself
+    (the runtime takes the model over: it also installs its dispatchers), after the fingerprint is taken: the
+    camera site's forward then takes about 0.88 of the time (``bench/bench_fold.py``); compare outputs with a model
+    folded the same way.
     """
 
     def __init__(self, model: MobileViTV2, topology: Topology, placement: Placement, *, wire: str = "fp16",

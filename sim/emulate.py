@@ -32,6 +32,7 @@ Method (docs/sim.md, "Emulation"):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import statistics
@@ -255,8 +256,9 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
     data = opts.data or default_data(model_path)
     if data is None:
         raise SimConfigError(opts.topology, "model", f"--emulate needs images for {model_path}: pass --data SPEC")
-    local_model = load_checkpoint(model_path).eval()
-    fold_batchnorm(local_model)  # timed as the coordinator runs the trunk (SplitRuntime folds its BatchNorms)
+    local_model = load_checkpoint(model_path).eval()  # profile and traces: the checkpoint's fingerprint
+    timed_model = copy.deepcopy(local_model)  # timings: the trunk as the coordinator runs it (BatchNorms folded)
+    fold_batchnorm(timed_model)
     split_model = load_checkpoint(model_path)
     layout = {i: m.num_experts for i, m in local_model.moe_layers().items()}
     if opts.placement is not None:
@@ -293,7 +295,7 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
                                deadline_s=opts.deadline_s)
         runtime.check_workers()
         # 2. calibration, with the workers up (they share the cores, as in the measured run)
-        raw = calibrate(local_model, warm, stats)
+        raw = calibrate(timed_model, warm, stats)
         links: dict[str, dict[str, float]] = {}
 
         def shape(bandwidth_factor: float = 1.0) -> None:
@@ -314,7 +316,7 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
         t_local = []
         for x in warm:
             runtime.classify(x[None])
-            t_local.append(_timed_forward(local_model, x))
+            t_local.append(_timed_forward(timed_model, x))
         calib_a = _scaled(raw, stats, statistics.fmean(t_local), "warm-up images between split calls")
         # 4. protocol figures, on the warm-up images with the links' latencies and CAL_BANDWIDTH_FACTOR times their
         # bandwidth (the proxies on the same shaping path, waits of the same order, but transfer times a quarter of
@@ -363,11 +365,11 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
             # coming right after the split call, so both see the same mix of "just woke up" and "already running"
             w = warm[i % len(warm)]
             if i % 2:
-                measured["local-moe"].append(_timed_forward(local_model, x))
-                t_cal.append(_timed_forward(local_model, w))
+                measured["local-moe"].append(_timed_forward(timed_model, x))
+                t_cal.append(_timed_forward(timed_model, w))
             else:
-                t_cal.append(_timed_forward(local_model, w))
-                measured["local-moe"].append(_timed_forward(local_model, x))
+                t_cal.append(_timed_forward(timed_model, w))
+                measured["local-moe"].append(_timed_forward(timed_model, x))
         calib = _scaled(raw, stats, statistics.fmean(t_cal), "warm-up images timed during the measured run")
         log(f"calibration: trunk {calib.trunk_gflops:.2f} GFLOP/s, experts {calib.expert_gflops:.2f} GFLOP/s "
             f"({calib.how})")
