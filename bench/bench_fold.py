@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.bench_split import IMAGE_SIZE, build_model, random_images
-    from moevit.fuse import fold_batchnorm
+    from moevit.fuse import fold_batchnorm, folded_copy
 
     torch.set_num_threads(1)
     layers = tuple(int(i) for i in args.layers.split(","))
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             from moevit.data import open_dataset
 
             demo = load_checkpoint(DEMO_MODEL).eval()
-            demo_folded = copy.deepcopy(demo)
-            fold_batchnorm(demo_folded)
+            demo_folded = folded_copy(demo)
             ds = open_dataset("digits", image_size=demo.config.image_size, split="eval")
             x = torch.stack([ds[i][0] for i in range(len(ds))])
             result["demo_model_eval_digits"] = _agreement(demo(x), demo_folded(x))

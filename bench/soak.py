@@ -192,12 +192,11 @@ class Cluster:
     def start(self) -> Cluster:
         import torch
 
-        import moevit
         from coordinator.runtime import SplitRuntime
         from coordinator.server import start_server
         from moevit.checkpoint import load_checkpoint, save_checkpoint
         from moevit.data import load_image
-        from moevit.fuse import fold_batchnorm
+        from moevit.fuse import folded_copy
         from partition.topology import load_topology
         from sim.linkproxy import ThreadedLinkProxy
         from tests.deploy import replicated_placement, small_moe_model, write_topology
@@ -223,9 +222,7 @@ class Cluster:
         self.pngs = random_pngs(cfg.images, self.image_size, cfg.seed)
 
         def reference() -> None:
-            ref = moevit.build_model(model.config)
-            ref.load_state_dict(model.state_dict())
-            fold_batchnorm(ref.eval())  # as the coordinator runs the trunk
+            ref = folded_copy(model)  # as the coordinator runs the trunk
             with torch.no_grad():
                 self.ref_probs = torch.cat([ref(load_image(b, self.image_size)[None]) for b in self.pngs]).softmax(1)
 

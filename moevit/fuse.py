@@ -12,12 +12,14 @@ inference, after its fingerprint was taken (the folded state dict has other keys
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from moevit.layers import ConvNormAct
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "folded_copy"]
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -34,4 +36,12 @@ def fold_batchnorm(model: nn.Module) -> int:
             module.conv = fuse_conv_bn_eval(module.conv, module.bn)
             module.bn = nn.Identity()
             folded += 1
+    return folded
+
+
+def folded_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with its BatchNorms folded (the model itself is left as it is): the
+    in-process model as the coordinator runs it."""
+    folded = copy.deepcopy(model).eval()
+    fold_batchnorm(folded)
     return folded

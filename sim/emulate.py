@@ -32,7 +32,6 @@ Method (docs/sim.md, "Emulation"):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import statistics
@@ -245,7 +244,7 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
     from coordinator.runtime import SplitRuntime
     from moevit.checkpoint import load_checkpoint
     from moevit.data import open_dataset
-    from moevit.fuse import fold_batchnorm
+    from moevit.fuse import folded_copy
     from partition.profile import profile_model, select_images
     from sim.inputs import default_data
     from sim.linkproxy import ThreadedLinkProxy
@@ -257,8 +256,7 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
     if data is None:
         raise SimConfigError(opts.topology, "model", f"--emulate needs images for {model_path}: pass --data SPEC")
     local_model = load_checkpoint(model_path).eval()  # profile and traces: the checkpoint's fingerprint
-    timed_model = copy.deepcopy(local_model)  # timings: the trunk as the coordinator runs it (BatchNorms folded)
-    fold_batchnorm(timed_model)
+    timed_model = folded_copy(local_model)  # timings: the trunk as the coordinator runs it (BatchNorms folded)
     split_model = load_checkpoint(model_path)
     layout = {i: m.num_experts for i, m in local_model.moe_layers().items()}
     if opts.placement is not None:

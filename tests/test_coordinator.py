@@ -15,7 +15,7 @@ import moevit
 from coordinator.runtime import CoordinatorError, SplitRuntime
 from coordinator.sites import SiteError
 from moevit.checkpoint import model_fingerprint, save_checkpoint
-from moevit.fuse import fold_batchnorm
+from moevit.fuse import folded_copy
 from partition.topology import load_topology
 from tests.deploy import small_moe_model, write_topology
 from tests.netutil import free_port, start_worker, stop
@@ -50,11 +50,8 @@ def _images(n, size=128, seed=0):
 
 def _reference(model, x):
     """The in-process model as the coordinator runs it: BatchNorms folded into the convolutions."""
-    ref = moevit.build_model(model.config)
-    ref.load_state_dict(model.state_dict())
-    fold_batchnorm(ref.eval())
     with torch.no_grad():
-        return ref(x)
+        return folded_copy(model)(x)
 
 
 def test_split_logits_equal_in_process_with_fp32_wire(deployment):

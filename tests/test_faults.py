@@ -19,13 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-import moevit
 from coordinator.runtime import SplitRuntime
 from coordinator.server import start_server
 from coordinator.sites import SiteClient, SiteError
 from moevit.checkpoint import save_checkpoint
 from moevit.data import load_image
-from moevit.fuse import fold_batchnorm
+from moevit.fuse import folded_copy
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from partition.topology import load_topology
 from sim.linkproxy import ThreadedLinkProxy
@@ -78,9 +77,7 @@ def cluster(tmp_path_factory):
     procs = {w: start_worker(str(path), f"127.0.0.1:{ports[w]}") for w in WORKERS}
     images = [_png(i) for i in range(200)]
     x = torch.stack([load_image(b, SIZE) for b in images])
-    ref = moevit.build_model(model.config)
-    ref.load_state_dict(model.state_dict())
-    fold_batchnorm(ref.eval())  # as the coordinator runs the trunk
+    ref = folded_copy(model)  # as the coordinator runs the trunk
     with torch.no_grad():  # one image at a time, as the Classify server below runs them (max_batch=1): a batch
         # of another size may round differently and flip a patch that sits on a routing boundary
         probs = torch.cat([ref(x[i:i + 1]) for i in range(len(x))]).softmax(dim=1)

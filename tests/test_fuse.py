@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moevit
-from moevit.fuse import fold_batchnorm
+from moevit.fuse import fold_batchnorm, folded_copy
 from moevit.layers import ConvNormAct
 
 
@@ -45,3 +45,12 @@ def test_folding_a_model_in_training_mode_is_refused():
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(model)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_folded_copy_leaves_the_model_as_it_was():
+    model = _dense_with_trained_looking_norms()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = folded_copy(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -25,7 +25,6 @@ bound says why) so the properties hold for everything else.
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 import queue
@@ -50,7 +49,7 @@ from PIL import Image
 
 from moevit.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
 from moevit.data import UnreadableImageError, load_image
-from moevit.fuse import fold_batchnorm
+from moevit.fuse import folded_copy
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from tests.deploy import small_moe_model, write_topology
@@ -781,8 +780,7 @@ def test_coordinator_and_worker_serve_after_the_fuzzing(deployment, classifier, 
     image = encoded_image("JPEG", "RGB", (80, 60), 3)
     resp = expert_pb2_grpc.ClassifierServiceStub(classifier).Classify(
         expert_pb2.ClassifyRequest(image=image, name="check", top_k=NUM_CLASSES), timeout=RPC_TIMEOUT)
-    ref = copy.deepcopy(loaded)
-    fold_batchnorm(ref)  # as the coordinator runs the trunk
+    ref = folded_copy(loaded)  # as the coordinator runs the trunk (a copy: loaded's banks serve other tests)
     with torch.no_grad():
         probs = ref(load_image(image, IMAGE_SIZE)[None])[0].softmax(0)
     assert [p.index for p in resp.top] == probs.argsort(descending=True).tolist()
