@@ -9,7 +9,9 @@ process (torch backend, ``--threads 1``, ``OMP_WAIT_POLICY=PASSIVE``) hosting ev
 serves is the topology's placement:
 
 * ``3w``: coordinator + three worker sites, every expert remote, expert e on worker e mod 3;
-* ``cam+2w``: the coordinator's own site holds every third expert (e mod 3 = 0), two workers the rest.
+* ``cam+2w``: the coordinator's own site holds every third expert (e mod 3 = 0), two workers the rest;
+* ``layerwise`` (latency only): every expert of a MoE layer on one worker, the layers dealt to w1, w2, w3 in turn, so
+  each layer makes one call instead of three (with MoE [8] only w1 is used).
 
 ``3w`` also runs with unary calls instead of the stream (``split_3w_unary``) and with one tensor per expert
 instead of one packed tensor per request (``split_3w_per_expert``), side by side.
@@ -161,7 +163,10 @@ def layers_name(layers: tuple[int, ...]) -> str:
 
 
 def placement_for(config: str, layers: tuple[int, ...], num_experts: int) -> dict[int, dict[str, list[int]]]:
-    """``3w``: every expert remote, e -> WORKERS[e % 3]; ``cam+2w``: e -> [cam, w1, w2][e % 3]."""
+    """``3w``: every expert remote, e -> WORKERS[e % 3]; ``cam+2w``: e -> [cam, w1, w2][e % 3]; ``layerwise``: the
+    i-th MoE layer's experts all on WORKERS[i % 3]."""
+    if config == "layerwise":
+        return {layer: {WORKERS[i % len(WORKERS)]: list(range(num_experts))} for i, layer in enumerate(layers)}
     sites = list(WORKERS) if config == "3w" else [COORDINATOR, *WORKERS[:2]]
     return {layer: {s: [e for e in range(num_experts) if e % len(sites) == k] for k, s in enumerate(sites)}
             for layer in layers}
@@ -378,7 +383,9 @@ def bench_latency(dep: Deployment, ref, layers: tuple[int, ...], args, memory_fo
                 # the same deployment with one unary RunExperts call per site and layer instead of the stream
                 "split_3w_unary": dep.runtime("3w", memory_format=memory_format, stream=False),
                 # ... and with one tensor per expert in each request instead of one packed tensor
-                "split_3w_per_expert": dep.runtime("3w", memory_format=memory_format, packed=False)}
+                "split_3w_per_expert": dep.runtime("3w", memory_format=memory_format, packed=False),
+                # one call per layer: what the per-call cost weighs when the workers share a core
+                "split_layerwise": dep.runtime("layerwise", memory_format=memory_format)}
     xs = [x[None].contiguous(memory_format=memory_format) for x in random_images(16, IMAGE_SIZE, seed=1)]
     try:
         fns = {name: cycling(rt.classify, xs) for name, rt in runtimes.items()}
@@ -849,6 +856,13 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"figure": f"split (cam holds ⅓ + 2 workers) ÷ in-process, batch-1 p50, MoE {key}",
                      "measured": f"{r2:.3f} ({s2['p50']:.1f} / {i['p50']:.1f} ms)", "target": "(info)",
                      "holds": None})
+        if "split_layerwise" in lat["vs_inprocess"]:
+            rl, sl = lat["vs_inprocess"]["split_layerwise"]["ratio_of_medians"], lat["summary"]["split_layerwise"]
+            used = "w1 only" if len(key.split(",")) == 1 else "one worker per layer"
+            rows.append({"figure": f"split, each layer's experts on one worker ({used}), MoE {key}",
+                         "measured": f"{rl:.3f} ({sl['p50']:.1f} / {i['p50']:.1f} ms; "
+                                     f"{lat['calls_per_image']['split_layerwise']:.2f} calls per image)",
+                         "target": "(info)", "holds": None})
         # the 3w deployment with one transport choice changed: (config, what changed, its label, the default's)
         for config, change, label, default in (("split_3w_unary", "unary calls instead of the stream", "unary",
                                                 "streamed"),
@@ -1045,7 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
             "quick": quick, "wire": "fp16", "memory_format": args.memory_format, "threads": args.threads,
             "worker": "moe-worker (torch backend, --threads 1, OMP_WAIT_POLICY=PASSIVE, --experts all)",
             "configs": {"3w": "every expert remote, expert e on w{1,2,3}[e mod 3]",
-                        "cam+2w": "expert e on [cam, w1, w2][e mod 3]: the coordinator computes a third"},
+                        "cam+2w": "expert e on [cam, w1, w2][e mod 3]: the coordinator computes a third",
+                        "layerwise": "the i-th MoE layer's experts all on w{1,2,3}[i mod 3] (latency only)"},
             "rounds": args.rounds, "warmup_rounds": args.warmup, "block": args.block,
         },
         "affinity": {
