@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from coordinator.channels import channel_options
 from coordinator.runtime import SplitRuntime
@@ -28,6 +28,7 @@ from coordinator.sites import SiteError
 from moevit.data import UnreadableImageError, load_image
 from moevit_rpc.messages import clip
 from moevit_rpc.security import TokenAuthInterceptor
+from moevit_rpc.serving import add_service
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger("moe-coordinator")
@@ -179,9 +180,9 @@ async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, 
     interceptors = [TokenAuthInterceptor(token)] if token else []
     server = grpc.aio.server(options=channel_options(), interceptors=interceptors)
     servicer = ClassifyServicer(runtime, image_size=image_size, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    expert_pb2_grpc.add_ClassifierServiceServicer_to_server(servicer, server)
+    add_service(server, servicer, expert_pb2.DESCRIPTOR.services_by_name["ClassifierService"])
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
     try:
         # TLS configured -> only a TLS port, so plaintext clients cannot go around it
         port = (server.add_secure_port(address, credentials) if credentials is not None

@@ -17,13 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.config import ModelConfig
 from moevit.moe.experts import ExpertBank
 from moevit_rpc.security import TokenAuthInterceptor
-from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
+from moevit_rpc.serving import add_service
+from moevit_rpc.v1 import expert_pb2
 from worker.backends import ExpertBackend
 from worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertServicer
 
@@ -157,8 +158,9 @@ class WorkerServer:
         # a hard bound on the worker's memory above the per-call queue cap of the servicer.
         server = grpc.aio.server(options=options, interceptors=interceptors,
                                  maximum_concurrent_rpcs=self.max_concurrent_rpcs)
-        expert_pb2_grpc.add_ExpertServiceServicer_to_server(self._servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        # not grpcio's generated add_ExpertServiceServicer_to_server: bytes that do not parse get INVALID_ARGUMENT
+        add_service(server, self._servicer, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"])
+        add_service(server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         try:
             # TLS configured -> only a TLS port: a plaintext port beside it would let a client skip the check
             port = (server.add_secure_port(self.address, self.credentials) if self.credentials is not None

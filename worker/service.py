@@ -20,6 +20,7 @@ import grpc
 import torch
 
 from moevit_rpc.messages import clip
+from moevit_rpc.serving import Undecodable
 from moevit_rpc.tensors import DTYPES, proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from worker.backends import ExpertBackend
@@ -303,6 +304,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                     self._idle_streams.discard(task)
                 if request is grpc.aio.EOF:  # the client closed its side
                     return
+                if isinstance(request, Undecodable):  # no request id to answer in-band: the stream ends
+                    log.info("RunExpertsStream refused (INVALID_ARGUMENT): %s", request.message)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 try:
                     response = await self.answer(request)
                 except RequestError as e:
