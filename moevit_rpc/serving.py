@@ -11,6 +11,7 @@ requests (the servicer decides; the worker ends the stream with ``INVALID_ARGUME
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -44,7 +45,9 @@ def _parser(message_class: Any) -> Callable[[bytes], Any]:
         try:
             return message_class.FromString(data)
         except DecodeError as e:
-            return Undecodable(f"the request ({len(data)} bytes) is not a valid {name}: {e}")
+            # protobuf's text repeats the type ("Error parsing message with type '...': Wire format was corrupt")
+            reason = str(e).rpartition(": ")[2] or "it does not parse"
+            return Undecodable(f"the request ({len(data)} bytes) is not a valid {name}: {reason}")
 
     return parse
 
@@ -64,24 +67,28 @@ def _refusing_undecodable(method: Callable[[Any, Any], Awaitable[Any]], name: st
 def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor) -> None:
     """Register every method of ``service`` on ``server``, implemented by ``servicer``'s method of the same name.
 
-    Methods with one request (unary-unary, and unary-stream written with ``context.write`` such as health's Watch)
-    never see an :class:`Undecodable`: it is answered with INVALID_ARGUMENT first. For stream-stream methods each
-    request read may be one. Stream-unary methods (none in v1 or health) are refused.
+    Coroutine methods with one request (unary-unary, and unary-stream written with ``context.write`` such as
+    health's Watch) never see an :class:`Undecodable`: it is answered with INVALID_ARGUMENT first. For stream-stream
+    methods each request read may be one. A method that is not a coroutine function (an unimplemented stub
+    inherited from the generated servicer, such as health's List) is registered as grpcio's generated code does.
+    A stream-unary method (none in v1 or health) raises NotImplementedError here.
     """
     handlers = {}
     for method in service.methods:
-        parse = _parser(GetMessageClass(method.input_type))
+        request_class = GetMessageClass(method.input_type)
         serialize = GetMessageClass(method.output_type).SerializeToString
         impl = getattr(servicer, method.name)
-        if not method.client_streaming:  # one request: refused here when it does not parse
-            make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
-                    else grpc.unary_unary_rpc_method_handler)
-            handlers[method.name] = make(_refusing_undecodable(impl, method.full_name), request_deserializer=parse,
-                                         response_serializer=serialize)
-        elif method.server_streaming:  # the servicer sees each Undecodable among its requests
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                impl, request_deserializer=parse, response_serializer=serialize)
-        else:
+        if method.client_streaming and not method.server_streaming:
             raise NotImplementedError(f"{service.full_name}.{method.name}: stream-unary methods are not supported")
+        if method.client_streaming:  # stream-stream: the servicer sees each Undecodable among its requests
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                impl, request_deserializer=_parser(request_class), response_serializer=serialize)
+            continue
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        if inspect.iscoroutinefunction(impl):  # refused here when the request does not parse
+            handler, parse = _refusing_undecodable(impl, method.full_name), _parser(request_class)
+        else:  # an inherited stub (it answers UNIMPLEMENTED): as grpcio's generated code registers it
+            handler, parse = impl, request_class.FromString
+        handlers[method.name] = make(handler, request_deserializer=parse, response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

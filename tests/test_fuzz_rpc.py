@@ -803,7 +803,9 @@ def test_undecodable_message_is_invalid_argument(request, deployment, server, pa
     channel = request.getfixturevalue(server)
     code, details, _ = call(raw_method(channel, path), b"\xff\xff\xff")  # field 0x1fffff..., truncated varint
     assert code == Code.INVALID_ARGUMENT, (code, details)
-    assert f"is not a valid {message}" in details, details
+    assert f"is not a valid {message}: Wire format was corrupt" in details, details
+    if server == "worker":  # the worker logs every refusal (at its default --log-level info)
+        assert f"refused (INVALID_ARGUMENT): {details}" in deployment["logs"]["worker"].read_text(), details
     log_is_clean(deployment["logs"][server if server == "worker" else "coordinator"])
 
 

@@ -17,6 +17,7 @@ from moevit_rpc.security import (
     token_metadata,
     write_site_pki,
 )
+from moevit_rpc.serving import add_service
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 
@@ -31,9 +32,9 @@ async def secure_server(tmp_path):
     tls = entries["server"]["tls"]
     token = (tmp_path / "server.token").read_text().strip()
     server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)])
-    expert_pb2_grpc.add_ExpertServiceServicer_to_server(_Info(), server)
+    add_service(server, _Info(), expert_pb2.DESCRIPTOR.services_by_name["ExpertService"])  # as the servers do
     hs = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    add_service(server, hs, health_pb2.DESCRIPTOR.services_by_name["Health"])
     port = server.add_secure_port("127.0.0.1:0", server_credentials(tls["ca"], tls["cert"], tls["key"]))
     await server.start()
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)

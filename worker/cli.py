@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     # --log-level applies to the worker's own loggers; libraries (grpc's asyncio engine is chatty) stay at WARNING.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s moe-worker %(levelname)s %(name)s: %(message)s")
-    for name in ("worker", PROG):
+    for name in ("worker", "moevit_rpc", PROG):  # moevit_rpc: refusals of requests that do not parse
         logging.getLogger(name).setLevel(args.log_level.upper())
     try:
         return _serve(args)
