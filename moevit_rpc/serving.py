@@ -64,14 +64,22 @@ def _refusing_undecodable(method: Callable[[Any, Any], Awaitable[Any]], name: st
     return handler
 
 
+def _unimplemented(name: str) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this server")
+
+    return handler
+
+
 def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor) -> None:
     """Register every method of ``service`` on ``server``, implemented by ``servicer``'s method of the same name.
 
     Coroutine methods with one request (unary-unary, and unary-stream written with ``context.write`` such as
     health's Watch) never see an :class:`Undecodable`: it is answered with INVALID_ARGUMENT first. For stream-stream
-    methods each request read may be one. A method that is not a coroutine function (an unimplemented stub
-    inherited from the generated servicer, such as health's List) is registered as grpcio's generated code does.
-    A stream-unary method (none in v1 or health) raises NotImplementedError here.
+    methods each request read may be one. A method with one request that is not a coroutine function is taken for
+    the generated servicer's stub (health's List in grpcio-health-checking's asyncio servicer is one) and answered
+    UNIMPLEMENTED, without the traceback grpcio would log for the stub's NotImplementedError. A stream-unary method
+    (none in v1 or health) raises NotImplementedError here.
     """
     handlers = {}
     for method in service.methods:
@@ -85,10 +93,9 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescript
                 impl, request_deserializer=_parser(request_class), response_serializer=serialize)
             continue
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        if inspect.iscoroutinefunction(impl):  # refused here when the request does not parse
-            handler, parse = _refusing_undecodable(impl, method.full_name), _parser(request_class)
-        else:  # an inherited stub (it answers UNIMPLEMENTED): as grpcio's generated code registers it
-            handler, parse = impl, request_class.FromString
-        handlers[method.name] = make(handler, request_deserializer=parse, response_serializer=serialize)
+        handler = (_refusing_undecodable(impl, method.full_name) if inspect.iscoroutinefunction(impl)
+                   else _unimplemented(method.full_name))
+        handlers[method.name] = make(handler, request_deserializer=_parser(request_class),
+                                     response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

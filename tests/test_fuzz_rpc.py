@@ -809,6 +809,12 @@ def test_undecodable_message_is_invalid_argument(request, deployment, server, pa
     log_is_clean(deployment["logs"][server if server == "worker" else "coordinator"])
 
 
+def test_health_list_is_unimplemented_without_a_traceback(deployment, worker):
+    code, details, _ = call(health_pb2_grpc.HealthStub(worker).List, health_pb2.HealthListRequest())
+    assert code == Code.UNIMPLEMENTED and "grpc.health.v1.Health.List is not implemented" in details, details
+    log_is_clean(deployment["logs"]["worker"])
+
+
 def test_undecodable_message_ends_the_stream_and_the_worker_serves_on(deployment, worker, model):
     """A stream carries no request id for bytes that do not parse, so the worker ends that stream with
     INVALID_ARGUMENT (the requests answered before it keep their answers); the next stream works."""
