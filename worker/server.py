@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_GRACE_S = 5.0
+# How long answers computed during a shutdown get to reach their callers before the connections close (within the
+# grace period): tens of MB over loopback take tens of milliseconds.
+ANSWER_LINGER_S = 0.5
 DEFAULT_MAX_CONCURRENT_RPCS = 256
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 
@@ -188,10 +191,20 @@ class WorkerServer:
             return
         self._stopping = True
         grace = self.grace if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         log.info("stopping: health NOT_SERVING, waiting up to %.1f s for calls in flight", grace)
         await self._health.enter_graceful_shutdown()
         self._servicer.drain()  # idle RunExpertsStream calls end now instead of holding the grace period open
-        await self._server.stop(grace)
+        # grpc's stop() closes the connections as soon as the last handler returns, which can cut off the tail of
+        # a large answer still on its way (the caller then gets UNAVAILABLE for a request the worker computed). So
+        # requests being computed finish with the server fully up, and their answers get a moment to reach the
+        # callers, all within the grace period; then grpc stops (calls still arriving get what is left of it).
+        if self._servicer.active:
+            while self._servicer.active and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(max(0.0, min(ANSWER_LINGER_S, deadline - loop.time())))
+        await self._server.stop(max(0.0, deadline - loop.time()))
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
