@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -169,14 +168,11 @@ def backends(model, fingerprint: str, workdir: Path, calls: int) -> dict[str, An
 
 
 def worker(model_path: Path, fingerprint: str, dim: int, calls: int, worker_cpu: int | None) -> dict[str, Any]:
-    from bench.bench_split import REPO_ROOT, free_port, pin_pid, proc_cpu_seconds, stop_process, wait_serving
+    from bench.bench_split import free_port, pin_pid, proc_cpu_seconds, start_worker, stop_process, wait_serving
     from coordinator.sites import SiteClient
 
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, "-m", "worker.cli", "--listen", address, "--model", str(model_path), "--experts", "all",
-           "--threads", "1", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    proc = start_worker(address, model_path)
     client = None
     try:
         wait_serving(address, proc)

@@ -219,6 +219,17 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait()
 
 
+def start_worker(address: str, model_path: Path, *, backend: str = "torch", site: str | None = None,
+                 stderr: Any = None) -> subprocess.Popen:
+    """A ``moe-worker`` process hosting every expert of ``model_path`` on ``address`` as the benchmarks run it:
+    torch backend (or ``backend``), one thread, ``OMP_WAIT_POLICY=PASSIVE``, warnings only. It starts on every
+    core (imports take seconds of CPU); callers pin it once it serves (:func:`pin_pid`)."""
+    cmd = [sys.executable, "-m", "worker.cli", "--listen", address, "--model", str(model_path), "--experts", "all",
+           "--threads", "1", "--backend", backend, "--log-level", "warning", *(["--site", site] if site else [])]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
 class Deployment:
     """Worker processes (every expert hosted) of one checkpoint, and topologies over them.
 
@@ -237,16 +248,10 @@ class Deployment:
         self._count = 0
 
     def start(self) -> Deployment:
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
         for name in WORKERS:
             address = f"127.0.0.1:{free_port()}"
             log = (self.workdir / f"{name}.log").open("w")
-            # Started on every core (imports take seconds of CPU), pinned once serving: see pin_pid
-            cmd = [sys.executable, "-m", "worker.cli", "--listen", address, "--model",
-                   str(self.model_path), "--experts", "all", "--threads", "1", "--backend", self.backend,
-                   "--log-level", "warning", "--site", name]
-            self.procs[name] = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
-                                                stdin=subprocess.DEVNULL)
+            self.procs[name] = start_worker(address, self.model_path, backend=self.backend, site=name, stderr=log)
             self.addresses[name] = address
         for name, proc in self.procs.items():
             wait_serving(self.addresses[name], proc)
