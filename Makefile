@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 demo: $(STAMP)
-	$(BIN)/python -m coordinator.demo
+	$(BIN)/python -m moevit.coordinator.demo
 
 # The paper's Table 1/2 protocol on the bundled digits (about 10 min on 2 cores; add GRID=1 for the E x K grid)
 results: $(STAMP)

@@ -125,11 +125,11 @@ def _batches(dim: int):
 
 def handler(model, fingerprint: str, calls: int) -> dict[str, Any]:
     import torch
+    from moevit.worker.backends import TorchBackend
+    from moevit.worker.service import validate_and_run
 
     from moevit_rpc.tensors import tensor_to_proto
     from moevit_rpc.v1 import expert_pb2
-    from worker.backends import TorchBackend
-    from worker.service import validate_and_run
 
     bank = model.moe_layers()[LAYER].experts
     backend = TorchBackend({LAYER: bank})
@@ -151,8 +151,7 @@ def handler(model, fingerprint: str, calls: int) -> dict[str, Any]:
 
 def backends(model, fingerprint: str, workdir: Path, calls: int) -> dict[str, Any]:
     import torch
-
-    from worker.backends import OnnxBackend, TorchBackend
+    from moevit.worker.backends import OnnxBackend, TorchBackend
 
     bank = model.moe_layers()[LAYER].experts
     banks = {LAYER: bank.subset(list(bank.expert_ids))}
@@ -168,8 +167,9 @@ def backends(model, fingerprint: str, workdir: Path, calls: int) -> dict[str, An
 
 
 def worker(model_path: Path, fingerprint: str, dim: int, calls: int, worker_cpu: int | None) -> dict[str, Any]:
+    from moevit.coordinator.sites import SiteClient
+
     from bench.bench_split import free_port, pin_pid, proc_cpu_seconds, start_worker, stop_process, wait_serving
-    from coordinator.sites import SiteClient
 
     address = f"127.0.0.1:{free_port()}"
     proc = start_worker(address, model_path)

@@ -4,7 +4,7 @@
                                              [--out bench/results/fallback.json]
 
 Model and data: the trained demo model (``runs/demo/moe.safetensors``: 64 px digits, MoE layers [1, 5, 8], E = 8;
-``.venv/bin/python -m coordinator.demo`` builds it) on all 1797 bundled scikit-learn digits at the model's image
+``.venv/bin/python -m moevit.coordinator.demo`` builds it) on all 1797 bundled scikit-learn digits at the model's image
 size, preprocessed as evaluation does (``moevit.data.open_dataset``, the ``train`` and ``eval`` splits together;
 top-1 on the seeded 20 % ``eval`` holdout alone is recorded too).
 
@@ -74,16 +74,17 @@ from common import REPO_ROOT, load_average, write_result  # noqa: E402
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher  # noqa: E402
-from coordinator.sites import PendingCall, SiteError, Traffic  # noqa: E402
+from moevit.coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher  # noqa: E402
+from moevit.coordinator.sites import PendingCall, SiteError, Traffic  # noqa: E402
+from moevit.partition.topology import Placement, load_topology  # noqa: E402
+from moevit.worker.backends import TorchBackend  # noqa: E402
+from moevit.worker.service import validate_and_run  # noqa: E402
+
 from moevit.checkpoint import load_checkpoint, model_fingerprint  # noqa: E402
 from moevit.data import open_dataset  # noqa: E402
 from moevit.mobilevitv2 import MobileViTV2  # noqa: E402
 from moevit_rpc.tensors import tensor_to_proto  # noqa: E402
 from moevit_rpc.v1 import expert_pb2  # noqa: E402
-from partition.topology import Placement, load_topology  # noqa: E402
-from worker.backends import TorchBackend  # noqa: E402
-from worker.service import validate_and_run  # noqa: E402
 
 DEMO_MODEL = REPO_ROOT / "runs" / "demo" / "moe.safetensors"
 TOPOLOGY = REPO_ROOT / "examples" / "sites.yaml"
@@ -333,10 +334,9 @@ def real_worker_check(model_path: Path, topology_path: Path, xs: torch.Tensor, b
     """``SplitRuntime`` over a real ``moe-worker`` for every remote site but ``down_site`` (nothing listens on its
     port), fp32 wire, under each fallback in ``expected``: top-1 agreement and logits vs the in-process emulation."""
     import yaml
-
-    from coordinator.launcher import ensure_workers
-    from coordinator.runtime import SplitRuntime
-    from partition.topology import read_yaml
+    from moevit.coordinator.launcher import ensure_workers
+    from moevit.coordinator.runtime import SplitRuntime
+    from moevit.partition.topology import read_yaml
 
     doc = read_yaml(topology_path)
     result: dict[str, Any] = {"down": down_site}
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
     if not args.model.exists():
-        print(f"{args.model} does not exist: build it with `.venv/bin/python -m coordinator.demo`", file=sys.stderr)
+        print(f"{args.model} does not exist: build it with `make demo`", file=sys.stderr)
         return 2
     seeds = list(range(2 if args.quick else args.seeds))
     load_before = load_average()

@@ -28,8 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, load_average, write_result  # noqa: E402
-
-from partition.costmodel import (  # noqa: E402
+from moevit.partition.costmodel import (  # noqa: E402
     MB,
     OBJECTIVES,
     Stats,
@@ -37,8 +36,8 @@ from partition.costmodel import (  # noqa: E402
     synthetic_stats,
     synthetic_topology,
 )
-from partition.placement import Problem, heuristic_assignment, milp_assignment, place  # noqa: E402
-from partition.topology import Topology, load_topology, parse_topology  # noqa: E402
+from moevit.partition.placement import Problem, heuristic_assignment, milp_assignment, place  # noqa: E402
+from moevit.partition.topology import Topology, load_topology, parse_topology  # noqa: E402
 
 DEMO_MODEL = REPO_ROOT / "runs" / "demo" / "moe.safetensors"
 
@@ -109,10 +108,10 @@ def demo_stats() -> Stats | None:
     if not DEMO_MODEL.is_file():
         return None
     import torch
+    from moevit.partition.profile import profile_model
 
     from moevit.checkpoint import load_checkpoint
     from moevit.data import open_dataset
-    from partition.profile import profile_model
 
     torch.set_num_threads(1)
     model = load_checkpoint(DEMO_MODEL)

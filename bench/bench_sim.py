@@ -26,12 +26,11 @@ import time
 from typing import Any
 
 import ray
-
-from partition.costmodel import parse_stats, synthetic_stats
-from partition.topology import default_placement, load_topology
-from sim.config import STRATEGIES, Arrival, FailureSet, LinkCondition, Scenario, Settings
-from sim.engine import World, run_scenario
-from sim.sweep import run_sweep
+from moevit.partition.costmodel import parse_stats, synthetic_stats
+from moevit.partition.topology import default_placement, load_topology
+from moevit.sim.config import STRATEGIES, Arrival, FailureSet, LinkCondition, Scenario, Settings
+from moevit.sim.engine import World, run_scenario
+from moevit.sim.sweep import run_sweep
 
 try:  # ``python -m bench.bench_sim`` from the repo root
     from bench.common import load_average, write_result
@@ -90,7 +89,7 @@ def emulation_runs(runs: int, out: str, images: int = 40, bandwidth_mbps: float 
     import dataclasses
     import tempfile
 
-    from sim.emulate import EmulationOptions, emulate, format_report
+    from moevit.sim.emulate import EmulationOptions, emulate, format_report
 
     records = []
     for i in range(runs):

@@ -224,7 +224,8 @@ def start_worker(address: str, model_path: Path, *, backend: str = "torch", site
     """A ``moe-worker`` process hosting every expert of ``model_path`` on ``address`` as the benchmarks run it:
     torch backend (or ``backend``), one thread, ``OMP_WAIT_POLICY=PASSIVE``, warnings only. It starts on every
     core (imports take seconds of CPU); callers pin it once it serves (:func:`pin_pid`)."""
-    cmd = [sys.executable, "-m", "worker.cli", "--listen", address, "--model", str(model_path), "--experts", "all",
+    cmd = [sys.executable, "-m", "moevit.worker.cli", "--listen", address, "--model", str(model_path),
+           "--experts", "all",
            "--threads", "1", "--backend", backend, "--log-level", "warning", *(["--site", site] if site else [])]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -260,7 +261,7 @@ class Deployment:
 
     def proxied(self) -> dict[str, str]:
         """Addresses of one link proxy per worker (started on first use; they live as long as the deployment)."""
-        from sim.linkproxy import ThreadedLinkProxy
+        from moevit.sim.linkproxy import ThreadedLinkProxy
 
         if not self.proxies:
             for name in WORKERS:
@@ -288,8 +289,8 @@ class Deployment:
 
     def runtime(self, config: str, *, wire: str = "fp16", proxies: bool = False, memory_format=None,
                 stream: bool = True, packed: bool = True):
-        from coordinator.runtime import SplitRuntime
-        from partition.topology import load_topology
+        from moevit.coordinator.runtime import SplitRuntime
+        from moevit.partition.topology import load_topology
 
         topology = self.topology(config, proxies=proxies, stream=stream, packed=packed)
         runtime = SplitRuntime.from_topology(load_topology(topology), wire=wire)
@@ -452,10 +453,9 @@ def serve_child(argv: list[str]) -> int:
     import logging
 
     import torch
-
-    from coordinator.runtime import SplitRuntime
-    from coordinator.server import serve
-    from partition.topology import load_topology
+    from moevit.coordinator.runtime import SplitRuntime
+    from moevit.coordinator.server import serve
+    from moevit.partition.topology import load_topology
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(int(threads))
@@ -699,9 +699,9 @@ def bench_bytes(dep: Deployment, layers: tuple[int, ...], args, memory_format) -
 # ------------------------------------------------------------------------------------------------------ d. onnx
 def bench_onnx(workdir: Path, args) -> dict[str, Any]:
     import torch
+    from moevit.worker.backends import OnnxBackend, TorchBackend
 
     from moevit.checkpoint import model_fingerprint
-    from worker.backends import OnnxBackend, TorchBackend
 
     model = build_model((8,), image_size=64, calibrate=False)
     bank = model.moe_layers()[8].experts

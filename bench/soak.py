@@ -191,14 +191,14 @@ class Cluster:
     # -- set-up ----------------------------------------------------------------------------------------------
     def start(self) -> Cluster:
         import torch
+        from moevit.coordinator.runtime import SplitRuntime
+        from moevit.coordinator.server import start_server
+        from moevit.partition.topology import load_topology
+        from moevit.sim.linkproxy import ThreadedLinkProxy
 
-        from coordinator.runtime import SplitRuntime
-        from coordinator.server import start_server
         from moevit.checkpoint import load_checkpoint, save_checkpoint
         from moevit.data import load_image
         from moevit.fuse import folded_copy
-        from partition.topology import load_topology
-        from sim.linkproxy import ThreadedLinkProxy
         from tests.deploy import replicated_placement, small_moe_model, write_topology
         from tests.netutil import free_port
 

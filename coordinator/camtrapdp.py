@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from coordinator.fieldmeta import (
+from moevit.coordinator.fieldmeta import (
     DEFAULT_SEQUENCE_GAP_S,
     SOURCE_EXIF_ORIGINAL,
     assign_sequences,
     parse_iso,
     sequence_label,
 )
-from coordinator.results import fingerprint_of, write_bytes_atomic
+from moevit.coordinator.results import fingerprint_of, write_bytes_atomic
 
 __all__ = [
     "DEPLOYMENT_COLUMNS",
@@ -203,7 +203,7 @@ def load_deployments(path: str | os.PathLike[str], *, sites: Mapping[str, str] |
                      ) -> DeploymentsFile:
     """Read and check a deployments file. ``sites`` (site name -> the topology file naming it) checks that every
     ``site:`` exists; without it ``site`` is only a label."""
-    from partition.topology import TopologyError, read_yaml
+    from moevit.partition.topology import TopologyError, read_yaml
 
     file = str(path)
     try:
@@ -394,7 +394,7 @@ def export_camtrapdp(results: Sequence[str | os.PathLike[str]], deployments: str
     docs, fingerprint = read_results(results)
     sites: dict[str, str] | None = None
     if topologies:
-        from partition.topology import TopologyError, load_topology
+        from moevit.partition.topology import TopologyError, load_topology
 
         sites = {}
         for tp in topologies:

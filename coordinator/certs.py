@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import yaml
+from moevit.partition.topology import TopologyError, load_topology
 
 from moevit_rpc.security import write_site_pki
-from partition.topology import TopologyError, load_topology
 
 
 def main(argv: list[str] | None = None) -> int:

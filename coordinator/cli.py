@@ -30,16 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from moevit.coordinator import results as res
+from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, read_image_meta
+from moevit.coordinator.launcher import LaunchError, ensure_workers
+from moevit.coordinator.runtime import CoordinatorError, SplitRuntime
+from moevit.coordinator.sites import SiteError
+from moevit.partition.topology import Topology, TopologyError, load_topology
 from tqdm import tqdm
 
-from coordinator import results as res
-from coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, read_image_meta
-from coordinator.launcher import LaunchError, ensure_workers
-from coordinator.runtime import CoordinatorError, SplitRuntime
-from coordinator.sites import SiteError
 from moevit.checkpoint import CheckpointError
 from moevit.data import IMAGE_EXTENSIONS, Taxon, UnreadableImageError, load_image, open_dataset
-from partition.topology import Topology, TopologyError, load_topology
 
 if TYPE_CHECKING:
     import grpc
@@ -319,7 +319,8 @@ def _classify_security(topology: Topology) -> tuple[grpc.ServerCredentials | Non
 
     Checked before the model loads, so a bad certificate or token file fails at once, naming the file.
     """
-    from coordinator.channels import check_tls_files
+    from moevit.coordinator.channels import check_tls_files
+
     from moevit_rpc.security import server_credentials
 
     site = topology.site(topology.coordinator)
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                                              deadline_s=args.deadline)
         metrics = None
         if args.metrics_port is not None:
-            from coordinator.metrics import CoordinatorMetrics
+            from moevit.coordinator.metrics import CoordinatorMetrics
 
             metrics = CoordinatorMetrics()
             metrics.instrument(runtime)
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{list(runtime.model.config.moe.layers)}), sites {', '.join([topology.coordinator, *runtime.clients])}"
               f", {args.wire} on the wire, fallback {topology.fallback}", file=sys.stderr)
         if args.serve:
-            from coordinator.server import serve
+            from moevit.coordinator.server import serve
 
             asyncio.run(serve(runtime, args.serve, image_size=size, max_batch=args.max_batch,
                               max_wait_ms=args.max_wait_ms, credentials=credentials, token=token))

@@ -53,7 +53,7 @@ def main() -> int:
     else:
         build_model()
     step("3/3 split inference over gRPC: coordinator + a worker per site on loopback",
-         ["coordinator.cli", "--topology", str(TOPOLOGY), "--data", "digits", "--batch-size", "1",
+         ["moevit.coordinator.cli", "--topology", str(TOPOLOGY), "--data", "digits", "--batch-size", "1",
           "--out", str(RUNS / "results.jsonl")])
     print(f"\ndemo done in {time.perf_counter() - t0:.0f} s; per-image results in {RUNS / 'results.jsonl'}")
     return 0

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from moevit.coordinator.sites import PendingCall, SiteClient, SiteError
 
-from coordinator.sites import PendingCall, SiteClient, SiteError
 from moevit.moe.dispatcher import Dispatcher, DispatchPlan
 from moevit.moe.experts import ExpertBank
 

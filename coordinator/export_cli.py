@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S
+from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S
 
 PROG = "moe-export"
 
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from coordinator.camtrapdp import ExportError, export_camtrapdp
+    from moevit.coordinator.camtrapdp import ExportError, export_camtrapdp
 
     warn = lambda s: print(f"{PROG}: warning: {s}", file=sys.stderr)  # noqa: E731
     try:

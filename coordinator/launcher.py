@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.channels import is_loopback
-from coordinator.sites import SiteClient
+from moevit.coordinator.channels import is_loopback
+from moevit.coordinator.sites import SiteClient
 
 
 class LaunchError(RuntimeError):
@@ -52,7 +52,7 @@ def ensure_workers(topology_path: str, clients: dict[str, SiteClient], *, model:
             host = client.address.rsplit(":", 1)[0]
             if client.health(timeout=0.5) != "UNREACHABLE" or not is_loopback(host):
                 continue
-            cmd = [sys.executable, "-m", "worker.cli", "--topology", topology_path, "--site", name,
+            cmd = [sys.executable, "-m", "moevit.worker.cli", "--topology", topology_path, "--site", name,
                    "--threads", str(threads), "--backend", backend]
             if model:
                 cmd += ["--model", model]

@@ -27,7 +27,8 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, assign_sequences, parse_iso, sequence_label
+from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, assign_sequences, parse_iso, sequence_label
+
 from moevit.data import SSW60_TAXA_COLUMNS, Taxon
 
 __all__ = [

@@ -12,13 +12,13 @@ from typing import Any
 
 import grpc
 import torch
+from moevit.coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher
+from moevit.coordinator.sites import SiteClient, SiteError
+from moevit.partition.topology import Placement, Topology, TopologyError
 
-from coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher
-from coordinator.sites import SiteClient, SiteError
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.fuse import fold_batchnorm
 from moevit.mobilevitv2 import MobileViTV2
-from partition.topology import Placement, Topology, TopologyError
 
 log = logging.getLogger("moevit.coordinator")
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2
+from moevit.coordinator.channels import channel_options
+from moevit.coordinator.runtime import SplitRuntime
+from moevit.coordinator.sites import SiteError
 
-from coordinator.channels import channel_options
-from coordinator.runtime import SplitRuntime
-from coordinator.sites import SiteError
 from moevit.data import UnreadableImageError, load_image
 from moevit_rpc.messages import clip
 from moevit_rpc.security import TokenAuthInterceptor

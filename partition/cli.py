@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from partition.costmodel import OBJECTIVES, REPLICA_POLICIES, SCENARIOS, load_stats, parse_weights, save_stats
+from moevit.partition.costmodel import OBJECTIVES, REPLICA_POLICIES, SCENARIOS, load_stats, parse_weights, save_stats
 
 __all__ = ["checkpoint_fingerprint", "partition_main", "profile_main"]
 
@@ -87,10 +87,10 @@ def profile_main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         import torch
+        from moevit.partition.profile import profile_model
 
         from moevit.checkpoint import load_checkpoint
         from moevit.data import open_dataset
-        from partition.profile import profile_model
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -150,8 +150,8 @@ def partition_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
-        from partition.placement import METHODS, format_report, place
-        from partition.topology import load_topology, save_placement
+        from moevit.partition.placement import METHODS, format_report, place
+        from moevit.partition.topology import load_topology, save_placement
 
         # Every argument is checked before anything is read or solved.
         if args.objective not in OBJECTIVES:

@@ -61,8 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from partition.topology import Placement, Topology, TopologyError, parse_topology, validate_placement
+from moevit.partition.topology import Placement, Topology, TopologyError, parse_topology, validate_placement
 
 __all__ = [
     "DEFAULT_WEIGHTS",

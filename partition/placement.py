@@ -39,10 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
-
-from partition.costmodel import (
+from moevit.partition.costmodel import (
     MB,
     OBJECTIVES,
     REPLICA_POLICIES,
@@ -55,7 +52,9 @@ from partition.costmodel import (
     objective_value,
     parse_weights,
 )
-from partition.topology import Placement, Topology, default_placement
+from moevit.partition.topology import Placement, Topology, default_placement
+from scipy import sparse
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 __all__ = [
     "MILP_MAX_BINARIES",

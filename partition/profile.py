@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from moevit.partition.costmodel import STATS_FORMAT, parse_stats
 from tqdm import tqdm
 
 from moevit.checkpoint import model_fingerprint
 from moevit.flops import count_macs
 from moevit.mobilevitv2 import MobileViTV2, build_model
-from partition.costmodel import STATS_FORMAT, parse_stats
 
 __all__ = ["PIXELS_PER_PATCH", "profile_model", "select_images"]
 

@@ -59,7 +59,7 @@ def _fail(msg: object) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from sim.inputs import SimOptions, prepare
+    from moevit.sim.inputs import SimOptions, prepare
 
     opts = SimOptions(topology=args.topology, out=args.out, placement=args.placement, stats=args.stats,
                       trace=args.trace, sweep=args.sweep, seeds=args.seeds, images=args.images, data=args.data)
@@ -76,12 +76,12 @@ def _simulate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     progress = sys.stderr.isatty()
     if args.no_ray:
-        from sim.sweep import run_local
+        from moevit.sim.sweep import run_local
 
         results = run_local(world, scenarios, progress=progress)
         where = "in-process"
     else:
-        from sim.sweep import RaySession, run_sweep
+        from moevit.sim.sweep import RaySession, run_sweep
 
         with RaySession(address=args.address, num_cpus=args.num_cpus or os.cpu_count()) as session:
             import ray
@@ -91,7 +91,7 @@ def _simulate(args: argparse.Namespace) -> int:
                     (", started here)" if session.started else ")")
             results = run_sweep(world, scenarios, progress=progress)
     seconds = time.perf_counter() - t0
-    from sim.report import plot_results, summary_table, write_results
+    from moevit.sim.report import plot_results, summary_table, write_results
 
     meta = {"topology": args.topology, "topologies": {n: t.path for n, t in world.topologies.items()},
             "placement": args.placement, "stats": world.stats.source, "stats_fingerprint": world.stats.fingerprint,
@@ -108,7 +108,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from sim.emulate import EmulationOptions, emulate, format_report
+    from moevit.sim.emulate import EmulationOptions, emulate, format_report
 
     if not args.bandwidth_mbps > 0:
         raise ValueError(f"--bandwidth-mbps must be > 0, got {args.bandwidth_mbps}")

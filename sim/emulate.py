@@ -5,7 +5,7 @@ Method (docs/sim.md, "Emulation"):
 1. The topology's model runs in-process; its routing on the measured images is recorded as a trace, and its routing
    statistics are profiled (partition.profile) on the same images, so the simulator replays the exact routing the
    real run sees.
-2. Real workers start on loopback (``python -m worker.cli --topology ... --site ... --listen 127.0.0.1:PORT``, like
+2. Real workers start on loopback (``python -m moevit.worker.cli --topology ... --site ... --listen ADDR``, like
    coordinator/launcher.py), each behind a :class:`sim.linkproxy.ThreadedLinkProxy`; the coordinator
    (:class:`coordinator.runtime.SplitRuntime`, in-process) reaches every remote site through its proxy.
 3. Calibration of compute speed, on separate warm-up images: the model is timed back to back (batch 1, the
@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from partition.costmodel import FLOPS_PER_MAC, parse_stats
-from partition.topology import Placement, Topology, load_placement, load_topology, validate_placement
-from sim.config import Arrival, FailureSet, LinkCondition, Scenario, Settings, SimConfigError
-from sim.engine import Calibration, World, run_scenario
-from sim.trace import Trace, TraceHeader, TraceImage, write_trace
+from moevit.partition.costmodel import FLOPS_PER_MAC, parse_stats
+from moevit.partition.topology import Placement, Topology, load_placement, load_topology, validate_placement
+from moevit.sim.config import Arrival, FailureSet, LinkCondition, Scenario, Settings, SimConfigError
+from moevit.sim.engine import Calibration, World, run_scenario
+from moevit.sim.trace import Trace, TraceHeader, TraceImage, write_trace
 
 __all__ = ["EmulationOptions", "EmulationReport", "StrategyCheck", "calibrate", "emulate", "format_report",
            "scale_links"]
@@ -173,16 +173,15 @@ def _free_port() -> int:
 def _start_workers(topology_path: str, model: Path, sites: list[str], threads: int, logdir: Path,
                    placement_file: str | None, log: Callable[[str], None]) -> tuple[Any, dict[str, str]]:
     """A worker process per site on a free loopback port (as coordinator/launcher.py starts them)."""
-    from coordinator.launcher import LaunchError, LocalWorkers
-    from coordinator.sites import SiteClient
+    from moevit.coordinator.launcher import LaunchError, LocalWorkers
+    from moevit.coordinator.sites import SiteClient
 
     workers = LocalWorkers()
     addresses: dict[str, str] = {}
     topo_arg = topology_path
     if placement_file is not None:  # the workers must host what the coordinator's placement gives them
         import yaml
-
-        from partition.topology import read_yaml
+        from moevit.partition.topology import read_yaml
 
         doc = dict(read_yaml(topology_path))
         doc["placement"] = str(Path(placement_file).resolve())
@@ -194,7 +193,7 @@ def _start_workers(topology_path: str, model: Path, sites: list[str], threads: i
     try:
         for name in sites:
             addr = f"127.0.0.1:{_free_port()}"
-            cmd = [sys.executable, "-m", "worker.cli", "--topology", topo_arg, "--site", name, "--listen", addr,
+            cmd = [sys.executable, "-m", "moevit.worker.cli", "--topology", topo_arg, "--site", name, "--listen", addr,
                    "--threads", str(threads), "--model", str(model), "--log-level", "warning"]
             logf = logdir / f"{name}.log"
             workers.logs[name] = logf
@@ -240,15 +239,15 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
         raise SimConfigError(opts.topology, "model", "--emulate runs the real model: the topology must name an "
                              f"existing model file (got {topology.model}); build it (make demo)")
     import torch
+    from moevit.coordinator.runtime import SplitRuntime
+    from moevit.partition.profile import profile_model, select_images
+    from moevit.sim.inputs import default_data
+    from moevit.sim.linkproxy import ThreadedLinkProxy
+    from moevit.sim.trace import record_trace
 
-    from coordinator.runtime import SplitRuntime
     from moevit.checkpoint import load_checkpoint
     from moevit.data import open_dataset
     from moevit.fuse import folded_copy
-    from partition.profile import profile_model, select_images
-    from sim.inputs import default_data
-    from sim.linkproxy import ThreadedLinkProxy
-    from sim.trace import record_trace
 
     torch.set_num_threads(opts.threads)
     model_path = topology.model

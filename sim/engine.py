@@ -41,12 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from partition.costmodel import FLOPS_PER_MAC, Stats, coefficients
-from partition.placement import background_experts
-from partition.topology import Device, Link, Placement, Topology
-from sim.config import Arrival, FailureSet, Scenario, Settings
-from sim.trace import Trace
+from moevit.partition.costmodel import FLOPS_PER_MAC, Stats, coefficients
+from moevit.partition.placement import background_experts
+from moevit.partition.topology import Device, Link, Placement, Topology
+from moevit.sim.config import Arrival, FailureSet, Scenario, Settings
+from moevit.sim.trace import Trace
 
 __all__ = ["TRUNK_FRACTION_BEFORE", "Calibration", "ComputeModel", "EventQueue", "LinkResult", "Routing",
            "ScenarioResult", "SiteResult", "World", "arrival_times", "best_connected", "compute_model", "dense_macs",

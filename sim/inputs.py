@@ -14,11 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from partition.costmodel import Stats, load_stats
-from partition.topology import Placement, Topology, TopologyError, load_placement, load_topology, validate_placement
-from sim.config import Scenario, SimConfigError, SweepConfig, check_sites, default_sweep, expand, load_sweep
-from sim.engine import Calibration, World
-from sim.trace import Trace, check_trace, read_trace, record_trace, write_trace
+from moevit.partition.costmodel import Stats, load_stats
+from moevit.partition.topology import (
+    Placement,
+    Topology,
+    TopologyError,
+    load_placement,
+    load_topology,
+    validate_placement,
+)
+from moevit.sim.config import Scenario, SimConfigError, SweepConfig, check_sites, default_sweep, expand, load_sweep
+from moevit.sim.engine import Calibration, World
+from moevit.sim.trace import Trace, check_trace, read_trace, record_trace, write_trace
 
 __all__ = ["SimOptions", "check_fingerprint", "default_data", "prepare", "profile_model_file"]
 
@@ -54,10 +61,11 @@ def profile_model_file(model_path: Path, data: str, out_dir: Path, *, images: in
                        log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """Profile ``model_path`` on ``data`` (partition.profile, as ``moe-profile`` does) and record a routing trace of
     the same images; writes ``stats.json`` and ``trace.jsonl`` into ``out_dir``."""
+    from moevit.partition.costmodel import save_stats
+    from moevit.partition.profile import profile_model, select_images
+
     from moevit.checkpoint import load_checkpoint
     from moevit.data import open_dataset
-    from partition.costmodel import save_stats
-    from partition.profile import profile_model, select_images
 
     model = load_checkpoint(model_path)
     if not model.moe_layers():
@@ -79,7 +87,7 @@ def check_fingerprint(topology: Topology, stats: Stats, stats_path: str) -> None
     """Refuse stats of another model than the topology's model file (when that file exists)."""
     if topology.model is None or not topology.model.is_file():
         return
-    from partition.cli import checkpoint_fingerprint
+    from moevit.partition.cli import checkpoint_fingerprint
 
     fp = checkpoint_fingerprint(topology.model)
     if fp != stats.fingerprint:

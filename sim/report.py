@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from sim.config import STRATEGIES
-from sim.engine import ScenarioResult
+from moevit.sim.config import STRATEGIES
+from moevit.sim.engine import ScenarioResult
 
 __all__ = ["MAX_FACETS", "plot_results", "summary_rows", "summary_table", "write_results"]
 

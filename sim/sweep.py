@@ -13,10 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
+from moevit.sim.config import Scenario
+from moevit.sim.engine import ScenarioResult, World, run_scenario
 from tqdm import tqdm
-
-from sim.config import Scenario
-from sim.engine import ScenarioResult, World, run_scenario
 
 __all__ = ["RaySession", "run_local", "run_sweep"]
 

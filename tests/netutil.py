@@ -43,7 +43,7 @@ def wait_serving(address: str, timeout: float = 60.0, proc: subprocess.Popen | N
 def start_worker(model: str, address: str, experts: str = "all", *extra: str) -> subprocess.Popen:
     # stderr to an unnamed file, not a pipe nobody reads: a chatty worker would block once the pipe filled
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--listen", address, "--model", model,
+    proc = subprocess.Popen([sys.executable, "-m", "moevit.worker.cli", "--listen", address, "--model", model,
                              "--experts", experts, "--threads", "1", *extra],
                             stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
     try:
@@ -66,7 +66,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def site_client(address: str, fingerprint: str, *, wire: str = "fp32", **kw: Any):
     """The coordinator's client of one worker site (fp32 on the wire, no health watch), for transport tests."""
-    from coordinator.sites import SiteClient
+    from moevit.coordinator.sites import SiteClient
 
     return SiteClient("w", address, fingerprint=fingerprint, wire=wire, deadline_s=10.0, watch=False, **kw)
 
@@ -76,8 +76,8 @@ def in_process_worker(model_path: str | Path, hosted: Mapping[int, Sequence[int]
                       alter: Callable[[Any], None] | None = None) -> Iterator[str]:
     """A WorkerServer on an event loop in a thread of this process, so a test can ``alter`` its servicer (e.g. to
     act as an older worker) before it starts; yields its address and stops it on exit."""
-    from worker.backends import TorchBackend
-    from worker.server import WorkerServer, load_hosted
+    from moevit.worker.backends import TorchBackend
+    from moevit.worker.server import WorkerServer, load_hosted
 
     banks, fingerprint, _ = load_hosted(model_path, hosted)
     server = WorkerServer(TorchBackend(banks), fingerprint, arch="test")

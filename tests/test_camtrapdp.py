@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from moevit.coordinator import results as res
+from moevit.coordinator.camtrapdp import ExportError, export_camtrapdp
+from moevit.coordinator.export_cli import main as export_main
 
-from coordinator import results as res
-from coordinator.camtrapdp import ExportError, export_camtrapdp
-from coordinator.export_cli import main as export_main
 from moevit.checkpoint import save_checkpoint
 
 # Camtrap DP 1.0 (https://camtrap-dp.tdwg.org/data/; unchanged in 1.0.1 and 1.0.2): every field of each table
@@ -261,7 +261,7 @@ def test_package_has_the_standard_columns_and_types(tmp_path):
 
 
 def test_example_deployments_file_loads():
-    from coordinator.camtrapdp import load_deployments
+    from moevit.coordinator.camtrapdp import load_deployments
 
     cfg = load_deployments(Path(__file__).parents[1] / "examples" / "deployments.yaml",
                            sites={"camera-01": "examples/sites.yaml", "pi-north": "", "pi-south": ""})

@@ -10,13 +10,13 @@ import time
 
 import pytest
 import torch
+from moevit.coordinator.runtime import CoordinatorError, SplitRuntime
+from moevit.coordinator.sites import SiteError
+from moevit.partition.topology import load_topology
 
 import moevit
-from coordinator.runtime import CoordinatorError, SplitRuntime
-from coordinator.sites import SiteError
 from moevit.checkpoint import model_fingerprint, save_checkpoint
 from moevit.fuse import folded_copy
-from partition.topology import load_topology
 from tests.deploy import small_moe_model, write_topology
 from tests.netutil import free_port, start_worker, stop
 
@@ -193,7 +193,7 @@ def test_cli_starts_local_workers_and_reports_a_corrupt_image(tmp_path):
         Image.new("RGB", (80, 60), (40 * i, 100, 200 - 30 * i)).save(imgs / f"img{i}.jpg")
     (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "results.jsonl"
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "--topology", str(topo), "--images", str(imgs),
+    r = subprocess.run([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topo), "--images", str(imgs),
                         "--out", str(out), "--batch-size", "2", "--wire", "fp32"],
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]

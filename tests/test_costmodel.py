@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from partition.costmodel import (
+from moevit.partition.costmodel import (
     MB,
     StatsError,
     coefficients,
@@ -24,7 +23,7 @@ from partition.costmodel import (
     synthetic_stats,
     synthetic_topology,
 )
-from partition.topology import Placement, TopologyError, parse_topology
+from moevit.partition.topology import Placement, TopologyError, parse_topology
 
 
 def two_sites(**link: Any) -> Any:

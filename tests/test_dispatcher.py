@@ -14,16 +14,16 @@ import time
 import grpc
 import pytest
 import torch
+from moevit.coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher
+from moevit.coordinator.sites import PendingCall, SiteError, Traffic
+from moevit.worker.backends import TorchBackend
+from moevit.worker.service import validate_and_run
 
 import moevit
-from coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher
-from coordinator.sites import PendingCall, SiteError, Traffic
 from moevit.checkpoint import model_fingerprint
 from moevit_rpc.tensors import tensor_to_proto
 from moevit_rpc.v1 import expert_pb2
 from tests.deploy import small_moe_model
-from worker.backends import TorchBackend
-from worker.service import validate_and_run
 
 LAYERS = (1, 5, 8)
 E = 6

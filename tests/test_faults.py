@@ -17,21 +17,21 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from moevit.coordinator.runtime import SplitRuntime
+from moevit.coordinator.server import start_server
+from moevit.coordinator.sites import SiteClient, SiteError
+from moevit.partition.topology import load_topology
+from moevit.sim.linkproxy import ThreadedLinkProxy
+from moevit.worker.backends import TorchBackend
+from moevit.worker.server import WorkerServer
 from PIL import Image
 
-from coordinator.runtime import SplitRuntime
-from coordinator.server import start_server
-from coordinator.sites import SiteClient, SiteError
 from moevit.checkpoint import save_checkpoint
 from moevit.data import load_image
 from moevit.fuse import folded_copy
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
-from partition.topology import load_topology
-from sim.linkproxy import ThreadedLinkProxy
 from tests.deploy import replicated_placement, small_moe_model, write_topology
 from tests.netutil import free_port, start_worker, stop, wait_serving
-from worker.backends import TorchBackend
-from worker.server import WorkerServer
 
 LAYERS = (1, 5, 8)
 E = 6
@@ -396,7 +396,8 @@ def test_workers_outlive_the_coordinator_and_a_restarted_one_finds_them(cluster,
     addr = f"127.0.0.1:{free_port()}"
 
     def coordinator() -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "--topology", str(topo), "--serve", addr,
+        proc = subprocess.Popen([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topo),
+                                 "--serve", addr,
                                  "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL)
         wait_serving(addr, proc=proc)

@@ -120,16 +120,16 @@ def deployment(model, tmp_path_factory):
     try:
         with logs["worker"].open("w") as log:  # a file, not a pipe: the worker logs every refused request
             procs["worker"] = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "--listen", worker_address, "--model", str(path), "--experts",
-                 experts, "--threads", "1", "--max-tokens", str(MAX_TOKENS), "--max-message-mb",
+                [sys.executable, "-m", "moevit.worker.cli", "--listen", worker_address, "--model", str(path),
+                 "--experts", experts, "--threads", "1", "--max-tokens", str(MAX_TOKENS), "--max-message-mb",
                  str(MAX_MESSAGE_BYTES / (1 << 20)), "--site", "fuzz"],
                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         wait_serving(worker_address, proc=procs["worker"])
         with logs["coordinator"].open("w") as log:
             procs["coordinator"] = subprocess.Popen(
-                [sys.executable, "-m", "coordinator.cli", "--topology", str(topology), "--serve", classify_address,
-                 "--no-spawn", "--threads", "1", "--image-size", str(IMAGE_SIZE), "--wire", "fp32",
-                 "--deadline", str(RPC_TIMEOUT)],
+                [sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topology),
+                 "--serve", classify_address, "--no-spawn", "--threads", "1", "--image-size", str(IMAGE_SIZE),
+                 "--wire", "fp32", "--deadline", str(RPC_TIMEOUT)],
                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         yield {"worker": worker_address, "classify": classify_address, "procs": procs, "logs": logs}
     finally:

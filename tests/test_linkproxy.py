@@ -13,8 +13,8 @@ from concurrent import futures
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from moevit.sim.linkproxy import LinkProxy, ThreadedLinkProxy, parse_address
 
-from sim.linkproxy import LinkProxy, ThreadedLinkProxy, parse_address
 from tests.netutil import free_port
 
 HEADER = struct.Struct("<II")  # (bytes to answer, bytes of payload that follow)

@@ -10,14 +10,14 @@ import urllib.request
 import pytest
 import torch
 import yaml
+from moevit.coordinator.metrics import CoordinatorMetrics, parse_listen
+from moevit.coordinator.runtime import SplitRuntime
+from moevit.coordinator.sites import SiteClient, SiteError
+from moevit.partition.topology import load_topology
 from prometheus_client.parser import text_string_to_metric_families
 
 import moevit
-from coordinator.metrics import CoordinatorMetrics, parse_listen
-from coordinator.runtime import SplitRuntime
-from coordinator.sites import SiteClient, SiteError
 from moevit.checkpoint import save_checkpoint
-from partition.topology import load_topology
 from tests.netutil import free_port, stop, wait_serving
 
 
@@ -61,7 +61,7 @@ def test_coordinator_and_worker_metrics(tmp_path):
     path = save_checkpoint(model.eval(), tmp_path / "moe.safetensors")
     ports = {"cam": free_port(), "north": free_port()}
     wport = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "--listen", f"127.0.0.1:{ports['north']}",
+    worker = subprocess.Popen([sys.executable, "-m", "moevit.worker.cli", "--listen", f"127.0.0.1:{ports['north']}",
                                "--model", str(path), "--experts", "all", "--threads", "1", "--site", "north",
                                "--metrics-port", str(wport)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rt = None
@@ -141,7 +141,7 @@ def test_coordinator_and_worker_metrics(tmp_path):
 
 
 def test_worker_refuses_a_bad_metrics_address(tmp_path, capsys):
-    from worker.cli import main
+    from moevit.worker.cli import main
 
     model = moevit.build_model(moevit.ModelConfig(arch="mobilevitv2_050", num_classes=3,
                                                   moe=moevit.MoEConfig(layers=(8,), num_experts=2, expert_hidden=8)))

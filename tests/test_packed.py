@@ -15,12 +15,12 @@ import time
 import grpc
 import pytest
 import torch
+from moevit.coordinator.sites import PendingCall, SiteError
+from moevit.worker.service import ExpertServicer
 
-from coordinator.sites import PendingCall, SiteError
 from moevit_rpc.tensors import tensor_to_proto
 from moevit_rpc.v1 import expert_pb2
 from tests.netutil import free_port, in_process_worker, site_client, start_worker, stop
-from worker.service import ExpertServicer
 
 LAYER, DIM = 8, 128
 

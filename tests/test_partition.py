@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from partition.cli import partition_main
-from partition.costmodel import (
+from moevit.partition.cli import partition_main
+from moevit.partition.costmodel import (
     MB,
     evaluate_placement,
     objective_value,
@@ -22,7 +21,7 @@ from partition.costmodel import (
     synthetic_stats,
     synthetic_topology,
 )
-from partition.placement import (
+from moevit.partition.placement import (
     Problem,
     add_replicas,
     background_experts,
@@ -30,7 +29,7 @@ from partition.placement import (
     milp_assignment,
     place,
 )
-from partition.topology import load_placement, load_topology, parse_topology, validate_placement
+from moevit.partition.topology import load_placement, load_topology, parse_topology, validate_placement
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("latency", "energy", "bytes", "weighted")

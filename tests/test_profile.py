@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from moevit.partition.cli import checkpoint_fingerprint, partition_main, profile_main
+from moevit.partition.costmodel import load_stats, parse_stats
+from moevit.partition.profile import profile_model, select_images
 
 import moevit
 from moevit.checkpoint import model_fingerprint, save_checkpoint
 from moevit.data import open_dataset
 from moevit.flops import count_macs
-from partition.cli import checkpoint_fingerprint, partition_main, profile_main
-from partition.costmodel import load_stats, parse_stats
-from partition.profile import profile_model, select_images
 
 DATA = "synthetic:classes=3,per_class=6,size=64"
 

@@ -4,8 +4,8 @@ The format rules are written out in :func:`check_megadetector` from the format's
 (https://lila.science/megadetector-output-format, "MegaDetector output format", and the checks of its reference
 validator ``megadetector/postprocessing/validate_batch_results.py``); every output is checked against all of them.
 
-End to end: a real ``python -m coordinator.cli`` run over a folder of small JPEGs the test writes (two bursts with
-EXIF times, visually different, plus an image without EXIF, one with a 1999 clock and a corrupt one) against two
+End to end: a real ``python -m moevit.coordinator.cli`` run over a folder of small JPEGs the test writes (two bursts
+with EXIF times, visually different, plus an image without EXIF, one with a 1999 clock and a corrupt one) against two
 real worker processes; then the same run killed with SIGKILL mid-way and started again must give the same file.
 """
 
@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from moevit.coordinator import fieldmeta
+from moevit.coordinator import results as res
 from PIL import Image
 
-from coordinator import fieldmeta
-from coordinator import results as res
 from moevit.checkpoint import save_checkpoint
 from moevit.data import Taxon, load_image
 from tests.deploy import small_moe_model
@@ -345,7 +345,7 @@ def _write_images(root: Path, colours) -> None:
 
 def _start_workers(model: Path, ports: dict[str, int], *extra: str) -> dict[str, subprocess.Popen]:
     """Worker processes for ``ports`` started together (each takes seconds to import torch)."""
-    procs = {n: subprocess.Popen([sys.executable, "-m", "worker.cli", "--listen", f"127.0.0.1:{p}", "--model",
+    procs = {n: subprocess.Popen([sys.executable, "-m", "moevit.worker.cli", "--listen", f"127.0.0.1:{p}", "--model",
                                   str(model), "--experts", "all", "--threads", "1", *extra],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
              for n, p in ports.items()}
@@ -385,7 +385,7 @@ def field(tmp_path_factory):
 
 
 def _cmd(field, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "coordinator.cli", "--topology", str(field["topology"]), "--images",
+    return [sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(field["topology"]), "--images",
             str(field["images"]), "--out", str(out), "--batch-size", "2", "--no-spawn", "--threads", "1",
             "--taxa", str(field["taxa"]), *extra]
 
@@ -501,7 +501,8 @@ def test_resume_with_results_of_another_model_is_refused(field, run):
 
 
 def test_camtrapdp_export_of_the_run(field, run, tmp_path):
-    from coordinator.camtrapdp import export_camtrapdp
+    from moevit.coordinator.camtrapdp import export_camtrapdp
+
     from tests.test_camtrapdp import check_package
 
     deployments = tmp_path / "deployments.yaml"

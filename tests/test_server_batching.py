@@ -11,14 +11,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
+import moevit.coordinator.server as server_mod
 import numpy as np
 import pytest
 import torch
+from moevit.coordinator.channels import channel_options
+from moevit.coordinator.server import start_server
 from PIL import Image
 
-import coordinator.server as server_mod
-from coordinator.channels import channel_options
-from coordinator.server import start_server
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 
@@ -123,7 +123,7 @@ async def test_a_lone_client_is_never_held_back(long_return_wait):
 @pytest.mark.parametrize(("flag", "value", "words"), [("--max-wait-ms", "-1", "--max-wait-ms must be >= 0"),
                                                       ("--max-batch", "0", "--max-batch must be >= 1")])
 def test_bad_batching_flags_are_one_line_errors(capsys, flag, value, words):
-    from coordinator import cli
+    from moevit.coordinator import cli
 
     sites = Path(__file__).resolve().parents[1] / "examples" / "sites.yaml"
     assert cli.main(["--topology", str(sites), "--serve", "127.0.0.1:0", flag, value]) == 2

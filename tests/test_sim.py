@@ -11,11 +11,10 @@ import struct
 import numpy as np
 import pytest
 import yaml
-
-from partition.costmodel import evaluate_placement, parse_stats, synthetic_stats
-from partition.topology import Link, Placement, default_placement, load_topology, parse_topology
-from sim.cli import main
-from sim.config import (
+from moevit.partition.costmodel import evaluate_placement, parse_stats, synthetic_stats
+from moevit.partition.topology import Link, Placement, default_placement, load_topology, parse_topology
+from moevit.sim.cli import main
+from moevit.sim.config import (
     STRATEGIES,
     Arrival,
     FailureSet,
@@ -29,9 +28,9 @@ from sim.config import (
     expand,
     parse_sweep,
 )
-from sim.engine import World, _Channel, _Windows, arrival_times, run_scenario, sample_routing
-from sim.sweep import run_local
-from sim.trace import TraceError, TraceHeader, TraceImage, read_trace, write_trace
+from moevit.sim.engine import World, _Channel, _Windows, arrival_times, run_scenario, sample_routing
+from moevit.sim.sweep import run_local
+from moevit.sim.trace import TraceError, TraceHeader, TraceImage, read_trace, write_trace
 
 EXAMPLES = "examples/sites.yaml"
 

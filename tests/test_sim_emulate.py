@@ -7,9 +7,9 @@ import json
 
 import pytest
 import yaml
+from moevit.sim.cli import main
 
 from moevit.checkpoint import save_checkpoint
-from sim.cli import main
 from tests.deploy import small_moe_model
 
 SYNTH = "synthetic:classes=3,per_class=20,size=64"

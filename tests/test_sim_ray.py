@@ -8,13 +8,12 @@ import json
 import pytest
 import ray
 import yaml
-
-from partition.costmodel import parse_stats, synthetic_stats
-from partition.topology import default_placement, load_topology
-from sim.cli import main
-from sim.config import Arrival, FailureSet, LinkCondition, Scenario, Settings
-from sim.engine import World
-from sim.sweep import RaySession, run_local, run_sweep
+from moevit.partition.costmodel import parse_stats, synthetic_stats
+from moevit.partition.topology import default_placement, load_topology
+from moevit.sim.cli import main
+from moevit.sim.config import Arrival, FailureSet, LinkCondition, Scenario, Settings
+from moevit.sim.engine import World
+from moevit.sim.sweep import RaySession, run_local, run_sweep
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,11 @@ import time
 import grpc
 import pytest
 import torch
+from moevit.coordinator.sites import SiteError
+from moevit.worker.service import ExpertServicer
 
-from coordinator.sites import SiteError
 from moevit_rpc.v1 import expert_pb2_grpc
 from tests.netutil import free_port, in_process_worker, site_client, start_worker, stop
-from worker.service import ExpertServicer
 
 LAYER, DIM = 8, 128  # mobilevitv2_050's last transformer layer: tokens of 128 channels
 
@@ -168,7 +168,8 @@ def test_a_worker_without_streams_is_used_through_unary_calls(expert_model_path,
 
 def test_a_request_id_already_waiting_is_refused(worker, layer8_reference):
     """Answers are matched by request_id: a second request with the id of one still waiting is refused, not sent."""
-    from coordinator.stream import ExpertStream
+    from moevit.coordinator.stream import ExpertStream
+
     from moevit_rpc.tensors import tensor_to_proto
     from moevit_rpc.v1 import expert_pb2
 

@@ -23,8 +23,10 @@ import pytest
 import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moevit.coordinator.channels import check_tls_files, open_channel
+from moevit.partition.topology import TLSFiles, load_topology
+from moevit.worker import cli
 
-from coordinator.channels import check_tls_files, open_channel
 from moevit_rpc.security import (
     channel_credentials,
     make_site_cert,
@@ -33,10 +35,8 @@ from moevit_rpc.security import (
 )
 from moevit_rpc.tensors import proto_to_tensor
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
-from partition.topology import TLSFiles, load_topology
 from tests.netutil import free_port
 from tests.test_worker import DIMS, RPC_TIMEOUT, WorkerProcess, model_file, request  # noqa: F401 (a fixture)
-from worker import cli
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 UNAVAILABLE, UNAUTHENTICATED = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED
@@ -165,7 +165,8 @@ def test_coordinator_channel_with_its_own_certificate_and_the_sites_token(worker
 def test_split_inference_over_mutual_tls_with_tokens(workers, topology_file):
     """The coordinator's runtime, configured only by sites.yaml (its own certificate, each site's token), checks
     the TLS workers and classifies exactly as the in-process model does."""
-    from coordinator.runtime import SplitRuntime
+    from moevit.coordinator.runtime import SplitRuntime
+
     from moevit.checkpoint import load_checkpoint
     from moevit.fuse import fold_batchnorm
 
@@ -325,8 +326,8 @@ def _png() -> bytes:
 
 
 async def test_classify_server_with_the_coordinator_sites_tls_and_token(pki, topology_file):
-    from coordinator.cli import _classify_security
-    from coordinator.server import start_server
+    from moevit.coordinator.cli import _classify_security
+    from moevit.coordinator.server import start_server
 
     credentials, tok = _classify_security(load_topology(topology_file))
     assert credentials is not None and tok == token(pki, "cam")

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from partition.topology import (
+from moevit.partition.topology import (
     MAX_FILE_BYTES,
     Device,
     Link,

@@ -22,16 +22,16 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moevit.worker import cli
+from moevit.worker.backends import OnnxBackend, TorchBackend
+from moevit.worker.server import SERVICE_NAME, format_experts, load_hosted
+from moevit.worker.service import RequestError, validate_and_run
 
 import moevit
 from moevit.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
 from moevit.moe.experts import ExpertBank
 from moevit_rpc.tensors import DTYPES, proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
-from worker import cli
-from worker.backends import OnnxBackend, TorchBackend
-from worker.server import SERVICE_NAME, format_experts, load_hosted
-from worker.service import RequestError, validate_and_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOSTED = {5: [2], 8: [0, 1]}
@@ -102,13 +102,13 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    """A ``python -m worker.cli`` subprocess whose stderr is collected line by line in the background."""
+    """A ``python -m moevit.worker.cli`` subprocess whose stderr is collected line by line in the background."""
 
     def __init__(self, args: list[str], address: str) -> None:
         self.address = address
         self.lines: list[str] = []
         self._lock = threading.Lock()
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=REPO_ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "moevit.worker.cli", *args], cwd=REPO_ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -518,7 +518,7 @@ def test_cli_unknown_site_is_exit_2(model_file, tmp_path, capsys):
 
 
 def test_cli_missing_model_exits_2_as_a_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "--listen", "127.0.0.1:0", "--model",
+    proc = subprocess.run([sys.executable, "-m", "moevit.worker.cli", "--listen", "127.0.0.1:0", "--model",
                            str(tmp_path / "nope.safetensors"), "--experts", "8:0"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
@@ -544,7 +544,7 @@ def test_topology_mode_serves_the_sites_share_of_the_default_placement(model_fil
 
 def test_second_worker_on_the_same_port_is_refused(worker, model_file):
     # gRPC's default SO_REUSEPORT would let it bind and steal connections; the worker turns that off.
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "--listen", worker.address, "--model",
+    proc = subprocess.run([sys.executable, "-m", "moevit.worker.cli", "--listen", worker.address, "--model",
                            str(model_file), "--experts", "8:0"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "GRPC_VERBOSITY": "NONE"})
     assert proc.returncode == 1

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from partition.topology import TLSFiles
+    from moevit.partition.topology import TLSFiles
 
 __all__ = ["CliError", "main", "parse_experts"]
 
@@ -141,7 +141,7 @@ def _existing_model(path: str | Path) -> Path:
 
 
 def _resolve_topology(args: argparse.Namespace) -> _Plan:
-    from partition.topology import TopologyError, load_topology
+    from moevit.partition.topology import TopologyError, load_topology
 
     if args.site is None:
         raise CliError("--topology needs --site NAME: the site this worker serves")
@@ -189,7 +189,7 @@ _TLS_FLAGS = (("--tls-ca", "tls_ca"), ("--tls-cert", "tls_cert"), ("--tls-key", 
 
 def _security(args: argparse.Namespace, plan: _Plan) -> tuple[TLSFiles | None, str | None]:
     """The TLS files and the bearer token to serve with: the flags' when given, else the site's; all checked."""
-    from partition.topology import TLSFiles
+    from moevit.partition.topology import TLSFiles
 
     given = [flag for flag, attr in _TLS_FLAGS if getattr(args, attr) is not None]
     if given and len(given) < len(_TLS_FLAGS):
@@ -198,7 +198,7 @@ def _security(args: argparse.Namespace, plan: _Plan) -> tuple[TLSFiles | None, s
                        "--tls-ca, --tls-cert and --tls-key")
     tls = TLSFiles(Path(args.tls_ca), Path(args.tls_cert), Path(args.tls_key)) if given else plan.tls
     if tls is not None:
-        from coordinator.channels import check_tls_files
+        from moevit.coordinator.channels import check_tls_files
 
         try:
             check_tls_files(tls)
@@ -240,7 +240,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.grace >= 0:
         raise CliError(f"--grace must be >= 0 seconds, got {args.grace}")
     if args.metrics_port is not None:
-        from coordinator.metrics import parse_listen
+        from moevit.coordinator.metrics import parse_listen
 
         try:
             parse_listen(args.metrics_port)
@@ -251,11 +251,11 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     import torch
+    from moevit.worker.backends import ExpertBackend, OnnxBackend, TorchBackend
+    from moevit.worker.server import WorkerConfigError, load_hosted, serve
+    from moevit.worker.service import DEFAULT_MAX_TOKENS
 
     from moevit.checkpoint import CheckpointError
-    from worker.backends import ExpertBackend, OnnxBackend, TorchBackend
-    from worker.server import WorkerConfigError, load_hosted, serve
-    from worker.service import DEFAULT_MAX_TOKENS
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     # --log-level applies to the worker's own loggers; libraries (grpc's asyncio engine is chatty) stay at WARNING.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s moe-worker %(levelname)s %(name)s: %(message)s")
-    for name in ("worker", "moevit_rpc", PROG):  # moevit_rpc: refusals of requests that do not parse
+    for name in ("moevit.worker", "moevit_rpc", PROG):  # moevit_rpc: refusals of requests that do not parse
         logging.getLogger(name).setLevel(args.log_level.upper())
     try:
         return _serve(args)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2
+from moevit.worker.backends import ExpertBackend
+from moevit.worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertServicer
 
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.config import ModelConfig
@@ -25,8 +27,6 @@ from moevit.moe.experts import ExpertBank
 from moevit_rpc.security import TokenAuthInterceptor
 from moevit_rpc.serving import add_service
 from moevit_rpc.v1 import expert_pb2
-from worker.backends import ExpertBackend
-from worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertServicer
 
 __all__ = ["DEFAULT_GRACE_S", "DEFAULT_MAX_MESSAGE_BYTES", "SERVICE_NAME", "WorkerConfigError", "WorkerServer",
            "format_experts", "load_hosted", "serve"]
@@ -252,7 +252,7 @@ async def serve(backend: ExpertBackend, fingerprint: str, *, arch: str, address:
                           max_message_bytes=max_message_bytes, max_tokens=max_tokens, grace=grace,
                           check_finite=check_finite, credentials=credentials, token=token, max_queue=max_queue)
     if metrics is not None:
-        from worker.metrics import serve_worker_metrics
+        from moevit.worker.metrics import serve_worker_metrics
 
         serve_worker_metrics(server, metrics)
     await server.start()

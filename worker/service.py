@@ -18,12 +18,12 @@ from typing import Any
 
 import grpc
 import torch
+from moevit.worker.backends import ExpertBackend
 
 from moevit_rpc.messages import clip
 from moevit_rpc.serving import Undecodable
 from moevit_rpc.tensors import DTYPES, proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
-from worker.backends import ExpertBackend
 
 __all__ = ["DEFAULT_MAX_TOKENS", "PROTOCOL_VERSION", "ExpertServicer", "RequestError", "expert_rows",
            "info_response", "validate_and_run"]
