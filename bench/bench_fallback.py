@@ -76,7 +76,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from moevit.coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher  # noqa: E402
 from moevit.coordinator.sites import PendingCall, SiteError, Traffic  # noqa: E402
-from moevit.partition.topology import Placement, load_topology  # noqa: E402
+from moevit.deploy.topology import Placement, load_topology  # noqa: E402
 from moevit.worker.backends import TorchBackend  # noqa: E402
 from moevit.worker.service import validate_and_run  # noqa: E402
 
@@ -336,7 +336,7 @@ def real_worker_check(model_path: Path, topology_path: Path, xs: torch.Tensor, b
     import yaml
     from moevit.coordinator.launcher import ensure_workers
     from moevit.coordinator.runtime import SplitRuntime
-    from moevit.partition.topology import read_yaml
+    from moevit.deploy.topology import read_yaml
 
     doc = read_yaml(topology_path)
     result: dict[str, Any] = {"down": down_site}

@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, load_average, write_result  # noqa: E402
+from moevit.deploy.topology import Topology, load_topology, parse_topology  # noqa: E402
 from moevit.partition.costmodel import (  # noqa: E402
     MB,
     OBJECTIVES,
@@ -37,7 +38,6 @@ from moevit.partition.costmodel import (  # noqa: E402
     synthetic_topology,
 )
 from moevit.partition.placement import Problem, heuristic_assignment, milp_assignment, place  # noqa: E402
-from moevit.partition.topology import Topology, load_topology, parse_topology  # noqa: E402
 
 DEMO_MODEL = REPO_ROOT / "runs" / "demo" / "moe.safetensors"
 

@@ -26,8 +26,8 @@ import time
 from typing import Any
 
 import ray
+from moevit.deploy.topology import default_placement, load_topology
 from moevit.partition.costmodel import parse_stats, synthetic_stats
-from moevit.partition.topology import default_placement, load_topology
 from moevit.sim.config import STRATEGIES, Arrival, FailureSet, LinkCondition, Scenario, Settings
 from moevit.sim.engine import World, run_scenario
 from moevit.sim.sweep import run_sweep

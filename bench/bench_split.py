@@ -290,7 +290,7 @@ class Deployment:
     def runtime(self, config: str, *, wire: str = "fp16", proxies: bool = False, memory_format=None,
                 stream: bool = True, packed: bool = True):
         from moevit.coordinator.runtime import SplitRuntime
-        from moevit.partition.topology import load_topology
+        from moevit.deploy.topology import load_topology
 
         topology = self.topology(config, proxies=proxies, stream=stream, packed=packed)
         runtime = SplitRuntime.from_topology(load_topology(topology), wire=wire)
@@ -455,7 +455,7 @@ def serve_child(argv: list[str]) -> int:
     import torch
     from moevit.coordinator.runtime import SplitRuntime
     from moevit.coordinator.server import serve
-    from moevit.partition.topology import load_topology
+    from moevit.deploy.topology import load_topology
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(int(threads))

@@ -193,7 +193,7 @@ class Cluster:
         import torch
         from moevit.coordinator.runtime import SplitRuntime
         from moevit.coordinator.server import start_server
-        from moevit.partition.topology import load_topology
+        from moevit.deploy.topology import load_topology
         from moevit.sim.linkproxy import ThreadedLinkProxy
 
         from moevit.checkpoint import load_checkpoint, save_checkpoint

@@ -203,7 +203,7 @@ def load_deployments(path: str | os.PathLike[str], *, sites: Mapping[str, str] |
                      ) -> DeploymentsFile:
     """Read and check a deployments file. ``sites`` (site name -> the topology file naming it) checks that every
     ``site:`` exists; without it ``site`` is only a label."""
-    from moevit.partition.topology import TopologyError, read_yaml
+    from moevit.deploy.topology import TopologyError, read_yaml
 
     file = str(path)
     try:
@@ -394,7 +394,7 @@ def export_camtrapdp(results: Sequence[str | os.PathLike[str]], deployments: str
     docs, fingerprint = read_results(results)
     sites: dict[str, str] | None = None
     if topologies:
-        from moevit.partition.topology import TopologyError, load_topology
+        from moevit.deploy.topology import TopologyError, load_topology
 
         sites = {}
         for tp in topologies:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from moevit.partition.topology import TopologyError, load_topology
+from moevit.deploy.topology import TopologyError, load_topology
 
 from moevit_rpc.security import write_site_pki
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # grpc and the topology module stay unimported until a channel is opened
     import grpc
-    from moevit.partition.topology import TLSFiles
+    from moevit.deploy.topology import TLSFiles
 
 DEFAULT_MAX_MESSAGE_MB = 64.0
 

@@ -35,7 +35,7 @@ from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, read_image_meta
 from moevit.coordinator.launcher import LaunchError, ensure_workers
 from moevit.coordinator.runtime import CoordinatorError, SplitRuntime
 from moevit.coordinator.sites import SiteError
-from moevit.partition.topology import Topology, TopologyError, load_topology
+from moevit.deploy.topology import Topology, TopologyError, load_topology
 from tqdm import tqdm
 
 from moevit.checkpoint import CheckpointError

@@ -14,7 +14,7 @@ import grpc
 import torch
 from moevit.coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher
 from moevit.coordinator.sites import SiteClient, SiteError
-from moevit.partition.topology import Placement, Topology, TopologyError
+from moevit.deploy.topology import Placement, Topology, TopologyError
 
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.fuse import fold_batchnorm

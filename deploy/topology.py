@@ -1,31 +1,39 @@
 """The deployment topology (``sites.yaml``): sites and their devices, links between them, and expert placement.
 
-This is the single loader shared by the partitioner, the coordinator and the simulator, so all three read a
+This is the single loader shared by the partitioner, the coordinator, the worker and the simulator, so all read a
 topology file the same way and refuse the same mistakes. The schema is documented in ``docs/topology.md``.
 
-Every problem found in a file is a :class:`TopologyError` (a ``ValueError``) whose message names the file,
-the key path inside it (``sites.pi-north.device.gflops``, ``links[1].between[0]``) and what was expected.
-
-Files are read with a SafeLoader subclass only (never ``yaml.load``): Python tags cannot construct objects,
-anchors/aliases are refused outright (no "billion laughs"), duplicate mapping keys are refused, and files are
-capped at :data:`MAX_FILE_BYTES`.
+Every problem found in a file is a :class:`~moevit.deploy.config.ConfigError` (``TopologyError`` is the same
+class) whose message names the file, the key path inside it (``sites.pi-north.device.gflops``,
+``links[1].between[0]``) and what was expected. Files are read strictly by :func:`moevit.deploy.config.read_yaml`.
 """
 
 from __future__ import annotations
 
 import difflib
 import ipaddress
-import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
+from moevit.deploy.config import (
+    MAX_FILE_BYTES,
+    ConfigError,
+    check_keys,
+    describe,
+    fail,
+    index,
+    join,
+    mapping,
+    number,
+    read_yaml,
+)
+from moevit.deploy.files import atomic_write
 
 __all__ = [
     "DEFAULT_RX_NJ_PER_BIT",
@@ -47,10 +55,6 @@ __all__ = [
     "save_placement",
     "validate_placement",
 ]
-
-# A topology or placement file is a few kilobytes; the cap keeps a wrong path (a checkpoint, a log) or a
-# hostile file from being parsed into memory at all.
-MAX_FILE_BYTES = 1 << 20
 
 # What the coordinator does when every replica of an expert is unreachable. The coordinator implements them;
 # the loader only checks the name. fail: stop and report; local: run the expert on the coordinator from its own
@@ -80,204 +84,19 @@ _LINK_KEYS = {
 _PLACEMENT_FILE_KEYS = {"required": ("placement",), "optional": ("fingerprint",)}
 
 
-# --------------------------------------------------------------------------------------------------- errors
-
-
-class TopologyError(ValueError):
-    """A problem in a topology or placement file: ``str(err)`` is ``"<file>: <key path>: <problem>"``.
-
-    ``file``, ``key_path`` and ``problem`` are also attributes, so callers and tests need not parse the text.
-    """
-
-    def __init__(self, file: str, key_path: str, problem: str) -> None:
-        # The three parts are the exception's args so the error pickles (the simulator runs under ray).
-        super().__init__(str(file), key_path, problem)
-        self.file = str(file)
-        self.key_path = key_path
-        self.problem = problem
-
-    def __str__(self) -> str:
-        where = f"{self.file}: {self.key_path}" if self.key_path else self.file
-        return f"{where}: {self.problem}"
-
-
-def _fail(file: str, key: str, problem: str) -> NoReturn:
-    raise TopologyError(file, key, problem)
-
-
-def _describe(value: Any) -> str:
-    """How a wrong value reads in an error message."""
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 60 else repr(value[:57] + "...")
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return f"a {type(value).__name__}"
-
-
-def _join(key: str, sub: object) -> str:
-    return f"{key}.{sub}" if key else str(sub)
-
-
-# --------------------------------------------------------------------------------------------- safe YAML
-
-
-def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> NoReturn:
-    tag = str(node.tag).replace("tag:yaml.org,2002:", "!!", 1)
-    raise yaml.constructor.ConstructorError(
-        None,
-        None,
-        f"YAML tag {tag!r} is not allowed: topology files are plain YAML "
-        "(mappings, lists, strings, numbers, booleans, null)",
-        node.start_mark,
-    )
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that also refuses anchors, aliases, merge keys, unknown tags and duplicate mapping keys."""
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        event = self.peek_event()
-        # Refusing aliases at compose time means an alias bomb never expands: no node graph, no construction.
-        if isinstance(event, yaml.AliasEvent):
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in topology files; write the value out", event.start_mark
-            )
-        if getattr(event, "anchor", None) is not None:
-            raise yaml.composer.ComposerError(
-                None, None, "anchors (&name) are not allowed in topology files; write the value out", event.start_mark
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, yaml.Mark] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    raise yaml.constructor.ConstructorError(
-                        None, None, "merge keys (<<) are not allowed in topology files", key_node.start_mark
-                    )
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"mapping key {_describe(key)} is not a plain value", key_node.start_mark
-                    ) from None
-                if first is not None:
-                    raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
-                        f"duplicate key {key!r} (first defined at line {first.line + 1}); "
-                        "YAML would silently keep only the last one",
-                        key_node.start_mark,
-                    )
-                seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
-
-
-# Any tag without a safe constructor (``!!python/object``, ``!custom``) lands here instead of a generic error.
-_StrictLoader.add_constructor(None, _refuse_tag)
-
-
-def _parse_yaml_text(text: str, file: str) -> Any:
-    loader = _StrictLoader(text)
-    try:
-        return loader.get_single_data()
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = " ".join(p for p in (e.context, e.problem) if p)
-        _fail(file, where, f"invalid YAML: {problem}")
-    except yaml.YAMLError as e:
-        _fail(file, "", f"invalid YAML: {e}")
-    except RecursionError:
-        _fail(file, "", "invalid YAML: nested too deeply")
-    finally:
-        loader.dispose()
-
-
-def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """Read one YAML document from ``path`` with the strict safe loader; every problem is a TopologyError."""
-    file = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        _fail(file, "", "file not found")
-    except IsADirectoryError:
-        _fail(file, "", "is a directory, expected a YAML file")
-    except OSError as e:
-        _fail(file, "", f"cannot read: {e.strerror or e}")
-    if len(raw) > MAX_FILE_BYTES:
-        _fail(file, "", f"file larger than {MAX_FILE_BYTES} bytes; a topology file is a few kilobytes")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        _fail(file, "", f"not UTF-8 text (byte {e.start})")
-    return _parse_yaml_text(text, file)
-
-
-# ---------------------------------------------------------------------------------------- value checkers
-
-
-def _mapping(value: Any, file: str, key: str, what: str = "a mapping") -> Mapping[Any, Any]:
-    if not isinstance(value, Mapping):
-        _fail(file, key or "top level", f"expected {what}, got {_describe(value)}")
-    return value
-
-
-def _check_keys(d: Mapping[Any, Any], file: str, key: str, spec: Mapping[str, tuple[str, ...]]) -> None:
-    allowed = (*spec["required"], *spec["optional"])
-    for k in d:
-        if k not in allowed:
-            close = difflib.get_close_matches(str(k), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            _fail(file, _join(key, k), f"unknown key {k!r} (allowed: {', '.join(allowed)}){hint}")
-    for k in spec["required"]:
-        if k not in d:
-            _fail(file, _join(key, k), f"missing required key {k!r}")
-
+# The one error class of every config reader; the old name stays because users and tests catch it by name.
+TopologyError = ConfigError
 
 _RANGES = {
-    "positive": ("a positive number", lambda x: x > 0),
-    "non-negative": ("a non-negative number", lambda x: x >= 0),
-    "loss": ("a number in [0, 1)", lambda x: 0 <= x < 1),
-    "fraction": ("a number in (0, 1]", lambda x: 0 < x <= 1),
+    "positive": {"lo": 0.0, "lo_open": True, "what": "a positive number"},
+    "non-negative": {"lo": 0.0, "what": "a non-negative number"},
+    "loss": {"lo": 0.0, "hi": 1.0, "hi_open": True, "what": "a number in [0, 1)"},
+    "fraction": {"lo": 0.0, "lo_open": True, "hi": 1.0, "what": "a number in (0, 1]"},
 }
 
 
 def _number(value: Any, file: str, key: str, kind: str) -> float:
-    what, ok = _RANGES[kind]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hint = ""
-        if isinstance(value, str):
-            try:
-                float(value)
-                # PyYAML follows YAML 1.1, where 1e3 (no dot) is a string; say so instead of a bare "got '1e3'".
-                hint = "; write it unquoted, with a dot for exponents (1.0e3, not 1e3)"
-            except ValueError:
-                pass
-        _fail(file, key, f"expected {what}, got {_describe(value)}{hint}")
-    if not math.isfinite(value) or not ok(value):
-        _fail(file, key, f"expected {what}, got {value!r}")
-    return float(value)
-
-
-def _index(value: Any, file: str, key: str, what: str) -> int:
-    """A layer or expert index: a non-negative integer (a string of digits is accepted, e.g. JSON keys)."""
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        _fail(file, key, f"expected {what} (a non-negative integer), got {_describe(value)}")
-    return value
+    return number(value, file, key, **_RANGES[kind])
 
 
 def _site_name(value: Any, file: str, key: str) -> str:
@@ -288,9 +107,9 @@ def _site_name(value: Any, file: str, key: str) -> str:
             hint = " (quote it)"
         else:
             hint = ""
-        _fail(file, key, f"expected a site name (a string), got {_describe(value)}{hint}")
+        fail(file, key, f"expected a site name (a string), got {describe(value)}{hint}")
     if not _SITE_NAME.match(value):
-        _fail(
+        fail(
             file,
             key,
             f"invalid site name {value!r}: use letters, digits, '-' and '_', starting with a letter or digit, "
@@ -305,7 +124,7 @@ def _known_site(value: Any, file: str, key: str, known: Iterable[str], where: st
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        _fail(file, key, f"unknown site {name!r} (sites{where}: {', '.join(known)}){hint}")
+        fail(file, key, f"unknown site {name!r} (sites{where}: {', '.join(known)}){hint}")
     return name
 
 
@@ -341,10 +160,10 @@ def _split_address(address: str) -> tuple[str, int] | str:
 
 def _address(value: Any, file: str, key: str) -> str:
     if not isinstance(value, str):
-        _fail(file, key, f"expected 'host:port' (a string) with port 1-65535, got {_describe(value)}")
+        fail(file, key, f"expected 'host:port' (a string) with port 1-65535, got {describe(value)}")
     parsed = _split_address(value)
     if isinstance(parsed, str):
-        _fail(file, key, f"expected 'host:port' with port 1-65535, got {value!r}: {parsed}")
+        fail(file, key, f"expected 'host:port' with port 1-65535, got {value!r}: {parsed}")
     return value
 
 
@@ -370,7 +189,7 @@ class Device:
         _number(self.active_w, label, "active_w", "non-negative")
         _number(self.idle_w, label, "idle_w", "non-negative")
         if self.idle_w > self.active_w:
-            _fail(label, "idle_w", f"expected at most active_w ({self.active_w!r}), got {self.idle_w!r}")
+            fail(label, "idle_w", f"expected at most active_w ({self.active_w!r}), got {self.idle_w!r}")
         if self.battery_wh is not None:
             _number(self.battery_wh, label, "battery_wh", "positive")
 
@@ -468,7 +287,7 @@ class Link:
         _site_name(self.a, label, "a")
         _site_name(self.b, label, "b")
         if self.a == self.b:
-            _fail(label, "b", f"a link from a site to itself ({self.a!r})")
+            fail(label, "b", f"a link from a site to itself ({self.a!r})")
         _number(self.bandwidth_mbps, label, "bandwidth_mbps", "positive")
         _number(self.latency_ms, label, "latency_ms", "non-negative")
         _number(self.loss, label, "loss", "loss")
@@ -574,15 +393,15 @@ class Topology:
         object.__setattr__(self, "links", tuple(self.links))
         for name, site in self.sites.items():
             if site.name != name:
-                _fail(self.path, f"sites.{name}", f"Site object is named {site.name!r}")
+                fail(self.path, f"sites.{name}", f"Site object is named {site.name!r}")
         if self.coordinator not in self.sites:
-            _fail(self.path, "coordinator", f"{self.coordinator!r} is not a site ({', '.join(self.sites)})")
+            fail(self.path, "coordinator", f"{self.coordinator!r} is not a site ({', '.join(self.sites)})")
         for i, link in enumerate(self.links):
             for end in (link.a, link.b):
                 if end not in self.sites:
-                    _fail(self.path, f"links[{i}]", f"unknown site {end!r}")
+                    fail(self.path, f"links[{i}]", f"unknown site {end!r}")
         if self.fallback not in FALLBACKS:
-            _fail(self.path, "fallback", f"expected one of {', '.join(FALLBACKS)}, got {_describe(self.fallback)}")
+            fail(self.path, "fallback", f"expected one of {', '.join(FALLBACKS)}, got {describe(self.fallback)}")
 
     def site(self, name: str) -> Site:
         """The site called ``name``; KeyError naming the known sites otherwise."""
@@ -614,14 +433,14 @@ class Topology:
         """
         missing = [s.name for s in self.remote_sites() if self.link_between(self.coordinator, s.name) is None]
         if len(missing) == 1:
-            _fail(
+            fail(
                 self.path,
                 f"sites.{missing[0]}",
                 f"no link to the coordinator {self.coordinator!r}; add to links: "
                 f"{{between: [{self.coordinator}, {missing[0]}], bandwidth_mbps: ..., latency_ms: ...}}",
             )
         if missing:
-            _fail(
+            fail(
                 self.path,
                 "links",
                 f"sites with no link to the coordinator {self.coordinator!r}: {', '.join(missing)}; "
@@ -642,23 +461,23 @@ def _parse_layers(
     raw: Any, file: str, key: str, known_sites: Iterable[str] | None, where: str
 ) -> dict[tuple[int, int], list[str]]:
     """Parse ``layer -> site -> experts`` (experts: a list of indices or one index)."""
-    layers = _mapping(raw, file, key, "a mapping of layer -> site -> experts")
+    layers = mapping(raw, file, key, "a mapping of layer -> site -> experts")
     if not layers:
-        _fail(file, key or "top level", "expected at least one layer, got an empty mapping")
+        fail(file, key or "top level", "expected at least one layer, got an empty mapping")
     known = sorted(known_sites) if known_sites is not None else None
     out: dict[tuple[int, int], list[str]] = {}
     seen_layers: set[int] = set()
     for layer_key, per_site in layers.items():
-        layer = _index(layer_key, file, _join(key, layer_key), "a layer index")
-        lkey = _join(key, layer)
+        layer = index(layer_key, file, join(key, layer_key), "a layer index")
+        lkey = join(key, layer)
         if layer in seen_layers:
-            _fail(file, lkey, f"layer {layer} is listed twice (as {layer_key!r} and as another spelling)")
+            fail(file, lkey, f"layer {layer} is listed twice (as {layer_key!r} and as another spelling)")
         seen_layers.add(layer)
-        per_site = _mapping(per_site, file, lkey, "a mapping of site -> experts")
+        per_site = mapping(per_site, file, lkey, "a mapping of site -> experts")
         if not per_site:
-            _fail(file, lkey, "expected at least one site, got an empty mapping")
+            fail(file, lkey, "expected at least one site, got an empty mapping")
         for site_key, experts in per_site.items():
-            skey = _join(lkey, site_key)
+            skey = join(lkey, site_key)
             if known is not None:
                 site = _known_site(site_key, file, skey, known, where)
             else:
@@ -667,9 +486,9 @@ def _parse_layers(
             seen: set[int] = set()
             for i, e in enumerate(items):
                 ekey = f"{skey}[{i}]" if isinstance(experts, list) else skey
-                expert = _index(e, file, ekey, "an expert index")
+                expert = index(e, file, ekey, "an expert index")
                 if expert in seen:
-                    _fail(file, ekey, f"expert {expert} is listed twice under site {site!r}")
+                    fail(file, ekey, f"expert {expert} is listed twice under site {site!r}")
                 seen.add(expert)
                 out.setdefault((layer, expert), []).append(site)
     return out
@@ -687,14 +506,14 @@ def parse_placement(
     """A Placement from parsed YAML: ``{layer: {site: [experts]}}``, or (when ``allow_wrapper``) the file
     form ``{placement: {layer: {site: [experts]}}, fingerprint: <str>}``. ``known_sites``, when given,
     refuses any other site name; ``sites_from`` names where they come from in that error (a topology file)."""
-    data = _mapping(data, path, key, "a mapping of layer -> site -> experts")
+    data = mapping(data, path, key, "a mapping of layer -> site -> experts")
     fingerprint: str | None = None
     if allow_wrapper and any(k in ("placement", "fingerprint") for k in data):
-        _check_keys(data, path, key, _PLACEMENT_FILE_KEYS)
+        check_keys(data, path, key, **_PLACEMENT_FILE_KEYS)
         fingerprint = data.get("fingerprint")
         if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
-            _fail(path, _join(key, "fingerprint"), f"expected a non-empty string, got {_describe(fingerprint)}")
-        key = _join(key, "placement")
+            fail(path, join(key, "fingerprint"), f"expected a non-empty string, got {describe(fingerprint)}")
+        key = join(key, "placement")
         data = data["placement"]
     where = f" in {sites_from}" if sites_from else ""
     assignment = _parse_layers(data, path, key, known_sites, where)
@@ -723,16 +542,7 @@ def save_placement(placement: Placement, path: str | os.PathLike[str], fingerpri
         "# Expert placement: layer -> site -> experts held there. An expert under two sites is replicated.\n"
         + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     )
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(path, text)
 
 
 def _check_moe_layers(moe_layers: Mapping[int, int]) -> dict[int, int]:
@@ -822,9 +632,9 @@ def validate_placement(placement: Placement, topology: Topology, moe_layers: Map
                 (f"placement.{layer}", f"expert(s) {_ranges(missing)} of layer {layer} are not placed on any site")
             )
     if len(problems) == 1:
-        _fail(file, *problems[0])
+        fail(file, *problems[0])
     if problems:
-        _fail(file, "placement", f"{len(problems)} problems:\n" + "\n".join(f"  {k}: {p}" for k, p in problems))
+        fail(file, "placement", f"{len(problems)} problems:\n" + "\n".join(f"  {k}: {p}" for k, p in problems))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -832,7 +642,7 @@ def validate_placement(placement: Placement, topology: Topology, moe_layers: Map
 
 def _resolve(value: Any, file: str, key: str, base: Path) -> Path:
     if not isinstance(value, str) or not value:
-        _fail(file, key, f"expected a file path (a non-empty string), got {_describe(value)}")
+        fail(file, key, f"expected a file path (a non-empty string), got {describe(value)}")
     p = Path(value)
     if p.is_absolute():
         return Path(os.path.normpath(p))
@@ -846,43 +656,43 @@ def _resolve(value: Any, file: str, key: str, base: Path) -> Path:
 
 
 def _parse_device(raw: Any, file: str, key: str) -> Device:
-    d = _mapping(raw, file, key)
-    _check_keys(d, file, key, _DEVICE_KEYS)
-    active = _number(d["active_w"], file, _join(key, "active_w"), "non-negative")
-    idle = _number(d["idle_w"], file, _join(key, "idle_w"), "non-negative")
+    d = mapping(raw, file, key)
+    check_keys(d, file, key, **_DEVICE_KEYS)
+    active = _number(d["active_w"], file, join(key, "active_w"), "non-negative")
+    idle = _number(d["idle_w"], file, join(key, "idle_w"), "non-negative")
     if idle > active:
-        _fail(file, _join(key, "idle_w"), f"expected at most active_w ({d['active_w']!r}), got {d['idle_w']!r}")
+        fail(file, join(key, "idle_w"), f"expected at most active_w ({d['active_w']!r}), got {d['idle_w']!r}")
     battery = d.get("battery_wh")
     return Device(
-        gflops=_number(d["gflops"], file, _join(key, "gflops"), "positive"),
-        memory_mb=_number(d["memory_mb"], file, _join(key, "memory_mb"), "positive"),
+        gflops=_number(d["gflops"], file, join(key, "gflops"), "positive"),
+        memory_mb=_number(d["memory_mb"], file, join(key, "memory_mb"), "positive"),
         active_w=active,
         idle_w=idle,
-        battery_wh=None if battery is None else _number(battery, file, _join(key, "battery_wh"), "positive"),
+        battery_wh=None if battery is None else _number(battery, file, join(key, "battery_wh"), "positive"),
     )
 
 
 def _parse_tls(raw: Any, file: str, key: str, base: Path) -> TLSFiles:
-    d = _mapping(raw, file, key, "a mapping with ca, cert and key (PEM file paths)")
-    _check_keys(d, file, key, _TLS_KEYS)
-    paths = {k: _resolve(d[k], file, _join(key, k), base) for k in ("ca", "cert", "key")}
+    d = mapping(raw, file, key, "a mapping with ca, cert and key (PEM file paths)")
+    check_keys(d, file, key, **_TLS_KEYS)
+    paths = {k: _resolve(d[k], file, join(key, k), base) for k in ("ca", "cert", "key")}
     for k, p in paths.items():
         if not p.is_file():
-            _fail(file, _join(key, k), f"file {str(p)!r} not found (make one with moe-certs)")
+            fail(file, join(key, k), f"file {str(p)!r} not found (make one with moe-certs)")
     return TLSFiles(**paths)
 
 
 def _parse_rpc(raw: Any, file: str) -> RpcOptions:
     if raw is None:
         return RpcOptions()
-    d = _mapping(raw, file, "rpc")
-    _check_keys(d, file, "rpc", _RPC_KEYS)
+    d = mapping(raw, file, "rpc")
+    check_keys(d, file, "rpc", **_RPC_KEYS)
     hedge = d.get("hedge_ms")
     flags = {}
     for name in ("stream", "packed"):
         flags[name] = d.get(name, True)
         if not isinstance(flags[name], bool):
-            _fail(file, f"rpc.{name}", f"expected true or false, got {_describe(flags[name])}")
+            fail(file, f"rpc.{name}", f"expected true or false, got {describe(flags[name])}")
     return RpcOptions(
         **flags,
         deadline_s=_number(d.get("deadline_s", 10.0), file, "rpc.deadline_s", "positive"),
@@ -892,21 +702,21 @@ def _parse_rpc(raw: Any, file: str) -> RpcOptions:
 
 
 def _parse_sites(raw: Any, file: str, base: Path | None = None) -> dict[str, Site]:
-    sites = _mapping(raw, file, "sites", "a mapping of site name -> {address, device}")
+    sites = mapping(raw, file, "sites", "a mapping of site name -> {address, device}")
     if not sites:
-        _fail(file, "sites", "expected at least one site, got an empty mapping")
+        fail(file, "sites", "expected at least one site, got an empty mapping")
     out: dict[str, Site] = {}
     addresses: dict[str, str] = {}
     for name, spec in sites.items():
-        _site_name(name, file, _join("sites", name))
+        _site_name(name, file, join("sites", name))
         key = f"sites.{name}"
-        spec = _mapping(spec, file, key)
-        _check_keys(spec, file, key, _SITE_KEYS)
+        spec = mapping(spec, file, key)
+        check_keys(spec, file, key, **_SITE_KEYS)
         address = _address(spec["address"], file, f"{key}.address")
         # Two sites on one host:port would be one daemon answering for both: almost surely a copy-paste slip.
         norm = address.lower()
         if norm in addresses:
-            _fail(file, f"{key}.address", f"address {address!r} is already used by site {addresses[norm]!r}")
+            fail(file, f"{key}.address", f"address {address!r} is already used by site {addresses[norm]!r}")
         addresses[norm] = name
         base_dir = base if base is not None else Path.cwd()
         tls = None if spec.get("tls") is None else _parse_tls(spec["tls"], file, f"{key}.tls", base_dir)
@@ -914,7 +724,7 @@ def _parse_sites(raw: Any, file: str, base: Path | None = None) -> dict[str, Sit
         if spec.get("token_file") is not None:
             token_file = _resolve(spec["token_file"], file, f"{key}.token_file", base_dir)
             if not token_file.is_file():
-                _fail(file, f"{key}.token_file", f"file {str(token_file)!r} not found")
+                fail(file, f"{key}.token_file", f"file {str(token_file)!r} not found")
         out[name] = Site(name=name, address=address, device=_parse_device(spec["device"], file, f"{key}.device"),
                          tls=tls, token_file=token_file)
     return out
@@ -924,23 +734,23 @@ def _parse_links(raw: Any, file: str, sites: Mapping[str, Site]) -> tuple[Link, 
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        _fail(file, "links", f"expected a list of links, got {_describe(raw)}")
+        fail(file, "links", f"expected a list of links, got {describe(raw)}")
     out: list[Link] = []
     seen: dict[frozenset[str], int] = {}
     for i, item in enumerate(raw):
         key = f"links[{i}]"
-        d = _mapping(item, file, key)
-        _check_keys(d, file, key, _LINK_KEYS)
+        d = mapping(item, file, key)
+        check_keys(d, file, key, **_LINK_KEYS)
         between = d["between"]
         if not isinstance(between, list) or len(between) != 2:
-            _fail(file, f"{key}.between", f"expected a list of two site names, got {_describe(between)}")
+            fail(file, f"{key}.between", f"expected a list of two site names, got {describe(between)}")
         a = _known_site(between[0], file, f"{key}.between[0]", sites)
         b = _known_site(between[1], file, f"{key}.between[1]", sites)
         if a == b:
-            _fail(file, f"{key}.between", f"a link from a site to itself ({a!r}) is not allowed")
+            fail(file, f"{key}.between", f"a link from a site to itself ({a!r}) is not allowed")
         pair = frozenset((a, b))
         if pair in seen:
-            _fail(file, f"{key}.between", f"duplicate link {a} <-> {b} (already links[{seen[pair]}])")
+            fail(file, f"{key}.between", f"duplicate link {a} <-> {b} (already links[{seen[pair]}])")
         seen[pair] = i
         out.append(
             Link(
@@ -982,9 +792,9 @@ def parse_topology(
     else:
         base = Path(file).parent
     if data is None:
-        _fail(file, "top level", "expected a mapping with keys coordinator, sites, ..., got an empty document")
-    d = _mapping(data, file, "", "a mapping with keys coordinator, sites, ...")
-    _check_keys(d, file, "", _TOP_KEYS)
+        fail(file, "top level", "expected a mapping with keys coordinator, sites, ..., got an empty document")
+    d = mapping(data, file, "", "a mapping with keys coordinator, sites, ...")
+    check_keys(d, file, "", **_TOP_KEYS)
 
     sites = _parse_sites(d["sites"], file, base)
     coordinator = _known_site(d["coordinator"], file, "coordinator", sites)
@@ -994,7 +804,7 @@ def parse_topology(
 
     fallback = d.get("fallback", "fail")
     if fallback not in FALLBACKS:
-        _fail(file, "fallback", f"expected one of {', '.join(FALLBACKS)}, got {_describe(fallback)}")
+        fail(file, "fallback", f"expected one of {', '.join(FALLBACKS)}, got {describe(fallback)}")
 
     raw_placement = d.get("placement")
     placement: Placement | None = None
@@ -1002,7 +812,7 @@ def parse_topology(
     if isinstance(raw_placement, str):
         placement_file = _resolve(raw_placement, file, "placement", base)
         if not placement_file.is_file():
-            _fail(file, "placement", f"placement file {str(placement_file)!r} not found")
+            fail(file, "placement", f"placement file {str(placement_file)!r} not found")
         placement = load_placement(placement_file, known_sites=sites, sites_from=file)
         source = str(placement_file)
     elif isinstance(raw_placement, Mapping):
@@ -1010,10 +820,10 @@ def parse_topology(
         placement = parse_placement(raw_placement, file, known_sites=sites, allow_wrapper=False, key="placement")
         source = "inline"
     elif raw_placement is not None:
-        _fail(
+        fail(
             file,
             "placement",
-            f"expected a placement file path or a mapping layer -> site -> experts, got {_describe(raw_placement)}",
+            f"expected a placement file path or a mapping layer -> site -> experts, got {describe(raw_placement)}",
         )
 
     topology = Topology(

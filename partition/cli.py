@@ -150,8 +150,8 @@ def partition_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
+        from moevit.deploy.topology import load_topology, save_placement
         from moevit.partition.placement import METHODS, format_report, place
-        from moevit.partition.topology import load_topology, save_placement
 
         # Every argument is checked before anything is read or solved.
         if args.objective not in OBJECTIVES:

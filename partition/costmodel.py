@@ -4,7 +4,7 @@ file (``stats.json``) it reads.
 One cost model serves the partitioner, the coordinator and the simulator, so all three agree on what a
 placement costs. It is pure (numpy only: no torch, no grpc, no ray) and deterministic. The numbers it needs about
 the model and its routing come from ``stats.json`` (written by ``moe-profile``; format in ``docs/stats.md``), the
-numbers about devices and links from the topology (``partition/topology.py``).
+numbers about devices and links from the topology (``deploy/topology.py``).
 
 Model of one image (every figure is an expectation per image; units are seconds, joules and bytes):
 
@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from moevit.partition.topology import Placement, Topology, TopologyError, parse_topology, validate_placement
+from moevit.deploy.topology import Placement, Topology, TopologyError, parse_topology, validate_placement
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -742,7 +742,7 @@ def evaluate_placement(
     """What one image costs under ``placement`` (see the module docstring for the model).
 
     The placement must cover every expert of ``stats``' MoE layers, on sites of ``topology``
-    (:func:`~partition.topology.validate_placement`); a site without a direct link to the coordinator is refused.
+    (:func:`~moevit.deploy.topology.validate_placement`); a site without a direct link to the coordinator is refused.
     ``coef`` may pass precomputed :func:`coefficients` (same topology, stats and wire_bytes) to save time in loops.
     Memory overruns do not raise: they show as ``SiteCost.fits`` / ``ImageCost.feasible``.
     """

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from moevit.deploy.topology import Placement, Topology, default_placement
 from moevit.partition.costmodel import (
     MB,
     OBJECTIVES,
@@ -52,7 +53,6 @@ from moevit.partition.costmodel import (
     objective_value,
     parse_weights,
 )
-from moevit.partition.topology import Placement, Topology, default_placement
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moevit.partition.topology import Link, Topology, read_yaml
+from moevit.deploy.topology import Link, Topology, read_yaml
 
 __all__ = [
     "ARRIVAL_KINDS",

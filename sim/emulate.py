@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moevit.deploy.topology import Placement, Topology, load_placement, load_topology, validate_placement
 from moevit.partition.costmodel import FLOPS_PER_MAC, parse_stats
-from moevit.partition.topology import Placement, Topology, load_placement, load_topology, validate_placement
 from moevit.sim.config import Arrival, FailureSet, LinkCondition, Scenario, Settings, SimConfigError
 from moevit.sim.engine import Calibration, World, run_scenario
 from moevit.sim.trace import Trace, TraceHeader, TraceImage, write_trace
@@ -181,7 +181,7 @@ def _start_workers(topology_path: str, model: Path, sites: list[str], threads: i
     topo_arg = topology_path
     if placement_file is not None:  # the workers must host what the coordinator's placement gives them
         import yaml
-        from moevit.partition.topology import read_yaml
+        from moevit.deploy.topology import read_yaml
 
         doc = dict(read_yaml(topology_path))
         doc["placement"] = str(Path(placement_file).resolve())

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from moevit.deploy.topology import Device, Link, Placement, Topology
 from moevit.partition.costmodel import FLOPS_PER_MAC, Stats, coefficients
 from moevit.partition.placement import background_experts
-from moevit.partition.topology import Device, Link, Placement, Topology
 from moevit.sim.config import Arrival, FailureSet, Scenario, Settings
 from moevit.sim.trace import Trace
 

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moevit.partition.costmodel import Stats, load_stats
-from moevit.partition.topology import (
+from moevit.deploy.topology import (
     Placement,
     Topology,
     TopologyError,
@@ -23,6 +22,7 @@ from moevit.partition.topology import (
     load_topology,
     validate_placement,
 )
+from moevit.partition.costmodel import Stats, load_stats
 from moevit.sim.config import Scenario, SimConfigError, SweepConfig, check_sites, default_sweep, expand, load_sweep
 from moevit.sim.engine import Calibration, World
 from moevit.sim.trace import Trace, check_trace, read_trace, record_trace, write_trace

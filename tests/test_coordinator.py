@@ -12,7 +12,7 @@ import pytest
 import torch
 from moevit.coordinator.runtime import CoordinatorError, SplitRuntime
 from moevit.coordinator.sites import SiteError
-from moevit.partition.topology import load_topology
+from moevit.deploy.topology import load_topology
 
 import moevit
 from moevit.checkpoint import model_fingerprint, save_checkpoint

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from moevit.deploy.topology import Placement, TopologyError, parse_topology
 from moevit.partition.costmodel import (
     MB,
     StatsError,
@@ -23,7 +24,6 @@ from moevit.partition.costmodel import (
     synthetic_stats,
     synthetic_topology,
 )
-from moevit.partition.topology import Placement, TopologyError, parse_topology
 
 
 def two_sites(**link: Any) -> Any:

@@ -20,7 +20,7 @@ import torch
 from moevit.coordinator.runtime import SplitRuntime
 from moevit.coordinator.server import start_server
 from moevit.coordinator.sites import SiteClient, SiteError
-from moevit.partition.topology import load_topology
+from moevit.deploy.topology import load_topology
 from moevit.sim.linkproxy import ThreadedLinkProxy
 from moevit.worker.backends import TorchBackend
 from moevit.worker.server import WorkerServer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ["moevit", "moevit_rpc"]  # the only top-level names we install
-NESTED = ["coordinator", "worker", "partition", "sim"]  # top-level folders installed as moevit.<name>
+NESTED = ["coordinator", "worker", "partition", "sim", "deploy"]  # top-level folders installed as moevit.<name>
 
 
 def test_no_top_level_name_shadows_a_dependency():

@@ -13,7 +13,7 @@ import yaml
 from moevit.coordinator.metrics import CoordinatorMetrics, parse_listen
 from moevit.coordinator.runtime import SplitRuntime
 from moevit.coordinator.sites import SiteClient, SiteError
-from moevit.partition.topology import load_topology
+from moevit.deploy.topology import load_topology
 from prometheus_client.parser import text_string_to_metric_families
 
 import moevit

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from moevit.deploy.topology import load_placement, load_topology, parse_topology, validate_placement
 from moevit.partition.cli import partition_main
 from moevit.partition.costmodel import (
     MB,
@@ -29,7 +30,6 @@ from moevit.partition.placement import (
     milp_assignment,
     place,
 )
-from moevit.partition.topology import load_placement, load_topology, parse_topology, validate_placement
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("latency", "energy", "bytes", "weighted")

@@ -11,8 +11,8 @@ import struct
 import numpy as np
 import pytest
 import yaml
+from moevit.deploy.topology import Link, Placement, default_placement, load_topology, parse_topology
 from moevit.partition.costmodel import evaluate_placement, parse_stats, synthetic_stats
-from moevit.partition.topology import Link, Placement, default_placement, load_topology, parse_topology
 from moevit.sim.cli import main
 from moevit.sim.config import (
     STRATEGIES,

@@ -8,8 +8,8 @@ import json
 import pytest
 import ray
 import yaml
+from moevit.deploy.topology import default_placement, load_topology
 from moevit.partition.costmodel import parse_stats, synthetic_stats
-from moevit.partition.topology import default_placement, load_topology
 from moevit.sim.cli import main
 from moevit.sim.config import Arrival, FailureSet, LinkCondition, Scenario, Settings
 from moevit.sim.engine import World

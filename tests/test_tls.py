@@ -24,7 +24,7 @@ import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moevit.coordinator.channels import check_tls_files, open_channel
-from moevit.partition.topology import TLSFiles, load_topology
+from moevit.deploy.topology import TLSFiles, load_topology
 from moevit.worker import cli
 
 from moevit_rpc.security import (

@@ -1,4 +1,4 @@
-"""The topology loader (partition/topology.py): the examples load, every validation rule names file + key
+"""The topology loader (deploy/topology.py): the examples load, every validation rule names file + key
 path, hostile YAML is refused without side effects, placements (inline, file, default) and their checks."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from moevit.partition.topology import (
+from moevit.deploy.topology import (
     MAX_FILE_BYTES,
     Device,
     Link,
@@ -344,7 +344,7 @@ def test_python_tag_is_refused_without_running_it(tmp_path):
 @pytest.mark.parametrize("tag", ["!!python/object:os.system {}", "!!python/name:os.system ''", "!custom 3"])
 def test_other_tags_are_refused(tmp_path, tag):
     f = write(tmp_path / "s.yaml", f"coordinator: camera-01\nsites: {tag}\n")
-    assert "is not allowed: topology files are plain YAML" in refused(load_topology, f).problem
+    assert "is not allowed: config files are plain YAML" in refused(load_topology, f).problem
 
 
 def test_alias_bomb_is_refused_fast(tmp_path):
@@ -444,7 +444,11 @@ def test_yaml_booleans_as_site_names_get_a_hint(tmp_path):
 
 
 def test_loader_never_uses_unsafe_yaml_or_environment():
-    source = (ROOT / "partition" / "topology.py").read_text(encoding="utf-8")
+    for name in ("topology.py", "config.py", "files.py"):
+        _never_unsafe_yaml_or_environment((ROOT / "deploy" / name).read_text(encoding="utf-8"))
+
+
+def _never_unsafe_yaml_or_environment(source: str) -> None:
     tree = ast.parse(source)
     banned = {
         ("yaml", "load"),

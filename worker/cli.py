@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from moevit.partition.topology import TLSFiles
+    from moevit.deploy.topology import TLSFiles
 
 __all__ = ["CliError", "main", "parse_experts"]
 
@@ -141,7 +141,7 @@ def _existing_model(path: str | Path) -> Path:
 
 
 def _resolve_topology(args: argparse.Namespace) -> _Plan:
-    from moevit.partition.topology import TopologyError, load_topology
+    from moevit.deploy.topology import TopologyError, load_topology
 
     if args.site is None:
         raise CliError("--topology needs --site NAME: the site this worker serves")
@@ -189,7 +189,7 @@ _TLS_FLAGS = (("--tls-ca", "tls_ca"), ("--tls-cert", "tls_cert"), ("--tls-key", 
 
 def _security(args: argparse.Namespace, plan: _Plan) -> tuple[TLSFiles | None, str | None]:
     """The TLS files and the bearer token to serve with: the flags' when given, else the site's; all checked."""
-    from moevit.partition.topology import TLSFiles
+    from moevit.deploy.topology import TLSFiles
 
     given = [flag for flag, attr in _TLS_FLAGS if getattr(args, attr) is not None]
     if given and len(given) < len(_TLS_FLAGS):
