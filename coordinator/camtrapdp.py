@@ -1,11 +1,13 @@
-"""Camtrap DP 1.0 export of moevit results: ``datapackage.json``, ``deployments.csv``, ``media.csv``,
+"""Camtrap DP 1.0.2 export of moevit results: ``datapackage.json``, ``deployments.csv``, ``media.csv``,
 ``observations.csv`` (https://camtrap-dp.tdwg.org, the TDWG standard read by GBIF, camtrapR and camtrapdp).
 
 Inputs: one or more MegaDetector results files written by ``moe-coordinator --out results.json`` (same model) and
 a deployments file (``examples/deployments.yaml``, documented in ``docs/outputs.md``) saying where each camera
 stood, when, and which image files it took. Each image becomes a media row and a media-level observation; each
 sequence (images of one deployment no more than ``gap`` seconds apart) becomes an event-level observation labelled
-by the confidence-weighted majority of its frames.
+by the confidence-weighted majority of its frames. A time that is not a capture time (the file's modification
+time, the fallback of a missing or reset camera clock) is never exported: such images are left out with a warning,
+or, for a reset clock, corrected by the deployment's ``clockReset``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import json
 import math
 import os
 import re
+import unicodedata
+import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,10 +31,13 @@ from typing import Any
 from moevit.coordinator.fieldmeta import (
     DEFAULT_SEQUENCE_GAP_S,
     SOURCE_EXIF_ORIGINAL,
+    SequenceFrame,
     assign_sequences,
+    parse_exif_datetime,
     parse_iso,
     sequence_label,
 )
+from moevit.coordinator.kinds import class_kinds
 from moevit.coordinator.results import fingerprint_of, write_bytes_atomic
 
 __all__ = [
@@ -41,16 +49,17 @@ __all__ = [
     "DeploymentsFile",
     "ExportError",
     "export_camtrapdp",
+    "package_name",
     "load_deployments",
     "read_results",
 ]
 
-CAMTRAP_DP_VERSION = "1.0"
+CAMTRAP_DP_VERSION = "1.0.2"  # 1.0's profile holds a broken $ref (fixed in 1.0.1); camtrapdp for R reads 1.0.2
 _BASE = f"https://raw.githubusercontent.com/tdwg/camtrap-dp/{CAMTRAP_DP_VERSION}/"
 PROFILE = _BASE + "camtrap-dp-profile.json"
 SCHEMAS = {name: f"{_BASE}{name}-table-schema.json" for name in ("deployments", "media", "observations")}
 
-# The standard's columns, in the order of its table schemas (Camtrap DP 1.0; unchanged in 1.0.1 and 1.0.2).
+# The standard's columns, in the order of its table schemas (Camtrap DP 1.0.2; the same in 1.0 and 1.0.1).
 DEPLOYMENT_COLUMNS = (
     "deploymentID", "locationID", "locationName", "latitude", "longitude", "coordinateUncertainty",
     "deploymentStart", "deploymentEnd", "setupBy", "cameraID", "cameraModel", "cameraDelay", "cameraHeight",
@@ -72,10 +81,14 @@ OBSERVATION_COLUMNS = (
 SAMPLING_DESIGNS = ("simpleRandom", "systematicRandom", "clusteredRandom", "experimental", "targeted", "opportunistic")
 CAPTURE_METHODS = ("activityDetection", "timeLapse")
 CONTRIBUTOR_ROLES = ("contact", "principalInvestigator", "rightsHolder", "publisher", "contributor")
-BAIT_USE = ("none", "scent", "food", "visual", "acoustic", "other")
+# baitUse is a boolean in 1.0; the values of the 0.x vocabulary are read too: "none" is false, the others true
+# with the kind kept as the deployment tag bait:<kind>
+BAIT_USE_0X = ("none", "scent", "food", "visual", "acoustic", "other")
+FEATURE_TYPES = ("roadPaved", "roadDirt", "trailHiking", "trailGame", "roadUnderpass", "roadOverpass", "roadBridge",
+                 "culvert", "burrow", "nestSite", "carcass", "waterSource", "fruitingTree")
 
 # deployments.yaml: keys of a deployment besides the Camtrap DP columns it may set directly
-_DEPLOYMENT_EXTRA = ("site", "files", "timezone")
+_DEPLOYMENT_EXTRA = ("site", "files", "timezone", "clockReset")
 _DEPLOYMENT_TYPES: dict[str, tuple[str, float | None, float | None]] = {
     "latitude": ("number", -90, 90), "longitude": ("number", -180, 180), "coordinateUncertainty": ("integer", 1, None),
     "cameraDelay": ("integer", 0, None), "cameraHeight": ("number", 0, None), "cameraDepth": ("number", 0, None),
@@ -102,16 +115,19 @@ class ExportError(ValueError):
 # -------------------------------------------------------------------------------------------- deployments.yaml
 
 
-@dataclass
+@dataclass(frozen=True)
 class Deployment:
     id: str
     site: str | None
     prefixes: tuple[str, ...]
     tz: dt.tzinfo | None
-    columns: dict[str, Any] = field(default_factory=dict)  # Camtrap DP columns given in the file
+    columns: Mapping[str, Any] = field(default_factory=dict)  # Camtrap DP columns given in the file
+    tags: tuple[str, ...] = ()  # deploymentTags the file's values imply (bait:<kind>)
+    # (what a reset camera clock stamped on a frame (naive), the true time of that frame (aware))
+    clock_reset: tuple[dt.datetime, dt.datetime] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeploymentsFile:
     path: str
     project: dict[str, Any]
@@ -272,19 +288,34 @@ def load_deployments(path: str | os.PathLike[str], *, sites: Mapping[str, str] |
                 raise _fail(file, f"{key}.files", "expected a folder/prefix or a list of them, e.g. cam01/")
             prefixes = tuple(_norm_prefix(p) for p in items)
         columns: dict[str, Any] = {}
+        tags: list[str] = []
         for col, value in d.items():
             if col in _DEPLOYMENT_EXTRA or value is None:
                 continue
             kind = _DEPLOYMENT_TYPES.get(col)
-            if kind is None:
-                if col == "baitUse" and value not in BAIT_USE:
-                    raise _fail(file, f"{key}.baitUse", f"{value!r} is not one of {', '.join(BAIT_USE)}")
+            if col == "baitUse":
+                if not isinstance(value, bool) and value not in BAIT_USE_0X:
+                    raise _fail(file, f"{key}.baitUse", f"expected true or false (or one of the 0.x values "
+                                f"{', '.join(BAIT_USE_0X)}), got {value!r}")
+                columns[col] = value if isinstance(value, bool) else value != "none"
+                if isinstance(value, str) and value != "none":
+                    tags.append(f"bait:{value}")
+            elif col == "featureType":
+                if value not in FEATURE_TYPES:
+                    import difflib
+
+                    close = difflib.get_close_matches(str(value), FEATURE_TYPES, n=1)
+                    raise _fail(file, f"{key}.featureType", f"{value!r} is not a Camtrap DP 1.0 feature type ("
+                                f"{', '.join(FEATURE_TYPES)})" + (f"; did you mean {close[0]!r}?" if close else ""))
+                columns[col] = value
+            elif kind is None:
                 columns[col] = str(value)
             elif kind[0] == "datetime":
                 columns[col] = _datetime(value, dtz, file, f"{key}.{col}")[0]
             else:
                 columns[col] = _typed(value, kind[0], kind[1], kind[2], file, f"{key}.{col}")
-        deployments.append(Deployment(name, site, prefixes, dtz, columns))
+        deployments.append(Deployment(name, site, prefixes, dtz, columns, tuple(tags),
+                                      _clock_reset(d.get("clockReset"), dtz, file, f"{key}.clockReset")))
     package = {k: doc[k] for k in ("name", "title", "description", "licenses", "keywords", "bibliographicCitation",
                                    "coordinatePrecision") if k in doc}
     public = doc.get("filePublic", False)
@@ -293,7 +324,30 @@ def load_deployments(path: str | os.PathLike[str], *, sites: Mapping[str, str] |
     base = doc.get("mediaBase", "")
     if not isinstance(base, str):
         raise _fail(file, "mediaBase", "expected a URL or relative path prefix")
+    if base and not base.startswith(("https://", "http://")) and not re.fullmatch(r"[^./~\\:]((?!\.\.).)*/", base):
+        raise _fail(file, "mediaBase", f"{base!r}: Camtrap DP's filePath is a URL (published images) or a path "
+                    "inside the package: give the URL the images are published under (https://.../) or a folder "
+                    "inside the package ending in / (e.g. media/) and copy the images there")
     return DeploymentsFile(file, project, [dict(c) for c in contributors], deployments, tz, package, public, base)
+
+
+def _clock_reset(value: Any, tz: dt.tzinfo | None, file: str, key: str) -> tuple[dt.datetime, dt.datetime] | None:
+    """``clockReset: {cameraTime: what the reset camera stamped on a frame, actualTime: that frame's true time}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(file, key, "expected {cameraTime: <time the camera stamped>, actualTime: <true time of that "
+                    "frame>}")
+    _check_keys(value, file, key, ("cameraTime", "actualTime"), ("cameraTime", "actualTime"))
+    camera = value["cameraTime"]
+    camera = parse_exif_datetime(camera) if isinstance(camera, str) else camera
+    if isinstance(camera, dt.datetime):
+        camera = camera.replace(tzinfo=None)  # a camera clock has no zone
+    else:
+        raise _fail(file, f"{key}.cameraTime", f"expected the camera's time like 2000-01-01T00:05:00, got "
+                    f"{value['cameraTime']!r}")
+    actual = _datetime(value["actualTime"], tz, file, f"{key}.actualTime")[0]
+    return camera, actual
 
 
 def _norm_prefix(p: str) -> str:
@@ -344,6 +398,10 @@ def model_file_fingerprint(path: str | os.PathLike[str]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------- export
+#
+# The export runs in stages, each a function of the previous stages' values that returns new values and changes
+# none of its inputs: results -> images (which deployment took each) -> capture times -> events -> media rows,
+# observation rows, deployment rows -> datapackage.json. ``export_camtrapdp`` chains them and writes the files.
 
 
 def _iso(d: dt.datetime) -> str:
@@ -377,207 +435,370 @@ def _media_id(file: str) -> str:
 
 
 _FLAG_TEXT = {
-    "no_exif_time": "no EXIF capture time: timestamp from the file's modification time",
-    "exif_time_unparseable": "EXIF capture time unreadable: timestamp from the file's modification time",
-    "clock_before_2000": "camera clock before 2000 (not trusted): timestamp from the file's modification time",
-    "clock_in_future": "camera clock in the future (not trusted): timestamp from the file's modification time",
+    "no_exif_time": "no EXIF capture time",
+    "exif_time_unparseable": "EXIF capture time unreadable",
+    "clock_before_2000": "camera clock before 2000 (reset)",
+    "clock_in_future": "camera clock in the future",
     "mtime_implausible": "the file's modification time is implausible too",
     "no_time": "no timestamp at all",
 }
+# flags of a camera clock that ran but was wrong: its raw EXIF times still order the frames of a burst
+_CLOCK_FLAGS = ("clock_before_2000", "clock_in_future")
+_EXIF_SOURCES = ("exif:DateTimeOriginal", "exif:DateTime")
+# media.filePath (Camtrap DP 1.0.2 media table schema): a URL, or a path inside the package without ./ ~ or ..
+_FILE_PATH = re.compile(r"^(?=^[^./~])(^((?!\.{2}).)*$).*$")
+_NAME = re.compile(r"[a-z0-9._/-]+")  # Data Package name
+# Latin letters NFKD does not decompose into a base letter and marks
+_TRANSLIT = str.maketrans({"ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "đ": "d", "Đ": "D", "ð": "d", "Ð": "D",
+                           "ħ": "h", "Ħ": "H", "ı": "i", "ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE",
+                           "þ": "th", "Þ": "TH"})
 
 
-def export_camtrapdp(results: Sequence[str | os.PathLike[str]], deployments: str | os.PathLike[str],
-                     out_dir: str | os.PathLike[str], *, topologies: Sequence[str | os.PathLike[str]] = (),
-                     gap_s: float | None = None, now: dt.datetime | None = None,
-                     warn: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Write the package into ``out_dir``; returns counts (deployments, media, observations, events)."""
-    docs, fingerprint = read_results(results)
-    sites: dict[str, str] | None = None
-    if topologies:
-        from moevit.deploy.topology import TopologyError, load_topology
+def package_name(title: str) -> str:
+    """A Data Package ``name`` (lower case, url-usable) from a title: letters transliterated to ASCII (NFKD, accents
+    dropped: "Białowieża Forest" -> "bialowieza-forest"), never cut; a title with no Latin letters or digits at all
+    gets ``moevit-camtrap-dp-<hash>``."""
+    ascii_ = unicodedata.normalize("NFKD", title.translate(_TRANSLIT)).encode("ascii", "ignore").decode()
+    name = re.sub(r"[^a-z0-9._-]+", "-", ascii_.lower()).strip("-.")
+    return name or f"moevit-camtrap-dp-{hashlib.sha1(title.encode()).hexdigest()[:8]}"
 
-        sites = {}
-        for tp in topologies:
-            try:
-                topo = load_topology(tp)
-            except TopologyError as e:
-                raise ExportError(str(e)) from None
-            sites.update({name: str(tp) for name in topo.sites})
-            if topo.model is not None and Path(topo.model).is_file():
-                model_fp = model_file_fingerprint(topo.model)
-                if model_fp is not None and model_fp != fingerprint:
-                    raise ExportError(f"{tp}: its model {topo.model} is model {model_fp}, but the results were "
-                                      f"made by model {fingerprint}: the results come from another model version "
-                                      "than this deployment runs; export with the matching topology or re-run")
-    cfg = load_deployments(deployments, sites=sites)
-    if gap_s is None:
-        gaps = {float(d["info"].get("moevit_sequence_gap_s", DEFAULT_SEQUENCE_GAP_S)) for d in docs}
-        gap_s = gaps.pop() if len(gaps) == 1 else DEFAULT_SEQUENCE_GAP_S
-    now = now or dt.datetime.now(_UTC)
-    first = docs[0]
-    categories: dict[str, str] = first.get("classification_categories") or {}
-    descriptions: dict[str, str] = first.get("classification_category_descriptions") or {}
-    classified_by = f"moevit {fingerprint}"
 
-    images: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    for doc in docs:
-        for im in doc["images"]:
-            if im["file"] in seen:
-                raise ExportError(f"{im['file']} appears in {seen[im['file']]} and {doc['_path']}: export results "
-                                  "of distinct image sets (or one results file)")
-            seen[im["file"]] = doc["_path"]
-            completed = parse_iso(doc["info"].get("moevit_completion_time"))
-            images.append({**im, "_classified_at": completed})
+@dataclass(frozen=True)
+class ExportImage:
+    """One image of the results, with the deployment that took it."""
 
-    # which deployment took each image: the longest matching prefix
+    file: str
+    entry: Mapping[str, Any]  # the MegaDetector image entry (read, never changed)
+    deployment: Deployment
+    classified_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class CaptureTimes:
+    """The capture time of every exported image, and what the time stage found."""
+
+    stamp: Mapping[str, dt.datetime]  # file -> timestamp (aware); only images that are exported
+    corrected: frozenset[str]  # files whose reset clock was corrected by the deployment's clockReset
+    dropped: Mapping[str, str]  # file -> why it has no capture time (not exported)
+    issues: Mapping[str, bool]  # deploymentID -> timestampIssues
+
+
+def check_topologies(topologies: Sequence[str | os.PathLike[str]], fingerprint: str) -> dict[str, str] | None:
+    """Site name -> topology file, for checking the deployments' sites; refuses a topology of another model."""
+    if not topologies:
+        return None
+    from moevit.deploy.topology import TopologyError, load_topology
+
+    sites: dict[str, str] = {}
+    for tp in topologies:
+        try:
+            topo = load_topology(tp)
+        except TopologyError as e:
+            raise ExportError(str(e)) from None
+        sites.update({name: str(tp) for name in topo.sites})
+        if topo.model is not None and Path(topo.model).is_file():
+            model_fp = model_file_fingerprint(topo.model)
+            if model_fp is not None and model_fp != fingerprint:
+                raise ExportError(f"{tp}: its model {topo.model} is model {model_fp}, but the results were "
+                                  f"made by model {fingerprint}: the results come from another model version "
+                                  "than this deployment runs; export with the matching topology or re-run")
+    return sites
+
+
+def deployment_prefixes(cfg: DeploymentsFile) -> dict[str, tuple[str, ...]]:
+    """deploymentID -> the path prefixes of its files (``files:``, else ``<id>/`` and ``<site>/``); empty for the
+    one deployment of a file that has only one and no ``files:`` (it takes every image)."""
     deps = cfg.deployments
-    single = len(deps) == 1 and not deps[0].prefixes
-    for d in deps:
-        if not d.prefixes and not single:  # default: the folder named like the deployment (or its site)
-            d.prefixes = tuple(dict.fromkeys(p for p in (f"{d.id}/", f"{d.site}/" if d.site else None) if p))
-    owner: dict[str, Deployment] = {}
-    unmatched = []
-    for im in images:
-        if single:
-            owner[im["file"]] = deps[0]
-            continue
-        best = max(((len(p), i) for i, d in enumerate(deps) for p in d.prefixes if im["file"].startswith(p)),
-                   default=None)
-        if best is None:
-            unmatched.append(im["file"])
-        else:
-            owner[im["file"]] = deps[best[1]]
-    if unmatched:
-        examples = ", ".join(unmatched[:3])
-        raise ExportError(f"{cfg.path}: {len(unmatched)} image(s) belong to no deployment (e.g. {examples}); give "
-                          "each deployment the folder/prefix of its files with `files:` (docs/outputs.md)")
+    if len(deps) == 1 and not deps[0].prefixes:
+        return {deps[0].id: ()}
+    return {d.id: d.prefixes or tuple(dict.fromkeys(p for p in (f"{d.id}/", f"{d.site}/" if d.site else None) if p))
+            for d in deps}
 
-    # timestamps
-    assumed_utc: set[str] = set()
-    issues: dict[str, bool] = {d.id: False for d in deps}
+
+def gather_images(docs: Sequence[Mapping[str, Any]], paths: Sequence[str], cfg: DeploymentsFile
+                  ) -> list[ExportImage]:
+    """Every image of the results with the deployment that took it (the longest matching prefix)."""
+    prefixes = deployment_prefixes(cfg)
+    single = cfg.deployments[0] if len(cfg.deployments) == 1 and not prefixes[cfg.deployments[0].id] else None
+    seen: dict[str, str] = {}
+    images: list[ExportImage] = []
+    unmatched: list[str] = []
+    for doc, path in zip(docs, paths, strict=True):
+        completed = parse_iso(doc["info"].get("moevit_completion_time"))
+        for im in doc["images"]:
+            file = im["file"]
+            if file in seen:
+                raise ExportError(f"{file} appears in {seen[file]} and {path}: export results of distinct image "
+                                  "sets (or one results file)")
+            seen[file] = path
+            owner = single
+            if owner is None:
+                best = max(((len(p), i) for i, d in enumerate(cfg.deployments) for p in prefixes[d.id]
+                            if file.startswith(p)), default=None)
+                if best is None:
+                    unmatched.append(file)
+                    continue
+                owner = cfg.deployments[best[1]]
+            images.append(ExportImage(file, im, owner, completed))
+    if unmatched:
+        raise ExportError(f"{cfg.path}: {len(unmatched)} image(s) belong to no deployment (e.g. "
+                          f"{', '.join(unmatched[:3])}); give each deployment the folder/prefix of its files with "
+                          "`files:` (docs/outputs.md)")
+    return images
+
+
+def capture_times(images: Sequence[ExportImage], cfg: DeploymentsFile,
+                  warn: Callable[[str], None] = lambda s: None) -> CaptureTimes:
+    """Timestamps from trusted EXIF clocks, and from reset clocks the deployment's ``clockReset`` corrects.
+
+    A file time (the fallback of an image whose camera clock was missing or wrong) is not a capture time: such an
+    image is dropped, with one warning per deployment saying how many and why."""
     stamp: dict[str, dt.datetime] = {}
+    corrected: set[str] = set()
+    dropped: dict[str, str] = {}
+    assumed_utc: set[str] = set()
+    issues = {d.id: bool(d.columns.get("timestampIssues", False)) for d in cfg.deployments}
     for im in images:
-        d = owner[im["file"]]
-        t = parse_iso(im.get("datetime"))
-        if t is None:
-            raise ExportError(f"{im['file']}: no capture time in the results (results of a --data run, or made by "
+        d, e = im.deployment, im.entry
+        flags = list(e.get("moevit_time_flags") or [])
+        source = e.get("moevit_time_source")
+        t = parse_iso(e.get("datetime"))
+        if "datetime" not in e and source is None:
+            raise ExportError(f"{im.file}: no capture time in the results (results of a --data run, or made by "
                               "an older moevit); Camtrap DP needs a timestamp for every media file")
+        if flags or (source is not None and source not in _EXIF_SOURCES) or t is None:
+            issues[d.id] = True
+            raw = parse_exif_datetime(e.get("moevit_exif_datetime"))
+            if d.clock_reset is not None and raw is not None and any(f in _CLOCK_FLAGS for f in flags):
+                camera, actual = d.clock_reset
+                stamp[im.file] = (actual.replace(tzinfo=None) + (raw - camera)).replace(tzinfo=actual.tzinfo)
+                corrected.add(im.file)
+            else:
+                dropped[im.file] = ", ".join(_FLAG_TEXT.get(f, f) for f in flags) or "no trusted capture time"
+            continue
         if t.tzinfo is None:
             if d.tz is None:
                 assumed_utc.add(d.id)
             t = t.replace(tzinfo=d.tz or _UTC)
-        stamp[im["file"]] = t
-        if im.get("moevit_time_flags"):
-            issues[d.id] = True
+        stamp[im.file] = t
     for dep_id in sorted(assumed_utc):
         issues[dep_id] = True
         warn(f"deployment {dep_id}: no timezone in {cfg.path}; camera times written as UTC and timestampIssues "
              "set (add timezone: \"+HH:MM\")")
+    for d in cfg.deployments:
+        mine = [im for im in images if im.deployment is d and im.file in dropped]
+        if mine:
+            reasons = ", ".join(f"{n}: {why}" for why, n in sorted(Counter(dropped[im.file] for im in mine).items()))
+            hint = ("" if d.clock_reset is not None else "; frames of a reset camera clock can be kept by giving "
+                    "the deployment clockReset: {cameraTime: <what the camera stamped>, actualTime: <the true "
+                    "time of that frame>}")
+            warn(f"deployment {d.id}: {len(mine)} image(s) left out: their only time is the file's modification "
+                 f"time, not a capture time ({reasons}){hint}")
+    return CaptureTimes(stamp, frozenset(corrected), dropped, issues)
 
-    # sequences per deployment, in UTC order
-    ok = [im for im in images if not im.get("failure")]
-    frames = assign_sequences(((im["file"], owner[im["file"]].id, stamp[im["file"]].astimezone(_UTC)) for im in ok),
-                              gap_s)
 
-    def sci(cid: str) -> str:
-        return str(descriptions.get(cid) or categories.get(cid) or cid)
+def event_frames(images: Sequence[ExportImage], times: CaptureTimes, gap_s: float
+                 ) -> dict[str, SequenceFrame]:
+    """Events: classified exported images, per deployment, in sequences of at most ``gap_s`` between frames.
 
-    media_rows, obs_rows = [], []
-    by_event: dict[str, list[dict[str, Any]]] = {}
-    for im in sorted(images, key=lambda im: (owner[im["file"]].id, stamp[im["file"]], im["file"])):
-        d, t, file = owner[im["file"]], stamp[im["file"]], im["file"]
-        mid = _media_id(file)
-        comments = [_FLAG_TEXT.get(f, f) for f in im.get("moevit_time_flags") or []]
-        if im.get("failure"):
-            comments.append(f"not classified: {im['failure']}")
+    Frames whose reset clock was corrected are sequenced apart (``<deploymentID>~clock``) on their own camera
+    times, so they never share an event with frames of a trusted clock."""
+    items = []
+    for im in images:
+        if im.file in times.stamp and not im.entry.get("failure"):
+            group = f"{im.deployment.id}~clock" if im.file in times.corrected else im.deployment.id
+            items.append((im.file, group, times.stamp[im.file].astimezone(_UTC)))
+    return assign_sequences(items, gap_s)
+
+
+def _classifications(entry: Mapping[str, Any]) -> list[tuple[int, float]]:
+    """The image's ``[(class, p), ...]``: its detection's classifications, or, for an image the blank filter
+    emptied (``detections: []``), the ones it kept in ``moevit_classifications``."""
+    dets = entry.get("detections") or []
+    pairs = dets[0].get("classifications") if dets else entry.get("moevit_classifications")
+    return [(int(c), float(p)) for c, p in pairs or []]
+
+
+def _observation_type(entry: Mapping[str, Any], kinds: Mapping[int, str], top: int | None) -> str:
+    if entry.get("detections") == []:
+        return "blank"
+    return kinds.get(top, "animal") if top is not None else "unknown"
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How classes become Camtrap DP values: scientific names and observation types."""
+
+    categories: Mapping[str, str]
+    descriptions: Mapping[str, str]
+    kinds: Mapping[int, str]  # class index -> blank | human | vehicle (classes that are not animals)
+    classified_by: str
+
+    def scientific(self, cid: int) -> str | None:
+        if cid in self.kinds:
+            return None  # blank, human and vehicle are observation types, not taxa
+        key = str(cid)
+        return str(self.descriptions.get(key) or self.categories.get(key) or key)
+
+
+def naming_of(doc: Mapping[str, Any], fingerprint: str, warn: Callable[[str], None] = lambda s: None) -> Naming:
+    categories: dict[str, str] = dict(doc.get("classification_categories") or {})
+    descriptions: dict[str, str] = dict(doc.get("classification_category_descriptions") or {})
+    if not descriptions:
+        warn("the results carry no scientific names (run moe-coordinator with --taxa taxa.csv): scientificName "
+             "holds the class names, which GBIF and camtrapdp will not match to a taxon")
+    kinds = {int(c): k for c, k in class_kinds(categories).items()}
+    return Naming(categories, descriptions, kinds, f"moevit {fingerprint}")
+
+
+def media_rows(images: Sequence[ExportImage], times: CaptureTimes, cfg: DeploymentsFile) -> list[dict[str, Any]]:
+    """One media row per exported image, by deployment and time."""
+    rows = []
+    for im in sorted((im for im in images if im.file in times.stamp),
+                     key=lambda im: (im.deployment.id, times.stamp[im.file], im.file)):
+        e = im.entry
+        comments = []
+        if im.file in times.corrected:
+            comments.append(f"camera clock reset ({e.get('moevit_exif_datetime')}): timestamp corrected by the "
+                            "deployment's clockReset")
+        if e.get("failure"):
+            comments.append(f"not classified: {e['failure']}")
         exif = {}
-        cam = im.get("moevit_camera") or {}
+        cam = e.get("moevit_camera") or {}
         for k, name in (("make", "Make"), ("model", "Model"), ("serial", "BodySerialNumber")):
             if cam.get(k):
                 exif[name] = cam[k]
-        if im.get("moevit_time_source") == SOURCE_EXIF_ORIGINAL and im.get("datetime"):
-            exif["DateTimeOriginal"] = parse_iso(im["datetime"]).strftime("%Y:%m:%d %H:%M:%S")  # type: ignore[union-attr]
-        suffix = PurePosixPath(file).suffix.lower()
-        media_rows.append({
-            "mediaID": mid, "deploymentID": d.id, "captureMethod": cfg.project["captureMethod"][0], "timestamp": t,
-            "filePath": cfg.media_base + file, "filePublic": cfg.file_public, "fileName": PurePosixPath(file).name,
+        if e.get("moevit_time_source") == SOURCE_EXIF_ORIGINAL and e.get("datetime"):
+            exif["DateTimeOriginal"] = parse_iso(e["datetime"]).strftime("%Y:%m:%d %H:%M:%S")  # type: ignore[union-attr]
+        elif e.get("moevit_exif_datetime"):
+            exif["DateTimeOriginal"] = str(e["moevit_exif_datetime"])
+        suffix = PurePosixPath(im.file).suffix.lower()
+        rows.append({
+            "mediaID": _media_id(im.file), "deploymentID": im.deployment.id,
+            "captureMethod": cfg.project["captureMethod"][0], "timestamp": times.stamp[im.file],
+            "filePath": file_path(cfg.media_base, im.file, cfg.path), "filePublic": cfg.file_public,
+            "fileName": PurePosixPath(im.file).name,
             "fileMediatype": _MEDIATYPES.get(suffix, "image/" + (suffix[1:] or "jpeg")),
             "exifData": json.dumps(exif, sort_keys=True) if exif else None,
             "mediaComments": "; ".join(comments) or None,
         })
-        obs: dict[str, Any] = {"observationID": f"{mid}_1", "deploymentID": d.id, "mediaID": mid, "eventStart": t,
-                               "eventEnd": t, "observationLevel": "media"}
-        if im.get("failure"):
-            obs.update(observationType="unclassified", observationComments=f"moevit: {im['failure']}")
-        else:
-            det = im["detections"][0]
-            top_id, top_p = det["classifications"][0]
-            event = frames[file].seq_id
-            by_event.setdefault(event, []).append(im)
-            tags = ["degraded:true"] if im.get("moevit_degraded") else []
-            obs.update(eventID=event, observationType="animal", scientificName=sci(top_id),
-                       classificationMethod="machine", classifiedBy=classified_by,
-                       classificationTimestamp=im["_classified_at"], classificationProbability=float(top_p),
-                       observationTags="|".join(tags) or None)
-        obs_rows.append(obs)
-    for event, members in by_event.items():
-        members.sort(key=lambda im: frames[im["file"]].frame_num)
-        label = sequence_label([[(int(c), float(p)) for c, p in im["detections"][0]["classifications"]]
-                                for im in members])
-        assert label is not None
-        d = owner[members[0]["file"]]
-        tags = [f"frames:{len(members)}"] + (["degraded:true"] if any(m.get("moevit_degraded") for m in members)
-                                             else [])
-        obs_rows.append({
-            "observationID": f"{event}_event", "deploymentID": d.id, "eventID": event,
-            "eventStart": stamp[members[0]["file"]], "eventEnd": stamp[members[-1]["file"]],
-            "observationLevel": "event", "observationType": "animal", "scientificName": sci(str(label[0])),
-            "classificationMethod": "machine", "classifiedBy": classified_by,
-            "classificationTimestamp": max((m["_classified_at"] for m in members if m["_classified_at"]),
-                                           default=None),
-            "classificationProbability": round(label[1], 4), "observationTags": "|".join(tags),
-            "observationComments": f"moevit: confidence-weighted majority of {len(members)} frame(s)",
-        })
+    return rows
 
-    # deployments
-    dep_rows = []
-    for d in deps:
-        own = [im for im in images if owner[im["file"]] is d]
-        mine = [stamp[im["file"]] for im in own]
-        trusted = [stamp[im["file"]] for im in own if not im.get("moevit_time_flags")] or mine
+
+def file_path(media_base: str, file: str, source: str = "") -> str:
+    """``media.filePath``: ``mediaBase`` + the image's path; a URL (percent-encoded) for published images, else a
+    path inside the package (the standard's reading of a relative path)."""
+    if _is_url(media_base):
+        return media_base.rstrip("/") + "/" + urllib.parse.quote(file, safe="/")
+    path = media_base + file
+    if not _FILE_PATH.match(path):
+        raise ExportError(f"{source}: media file {file!r} cannot be a Camtrap DP filePath inside the package "
+                          "(no leading '.', '/' or '~', no '..'): set mediaBase to the URL where the images are "
+                          "published")
+    return path
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("https://", "http://"))
+
+
+def observation_rows(images: Sequence[ExportImage], times: CaptureTimes, frames: Mapping[str, SequenceFrame],
+                     naming: Naming) -> list[dict[str, Any]]:
+    """One media-level observation per exported image, then one event-level observation per event."""
+    rows: list[dict[str, Any]] = []
+    by_event: dict[str, list[ExportImage]] = {}
+    for im in sorted((im for im in images if im.file in times.stamp),
+                     key=lambda im: (im.deployment.id, times.stamp[im.file], im.file)):
+        e, t, mid = im.entry, times.stamp[im.file], _media_id(im.file)
+        obs: dict[str, Any] = {"observationID": f"{mid}_1", "deploymentID": im.deployment.id, "mediaID": mid,
+                               "eventStart": t, "eventEnd": t, "observationLevel": "media"}
+        if e.get("failure"):
+            obs.update(observationType="unclassified", observationComments=f"moevit: {e['failure']}")
+        else:
+            cls = _classifications(e)
+            top = cls[0] if cls else None
+            event = frames[im.file].seq_id
+            by_event.setdefault(event, []).append(im)
+            tags = ["degraded:true"] if e.get("moevit_degraded") else []
+            kind = _observation_type(e, naming.kinds, top[0] if top else None)
+            obs.update(eventID=event, observationType=kind,
+                       scientificName=naming.scientific(top[0]) if top and kind == "animal" else None,
+                       classificationMethod="machine", classifiedBy=naming.classified_by,
+                       classificationTimestamp=im.classified_at,
+                       classificationProbability=float(top[1]) if top else None,
+                       observationTags="|".join(tags) or None)
+        rows.append(obs)
+    for event, members in by_event.items():
+        members = sorted(members, key=lambda im: frames[im.file].frame_num)
+        rows.append(_event_row(event, members, times, naming))
+    return rows
+
+
+def _event_row(event: str, members: Sequence[ExportImage], times: CaptureTimes, naming: Naming) -> dict[str, Any]:
+    """An event's label: the confidence-weighted majority of its non-blank frames (a burst where one frame shows an
+    animal is an animal event); blank when every frame is."""
+    shown = [im for im in members if im.entry.get("detections") != []]
+    label = sequence_label([_classifications(im.entry) for im in shown]) if shown else None
+    kind = "blank" if label is None else naming.kinds.get(label[0], "animal")
+    if kind == "blank" and label is None:
+        label = sequence_label([_classifications(im.entry) for im in members])
+    tags = [f"frames:{len(members)}"] + (["degraded:true"] if any(m.entry.get("moevit_degraded") for m in members)
+                                         else [])
+    return {
+        "observationID": f"{event}_event", "deploymentID": members[0].deployment.id, "eventID": event,
+        "eventStart": times.stamp[members[0].file], "eventEnd": times.stamp[members[-1].file],
+        "observationLevel": "event", "observationType": kind,
+        "scientificName": naming.scientific(label[0]) if label is not None and kind == "animal" else None,
+        "classificationMethod": "machine", "classifiedBy": naming.classified_by,
+        "classificationTimestamp": max((m.classified_at for m in members if m.classified_at), default=None),
+        "classificationProbability": round(label[1], 4) if label is not None else None,
+        "observationTags": "|".join(tags),
+        "observationComments": f"moevit: confidence-weighted majority of {len(members)} frame(s)",
+    }
+
+
+def deployment_rows(images: Sequence[ExportImage], times: CaptureTimes, cfg: DeploymentsFile,
+                    warn: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+    """One row per deployment: the file's columns, completed from its exported images' times and cameras."""
+    rows = []
+    for d in cfg.deployments:
+        own = [im for im in images if im.deployment is d]
+        mine = [times.stamp[im.file] for im in own if im.file in times.stamp]
         row: dict[str, Any] = {"deploymentID": d.id, **d.columns}
         for col, pick in (("deploymentStart", min), ("deploymentEnd", max)):
             if col not in row:
-                if not trusted:
-                    raise _fail(cfg.path, f"deployments.{d.id}", f"no images and no {col}: give {col} (ISO 8601 "
-                                "with offset)")
-                row[col] = pick(trusted)  # flagged (file) times do not stretch the deployment
+                if not mine:
+                    raise _fail(cfg.path, f"deployments.{d.id}", f"no images with a capture time and no {col}: give "
+                                f"{col} (ISO 8601 with offset)")
+                row[col] = pick(mine)
         if row["deploymentEnd"] < row["deploymentStart"]:
             raise _fail(cfg.path, f"deployments.{d.id}", "deploymentEnd is before deploymentStart")
-        outside = [t for im, t in zip(own, mine, strict=True) if not im.get("moevit_time_flags")
-                   and not row["deploymentStart"] <= t <= row["deploymentEnd"]]
+        outside = [t for t in mine if not row["deploymentStart"] <= t <= row["deploymentEnd"]]
         if outside:
-            warn(f"deployment {d.id}: {len(outside)} image(s) with trusted EXIF times lie outside "
-                 "deploymentStart..deploymentEnd")
-        cameras = [im.get("moevit_camera") or {} for im in own]
+            warn(f"deployment {d.id}: {len(outside)} image(s) lie outside deploymentStart..deploymentEnd")
+        cameras = [im.entry.get("moevit_camera") or {} for im in own]
         serials = {c["serial"] for c in cameras if c.get("serial")}
         makes = {(c.get("make"), c.get("model")) for c in cameras if c.get("make") or c.get("model")}
         if "cameraID" not in row and len(serials) == 1:  # images without EXIF do not count against it
-            row["cameraID"] = serials.pop()
+            row["cameraID"] = next(iter(serials))
         if "cameraModel" not in row and len(makes) == 1:
-            row["cameraModel"] = "-".join(x for x in makes.pop() if x)
+            row["cameraModel"] = "-".join(x for x in next(iter(makes)) if x)
         if "locationName" not in row and d.site:
             row["locationName"] = d.site
-        if "timestampIssues" not in row:
-            row["timestampIssues"] = issues[d.id]
-        if d.site:
-            row["deploymentTags"] = "|".join(x for x in (row.get("deploymentTags"), f"site:{d.site}") if x)
-        dep_rows.append(row)
+        row["timestampIssues"] = times.issues[d.id]
+        tags = [x for x in (row.get("deploymentTags"), *d.tags, f"site:{d.site}" if d.site else None) if x]
+        if tags:
+            row["deploymentTags"] = "|".join(tags)
+        rows.append(row)
+    return rows
 
-    # datapackage.json
+
+def datapackage(cfg: DeploymentsFile, dep_rows: Sequence[Mapping[str, Any]], obs_rows: Sequence[Mapping[str, Any]],
+                naming: Naming, fingerprint: str, now: dt.datetime) -> dict[str, Any]:
+    """``datapackage.json``: Camtrap DP 1.0.2 profile and table schemas, and the package's metadata."""
     used = sorted({r["scientificName"] for r in obs_rows if r.get("scientificName")})
-    common = {sci(cid): name for cid, name in categories.items()}
+    common = {naming.scientific(int(cid)): name for cid, name in naming.categories.items()
+              if int(cid) not in naming.kinds}
     taxonomic = []
     for name in used:
         entry: dict[str, Any] = {"scientificName": name}
@@ -591,35 +812,64 @@ def export_camtrapdp(results: Sequence[str | os.PathLike[str]], deployments: str
     else:
         w, e, s, n = min(lons), max(lons), min(lats), max(lats)
         spatial = {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
-    starts = [r["deploymentStart"] for r in dep_rows]
-    ends = [r["deploymentEnd"] for r in dep_rows]
     title = cfg.package.get("title") or cfg.project["title"]
     package: dict[str, Any] = {
         "resources": [{"name": name, "path": f"{name}.csv", "profile": "tabular-data-resource", "format": "csv",
                        "mediatype": "text/csv", "encoding": "utf-8", "schema": SCHEMAS[name]}
                       for name in ("deployments", "media", "observations")],
         "profile": PROFILE,
-        "name": cfg.package.get("name") or (re.sub(r"[^a-z0-9._-]+", "-", str(title).lower()).strip("-") or
-                                            "moevit-camtrap-dp"),
+        "name": cfg.package.get("name") or package_name(str(title)),
         "created": _iso(now.astimezone(_UTC).replace(microsecond=0)),
         "title": title,
-        "contributors": cfg.contributors,
+        "contributors": [dict(c) for c in cfg.contributors],
         "sources": [{"title": "moevit", "version": fingerprint}],
         "project": {**cfg.project, "observationLevel": ["media", "event"]},
         "spatial": spatial,
-        "temporal": {"start": min(x.date() for x in starts).isoformat(),
-                     "end": max(x.date() for x in ends).isoformat()},
+        "temporal": {"start": min(r["deploymentStart"] for r in dep_rows).date().isoformat(),
+                     "end": max(r["deploymentEnd"] for r in dep_rows).date().isoformat()},
         "taxonomic": taxonomic,
     }
     for k in ("description", "licenses", "keywords", "bibliographicCitation", "coordinatePrecision"):
         if k in cfg.package:
             package[k] = cfg.package[k]
+    return package
+
+
+def export_camtrapdp(results: Sequence[str | os.PathLike[str]], deployments: str | os.PathLike[str] | DeploymentsFile,
+                     out_dir: str | os.PathLike[str], *, topologies: Sequence[str | os.PathLike[str]] = (),
+                     gap_s: float | None = None, now: dt.datetime | None = None,
+                     warn: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Write the package into ``out_dir``; returns counts (deployments, media, observations, events, dropped).
+
+    ``deployments`` is a deployments file or one already read with :func:`load_deployments` (left unchanged)."""
+    docs, fingerprint = read_results(results)
+    sites = check_topologies(topologies, fingerprint)
+    cfg = deployments if isinstance(deployments, DeploymentsFile) else load_deployments(deployments, sites=sites)
+    if gap_s is None:
+        gaps = {float(d["info"].get("moevit_sequence_gap_s", DEFAULT_SEQUENCE_GAP_S)) for d in docs}
+        gap_s = gaps.pop() if len(gaps) == 1 else DEFAULT_SEQUENCE_GAP_S
+    images = gather_images(docs, [d["_path"] for d in docs], cfg)
+    times = capture_times(images, cfg, warn)
+    frames = event_frames(images, times, gap_s)
+    naming = naming_of(docs[0], fingerprint, warn)
+    media = media_rows(images, times, cfg)
+    observations = observation_rows(images, times, frames, naming)
+    deps = deployment_rows(images, times, cfg, warn)
+    package = datapackage(cfg, deps, observations, naming, fingerprint, now or dt.datetime.now(_UTC))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out / "deployments.csv", _csv(DEPLOYMENT_COLUMNS, dep_rows))
-    write_bytes_atomic(out / "media.csv", _csv(MEDIA_COLUMNS, media_rows))
-    write_bytes_atomic(out / "observations.csv", _csv(OBSERVATION_COLUMNS, obs_rows))
+    if not _is_url(cfg.media_base):
+        absent = sum(not (out / m["filePath"]).is_file() for m in media)
+        if absent:
+            warn(f"media.filePath is a path inside the package (Camtrap DP reads a relative path so): {absent} of "
+                 f"{len(media)} image(s) are not under {out}/ yet; copy them there keeping their folders"
+                 + (f" (under {cfg.media_base})" if cfg.media_base else "")
+                 + ", or set mediaBase to the URL where the images are published")
+    write_bytes_atomic(out / "deployments.csv", _csv(DEPLOYMENT_COLUMNS, deps))
+    write_bytes_atomic(out / "media.csv", _csv(MEDIA_COLUMNS, media))
+    write_bytes_atomic(out / "observations.csv", _csv(OBSERVATION_COLUMNS, observations))
     write_bytes_atomic(out / "datapackage.json", (json.dumps(package, indent=2, ensure_ascii=False) + "\n").encode())
-    return {"deployments": len(dep_rows), "media": len(media_rows), "observations": len(obs_rows),
-            "events": len(by_event), "model": fingerprint, "out": str(out)}
+    return {"deployments": len(deps), "media": len(media), "observations": len(observations),
+            "events": sum(o["observationLevel"] == "event" for o in observations), "dropped": len(times.dropped),
+            "model": fingerprint, "out": str(out)}

@@ -3,7 +3,7 @@
     moe-export camtrapdp results.json --deployments deployments.yaml --out camtrap-dp/
     moe-export camtrapdp a.json b.json --deployments deployments.yaml --topology sites.yaml --out camtrap-dp/
 
-``camtrapdp`` writes a Camtrap DP 1.0 package (datapackage.json, deployments.csv, media.csv, observations.csv)
+``camtrapdp`` writes a Camtrap DP 1.0.2 package (datapackage.json, deployments.csv, media.csv, observations.csv)
 from the MegaDetector results of ``moe-coordinator --out results.json`` and a deployments file
 (examples/deployments.yaml). With ``--topology`` every ``site:`` of the deployments file must be a site of the
 topology, and the topology's model must be the model that made the results. Mistakes print one line and exit 2.
@@ -23,8 +23,8 @@ PROG = "moe-export"
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    c = sub.add_parser("camtrapdp", help="Camtrap DP 1.0 package (TDWG camera-trap data standard)",
-                       description="Write a Camtrap DP 1.0 package from moevit MegaDetector results.")
+    c = sub.add_parser("camtrapdp", help="Camtrap DP 1.0.2 package (TDWG camera-trap data standard)",
+                       description="Write a Camtrap DP 1.0.2 package from moevit MegaDetector results.")
     c.add_argument("results", nargs="+", metavar="RESULTS.json", help="results of moe-coordinator --out (one model)")
     c.add_argument("--deployments", required=True, metavar="FILE",
                    help="deployments YAML: project, contributors, and per deployment its place, time and files "
@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    print(f"Camtrap DP 1.0 package in {summary['out']}: {summary['deployments']} deployment(s), {summary['media']} "
-          f"media, {summary['observations']} observations ({summary['events']} events), model {summary['model']}")
+    print(f"Camtrap DP 1.0.2 package in {summary['out']}: {summary['deployments']} deployment(s), "
+          f"{summary['media']} media, {summary['observations']} observations ({summary['events']} events), model "
+          f"{summary['model']}" + (f"; {summary['dropped']} image(s) without a capture time left out"
+                                   if summary["dropped"] else ""))
     return 0
 
 

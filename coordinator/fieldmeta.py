@@ -11,7 +11,9 @@ Camera: ``Make`` (0x010F), ``Model`` (0x0110) from IFD0 and ``BodySerialNumber``
 Sequences are purely gap-based. Camera-specific burst counters (Reconyx "1 of 3", Bushnell and Browning
 equivalents) live in proprietary MakerNotes that Pillow does not decode and that vary across firmware, so no
 camera sequence tag is read: within one group (one deployment, or one folder and camera serial), images sorted by
-time (then file name) start a new sequence when more than ``gap`` seconds passed since the previous image.
+time (then file name) start a new sequence when more than ``gap`` seconds passed since the previous image. Frames of a
+camera clock that was reset are sequenced apart, on their raw EXIF times; an image timed by its file alone is a
+sequence of its own (:func:`sequence_position`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "parse_iso",
     "read_image_meta",
     "sequence_label",
+    "sequence_position",
 ]
 
 DEFAULT_SEQUENCE_GAP_S = 60.0
@@ -234,6 +237,28 @@ def assign_sequences(items: Iterable[tuple[str, str, datetime | None]], gap_s: f
             for i, k in enumerate(run):
                 out[k] = SequenceFrame(seq_id, i, len(run))
     return out
+
+
+_CLOCK_FLAGS = (FLAG_BEFORE_2000, FLAG_FUTURE)
+_EXIF_SOURCES = (SOURCE_EXIF_ORIGINAL, SOURCE_EXIF_DATETIME)
+
+
+def sequence_position(rec: Mapping[str, Any], group: str) -> tuple[str, datetime | None]:
+    """The (group, time) a record is sequenced on.
+
+    A trusted EXIF time sequences in ``group``. A camera clock that ran but was wrong (reset before 2000, or in the
+    future) still orders its own frames: they are sequenced on their raw EXIF times in ``<group>~clock``, never
+    with frames of a trusted clock. A file time (the fallback when the clock is missing or unreadable) is the copy
+    time, not the capture time: such an image is a sequence of its own (time None).
+    """
+    flags = rec.get("time_flags") or ()
+    source = rec.get("time_source")
+    if not flags and (source is None or source in _EXIF_SOURCES):
+        return group, parse_iso(rec.get("datetime"))
+    raw = parse_exif_datetime(rec.get("exif_datetime")) if any(f in _CLOCK_FLAGS for f in flags) else None
+    if raw is not None:
+        return f"{group}~clock", raw.replace(tzinfo=None)
+    return group, None
 
 
 def sequence_label(frames: Sequence[Mapping[int, float] | Sequence[tuple[int, float]]]) -> tuple[int, float] | None:

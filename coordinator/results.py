@@ -27,7 +27,12 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, assign_sequences, parse_iso, sequence_label
+from moevit.coordinator.fieldmeta import (
+    DEFAULT_SEQUENCE_GAP_S,
+    assign_sequences,
+    sequence_label,
+    sequence_position,
+)
 
 from moevit.data import SSW60_TAXA_COLUMNS, Taxon
 
@@ -301,7 +306,7 @@ def build_megadetector(records: Sequence[Mapping[str, Any]], *, labels: Sequence
     completed = completed or datetime.now().astimezone()
     names = [str(x) if str(x).strip() else f"class{i}" for i, x in enumerate(labels)]
     ok = [r for r in records if "error" not in r]
-    frames = assign_sequences(((r["file"], group(r), parse_iso(r.get("datetime"))) for r in ok), gap_s)
+    frames = assign_sequences(((r["file"], *sequence_position(r, group(r))) for r in ok), gap_s)
     seq_members: dict[str, list[Mapping[str, Any]]] = {}
     for r in ok:
         seq_members.setdefault(frames[r["file"]].seq_id, []).append(r)

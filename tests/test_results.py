@@ -510,9 +510,17 @@ def test_camtrapdp_export_of_the_run(field, run, tmp_path):
         "project": {"title": "moevit test"}, "contributors": [{"title": "Test", "role": "contact"}],
         "timezone": "+02:00",
         "deployments": {"cam01-2024": {"site": "cam", "files": "cam01/", "latitude": 52.7, "longitude": 23.8},
-                        "misc-2024": {"files": ["misc/"], "latitude": 52.8, "longitude": 23.9}}}))
-    export_camtrapdp([run["out"]], deployments, tmp_path / "dp", topologies=[field["topology"]])
+                        "misc-2024": {"files": ["misc/"], "latitude": 52.8, "longitude": 23.9,
+                                      "clockReset": {"cameraTime": "1999-01-01T00:00:00",
+                                                     "actualTime": "2024-05-02T12:00:00"}}}}))
+    warned: list[str] = []
+    export_camtrapdp([run["out"]], deployments, tmp_path / "dp", topologies=[field["topology"]], warn=warned.append)
     tables = check_package(tmp_path / "dp")
+    # misc/: the reset clock's frame gets its corrected time; the one without EXIF and the corrupt one (file times
+    # only) are left out with a warning
+    misc = {m["fileName"]: m["timestamp"] for m in tables["media"] if m["deploymentID"] == "misc-2024"}
+    assert misc == {"clock1999.jpg": "2024-05-02T12:00:00+02:00"}
+    assert any("misc-2024: 2 image(s) left out" in w for w in warned)
     events = [o for o in tables["observations"] if o["observationLevel"] == "event"
               and o["deploymentID"] == "cam01-2024"]
     assert len(events) == 2
