@@ -27,12 +27,8 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from moevit.coordinator.fieldmeta import (
-    DEFAULT_SEQUENCE_GAP_S,
-    assign_sequences,
-    sequence_label,
-    sequence_position,
-)
+from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, assign_sequences, parse_iso, sequence_label
+from moevit.deploy.files import atomic_write
 
 from moevit.data import SSW60_TAXA_COLUMNS, Taxon
 
@@ -306,7 +302,7 @@ def build_megadetector(records: Sequence[Mapping[str, Any]], *, labels: Sequence
     completed = completed or datetime.now().astimezone()
     names = [str(x) if str(x).strip() else f"class{i}" for i, x in enumerate(labels)]
     ok = [r for r in records if "error" not in r]
-    frames = assign_sequences(((r["file"], *sequence_position(r, group(r))) for r in ok), gap_s)
+    frames = assign_sequences(((r["file"], group(r), parse_iso(r.get("datetime"))) for r in ok), gap_s)
     seq_members: dict[str, list[Mapping[str, Any]]] = {}
     for r in ok:
         seq_members.setdefault(frames[r["file"]].seq_id, []).append(r)
@@ -358,30 +354,10 @@ def build_megadetector(records: Sequence[Mapping[str, Any]], *, labels: Sequence
     return doc
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` is always either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write ``data`` so that ``path`` is always either the old file or the complete new one (durable: results
+    must survive a power cut at a field station)."""
+    atomic_write(path, data, durable=True)
 
 
 def write_json_atomic(path: str | Path, doc: Any) -> None:

@@ -217,7 +217,7 @@ def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_FILE_BYTES, 
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates(file))
     except json.JSONDecodeError as e:
-        fail(file, f"line {e.lineno}, column {e.colno}", f"not valid JSON: {e.msg}")
+        fail(file, "", f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})")
     except RecursionError:
         fail(file, "", "not valid JSON: nested too deeply")
 

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moevit.config import ModelConfig
+from moevit.deploy.files import atomic_path
 from moevit.mobilevitv2 import MobileViTV2, build_model
 
 FORMAT = "moevit/1"
@@ -47,9 +48,8 @@ def save_checkpoint(model: MobileViTV2, path: str | Path, *, extra: Mapping[str,
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": model.config.to_json(), "fingerprint": fingerprint(model.config, state)}
     meta.update(extra or {})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a crash mid-write never leaves a half file under the real name
+    with atomic_path(path) as tmp:  # a crash mid-write never leaves a half file under the real name
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

@@ -22,10 +22,14 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from moevit.checkpoint import load_checkpoint, save_checkpoint
+from moevit.deploy.files import atomic_path
 from moevit.mobilevitv2 import MobileViTV2
 from moevit.moe.layer import MoELayer
 
 GROUPS = ("moe", "head", "rest")
+
+
+TEST_HOOKS = frozenset({"kill_at_step"})
 
 
 @dataclass
@@ -51,7 +55,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - TEST_HOOKS  # test hooks are set in code, never from a file
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training options: {sorted(unknown)}; known: {sorted(known)}")
@@ -149,9 +153,8 @@ class Trainer:
             for k, v in st.items():
                 tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu() if torch.is_tensor(v) else torch.tensor(v)
         meta = {"step": self.step, "best": self.best, "cfg": asdict(self.cfg), "param_groups": sd["param_groups"]}
-        tmp = self.out / "train_state.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
-        tmp.replace(self.out / "train_state.safetensors")
+        with atomic_path(self.out / "train_state.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
 
     def try_resume(self) -> bool:
         """Continue from ``out``'s last checkpoint if there is one; returns whether it did."""
@@ -165,7 +168,11 @@ class Trainer:
         tensors = load_file(str(state_path))
         saved = load_checkpoint(model_path, verify=True)
         if saved.config.to_dict() != self.model.config.to_dict():
-            raise ValueError(f"{self.out}: holds a run of another model ({saved.config.arch}); use a new --out")
+            was, now = saved.config.to_dict(), self.model.config.to_dict()
+            diff = ", ".join(f"{k} {was.get(k)!r} (this run: {now.get(k)!r})" for k in sorted({*was, *now})
+                             if was.get(k) != now.get(k))
+            raise ValueError(f"{self.out}: holds a run whose model differs in {diff}; use a new --out, or the "
+                             "settings of that run to resume it")
         self.model.load_state_dict(saved.state_dict())
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, v in tensors.items():

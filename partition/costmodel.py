@@ -54,13 +54,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from moevit.deploy.config import ConfigError, integer, join, read_json
+from moevit.deploy.files import atomic_write
 from moevit.deploy.topology import Placement, Topology, TopologyError, parse_topology, validate_placement
 
 __all__ = [
@@ -107,39 +108,31 @@ _MAX_STATS_BYTES = 64 << 20
 # ============================================================================================ routing statistics
 
 
-class StatsError(ValueError):
-    """A problem in a routing-statistics file: the message names the file, the key path and the problem."""
+# The one error class of every config reader; the old name stays because users and tests catch it by name.
+StatsError = ConfigError
 
 
 def _need(d: Mapping[str, Any], key: str, source: str, where: str) -> Any:
     if not isinstance(d, Mapping):
-        raise StatsError(f"{source}: {where or 'top level'}: expected a mapping, got {type(d).__name__}")
+        raise StatsError(source, where or "top level", f"expected a mapping, got {type(d).__name__}")
     if key not in d:
-        raise StatsError(f"{source}: {where + '.' if where else ''}{key}: missing")
+        raise StatsError(source, join(where, key), "missing")
     return d[key]
 
 
 def _int(value: Any, source: str, where: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise StatsError(f"{source}: {where}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _float(value: Any, source: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise StatsError(f"{source}: {where}: expected a finite number >= 0, got {value!r}")
-    return float(value)
+    return integer(value, source, where, minimum)
 
 
 def _array(value: Any, shape: tuple[int, ...], source: str, where: str) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise StatsError(f"{source}: {where}: expected numbers of shape {list(shape)}") from None
+        raise StatsError(source, where, f"expected numbers of shape {list(shape)}") from None
     if arr.shape != shape:
-        raise StatsError(f"{source}: {where}: expected shape {list(shape)}, got {list(arr.shape)}")
+        raise StatsError(source, where, f"expected shape {list(shape)}, got {list(arr.shape)}")
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise StatsError(f"{source}: {where}: expected finite numbers >= 0")
+        raise StatsError(source, where, "expected finite numbers >= 0")
     return arr
 
 
@@ -238,17 +231,17 @@ class Stats:
 def parse_stats(data: Any, source: str = "<stats>") -> Stats:
     """Validate a parsed ``stats.json`` (a dict) into :class:`Stats`; StatsError names the key that is wrong."""
     if not isinstance(data, Mapping):
-        raise StatsError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        raise StatsError(source, "", f"expected a JSON object, got {type(data).__name__}")
     fmt = data.get("format")
     if fmt != STATS_FORMAT:
-        raise StatsError(f"{source}: format: expected {STATS_FORMAT!r}, got {fmt!r} (write it with moe-profile)")
+        raise StatsError(source, "format", f"expected {STATS_FORMAT!r}, got {fmt!r} (write it with moe-profile)")
     fingerprint = _need(data, "fingerprint", source, "")
     if not isinstance(fingerprint, str) or not fingerprint:
-        raise StatsError(f"{source}: fingerprint: expected a non-empty string, got {fingerprint!r}")
+        raise StatsError(source, "fingerprint", f"expected a non-empty string, got {fingerprint!r}")
     arch = _need(data, "arch", source, "")
     classes = _need(data, "classes", source, "")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise StatsError(f"{source}: classes: expected a non-empty list of class names")
+        raise StatsError(source, "classes", "expected a non-empty list of class names")
     n_cls = len(classes)
     class_images = _array(_need(data, "class_images", source, ""), (n_cls,), source, "class_images")
     top_k = _int(_need(data, "top_k", source, ""), source, "top_k", 1)
@@ -257,20 +250,20 @@ def parse_stats(data: Any, source: str = "<stats>") -> Stats:
     dense = data.get("dense_macs")
     raw_layers = _need(data, "layers", source, "")
     if not isinstance(raw_layers, list) or not raw_layers:
-        raise StatsError(f"{source}: layers: expected a non-empty list of MoE layers")
+        raise StatsError(source, "layers", "expected a non-empty list of MoE layers")
     layers: list[LayerStats] = []
     for i, d in enumerate(raw_layers):
         w = f"layers[{i}]"
         E = _int(_need(d, "num_experts", source, w), source, f"{w}.num_experts", 1)
         if top_k > E:
-            raise StatsError(f"{source}: top_k: {top_k} exceeds {w}.num_experts ({E})")
+            raise StatsError(source, "top_k", f"{top_k} exceeds {w}.num_experts ({E})")
         grid = _need(d, "grid", source, w)
         if not (isinstance(grid, list) and len(grid) == 2):
-            raise StatsError(f"{source}: {w}.grid: expected [rows, cols], got {grid!r}")
+            raise StatsError(source, f"{w}.grid", f"expected [rows, cols], got {grid!r}")
         grid_t = (_int(grid[0], source, f"{w}.grid[0]", 1), _int(grid[1], source, f"{w}.grid[1]", 1))
         patches = _int(_need(d, "patches", source, w), source, f"{w}.patches", 1)
         if patches != grid_t[0] * grid_t[1]:
-            raise StatsError(f"{source}: {w}.patches: {patches} is not grid rows x cols ({grid_t[0]} x {grid_t[1]})")
+            raise StatsError(source, f"{w}.patches", f"{patches} is not grid rows x cols ({grid_t[0]} x {grid_t[1]})")
         ppe = _need(d, "patches_per_expert", source, w)
         load_mean = _array(_need(ppe, "mean", source, f"{w}.patches_per_expert"), (E,), source,
                            f"{w}.patches_per_expert.mean")
@@ -278,7 +271,7 @@ def parse_stats(data: Any, source: str = "<stats>") -> Stats:
                           f"{w}.patches_per_expert.p95")
         expected = patches * top_k
         if not math.isclose(float(load_mean.sum()), expected, rel_tol=1e-6, abs_tol=1e-6):
-            raise StatsError(f"{source}: {w}.patches_per_expert.mean: sums to {load_mean.sum():.6g}, expected "
+            raise StatsError(source, f"{w}.patches_per_expert.mean", f"sums to {load_mean.sum():.6g}, expected "
                              f"patches x top_k = {expected}")
         layers.append(LayerStats(
             layer=_int(_need(d, "layer", source, w), source, f"{w}.layer"),
@@ -300,7 +293,7 @@ def parse_stats(data: Any, source: str = "<stats>") -> Stats:
         ))
     seen = [ls.layer for ls in layers]
     if len(set(seen)) != len(seen) or seen != sorted(seen):
-        raise StatsError(f"{source}: layers: layer indices must be distinct and ascending, got {seen}")
+        raise StatsError(source, "layers", f"layer indices must be distinct and ascending, got {seen}")
     coacts: list[Coactivation] = []
     by_layer = {ls.layer: ls for ls in layers}
     for i, d in enumerate(data.get("coactivation") or []):
@@ -308,7 +301,7 @@ def parse_stats(data: Any, source: str = "<stats>") -> Stats:
         a = _int(_need(d, "from_layer", source, w), source, f"{w}.from_layer")
         b = _int(_need(d, "to_layer", source, w), source, f"{w}.to_layer")
         if a not in by_layer or b not in by_layer:
-            raise StatsError(f"{source}: {w}: layers {a} -> {b} are not both MoE layers ({seen})")
+            raise StatsError(source, w, f"layers {a} -> {b} are not both MoE layers ({seen})")
         shape = (by_layer[a].num_experts, by_layer[b].num_experts)
         coacts.append(Coactivation(a, b, _array(_need(d, "patches", source, w), shape, source, f"{w}.patches"),
                                    _array(_need(d, "conditional", source, w), shape, source, f"{w}.conditional")))
@@ -335,37 +328,14 @@ def parse_stats(data: Any, source: str = "<stats>") -> Stats:
 def load_stats(path: str | os.PathLike[str]) -> Stats:
     """Read and validate ``stats.json``; every problem is a StatsError naming the file."""
     source = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_STATS_BYTES + 1)
-    except FileNotFoundError:
-        raise StatsError(f"{source}: file not found (write it with moe-profile)") from None
-    except OSError as e:
-        raise StatsError(f"{source}: cannot read: {e.strerror or e}") from None
-    if len(raw) > _MAX_STATS_BYTES:
-        raise StatsError(f"{source}: larger than {_MAX_STATS_BYTES} bytes; not a stats file")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StatsError(f"{source}: not valid JSON: {e}") from None
+    data = read_json(path, max_bytes=_MAX_STATS_BYTES, what="a stats file", missing_hint="write it with moe-profile")
     return parse_stats(data, source)
 
 
 def save_stats(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Validate ``data`` (as :func:`parse_stats` does) and write it as JSON, atomically."""
     parse_stats(data, str(path))
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 # mobilevitv2_050's transformer layers: dim, and the patch-grid side as a fraction of the input side.

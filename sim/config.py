@@ -5,22 +5,27 @@ One config flows YAML -> :func:`parse_sweep` (validated, typed, frozen dataclass
 :func:`sim.engine.run_scenario`. Nothing below the CLI reads the environment or a file other than the ones named
 here. The format is documented in ``docs/sim.md`` and shown in ``examples/sweep.yaml``.
 
-Every problem is a :class:`SimConfigError` (a ``ValueError``) whose text is ``<file>: <key path>: <problem>``, raised
-before any scenario runs: unknown keys (with a "did you mean"), unknown strategies, site names that a topology does not
-have, numbers out of range (a link condition that would leave zero bandwidth included).
+Every problem is a :class:`~moevit.deploy.config.ConfigError` (``SimConfigError`` is the same class) whose text
+is ``<file>: <key path>: <problem>``, raised before any scenario runs: unknown keys (with a "did you mean"), unknown
+strategies, site names that a topology does not have, numbers out of range (a link condition that would leave zero
+bandwidth included).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moevit.deploy.topology import Link, Topology, read_yaml
+from moevit.deploy.config import ConfigError, check_keys, number, read_yaml
+from moevit.deploy.config import describe as _describe
+from moevit.deploy.config import integer as _int
+from moevit.deploy.config import mapping as _mapping
+from moevit.deploy.config import non_empty_list as _list
+from moevit.deploy.topology import Link, Topology
 
 __all__ = [
     "ARRIVAL_KINDS",
@@ -54,15 +59,8 @@ ARRIVAL_KINDS = ("periodic", "poisson", "bursty")
 WIRE_BYTES = {"fp16": 2, "fp32": 4}
 
 
-class SimConfigError(ValueError):
-    """A problem in a sweep file or simulator option: ``str(err)`` is ``"<file>: <key path>: <problem>"``."""
-
-    def __init__(self, file: str, key: str, problem: str) -> None:
-        super().__init__(str(file), key, problem)  # the parts are the args, so the error pickles through Ray
-        self.file, self.key, self.problem = str(file), key, problem
-
-    def __str__(self) -> str:
-        return ": ".join(p for p in (self.file, self.key, self.problem) if p)
+# The one error class of every config reader; the old name stays because users and tests catch it by name.
+SimConfigError = ConfigError
 
 
 # ============================================================================================ dataclasses
@@ -247,66 +245,17 @@ class Scenario:
 # ============================================================================================ parsing helpers
 
 
-def _describe(v: Any) -> str:
-    if v is None:
-        return "nothing (null)"
-    if isinstance(v, bool):
-        return f"{str(v).lower()} (a boolean)"
-    if isinstance(v, Mapping):
-        return "a mapping"
-    if isinstance(v, (list, tuple)):
-        return "a list"
-    return repr(v)
-
-
-def _mapping(v: Any, file: str, key: str) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise SimConfigError(file, key or "top level", f"expected a mapping, got {_describe(v)}")
-    return v
-
-
 def _keys(d: Mapping[str, Any], file: str, key: str, allowed: Sequence[str], required: Sequence[str] = ()) -> None:
-    for k in d:
-        if k not in allowed:
-            close = difflib.get_close_matches(str(k), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise SimConfigError(file, f"{key}.{k}" if key else str(k),
-                                 f"unknown key {k!r} (allowed: {', '.join(allowed)}){hint}")
-    for k in required:
-        if k not in d:
-            raise SimConfigError(file, f"{key}.{k}" if key else k, f"missing required key {k!r}")
+    check_keys(d, file, key, required=required, optional=allowed)
 
 
-def _num(v: Any, file: str, key: str, *, lo: float = 0.0, lo_open: bool = False, hi: float | None = None,
-         hi_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise SimConfigError(file, key, f"expected a number, got {_describe(v)}")
-    bad_lo = v <= lo if lo_open else v < lo
-    bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
-    if bad_lo or bad_hi:
-        if hi is None:
-            what = f"a number {'>' if lo_open else '>='} {lo:g}"
-        else:
-            what = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise SimConfigError(file, key, f"expected {what}, got {v!r}")
-    return float(v)
-
-
-def _int(v: Any, file: str, key: str, lo: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise SimConfigError(file, key, f"expected an integer >= {lo}, got {_describe(v)}")
-    return v
+def _num(v: Any, file: str, key: str, *, lo: float = 0.0, **bounds: Any) -> float:
+    return number(v, file, key, lo=lo, **bounds)
 
 
 def _name(v: Any, file: str, key: str) -> str:
     if not isinstance(v, str) or not v or len(v) > 64 or any(c in v for c in "/,\n"):
         raise SimConfigError(file, key, f"expected a short name without '/' or ',', got {_describe(v)}")
-    return v
-
-
-def _list(v: Any, file: str, key: str) -> list[Any]:
-    if not isinstance(v, list) or not v:
-        raise SimConfigError(file, key, f"expected a non-empty list, got {_describe(v)}")
     return v
 
 

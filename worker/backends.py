@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from moevit.deploy.files import atomic_path
 from torch import nn
 
 from moevit.moe.experts import ExpertBank
@@ -161,14 +161,8 @@ def export_expert(bank: ExpertBank, expert: int, path: str | os.PathLike[str], *
     path.parent.mkdir(parents=True, exist_ok=True)
     module = expert_module(bank, expert, fold=fold)
     example = torch.randn(8, bank.dim)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         _torch_onnx_export(module, example, tmp, opset)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
