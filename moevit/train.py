@@ -29,9 +29,6 @@ from moevit.moe.layer import MoELayer
 GROUPS = ("moe", "head", "rest")
 
 
-TEST_HOOKS = frozenset({"kill_at_step"})
-
-
 @dataclass
 class TrainConfig:
     """Hyperparameters of one run. Learning rates and weight decays per parameter group."""
@@ -55,7 +52,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)} - TEST_HOOKS  # test hooks are set in code, never from a file
+        known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training options: {sorted(unknown)}; known: {sorted(known)}")
@@ -168,11 +165,7 @@ class Trainer:
         tensors = load_file(str(state_path))
         saved = load_checkpoint(model_path, verify=True)
         if saved.config.to_dict() != self.model.config.to_dict():
-            was, now = saved.config.to_dict(), self.model.config.to_dict()
-            diff = ", ".join(f"{k} {was.get(k)!r} (this run: {now.get(k)!r})" for k in sorted({*was, *now})
-                             if was.get(k) != now.get(k))
-            raise ValueError(f"{self.out}: holds a run whose model differs in {diff}; use a new --out, or the "
-                             "settings of that run to resume it")
+            raise ValueError(f"{self.out}: holds a run of another model ({saved.config.arch}); use a new --out")
         self.model.load_state_dict(saved.state_dict())
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, v in tensors.items():
