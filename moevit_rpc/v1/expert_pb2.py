@@ -24,39 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoevit_rpc/v1/expert.proto\x12\rmoevit.rpc.v1\"J\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12#\n\x05\x64type\x18\x03 \x01(\x0e\x32\x14.moevit.rpc.v1.DType\"E\n\x0c\x45xpertTokens\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\r\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.moevit.rpc.v1.Tensor\"V\n\x0cPackedTokens\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\r\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x15.moevit.rpc.v1.Tensor\"\xac\x01\n\x11RunExpertsRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12,\n\x07\x62\x61tches\x18\x03 \x03(\x0b\x32\x1b.moevit.rpc.v1.ExpertTokens\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12+\n\x06packed\x18\x05 \x01(\x0b\x32\x1b.moevit.rpc.v1.PackedTokens\"\xc2\x01\n\x12RunExpertsResponse\x12,\n\x07outputs\x18\x01 \x03(\x0b\x32\x1b.moevit.rpc.v1.ExpertTokens\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\r\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12+\n\x06packed\x18\x06 \x01(\x0b\x32\x1b.moevit.rpc.v1.PackedTokens\"\r\n\x0bInfoRequest\":\n\x0bHostedLayer\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\"\xa5\x01\n\x0cInfoResponse\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12*\n\x06layers\x18\x03 \x03(\x0b\x32\x1a.moevit.rpc.v1.HostedLayer\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\"=\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"D\n\x0f\x43lassPrediction\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\x8e\x01\n\x10\x43lassifyResponse\x12+\n\x03top\x18\x01 \x03(\x0b\x32\x1e.moevit.rpc.v1.ClassPrediction\x12\x10\n\x08\x64\x65graded\x18\x02 \x01(\x08\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x0c\n\x04name\x18\x05 \x01(\t*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\x80\x02\n\rExpertService\x12Q\n\nRunExperts\x12 .moevit.rpc.v1.RunExpertsRequest\x1a!.moevit.rpc.v1.RunExpertsResponse\x12[\n\x10RunExpertsStream\x12 .moevit.rpc.v1.RunExpertsRequest\x1a!.moevit.rpc.v1.RunExpertsResponse(\x01\x30\x01\x12?\n\x04Info\x12\x1a.moevit.rpc.v1.InfoRequest\x1a\x1b.moevit.rpc.v1.InfoResponse2`\n\x11\x43lassifierService\x12K\n\x08\x43lassify\x12\x1e.moevit.rpc.v1.ClassifyRequest\x1a\x1f.moevit.rpc.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoevit_rpc/v1/expert.proto\x12\rmoevit.rpc.v1\"\x9f\x01\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12#\n\x05\x64type\x18\x03 \x01(\x0e\x32\x14.moevit.rpc.v1.DType\x12\x0e\n\x06scales\x18\x04 \x01(\x0c\x12\x12\n\ngroup_size\x18\x05 \x01(\r\x12/\n\x0b\x63ompression\x18\x06 \x01(\x0e\x32\x1a.moevit.rpc.v1.Compression\"E\n\x0c\x45xpertTokens\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\r\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.moevit.rpc.v1.Tensor\"V\n\x0cPackedTokens\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\r\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x15.moevit.rpc.v1.Tensor\"\xac\x01\n\x11RunExpertsRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12,\n\x07\x62\x61tches\x18\x03 \x03(\x0b\x32\x1b.moevit.rpc.v1.ExpertTokens\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12+\n\x06packed\x18\x05 \x01(\x0b\x32\x1b.moevit.rpc.v1.PackedTokens\"\xc2\x01\n\x12RunExpertsResponse\x12,\n\x07outputs\x18\x01 \x03(\x0b\x32\x1b.moevit.rpc.v1.ExpertTokens\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\r\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12+\n\x06packed\x18\x06 \x01(\x0b\x32\x1b.moevit.rpc.v1.PackedTokens\"\r\n\x0bInfoRequest\":\n\x0bHostedLayer\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\"\xb5\x01\n\x0cInfoResponse\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12*\n\x06layers\x18\x03 \x03(\x0b\x32\x1a.moevit.rpc.v1.HostedLayer\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\x12\x0e\n\x06\x63odecs\x18\x08 \x03(\t\"=\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"D\n\x0f\x43lassPrediction\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\x8e\x01\n\x10\x43lassifyResponse\x12+\n\x03top\x18\x01 \x03(\x0b\x32\x1e.moevit.rpc.v1.ClassPrediction\x12\x10\n\x08\x64\x65graded\x18\x02 \x01(\x08\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x0c\n\x04name\x18\x05 \x01(\t*Z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\x08\n\x04INT4\x10\x05*-\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01\x32\x80\x02\n\rExpertService\x12Q\n\nRunExperts\x12 .moevit.rpc.v1.RunExpertsRequest\x1a!.moevit.rpc.v1.RunExpertsResponse\x12[\n\x10RunExpertsStream\x12 .moevit.rpc.v1.RunExpertsRequest\x1a!.moevit.rpc.v1.RunExpertsResponse(\x01\x30\x01\x12?\n\x04Info\x12\x1a.moevit.rpc.v1.InfoRequest\x1a\x1b.moevit.rpc.v1.InfoResponse2`\n\x11\x43lassifierService\x12K\n\x08\x43lassify\x12\x1e.moevit.rpc.v1.ClassifyRequest\x1a\x1f.moevit.rpc.v1.ClassifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moevit_rpc.v1.expert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1173
-  _globals['_DTYPE']._serialized_end=1243
-  _globals['_TENSOR']._serialized_start=45
-  _globals['_TENSOR']._serialized_end=119
-  _globals['_EXPERTTOKENS']._serialized_start=121
-  _globals['_EXPERTTOKENS']._serialized_end=190
-  _globals['_PACKEDTOKENS']._serialized_start=192
-  _globals['_PACKEDTOKENS']._serialized_end=278
-  _globals['_RUNEXPERTSREQUEST']._serialized_start=281
-  _globals['_RUNEXPERTSREQUEST']._serialized_end=453
-  _globals['_RUNEXPERTSRESPONSE']._serialized_start=456
-  _globals['_RUNEXPERTSRESPONSE']._serialized_end=650
-  _globals['_INFOREQUEST']._serialized_start=652
-  _globals['_INFOREQUEST']._serialized_end=665
-  _globals['_HOSTEDLAYER']._serialized_start=667
-  _globals['_HOSTEDLAYER']._serialized_end=725
-  _globals['_INFORESPONSE']._serialized_start=728
-  _globals['_INFORESPONSE']._serialized_end=893
-  _globals['_CLASSIFYREQUEST']._serialized_start=895
-  _globals['_CLASSIFYREQUEST']._serialized_end=956
-  _globals['_CLASSPREDICTION']._serialized_start=958
-  _globals['_CLASSPREDICTION']._serialized_end=1026
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1029
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1171
-  _globals['_EXPERTSERVICE']._serialized_start=1246
-  _globals['_EXPERTSERVICE']._serialized_end=1502
-  _globals['_CLASSIFIERSERVICE']._serialized_start=1504
-  _globals['_CLASSIFIERSERVICE']._serialized_end=1600
+  _globals['_DTYPE']._serialized_start=1275
+  _globals['_DTYPE']._serialized_end=1365
+  _globals['_COMPRESSION']._serialized_start=1367
+  _globals['_COMPRESSION']._serialized_end=1412
+  _globals['_TENSOR']._serialized_start=46
+  _globals['_TENSOR']._serialized_end=205
+  _globals['_EXPERTTOKENS']._serialized_start=207
+  _globals['_EXPERTTOKENS']._serialized_end=276
+  _globals['_PACKEDTOKENS']._serialized_start=278
+  _globals['_PACKEDTOKENS']._serialized_end=364
+  _globals['_RUNEXPERTSREQUEST']._serialized_start=367
+  _globals['_RUNEXPERTSREQUEST']._serialized_end=539
+  _globals['_RUNEXPERTSRESPONSE']._serialized_start=542
+  _globals['_RUNEXPERTSRESPONSE']._serialized_end=736
+  _globals['_INFOREQUEST']._serialized_start=738
+  _globals['_INFOREQUEST']._serialized_end=751
+  _globals['_HOSTEDLAYER']._serialized_start=753
+  _globals['_HOSTEDLAYER']._serialized_end=811
+  _globals['_INFORESPONSE']._serialized_start=814
+  _globals['_INFORESPONSE']._serialized_end=995
+  _globals['_CLASSIFYREQUEST']._serialized_start=997
+  _globals['_CLASSIFYREQUEST']._serialized_end=1058
+  _globals['_CLASSPREDICTION']._serialized_start=1060
+  _globals['_CLASSPREDICTION']._serialized_end=1128
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1131
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1273
+  _globals['_EXPERTSERVICE']._serialized_start=1415
+  _globals['_EXPERTSERVICE']._serialized_end=1671
+  _globals['_CLASSIFIERSERVICE']._serialized_start=1673
+  _globals['_CLASSIFIERSERVICE']._serialized_end=1769
 # @@protoc_insertion_point(module_scope)

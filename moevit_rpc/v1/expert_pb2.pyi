@@ -13,20 +13,37 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT32: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    INT4: _ClassVar[DType]
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_NONE: _ClassVar[Compression]
+    ZSTD: _ClassVar[Compression]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
 BFLOAT16: DType
+INT8: DType
+INT4: DType
+COMPRESSION_NONE: Compression
+ZSTD: Compression
 
 class Tensor(_message.Message):
-    __slots__ = ("data", "shape", "dtype")
+    __slots__ = ("data", "shape", "dtype", "scales", "group_size", "compression")
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
-    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    scales: bytes
+    group_size: int
+    compression: Compression
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., scales: _Optional[bytes] = ..., group_size: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
 
 class ExpertTokens(_message.Message):
     __slots__ = ("expert", "tokens")
@@ -91,7 +108,7 @@ class HostedLayer(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "arch", "layers", "backend", "site", "version", "features")
+    __slots__ = ("model_fingerprint", "arch", "layers", "backend", "site", "version", "features", "codecs")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +116,7 @@ class InfoResponse(_message.Message):
     SITE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     arch: str
     layers: _containers.RepeatedCompositeFieldContainer[HostedLayer]
@@ -106,7 +124,8 @@ class InfoResponse(_message.Message):
     site: str
     version: str
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[HostedLayer, _Mapping]]] = ..., backend: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    codecs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[HostedLayer, _Mapping]]] = ..., backend: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., codecs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("image", "name", "top_k")
