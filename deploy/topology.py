@@ -73,9 +73,10 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
 _TOP_KEYS = {"required": ("coordinator", "sites"),
              "optional": ("model", "links", "placement", "fallback", "rpc")}
-_SITE_KEYS = {"required": ("address", "device"), "optional": ("tls", "token_file")}
+_SITE_KEYS = {"required": ("address", "device"), "optional": ("tls", "token_file", "rpc")}
+_SITE_RPC_KEYS = {"required": (), "optional": ("codec",)}
 _TLS_KEYS = {"required": ("ca", "cert", "key"), "optional": ()}
-_RPC_KEYS = {"required": (), "optional": ("deadline_s", "hedge_ms", "max_message_mb", "stream", "packed")}
+_RPC_KEYS = {"required": (), "optional": ("deadline_s", "hedge_ms", "max_message_mb", "stream", "packed", "codec")}
 _DEVICE_KEYS = {"required": ("gflops", "memory_mb", "active_w", "idle_w"), "optional": ("battery_wh",)}
 _LINK_KEYS = {
     "required": ("between", "bandwidth_mbps", "latency_ms"),
@@ -211,13 +212,15 @@ class TLSFiles:
 class RpcOptions:
     """How the coordinator calls the workers: deadline per expert RPC, optional hedging delay, message cap, and
     whether requests go over one long-lived stream per site (``stream``) or one unary call each, and whether a
-    request carries its experts' tokens in one tensor (``packed``) or one tensor per expert."""
+    request carries its experts' tokens in one tensor (``packed``) or one tensor per expert; ``codec``: the token
+    codec (:mod:`moevit_rpc.codecs`) of every site that does not name its own (``sites.<name>.rpc.codec``)."""
 
     deadline_s: float = 10.0
     hedge_ms: float | None = None
     max_message_mb: float = 64.0
     stream: bool = True
     packed: bool = True
+    codec: str = "fp16"
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,8 @@ class Site:
     """A device at a named place, reachable at ``address`` (``host:port`` of its gRPC daemon).
 
     ``tls``: mutual TLS files (None: plaintext); ``token_file``: a file holding the bearer token that callers of
-    this site's services must present (None: no token).
+    this site's services must present (None: no token); ``codec``: the token codec on the coordinator's link to
+    this site (None: the topology's ``rpc.codec``).
     """
 
     name: str
@@ -233,18 +237,21 @@ class Site:
     device: Device
     tls: TLSFiles | None = None
     token_file: Path | None = None
+    codec: str | None = None
 
     def token(self) -> str | None:
-        """The bearer token, read from ``token_file`` (stripped), or None."""
+        """The bearer token in ``token_file``, or None; read by the one rule of every server and client
+        (:func:`moevit_rpc.channels.read_token`, which imports no grpc)."""
         if self.token_file is None:
             return None
+        from moevit_rpc.channels import read_token
+
         try:
-            text = self.token_file.read_text().strip()
-        except OSError as e:
-            raise TopologyError(str(self.token_file), f"sites.{self.name}.token_file", f"unreadable: {e}") from None
-        if not text:
-            raise TopologyError(str(self.token_file), f"sites.{self.name}.token_file", "the token file is empty")
-        return text
+            return read_token(self.token_file)
+        except ValueError as e:
+            prefix = f"{self.token_file}: "
+            problem = str(e)[len(prefix):] if str(e).startswith(prefix) else str(e)
+            raise ConfigError(str(self.token_file), f"sites.{self.name}.token_file", problem) from None
 
     def __post_init__(self) -> None:
         _site_name(self.name, "<Site>", "name")
@@ -409,6 +416,10 @@ class Topology:
             return self.sites[name]
         except KeyError:
             raise KeyError(f"unknown site {name!r} (sites: {', '.join(self.sites)})") from None
+
+    def codec_for(self, name: str) -> str:
+        """The token codec of the coordinator's calls to site ``name``: its own ``rpc.codec``, else the topology's."""
+        return self.site(name).codec or self.rpc.codec
 
     def link_between(self, a: str, b: str) -> Link | None:
         """The direct link joining ``a`` and ``b`` in either order, or None."""
@@ -698,7 +709,18 @@ def _parse_rpc(raw: Any, file: str) -> RpcOptions:
         deadline_s=_number(d.get("deadline_s", 10.0), file, "rpc.deadline_s", "positive"),
         hedge_ms=None if hedge is None else _number(hedge, file, "rpc.hedge_ms", "non-negative"),
         max_message_mb=_number(d.get("max_message_mb", 64.0), file, "rpc.max_message_mb", "positive"),
+        codec=_codec(d.get("codec", "fp16"), file, "rpc.codec"),
     )
+
+
+def _codec(raw: Any, file: str, key: str) -> str:
+    """A token codec name (``int8+zstd``, ...), checked against :mod:`moevit_rpc.codecs` (numpy only)."""
+    from moevit_rpc.codecs import parse_codec
+
+    try:
+        return parse_codec(raw).name
+    except ValueError as e:
+        fail(file, key, str(e) if isinstance(raw, str) else f"expected a codec name, got {describe(raw)}")
 
 
 def _parse_sites(raw: Any, file: str, base: Path | None = None) -> dict[str, Site]:
@@ -725,8 +747,14 @@ def _parse_sites(raw: Any, file: str, base: Path | None = None) -> dict[str, Sit
             token_file = _resolve(spec["token_file"], file, f"{key}.token_file", base_dir)
             if not token_file.is_file():
                 fail(file, f"{key}.token_file", f"file {str(token_file)!r} not found")
+        codec = None
+        if spec.get("rpc") is not None:
+            site_rpc = mapping(spec["rpc"], file, f"{key}.rpc")
+            check_keys(site_rpc, file, f"{key}.rpc", **_SITE_RPC_KEYS)
+            if site_rpc.get("codec") is not None:
+                codec = _codec(site_rpc["codec"], file, f"{key}.rpc.codec")
         out[name] = Site(name=name, address=address, device=_parse_device(spec["device"], file, f"{key}.device"),
-                         tls=tls, token_file=token_file)
+                         tls=tls, token_file=token_file, codec=codec)
     return out
 
 

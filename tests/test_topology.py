@@ -232,6 +232,12 @@ RULES = [
     (("set", ("rpc",), {"stream": "yes"}), "rpc.stream", "expected true or false, got 'yes'"),
     (("set", ("rpc",), {"streams": True}), "rpc.streams", "did you mean 'stream'?"),
     (("set", ("rpc",), {"packed": 1}), "rpc.packed", "expected true or false, got 1"),
+    (("set", ("rpc",), {"codec": "int3"}), "rpc.codec", "unknown codec 'int3' (allowed: fp32, fp16"),
+    (("set", ("rpc",), {"codec": 8}), "rpc.codec", "expected a codec name, got 8"),
+    (("set", ("sites", "pi-north", "rpc"), {"codec": "int8+gzip"}), "sites.pi-north.rpc.codec",
+     "unknown codec 'int8+gzip'"),
+    (("set", ("sites", "pi-north", "rpc"), {"codecs": "int8"}), "sites.pi-north.rpc.codecs", "did you mean 'codec'?"),
+    (("set", ("sites", "pi-north", "rpc"), "int8"), "sites.pi-north.rpc", "expected a mapping"),
 ]
 
 
@@ -249,6 +255,16 @@ def test_each_rule_names_file_and_key_path(change, key_path, text):
     assert (err.file, err.key_path) == ("field/sites.yaml", key_path), str(err)
     assert text in err.problem, str(err)
     assert str(err).startswith(f"field/sites.yaml: {key_path}: ")
+
+
+def test_codec_per_site_overrides_the_topology_default():
+    topo = parse_topology(base(), "t.yaml")
+    assert topo.rpc.codec == "fp16" and topo.codec_for("pi-north") == "fp16"  # as before codecs existed
+    data = base()
+    data["rpc"] = {"codec": "int8"}
+    data["sites"]["pi-south"]["rpc"] = {"codec": "int4+zstd"}
+    topo = parse_topology(data, "t.yaml")
+    assert (topo.codec_for("pi-north"), topo.codec_for("pi-south")) == ("int8", "int4+zstd")
 
 
 def test_rpc_stream_and_packed_default_on_and_can_be_turned_off():
