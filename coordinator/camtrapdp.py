@@ -37,8 +37,9 @@ from moevit.coordinator.fieldmeta import (
     parse_iso,
     sequence_label,
 )
-from moevit.coordinator.kinds import class_kinds
 from moevit.coordinator.results import fingerprint_of, write_bytes_atomic
+
+from moevit.kinds import class_kinds
 
 __all__ = [
     "DEPLOYMENT_COLUMNS",

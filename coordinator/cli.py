@@ -152,7 +152,9 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
         try:
             out = runtime.classify(torch.stack([x for _, x, _ in good]))
             latencies += [out.seconds * 1e3] * len(good)
-            probs = out.logits.softmax(dim=1)
+            probs = runtime.calibration.probs(out.logits)  # moe-calibrate's temperature (1 when not calibrated)
+            blank = runtime.calibration.is_blank(probs)
+            has_blank = runtime.calibration.blank_class is not None
             for j, (it, _, y) in enumerate(good):
                 top = torch.topk(probs[j], min(res.TOP_K, probs.shape[1]))
                 pred = int(top.indices[0])
@@ -161,6 +163,8 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
                            confidence=res.round_p(top.values[0]),
                            top5=[[int(i), res.round_p(p)] for p, i in zip(top.values, top.indices, strict=True)],
                            degraded=bool(out.degraded[j]))
+                if has_blank:
+                    rec["blank"] = bool(blank[j])
                 if y is not None:
                     rec["true"] = y
             for f in out.failures:
@@ -263,6 +267,7 @@ def _summary(runtime: SplitRuntime, records: list[dict[str, Any]], reused: dict[
     summary = {
         "images": len(records), "ok": len(ok), "degraded": sum(1 for r in ok if r.get("degraded")),
         "failed": len(records) - len(ok), "reused": len(reused), "classified_now": len(new),
+        "blank": sum(1 for r in ok if r.get("blank")) if runtime.calibration.blank_class is not None else None,
         "out": str(out) if out else None,
         "images_per_s": n_new_ok / elapsed if elapsed and n_new_ok else 0.0,
         "latency_ms": {"p50": statistics.median(lat) if lat else None,
@@ -286,6 +291,11 @@ def _print_summary(s: dict[str, Any], runtime: SplitRuntime) -> None:
     p(f"\n{s['images']} images: {s['ok']} classified ({s['degraded']} degraded), {s['failed']} failed")
     if s["reused"]:
         p(f"resumed: {s['reused']} reused from the previous run's results, {s['classified_now']} classified now")
+    if s.get("blank") is not None:
+        cal = runtime.calibration
+        rule = (f"P(blank) >= {cal.blank_threshold:.3f}, chosen on {cal.fitted_on}" if cal.blank_threshold is not None
+                else "blank is the top class; run moe-calibrate to choose a threshold")
+        p(f"blank filter: {s['blank']} of {s['ok']} triggers filtered as empty ({rule})")
     if s["out"]:
         p(f"results in {s['out']}")
     if s["latency_ms"]["p50"] is not None:

@@ -27,10 +27,16 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, assign_sequences, parse_iso, sequence_label
+from moevit.coordinator.fieldmeta import (
+    DEFAULT_SEQUENCE_GAP_S,
+    assign_sequences,
+    sequence_label,
+    sequence_position,
+)
 from moevit.deploy.files import atomic_write
 
 from moevit.data import SSW60_TAXA_COLUMNS, Taxon
+from moevit.kinds import BLANK, HUMAN, VEHICLE, class_kinds
 
 __all__ = [
     "DETECTION_CATEGORIES",
@@ -201,13 +207,15 @@ def records_from_megadetector(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         if im.get("failure"):
             rec.update(error=im["failure"], error_kind=im.get("moevit_failure_kind", "unreadable"))
         else:
-            det = (im.get("detections") or [{}])[0]
-            cls = det.get("classifications") or []
+            dets = im.get("detections")
+            cls = (dets[0].get("classifications") if dets else im.get("moevit_classifications")) or []
             if not cls:
                 raise ResultsError(f"image {im['file']}: no classifications")
             pred = int(cls[0][0])
             rec.update(prediction=pred, label=cats.get(cls[0][0], str(pred)), confidence=float(cls[0][1]),
                        top5=[[int(c), float(p)] for c, p in cls], degraded=bool(im.get("moevit_degraded", False)))
+            if "moevit_blank" in im:
+                rec["blank"] = bool(im["moevit_blank"])
             if "moevit_true" in im:
                 rec["true"] = im["moevit_true"]
         for key in ("datetime", "time_source", "time_flags", "exif_datetime", "camera"):
@@ -287,6 +295,22 @@ def _classifications(rec: Mapping[str, Any]) -> list[list[Any]]:
     return [[str(c), p] for c, p in pairs]
 
 
+# MegaDetector's categories for the classes that are not animals, when a model's labels name them
+_NON_ANIMAL = {"2": (HUMAN, "person"), "3": (VEHICLE, "vehicle")}
+_CATEGORY = {HUMAN: "2", VEHICLE: "3"}
+
+
+def _detection(cls: list[list[Any]], kinds: Mapping[int, str], blank_class: int | None) -> dict[str, Any]:
+    """The whole-image detection of a classified, non-blank image."""
+    shown = [c for c, _ in cls if kinds.get(int(c)) != BLANK]
+    category = _CATEGORY.get(kinds.get(int(shown[0]), ""), "1") if shown else "1"
+    if blank_class is None:
+        conf = cls[0][1]
+    else:
+        conf = round_p(1.0 - next((p for c, p in cls if int(c) == blank_class), 0.0))
+    return {"category": category, "conf": conf, "bbox": list(WHOLE_IMAGE), "classifications": cls}
+
+
 def build_megadetector(records: Sequence[Mapping[str, Any]], *, labels: Sequence[str], fingerprint: str,
                        classifier: str | None = None, classifier_metadata: Mapping[str, Any] | None = None,
                        descriptions: Mapping[str, str] | None = None, gap_s: float = DEFAULT_SEQUENCE_GAP_S,
@@ -294,19 +318,26 @@ def build_megadetector(records: Sequence[Mapping[str, Any]], *, labels: Sequence
                        group: Callable[[Mapping[str, Any]], str] = sequence_group) -> dict[str, Any]:
     """The MegaDetector batch-output document (format 1.6) of ``records``, in their order.
 
-    A whole-image classifier has no detector: each classified image gets one detection of category ``"1"``
-    (animal) with bbox ``[0, 0, 1, 1]``, ``conf`` = the top-1 probability and the top-5 ``classifications``.
+    A whole-image classifier has no detector: each classified image gets one detection with bbox
+    ``[0, 0, 1, 1]`` and the top-5 ``classifications``: category ``"1"`` (animal), or ``"2"`` (person) / ``"3"``
+    (vehicle) when its top non-blank class is a person or vehicle class; ``conf`` = the top-1 probability, or
+    1 - P(blank) for a model with a blank class. An image the blank filter found empty (``blank`` in its record)
+    has ``detections: []``, its classifications kept in ``moevit_classifications``.
     Classified images with a capture time are grouped into sequences (``seq_id``, ``seq_num_frames``,
-    ``frame_num``); ``moevit_sequence_classification`` is the sequence's confidence-weighted majority label.
+    ``frame_num``); ``moevit_sequence_classification`` is the confidence-weighted majority label of the
+    sequence's non-blank frames (of all its frames when every one is blank).
     """
     completed = completed or datetime.now().astimezone()
     names = [str(x) if str(x).strip() else f"class{i}" for i, x in enumerate(labels)]
+    kinds = class_kinds(names)
+    blank_class = next((i for i, k in kinds.items() if k == BLANK), None)
     ok = [r for r in records if "error" not in r]
-    frames = assign_sequences(((r["file"], group(r), parse_iso(r.get("datetime"))) for r in ok), gap_s)
+    frames = assign_sequences(((r["file"], *sequence_position(r, group(r))) for r in ok), gap_s)
     seq_members: dict[str, list[Mapping[str, Any]]] = {}
     for r in ok:
         seq_members.setdefault(frames[r["file"]].seq_id, []).append(r)
-    seq_labels = {s: sequence_label([[(int(c), round_p(p)) for c, p in m["top5"]] for m in members])
+    seq_labels = {s: sequence_label([[(int(c), round_p(p)) for c, p in m["top5"]]
+                                     for m in ([m for m in members if not m.get("blank")] or members)])
                   for s, members in seq_members.items()}
     images = []
     for r in records:
@@ -317,8 +348,13 @@ def build_megadetector(records: Sequence[Mapping[str, Any]], *, labels: Sequence
             im["moevit_failure_kind"] = r.get("error_kind", "unreadable")
         else:
             cls = _classifications(r)
-            im["detections"] = [{"category": "1", "conf": cls[0][1], "bbox": list(WHOLE_IMAGE),
-                                 "classifications": cls}]
+            if r.get("blank"):
+                im["detections"] = []
+                im["moevit_classifications"] = cls
+            else:
+                im["detections"] = [_detection(cls, kinds, blank_class)]
+            if "blank" in r:
+                im["moevit_blank"] = bool(r["blank"])
             fr = frames[r["file"]]
             im.update(seq_id=fr.seq_id, seq_num_frames=fr.seq_num_frames, frame_num=fr.frame_num)
             label = seq_labels[fr.seq_id]
@@ -346,7 +382,8 @@ def build_megadetector(records: Sequence[Mapping[str, Any]], *, labels: Sequence
         "moevit_sequence_gap_s": float(gap_s),
         **(extra_info or {}),
     }
-    doc: dict[str, Any] = {"info": info, "detection_categories": dict(DETECTION_CATEGORIES),
+    categories = {**DETECTION_CATEGORIES, **{c: n for c, (kind, n) in _NON_ANIMAL.items() if kind in kinds.values()}}
+    doc: dict[str, Any] = {"info": info, "detection_categories": categories,
                            "classification_categories": {str(i): n for i, n in enumerate(names)}}
     if descriptions:
         doc["classification_category_descriptions"] = {k: str(descriptions[k]) for k in sorted(descriptions, key=int)}

@@ -16,6 +16,8 @@ from moevit.coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardC
 from moevit.coordinator.sites import SiteClient, SiteError
 from moevit.deploy.topology import Placement, Topology, TopologyError
 
+from moevit.calibration import default_for as default_calibration
+from moevit.calibration import read_calibration
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.fuse import fold_batchnorm
 from moevit.mobilevitv2 import MobileViTV2
@@ -52,6 +54,8 @@ class SplitRuntime:
             raise CoordinatorError("the model has no MoE layers: nothing to split (run moe-convert first)")
         self.model, self.topology, self.placement = model.eval(), topology, placement
         self.fingerprint = model_fingerprint(model)  # of the checkpoint's weights, as the workers compute it
+        # logits -> probabilities and the blank filter; from_topology reads the checkpoint's (moe-calibrate)
+        self.calibration = default_calibration(model.config.labels)
         if fold_bn:
             fold_batchnorm(self.model)
         self.local_site = topology.coordinator
@@ -102,7 +106,9 @@ class SplitRuntime:
         if model.config.moe is None:
             raise CoordinatorError(f"{path}: a dense model; the coordinator needs an MoE checkpoint (moe-convert)")
         placement = topology.resolve_placement({i: m.num_experts for i, m in model.moe_layers().items()})
-        return cls(model, topology, placement, **kw)
+        runtime = cls(model, topology, placement, **kw)
+        runtime.calibration = read_calibration(path, model.config.labels)
+        return runtime
 
     def check_workers(self, wait_s: float = 5.0) -> dict[str, Any]:
         """Every reachable remote site answers Info with our fingerprint and hosts what the placement gives it.

@@ -130,7 +130,7 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
                 outcomes[i] = e
         if decoded:
             res = self.runtime.classify(torch.stack([x for _, x in decoded]))
-            probs = res.logits.softmax(dim=1)
+            probs = self.runtime.calibration.probs(res.logits)  # moe-calibrate's temperature
             for j, (i, _) in enumerate(decoded):
                 outcomes[i] = (probs[j], bool(res.degraded[j]))
         return outcomes  # type: ignore[return-value]
