@@ -7,6 +7,9 @@ Specs (see :func:`parse_spec`):
 * ``folder:PATH``: any ImageFolder tree, one sub-folder per class.
 * ``digits``: scikit-learn's bundled 8×8 digits (offline), upsampled and replicated to RGB.
 * ``synthetic`` or ``synthetic:classes=4,per_class=20,seed=0,size=64``: seeded coloured stripes and blobs.
+* ``scenes`` or ``scenes:classes=10,per_class=200,size=128,blank=0.5,seed=0,split_seed=0``: camera-trap-like
+  scenes generated offline (:mod:`moevit.scenes`); its splits are drawn over bursts, and ``split_seed`` fixes them
+  for every command whatever seed it is given.
 
 Splits (see :func:`split_indices`), following the paper's protocol:
 
@@ -68,11 +71,12 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-KINDS = ("ssw60", "folder", "digits", "synthetic")
+KINDS = ("ssw60", "folder", "digits", "synthetic", "scenes")
 SPLITS = ("train", "eval", "test", "search-train", "val")
 TRAIN_SPLITS = ("train", "search-train")  # the only splits that get the training augmentation
 
-SPEC_FORMS = "ssw60:PATH, folder:PATH, digits, synthetic or synthetic:classes=N,per_class=N,seed=N,size=N"
+SPEC_FORMS = ("ssw60:PATH, folder:PATH, digits, synthetic or synthetic:classes=N,per_class=N,seed=N,size=N, "
+              "scenes or scenes:classes=N,per_class=N,size=N,blank=F,seed=N,split_seed=N")
 SYNTHETIC_DEFAULTS = {"classes": 4, "per_class": 20, "seed": 0, "size": 64}
 SYNTHETIC_MINIMA = {"classes": 2, "per_class": 1, "seed": 0, "size": 8}
 
@@ -99,8 +103,11 @@ class DataSpec:
     per_class: int = SYNTHETIC_DEFAULTS["per_class"]
     seed: int = SYNTHETIC_DEFAULTS["seed"]
     size: int = SYNTHETIC_DEFAULTS["size"]
+    scenes: Any = None  # a moevit.scenes.ScenesOptions for kind scenes
 
     def __str__(self) -> str:
+        if self.kind == "scenes":
+            return str(self.scenes)
         if self.kind in ("ssw60", "folder"):
             return f"{self.kind}:{self.path}"
         if self.kind == "synthetic":
@@ -124,6 +131,10 @@ def parse_spec(spec: str) -> DataSpec:
         if arg.strip():
             raise ValueError(f"data spec {spec!r}: digits takes no argument; write just 'digits'")
         return DataSpec(kind="digits")
+    if kind == "scenes":
+        from moevit.scenes import parse_options  # imported here: moevit.scenes imports this module
+
+        return DataSpec(kind="scenes", scenes=parse_options(spec, arg))
     options = dict(SYNTHETIC_DEFAULTS)
     seen: set[str] = set()
     for item in arg.split(",") if arg.strip() else []:
@@ -615,6 +626,11 @@ def open_dataset(
             transforms.append(train_transform)
     transform = None if not transforms else transforms[0] if len(transforms) == 1 else Compose(transforms)
 
+    if data_spec.kind == "scenes":
+        from moevit.scenes import open_scenes
+
+        return open_scenes(data_spec.scenes, data_spec, image_size=image_size, split=split, seed=seed,
+                           eval_fraction=eval_fraction, val_fraction=val_fraction, transform=transform)
     taxa: list[Taxon] | None = None
     test_items: list[Any] = []
     test_targets: list[int] = []
