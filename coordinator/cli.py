@@ -329,8 +329,7 @@ def _classify_security(topology: Topology) -> tuple[grpc.ServerCredentials | Non
 
     Checked before the model loads, so a bad certificate or token file fails at once, naming the file.
     """
-    from moevit.coordinator.channels import check_tls_files
-
+    from moevit_rpc.channels import check_tls_files
     from moevit_rpc.security import server_credentials
 
     site = topology.site(topology.coordinator)

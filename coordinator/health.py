@@ -4,7 +4,7 @@ service, plus a short penalty after a call to it fails.
 A site is *up* when its health stream last said SERVING and it is not serving a penalty: a call that fails (or
 loses a hedge) keeps the site out for ``penalty_s`` seconds, doubled for each failure in a row up to
 ``max_penalty_s``, and a call that answers clears the count. The watch reconnects every ``retry_s`` while the site
-is unreachable (the channel's own reconnect backoff is capped at 1 s, see :mod:`coordinator.channels`), so a
+is unreachable (the channel's own reconnect backoff is capped at 1 s, see :mod:`moevit_rpc.channels`), so a
 worker that comes back is used again within about a second of reporting SERVING. A failed call only penalises the
 site for a while: the watch stream may still be open (a worker that is alive but overloaded, a link that stopped
 forwarding before keepalive notices), so the site is tried again after the penalty rather than waiting for a

@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moevit.coordinator.channels import is_loopback
 from moevit.coordinator.sites import SiteClient
+
+from moevit_rpc.channels import is_loopback
 
 
 class LaunchError(RuntimeError):

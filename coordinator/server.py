@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2
-from moevit.coordinator.channels import channel_options
 from moevit.coordinator.runtime import SplitRuntime
 from moevit.coordinator.sites import SiteError
 
 from moevit.data import UnreadableImageError, load_image
+from moevit_rpc.channels import channel_options
 from moevit_rpc.messages import clip
 from moevit_rpc.security import TokenAuthInterceptor
 from moevit_rpc.serving import add_service

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from moevit.coordinator.channels import DEFAULT_MAX_MESSAGE_MB, open_channel
 from moevit.coordinator.health import HealthWatch
 from moevit.coordinator.stream import ExpertStream
 from moevit.deploy.topology import TLSFiles
 
+from moevit_rpc.channels import DEFAULT_MAX_MESSAGE_MB, open_channel
 from moevit_rpc.security import token_metadata
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from moevit.checkpoint_meta import read_metadata
 from moevit.config import ModelConfig
 from moevit.deploy.files import atomic_path
 from moevit.mobilevitv2 import MobileViTV2, build_model
@@ -84,9 +85,18 @@ def _read_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_config(path: str | Path) -> ModelConfig | None:
-    """The moevit config stored in a file's metadata, or ``None`` for a plain (e.g. timm) weights file."""
-    _, meta = read_file(path)
-    return _config_from_meta(Path(path), meta)
+    """The moevit config stored in a file's metadata, or ``None`` for a plain (e.g. timm) weights file; only the
+    header is read (no tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        return None
+    try:
+        meta = read_metadata(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return _config_from_meta(path, meta)
 
 
 def _config_from_meta(path: Path, meta: Mapping[str, str]) -> ModelConfig | None:

@@ -1,5 +1,6 @@
-"""gRPC channel settings shared by the coordinator's clients: message-size caps, fast reconnect, no proxies; and
-channels with mutual TLS when the topology configures it (:func:`open_channel`).
+"""gRPC channel settings shared by the coordinator's clients and the servers: message-size caps, fast reconnect, no
+proxies; channels with mutual TLS when the topology configures it (:func:`open_channel`); and the checks of the
+credential files a site needs (:func:`check_tls_files`, :func:`read_token`), shared by coordinator and worker.
 
 Mutual TLS, as ``moe-certs`` / :func:`moevit_rpc.security.write_site_pki` set it up: one CA per topology, and one
 certificate per site whose subject alternative names are the site's host from ``sites.yaml`` plus ``localhost``
@@ -9,7 +10,10 @@ the host of the site's ``address``, which is in that site's certificate, so no `
 is needed (nor wanted: it would accept any certificate of the CA for any address).
 
 :func:`check_tls_files` reads the three files once and names the file and the fix when they cannot work, since
-grpc only reports a failed handshake, as UNAVAILABLE, on every call. The worker's command line uses it too.
+grpc only reports a failed handshake, as UNAVAILABLE, on every call. :func:`read_token` is the one rule for bearer
+token files: the worker, the coordinator's calls to workers and the Classify server all accept the same tokens.
+
+Nothing here imports grpc at module level: the worker's command line checks its files before grpc loads.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ if TYPE_CHECKING:  # grpc and the topology module stay unimported until a channe
     from moevit.deploy.topology import TLSFiles
 
 DEFAULT_MAX_MESSAGE_MB = 64.0
+# A token is one word (moe-certs --tokens writes 43 characters); anything much longer is the wrong file.
+MAX_TOKEN_BYTES = 4096
 
 
 def channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
@@ -98,6 +104,31 @@ def check_tls_files(tls: TLSFiles, *, now: dt.datetime | None = None) -> None:
         if now > c.not_valid_after_utc:
             raise ValueError(f"{path}: certificate expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
                              "make new ones with moe-certs")
+
+
+def read_token(path: str | Path) -> str:
+    """The bearer token in ``path``: one word of printable ASCII (surrounding whitespace stripped), at most
+    :data:`MAX_TOKEN_BYTES`. ValueError naming the file and the fix otherwise."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TOKEN_BYTES + 1)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such token file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the token file: {e.strerror or e}") from None
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_TOKEN_BYTES} bytes; not a token file (moe-certs --tokens "
+                         "makes one)")
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the token file is not text") from None
+    if not token:
+        raise ValueError(f"{path}: the token file is empty")
+    # gRPC metadata values are printable ASCII; one word keeps "Bearer <token>" unambiguous
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ValueError(f"{path}: the token must be one word of printable ASCII (moe-certs --tokens makes one)")
+    return token
 
 
 def open_channel(address: str, *, tls: TLSFiles | None, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB

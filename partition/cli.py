@@ -8,7 +8,6 @@ topology's model file lacks a stored fingerprint.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -16,10 +15,9 @@ from pathlib import Path
 
 from moevit.partition.costmodel import OBJECTIVES, REPLICA_POLICIES, SCENARIOS, load_stats, parse_weights, save_stats
 
-__all__ = ["checkpoint_fingerprint", "partition_main", "profile_main"]
+from moevit.checkpoint_meta import checkpoint_fingerprint
 
-_MAX_HEADER = 100 << 20
-
+__all__ = ["partition_main", "profile_main"]
 
 def _run(prog: str, body: Callable[[], int | None]) -> int:
     """Run ``body``; errors a user can fix become one line on stderr and exit status 2."""
@@ -33,28 +31,6 @@ def _run(prog: str, body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-
-
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """The model fingerprint of a moevit checkpoint: from the safetensors header's metadata when stored there
-    (no tensors read, no torch), else by loading the model."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        size = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < size <= _MAX_HEADER:
-            raise ValueError(f"{path}: not a safetensors checkpoint (bad header)")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: not a safetensors checkpoint (header is not JSON)") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    fp = meta.get("fingerprint") if isinstance(meta, dict) else None
-    if isinstance(fp, str) and fp:
-        return fp
-    from moevit.checkpoint import load_checkpoint, model_fingerprint
-
-    return model_fingerprint(load_checkpoint(path))
 
 
 # ============================================================================================ moe-profile

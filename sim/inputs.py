@@ -87,7 +87,7 @@ def check_fingerprint(topology: Topology, stats: Stats, stats_path: str) -> None
     """Refuse stats of another model than the topology's model file (when that file exists)."""
     if topology.model is None or not topology.model.is_file():
         return
-    from moevit.partition.cli import checkpoint_fingerprint
+    from moevit.checkpoint_meta import checkpoint_fingerprint
 
     fp = checkpoint_fingerprint(topology.model)
     if fp != stats.fingerprint:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata as md
 import subprocess
 import sys
@@ -50,3 +51,98 @@ def test_network_package_imports_no_grpc_or_ray():
             "bad=[m for m in sys.modules if m.split('.')[0] in ('grpc','ray')]; print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------------------ import layering
+
+FOLDERS = {"moevit": "moevit", "moevit_rpc": "moevit_rpc", "bench": "bench", "tests": "tests",
+           **{n: f"moevit.{n}" for n in NESTED}}
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every Python file of ours (generated protobuf code left out)."""
+    out = {}
+    for folder, package in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("").parts
+            if rel[-1] == "__init__":
+                rel = rel[:-1]
+            if "v1" in rel:
+                continue
+            out[".".join((package, *rel))] = path
+    return out
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module ``name`` imports, at top level or inside functions (lazy imports count too)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    return found
+
+
+def _under(module: str, *prefixes: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _is_cli(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return last == "cli" or last.endswith("_cli") or _under(module, "moevit.cli")
+
+
+NETWORK_MAY_NOT = ("grpc", "ray", "moevit.coordinator", "moevit.worker", "moevit.partition", "moevit.sim")
+
+
+def _layering_violations() -> list[str]:
+    modules = _modules()
+    bad = []
+    for name, path in sorted(modules.items()):
+        rel = path.relative_to(ROOT)
+        for imp in sorted(_imports(name, path)):
+            if _under(name, "moevit.worker") and _under(imp, "moevit.coordinator"):
+                bad.append(f"{rel}: the worker imports the coordinator ({imp})")
+            in_network = _under(name, "moevit") and not _under(name, *(f"moevit.{n}" for n in NESTED))
+            if in_network and _under(imp, *NETWORK_MAY_NOT):
+                bad.append(f"{rel}: the network package imports {imp}")
+            if _under(name, "moevit.deploy") and _under(imp, "torch", "grpc", "ray"):
+                bad.append(f"{rel}: the deploy layer imports {imp}")
+            if (not _is_cli(name) and not _under(name, "tests", "bench") and _is_cli(imp)
+                    and (imp in modules or imp.rpartition(".")[0] in modules)):
+                bad.append(f"{rel}: a library module imports the command-line module {imp}")
+    return bad
+
+
+def test_import_layering():
+    """worker never imports coordinator; the network (moevit/) imports no grpc, ray, coordinator, worker, partition
+    or sim; the deploy layer imports no torch, grpc or ray; only command-line modules import command-line modules."""
+    assert _layering_violations() == []
+
+
+def test_deploy_layer_loads_no_torch_grpc_or_ray():
+    code = ("import sys, moevit.deploy, moevit.deploy.config, moevit.deploy.files, moevit.deploy.topology;"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','grpc','ray')];"
+            "print(bad); sys.exit(bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_layering_check_catches_a_violation(tmp_path, monkeypatch):
+    """The scan is real: a worker module importing the coordinator is reported."""
+    fake = tmp_path / "worker" / "bad.py"
+    fake.parent.mkdir()
+    fake.write_text("def f():\n    from moevit.coordinator.runtime import SplitRuntime\n")
+    assert _imports("moevit.worker.bad", fake) >= {"moevit.coordinator.runtime"}
+    monkeypatch.setattr(sys.modules[__name__], "_modules", lambda: {"moevit.worker.bad": fake})
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    found = _layering_violations()
+    assert found and all(v.startswith("worker/bad.py: the worker imports the coordinator (moevit.coordinator.runtime")
+                         for v in found), found

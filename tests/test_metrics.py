@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 import torch
 import yaml
-from moevit.coordinator.metrics import CoordinatorMetrics, parse_listen
+from moevit.coordinator.metrics import CoordinatorMetrics
 from moevit.coordinator.runtime import SplitRuntime
 from moevit.coordinator.sites import SiteClient, SiteError
 from moevit.deploy.topology import load_topology
@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import moevit
 from moevit.checkpoint import save_checkpoint
+from moevit_rpc.metrics import parse_listen
 from tests.netutil import free_port, stop, wait_serving
 
 

@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from moevit.partition.cli import checkpoint_fingerprint, partition_main, profile_main
+from moevit.partition.cli import partition_main, profile_main
 from moevit.partition.costmodel import load_stats, parse_stats
 from moevit.partition.profile import profile_model, select_images
 
 import moevit
 from moevit.checkpoint import model_fingerprint, save_checkpoint
+from moevit.checkpoint_meta import checkpoint_fingerprint
 from moevit.data import open_dataset
 from moevit.flops import count_macs
 

@@ -15,10 +15,10 @@ import moevit.coordinator.server as server_mod
 import numpy as np
 import pytest
 import torch
-from moevit.coordinator.channels import channel_options
 from moevit.coordinator.server import start_server
 from PIL import Image
 
+from moevit_rpc.channels import channel_options
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 

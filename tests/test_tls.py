@@ -23,10 +23,10 @@ import pytest
 import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from moevit.coordinator.channels import check_tls_files, open_channel
 from moevit.deploy.topology import TLSFiles, load_topology
 from moevit.worker import cli
 
+from moevit_rpc.channels import check_tls_files, open_channel
 from moevit_rpc.security import (
     channel_credentials,
     make_site_cert,
@@ -359,3 +359,25 @@ async def test_classify_server_with_the_coordinator_sites_tls_and_token(pki, top
         assert (await classify(creds(pki, "north"), tok)).top[0].label == "b"  # still serving after the refusals
     finally:
         await running.stop(0)
+
+
+@pytest.mark.parametrize("text", ["two words\n", "  \n", "caf\u00e9\n", "x" * 5000])
+def test_one_token_rule_for_the_worker_and_the_coordinator(tmp_path, text):
+    """A token file the worker refuses, the Classify server and the coordinator's calls refuse too (the Classify
+    server used to accept any non-empty text)."""
+    from moevit.deploy.config import ConfigError
+    from moevit.deploy.topology import Device, Site
+
+    from moevit_rpc.channels import read_token
+
+    token_file = tmp_path / "site.token"
+    token_file.write_text(text, encoding="utf-8")
+    site = Site("cam", "127.0.0.1:50051", Device(1.0, 64.0, 1.0, 0.5), token_file=token_file)
+    with pytest.raises(cli.CliError, match="site.token"):
+        cli._read_token(token_file)  # the worker
+    with pytest.raises(ConfigError, match=r"sites\.cam\.token_file"):
+        site.token()  # the coordinator: the Classify server's token and the token it sends each site
+    with pytest.raises(ValueError):
+        read_token(token_file)
+    token_file.write_text("  s3cret-Token_1  \n", encoding="utf-8")
+    assert site.token() == cli._read_token(token_file) == read_token(token_file) == "s3cret-Token_1"

@@ -198,7 +198,7 @@ def _security(args: argparse.Namespace, plan: _Plan) -> tuple[TLSFiles | None, s
                        "--tls-ca, --tls-cert and --tls-key")
     tls = TLSFiles(Path(args.tls_ca), Path(args.tls_cert), Path(args.tls_key)) if given else plan.tls
     if tls is not None:
-        from moevit.coordinator.channels import check_tls_files
+        from moevit_rpc.channels import check_tls_files
 
         try:
             check_tls_files(tls)
@@ -209,20 +209,12 @@ def _security(args: argparse.Namespace, plan: _Plan) -> tuple[TLSFiles | None, s
 
 
 def _read_token(path: Path) -> str:
+    from moevit_rpc.channels import read_token  # the one rule, as the coordinator's
+
     try:
-        token = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise CliError(f"{path}: no such token file") from None
-    except OSError as e:
-        raise CliError(f"{path}: cannot read the token file: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise CliError(f"{path}: the token file is not text") from None
-    if not token:
-        raise CliError(f"{path}: the token file is empty")
-    # gRPC metadata values are printable ASCII; one word keeps "Bearer <token>" unambiguous
-    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
-        raise CliError(f"{path}: the token must be one word of printable ASCII (moe-certs --tokens makes one)")
-    return token
+        return read_token(path)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -240,7 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.grace >= 0:
         raise CliError(f"--grace must be >= 0 seconds, got {args.grace}")
     if args.metrics_port is not None:
-        from moevit.coordinator.metrics import parse_listen
+        from moevit_rpc.metrics import parse_listen
 
         try:
             parse_listen(args.metrics_port)

@@ -14,11 +14,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from moevit.coordinator.metrics import LATENCY_BUCKETS, start_metrics_server
 from moevit.worker.service import RequestError, expert_rows
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from moevit_rpc.metrics import LATENCY_BUCKETS, start_metrics_server
 
 __all__ = ["WorkerMetrics", "instrument", "serve_worker_metrics"]
 
