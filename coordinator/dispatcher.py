@@ -6,7 +6,8 @@ An expert may have several replicas. Each expert's tokens go to the first replic
 own copy first; see :mod:`coordinator.health`); when a call fails, its experts are sent to their next replica
 within the same deadline; with ``hedge_ms`` set, experts still unanswered after that delay are also sent to their
 next replica, the first answer wins and the other call is cancelled. Retries and hedges return the same expert's
-output, so the result is exactly the fault-free one.
+output, so the result is exactly the fault-free one. These rules are the pure state machine of
+:mod:`coordinator.scheduler`; :meth:`RemoteDispatcher._run` only drives it (sends, waits, timers).
 
 When no replica of an expert answers in time, the topology's ``fallback`` decides: ``fail`` raises
 :class:`SiteError` naming the site; ``local`` computes the expert from the coordinator's copy; ``nearest`` sends
@@ -21,12 +22,29 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
 import torch
+from moevit.coordinator.scheduler import (
+    Action,
+    Answered,
+    CallScheduler,
+    Cancel,
+    ClearPenalty,
+    Complete,
+    DeadlinePassed,
+    Failed,
+    Fallback,
+    HedgeTimerFired,
+    Penalize,
+    RanLocally,
+    RunLocal,
+    Send,
+    SendFailed,
+    Submitted,
+)
 from moevit.coordinator.sites import PendingCall, SiteClient, SiteError
 
 from moevit.moe.dispatcher import Dispatcher, DispatchPlan
@@ -122,14 +140,6 @@ class ForwardContext:
             self.degraded[(sl // per_image).clamp_max(batch - 1)] = True
 
 
-@dataclass
-class _Attempt:
-    site: str
-    positions: list[int]
-    call: PendingCall
-    hedge: bool = False
-
-
 class RemoteDispatcher(Dispatcher):
     """Dispatcher of one MoE layer over the sites of a placement.
 
@@ -160,18 +170,6 @@ class RemoteDispatcher(Dispatcher):
         return expert in self.placed_local or any(s in self.clients and self.clients[s].up
                                                   for s in self.replicas.get(expert, ()))
 
-    def _next_replica(self, expert: int, tried: set[str]) -> str | None:
-        for site in self.replicas.get(expert, ()):
-            if site != self.local_site and site not in tried and self.clients[site].up:
-                return site
-        return None
-
-    def _unreachable(self, expert: int, tried: set[str]) -> SiteError:
-        sites = [s for s in self.replicas.get(expert, ()) if s != self.local_site]
-        down = ", ".join(sites) or "(none)"
-        return SiteError(down, f"UNAVAILABLE: no replica of expert {expert} of layer {self.layer_id} is reachable"
-                         + (" (tried and failed)" if tried else " (health: down)"), grpc.StatusCode.UNAVAILABLE)
-
     # ------------------------------------------------------------------------------------------ compute
 
     def compute(self, layer_id: int, plan: DispatchPlan) -> list[torch.Tensor]:
@@ -187,106 +185,72 @@ class RemoteDispatcher(Dispatcher):
     def _run(self, layer_id: int, items: list[tuple[int, torch.Tensor]], deadline: float
              ) -> tuple[list[torch.Tensor | None], dict[int, SiteError]]:
         """Outputs of ``items`` (expert, tokens), with retries and hedges until ``deadline``; the errors of those
-        no replica answered."""
-        n = len(items)
-        outputs: list[torch.Tensor | None] = [None] * n
-        tried: list[set[str]] = [set() for _ in range(n)]
-        covering = [0] * n
-        last_err: dict[int, SiteError] = {}
-        inflight: dict[concurrent.futures.Future, _Attempt] = {}
+        no replica answered. The decisions are :class:`CallScheduler`'s; this drives it: sends, waits, timers."""
+        sched = CallScheduler(layer_id, [e for e, _ in items], self.replicas, local_site=self.local_site,
+                              is_up=lambda site: self.clients[site].up, deadline_s=self.policy.deadline_s)
         hedging = bool(self.policy.hedge_ms)
+        calls: dict[int, PendingCall] = {}
+        attempts: dict[concurrent.futures.Future, int] = {}
+        end: list[Complete | Fallback] = []
 
-        def launch(positions: list[int], *, hedge: bool = False) -> None:
-            groups: dict[str, list[int]] = defaultdict(list)
-            for i in positions:
-                site = self._next_replica(items[i][0], tried[i])
-                if site is None:
-                    if covering[i] == 0 and i not in last_err:
-                        last_err[i] = self._unreachable(items[i][0], tried[i])
-                    continue
-                tried[i].add(site)
-                groups[site].append(i)
-            for site, ps in groups.items():
-                client = self.clients[site]
-                try:
-                    call = client.start(layer_id, [items[i] for i in ps], timeout=deadline - time.monotonic(),
-                                        cancellable=hedging)
-                except SiteError as err:
-                    for i in ps:
-                        last_err[i] = err
-                    launch(ps)
-                    continue
-                inflight[call.future] = _Attempt(site, ps, call, hedge)
-                for i in ps:
-                    covering[i] += 1
-                self.counters.add(calls=1, hedges=int(hedge))
+        def execute(actions: list[Action]) -> None:
+            queue = deque(actions)
+            while queue:
+                act = queue.popleft()
+                if isinstance(act, Send):
+                    try:
+                        call = self.clients[act.site].start(layer_id, [items[i] for i in act.positions],
+                                                            timeout=deadline - time.monotonic(), cancellable=hedging)
+                    except SiteError as err:  # never started: its items go to their next replica at once
+                        queue.extendleft(reversed(sched.handle(SendFailed(act.attempt, err))))
+                        continue
+                    calls[act.attempt] = call
+                    attempts[call.future] = act.attempt
+                elif isinstance(act, RunLocal):  # overlaps the calls in flight
+                    for i in act.positions:
+                        queue.extend(sched.handle(RanLocally(i, self.bank.forward_one(*items[i]))))
+                elif isinstance(act, Cancel):
+                    call = calls.pop(act.attempt)
+                    del attempts[call.future]
+                    call.cancel()
+                elif isinstance(act, Penalize):
+                    if (watch := self.clients[act.site].watch) is not None:
+                        watch.penalize()
+                elif isinstance(act, ClearPenalty):
+                    if (watch := self.clients[act.site].watch) is not None:
+                        watch.succeeded()
+                else:
+                    end.append(act)
 
-        local = [i for i, (e, _) in enumerate(items) if e in self.placed_local]
-        launch([i for i, (e, _) in enumerate(items) if e not in self.placed_local])
-        for i in local:  # overlap local experts with the calls in flight
-            outputs[i] = self.bank.forward_one(*items[i])
+        execute(sched.handle(Submitted()))
         hedge_at = time.monotonic() + self.policy.hedge_ms / 1e3 if hedging else float("inf")
-        while inflight:
+        while not sched.finished:
             now = time.monotonic()
-            if now >= deadline:
+            if now >= deadline:  # (a blocking call cannot be cancelled: it ends at the same deadline)
+                execute(sched.handle(DeadlinePassed()))
                 break
-            done, _ = concurrent.futures.wait(list(inflight), timeout=max(0.0, min(deadline, hedge_at) - now),
+            done, _ = concurrent.futures.wait(list(attempts), timeout=max(0.0, min(deadline, hedge_at) - now),
                                               return_when=concurrent.futures.FIRST_COMPLETED)
             for fut in done:
-                att = inflight.pop(fut, None)
-                if att is None:
-                    continue
-                for i in att.positions:
-                    covering[i] -= 1
-                try:
-                    ys = att.call.result()
-                except SiteError as err:
-                    if err.code != grpc.StatusCode.CANCELLED and self.clients[att.site].watch is not None:
-                        self.clients[att.site].watch.penalize()
-                    again = []
-                    for i in att.positions:
-                        if outputs[i] is None:
-                            last_err[i] = err
-                            if covering[i] == 0:
-                                again.append(i)
-                    if again:
-                        self.counters.add(retries=1)
-                        launch(again)
-                    continue
-                watch = self.clients[att.site].watch
-                if watch is not None:
-                    watch.succeeded()
-                won = False
-                for i, y in zip(att.positions, ys, strict=True):
-                    if outputs[i] is None:
-                        outputs[i] = y
-                        won = True
-                if att.hedge and won:
-                    self.counters.add(hedge_wins=1)
-                for other_fut, other in list(inflight.items()):  # calls made redundant: cancel (hedge losers)
-                    if all(outputs[i] is not None for i in other.positions):
-                        other.call.cancel()
-                        del inflight[other_fut]
-                        for i in other.positions:
-                            covering[i] -= 1
-                        self.counters.add(cancelled=1)
-                        loser = self.clients[other.site].watch
-                        if att.hedge and not other.hedge and loser is not None:
-                            loser.penalize()  # slower than the hedge delay: route around it for a while
+                attempt = attempts.pop(fut, None)
+                if attempt is not None:  # else cancelled by an earlier answer of this round
+                    execute(sched.handle(self._outcome(attempt, calls.pop(attempt))))
             if time.monotonic() >= hedge_at:
                 hedge_at = float("inf")
-                slow = [i for i in range(n) if outputs[i] is None and covering[i] > 0]
-                if slow:
-                    launch(slow, hedge=True)
-        for att in inflight.values():  # out of time (a blocking call cannot be cancelled: it ends at the same deadline)
-            att.call.cancel()
-            for i in att.positions:
-                if outputs[i] is None:
-                    last_err[i] = SiteError(att.site, f"DEADLINE_EXCEEDED: no answer within the layer's "
-                                            f"{self.policy.deadline_s:g} s deadline", grpc.StatusCode.DEADLINE_EXCEEDED)
-        errors = {i: last_err.get(i) or self._unreachable(items[i][0], tried[i])
-                  for i in range(n) if outputs[i] is None}
-        return outputs, errors
+                execute(sched.handle(HedgeTimerFired()))
+        self.counters.add(**sched.tally.as_dict())
+        result = end[0]
+        return list(result.outputs), (result.errors if isinstance(result, Fallback) else {})
+
+    @staticmethod
+    def _outcome(attempt: int, call: PendingCall) -> Answered | Failed:
+        """Where a call's answer is accepted or turned into a site failure: :meth:`PendingCall.result` decodes it
+        and raises :class:`SiteError` for an RPC error, a timeout or an answer that breaks the protocol
+        (:meth:`PendingCall._outputs`); a failure is retried on the next replica and penalises the site."""
+        try:
+            return Answered(attempt, call.result())
+        except SiteError as err:
+            return Failed(attempt, err)
 
     # ------------------------------------------------------------------------------------------ fallback
 
