@@ -191,6 +191,7 @@ class Cluster:
     # -- set-up ----------------------------------------------------------------------------------------------
     def start(self) -> Cluster:
         import torch
+        from moevit.coordinator.local import free_port, replicated_placement, small_moe_model, write_topology
         from moevit.coordinator.runtime import SplitRuntime
         from moevit.coordinator.server import start_server
         from moevit.deploy.topology import load_topology
@@ -199,8 +200,6 @@ class Cluster:
         from moevit.checkpoint import load_checkpoint, save_checkpoint
         from moevit.data import load_image
         from moevit.fuse import folded_copy
-        from tests.deploy import replicated_placement, small_moe_model, write_topology
-        from tests.netutil import free_port
 
         cfg = self.cfg
         self._torch_threads = torch.get_num_threads()
@@ -247,13 +246,15 @@ class Cluster:
     def _start_workers(self, names: list[str], meanwhile: Callable[[], None] | None = None) -> None:
         """Start the named workers at once (each start waits for SERVING; imports take seconds of CPU), running
         ``meanwhile`` in this thread while they start."""
-        from tests.netutil import start_worker
+        from moevit.coordinator.local import start_worker
 
         errors: list[BaseException] = []
 
         def one(w: str) -> None:
             try:
-                proc = start_worker(str(self.model_path), f"127.0.0.1:{self.ports[w]}")
+                address = f"127.0.0.1:{self.ports[w]}"
+                proc = start_worker(["--listen", address, "--model", str(self.model_path), "--experts", "all",
+                                     "--threads", "1"], address, timeout=60)
             except BaseException as e:  # reported below
                 errors.append(e)
                 return
@@ -299,7 +300,7 @@ class Cluster:
 
     # -- tear-down -------------------------------------------------------------------------------------------
     def close(self) -> None:
-        from tests.netutil import stop
+        from moevit.coordinator.local import stop_process as stop
 
         if self.server is not None and self._loop is not None:
             try:
