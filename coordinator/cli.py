@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from moevit.checkpoint import CheckpointError
 from moevit.data import IMAGE_EXTENSIONS, Taxon, UnreadableImageError, load_image, open_dataset
+from moevit_rpc.codecs import CODEC_NAMES
 
 if TYPE_CHECKING:
     import grpc
@@ -65,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                     "scientific names (default with --data ssw60:PATH: its taxa.csv)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
-    ap.add_argument("--wire", choices=("fp16", "fp32", "bf16"), default="fp16", help="token dtype on the wire")
+    ap.add_argument("--wire", choices=CODEC_NAMES, default=None, metavar="CODEC",
+                    help="token codec on every link, replacing the topology's rpc.codec (default: the topology's, "
+                    f"fp16 unless set; one of {', '.join(CODEC_NAMES)})")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds allowed for each MoE layer's expert RPCs, retries included (default: the "
                     "topology's rpc.deadline_s, 10)")
@@ -83,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics-port", metavar="[HOST:]PORT", help="serve Prometheus metrics at "
                     "http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
     return ap
+
+
+def _codecs(runtime: Any) -> str:
+    """Each remote site's token codec, for the start-up line: ``int8 (pi-north, pi-south)``."""
+    by: dict[str, list[str]] = {}
+    for name, client in runtime.clients.items():
+        by.setdefault(client.wire, []).append(name)
+    return "; ".join(f"{codec} ({', '.join(names)})" for codec, names in by.items()) or "none (no remote site)"
 
 
 def _image_files(root: str) -> list[Path]:
@@ -246,7 +257,8 @@ def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRunti
     meta = {"model_fingerprint": runtime.fingerprint, "architecture": arch, "image_size": size,
             "moe_layers": list(cfg.moe.layers) if cfg.moe else [],
             "experts_per_layer": cfg.moe.num_experts if cfg.moe else 0,
-            "sites": [runtime.local_site, *runtime.clients], "wire": args.wire, "fallback": runtime.topology.fallback}
+            "sites": [runtime.local_site, *runtime.clients], "fallback": runtime.topology.fallback,
+            "wire": {name: c.wire for name, c in runtime.clients.items()}}
     extra = {"moevit_image_root": str(Path(args.images).resolve()) if args.images else f"data:{args.data}"}
     doc = res.build_megadetector(records, labels=labels, fingerprint=runtime.fingerprint,
                                  classifier=f"moevit {arch} {runtime.fingerprint}", classifier_metadata=meta,
@@ -379,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         size = args.image_size or runtime.model.config.image_size
         print(f"model {runtime.fingerprint} ({runtime.model.config.arch}, MoE layers "
               f"{list(runtime.model.config.moe.layers)}), sites {', '.join([topology.coordinator, *runtime.clients])}"
-              f", {args.wire} on the wire, fallback {topology.fallback}", file=sys.stderr)
+              f", codecs {_codecs(runtime)} on the wire, fallback {topology.fallback}", file=sys.stderr)
         if args.serve:
             from moevit.coordinator.server import serve
 

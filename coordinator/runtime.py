@@ -40,14 +40,15 @@ class BatchResult:
 class SplitRuntime:
     """``model`` with its MoE layers dispatched over ``topology``'s sites per ``placement``.
 
-    ``deadline_s``, ``hedge_ms`` and ``max_message_mb`` default to the topology's ``rpc`` section. ``fold_bn``
+    ``deadline_s``, ``hedge_ms`` and ``max_message_mb`` default to the topology's ``rpc`` section; ``wire``
+    (a token codec name) replaces every site's ``rpc.codec`` when given. ``fold_bn``
     folds the trunk's BatchNorms into its convolutions (:func:`moevit.fuse.fold_batchnorm`), in ``model`` itself
     (the runtime takes the model over: it also installs its dispatchers), after the fingerprint is taken: the
     camera site's forward then takes about 0.88 of the time (``bench/bench_fold.py``); compare outputs with a model
     folded the same way.
     """
 
-    def __init__(self, model: MobileViTV2, topology: Topology, placement: Placement, *, wire: str = "fp16",
+    def __init__(self, model: MobileViTV2, topology: Topology, placement: Placement, *, wire: str | None = None,
                  deadline_s: float | None = None, hedge_ms: float | None = None,
                  max_message_mb: float | None = None, watch: bool = True, fold_bn: bool = True) -> None:
         if model.config.moe is None:
@@ -73,7 +74,8 @@ class SplitRuntime:
             for name in remote:
                 site = topology.site(name)
                 self.clients[name] = SiteClient(
-                    name, site.address, fingerprint=self.fingerprint, wire=wire, deadline_s=self.policy.deadline_s,
+                    name, site.address, fingerprint=self.fingerprint, wire=wire or topology.codec_for(name),
+                    deadline_s=self.policy.deadline_s,
                     max_message_mb=max_message_mb if max_message_mb is not None else rpc.max_message_mb,
                     tls=own_tls, token=site.token(), watch=watch, stream=rpc.stream,
                     packed=rpc.packed)
@@ -144,6 +146,9 @@ class SplitRuntime:
             if missing:
                 raise CoordinatorError(f"site {name} ({client.address}) does not host experts the placement gives "
                                        f"it: {missing}; restart it with the same topology/placement")
+            problem = client.codec_problem(list(info.codecs))
+            if problem is not None:
+                raise CoordinatorError(f"site {name} ({client.address}) {problem}")
             client.use_features(list(info.features))  # an older worker: unary calls, one tensor per expert
             infos[name] = info
         self.down_at_start = down

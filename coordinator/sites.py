@@ -17,6 +17,7 @@ from moevit.coordinator.stream import ExpertStream
 from moevit.deploy.topology import TLSFiles
 
 from moevit_rpc.channels import DEFAULT_MAX_MESSAGE_MB, open_channel
+from moevit_rpc.codecs import LEGACY_IDS, parse_codec, wire_ids
 from moevit_rpc.security import token_metadata
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
@@ -104,10 +105,16 @@ class PendingCall:
         if resp.HasField("packed"):
             if list(resp.packed.counts) != self.counts:
                 raise ValueError(f"packed counts {list(resp.packed.counts)} differ from the request's {self.counts}")
+            shape = list(resp.packed.tokens.shape)
+            if len(shape) != 2 or shape[0] != sum(self.counts):  # before decoding: a compressed answer is sized by it
+                raise ValueError(f"packed outputs have shape {shape[:4]}, expected [{sum(self.counts)}, C]")
             y = proto_to_tensor(resp.packed.tokens)
             if y.dim() != 2 or len(y) != sum(self.counts):
                 raise ValueError(f"packed outputs have shape {list(y.shape)}, expected [{sum(self.counts)}, C]")
             return list(torch.split(y, self.counts)) if self.counts else []
+        rows = [o.tokens.shape[0] if len(o.tokens.shape) == 2 else -1 for o in resp.outputs]
+        if rows != self.counts:
+            raise ValueError(f"outputs have {rows} rows, the request {self.counts}")
         ys = [proto_to_tensor(o.tokens) for o in resp.outputs]
         if [len(y) for y in ys] != self.counts:
             raise ValueError(f"outputs have {[len(y) for y in ys]} rows, the request {self.counts}")
@@ -144,7 +151,7 @@ class SiteClient:
                  deadline_s: float = 10.0, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
                  tls: TLSFiles | None = None, token: str | None = None, watch: bool = True,
                  stream: bool = True, packed: bool = True) -> None:
-        self.name, self.address, self.fingerprint, self.wire = name, address, fingerprint, wire
+        self.name, self.address, self.fingerprint, self.wire = name, address, fingerprint, parse_codec(wire).name
         self.stream, self.packed = stream, packed
         self._stream: ExpertStream | None = None
         self._stream_lock = threading.Lock()
@@ -173,6 +180,16 @@ class SiteClient:
             self.stream = False
         if "packed_tokens" not in features:
             self.packed = False
+
+    def codec_problem(self, codecs: list[str] | tuple[str, ...]) -> str | None:
+        """Why the worker cannot take this client's codec (``wire``), from the codecs its Info lists (none: an older
+        worker, which speaks fp32, fp16 and bf16), or None when it can."""
+        missing = sorted(wire_ids(parse_codec(self.wire)) - (set(codecs) or LEGACY_IDS))
+        if not missing:
+            return None
+        spoken = ", ".join(codecs) if codecs else "fp32/1, fp16/1, bf16/1 (an older worker: no codec list)"
+        return (f"does not speak the codec {self.wire!r} of its rpc.codec (missing wire format(s) "
+                f"{', '.join(missing)}; it speaks {spoken}); upgrade the worker or choose one of those codecs")
 
     @property
     def up(self) -> bool:

@@ -9,7 +9,9 @@ with a status that says what is wrong, and the server must keep serving. Fuzzed 
   experts, many batches, missing tensors, dtypes in and out of the enum, shapes (empty, rank != 2, wrong width,
   negative, huge, at and over the token cap), data of the wrong length, raw bit patterns, NaN/Inf, unicode
   request ids; the packed form (one tensor for all experts) with true, wrong-length and wrong-sum counts, and
-  both forms at once. An independent oracle (written from the proto's documented rules) predicts the exact status
+  both forms at once; the token codecs (int8/int4 with scales, zstd-compressed data) with corrupt compressed
+  payloads, cut or extra bytes, wrong scale counts, non-finite scales, other group sizes and unknown
+  compressions. An independent oracle (written from the proto's documented rules) predicts the exact status
   code; an OK answer must equal the in-process experts.
 * Raw bytes on the method paths (random, truncated, bit-flipped, spliced valid messages, unknown fields of
   every wire type, 10-byte varints such as a negative layer), so the servers must cope with undecodable
@@ -41,6 +43,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+import zstandard
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, assume, given, settings
@@ -50,6 +53,7 @@ from PIL import Image
 from moevit.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
 from moevit.data import UnreadableImageError, load_image
 from moevit.fuse import folded_copy
+from moevit_rpc.codecs import CODEC_NAMES
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from tests.deploy import small_moe_model, write_topology
@@ -70,6 +74,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 Code = grpc.StatusCode
 FP32, FP16, BF16 = expert_pb2.FLOAT32, expert_pb2.FLOAT16, expert_pb2.BFLOAT16
 ITEMSIZE = {FP32: 4, FP16: 2, BF16: 2}
+INT8, INT4, ZSTD = expert_pb2.INT8, expert_pb2.INT4, expert_pb2.ZSTD
+WIRE_DTYPES = {*ITEMSIZE, INT8, INT4}
 MAX_RANK = 8  # wrong-rank shapes stay short: a long shape stalls the worker (test_long_shape_..., below)
 MAX_ECHOED_CHARS = 2000  # fingerprints/names stay short: a long one loses its status (test_long_echoed_...)
 
@@ -221,6 +227,53 @@ def _encode(values: np.ndarray, dtype: int) -> bytes:
     return values.astype("<f4").tobytes()  # FLOAT32, and the bytes sent with an unknown dtype
 
 
+def _values(t: expert_pb2.Tensor) -> np.ndarray | None:
+    """The float32 elements of a token tensor whose header is valid ([n, C], a known dtype), as the proto documents
+    them, or None when its bytes break the proto's rules (byte counts, scales, compression, a zstd frame that is not
+    exactly one frame of the stated size)."""
+    rows, cols = t.shape
+    if t.compression not in (0, ZSTD):
+        return None
+    if t.dtype in ITEMSIZE:
+        if t.scales or t.group_size:
+            return None
+        need, groups, g = rows * cols * ITEMSIZE[t.dtype], 0, 0
+    else:
+        g = t.group_size if 0 < t.group_size < cols else cols
+        groups = -(-cols // g) if cols else 0
+        need = rows * groups * g if t.dtype == INT8 else (rows * groups * g + 1) // 2
+        if len(t.scales) != 2 * rows * groups:
+            return None
+    raw = t.data
+    if t.compression == ZSTD:
+        try:
+            if zstandard.get_frame_parameters(raw).content_size != need:
+                return None
+            d = zstandard.ZstdDecompressor().decompressobj()
+            raw = d.decompress(raw)
+        except zstandard.ZstdError:
+            return None
+        if not d.eof or d.unused_data:
+            return None
+    if len(raw) != need:
+        return None
+    if t.dtype in ITEMSIZE:
+        return _decode(raw, t.dtype).reshape(rows, cols)
+    if t.dtype == INT8:
+        q = np.frombuffer(raw, np.int8).astype(np.float32)
+    else:
+        b = np.frombuffer(raw, np.uint8)
+        q = (np.stack([b & 15, b >> 4], axis=1).reshape(-1)[: rows * groups * g].astype(np.float32) - 8)
+    scale = np.frombuffer(t.scales, "<f2").astype(np.float32).reshape(rows, groups, 1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (q.reshape(rows, groups, g) * scale).reshape(rows, groups * g)[:, :cols]
+
+
+def _bytes_ok(t: expert_pb2.Tensor) -> bool:
+    values = _values(t)
+    return values is not None and bool(np.isfinite(values).all())
+
+
 def expected_status(req: expert_pb2.RunExpertsRequest, fingerprint: str) -> grpc.StatusCode:
     """The status the proto's rules give ``req`` (written from the proto, independent of worker/service.py)."""
     if req.ByteSize() > MAX_MESSAGE_BYTES:
@@ -236,14 +289,13 @@ def expected_status(req: expert_pb2.RunExpertsRequest, fingerprint: str) -> grpc
         return Code.INVALID_ARGUMENT
     for b in req.batches:
         t = b.tokens
-        if (not b.HasField("tokens") or t.dtype not in ITEMSIZE or len(t.shape) != 2 or t.shape[0] < 0
+        if (not b.HasField("tokens") or t.dtype not in WIRE_DTYPES or len(t.shape) != 2 or t.shape[0] < 0
                 or t.shape[1] != DIMS[req.layer]):
             return Code.INVALID_ARGUMENT
     if sum(b.tokens.shape[0] for b in req.batches) > MAX_TOKENS:
         return Code.INVALID_ARGUMENT
     for b in req.batches:
-        t = b.tokens
-        if len(t.data) != math.prod(t.shape) * ITEMSIZE[t.dtype] or not np.isfinite(_decode(t.data, t.dtype)).all():
+        if not _bytes_ok(b.tokens):
             return Code.INVALID_ARGUMENT
     return Code.OK
 
@@ -256,10 +308,10 @@ def _expected_packed_status(req: expert_pb2.RunExpertsRequest) -> grpc.StatusCod
         return Code.INVALID_ARGUMENT
     if not set(experts) <= set(HOSTED[req.layer]):
         return Code.INVALID_ARGUMENT
-    if (not p.HasField("tokens") or t.dtype not in ITEMSIZE or len(t.shape) != 2 or t.shape[0] < 0
+    if (not p.HasField("tokens") or t.dtype not in WIRE_DTYPES or len(t.shape) != 2 or t.shape[0] < 0
             or t.shape[1] != DIMS[req.layer] or sum(p.counts) != t.shape[0] or t.shape[0] > MAX_TOKENS):
         return Code.INVALID_ARGUMENT
-    if len(t.data) != math.prod(t.shape) * ITEMSIZE[t.dtype] or not np.isfinite(_decode(t.data, t.dtype)).all():
+    if not _bytes_ok(t):
         return Code.INVALID_ARGUMENT
     return Code.OK
 
@@ -273,31 +325,53 @@ def check_outputs(req: expert_pb2.RunExpertsRequest, resp: expert_pb2.RunExperts
         assert not resp.outputs and list(resp.packed.experts) == list(req.packed.experts)
         assert list(resp.packed.counts) == list(req.packed.counts)
         t, o = req.packed.tokens, resp.packed.tokens
-        assert o.dtype == t.dtype and list(o.shape) == list(t.shape) and len(o.data) == len(t.data)
-        x = torch.from_numpy(_decode(t.data, t.dtype).reshape(tuple(t.shape)))
-        y = torch.from_numpy(_decode(o.data, o.dtype).reshape(tuple(t.shape)))
+        assert o.dtype == t.dtype and list(o.shape) == list(t.shape) and _same_codec(o, t)
+        x = torch.from_numpy(_values(t))
+        y = torch.from_numpy(_values(o))
+        tol = torch.from_numpy(_quant_bound(o))
         counts = list(req.packed.counts)
-        pairs = zip(req.packed.experts, torch.split(x, counts), torch.split(y, counts), strict=True) if counts else []
-        for expert, x_e, y_e in pairs:
-            _check_values(banks[req.layer], expert, x_e, y_e, t.dtype)
+        pairs = (zip(req.packed.experts, torch.split(x, counts), torch.split(y, counts), torch.split(tol, counts),
+                     strict=True) if counts else [])
+        for expert, x_e, y_e, tol_e in pairs:
+            _check_values(banks[req.layer], expert, x_e, y_e, t.dtype, tol_e)
         return
     assert [o.expert for o in resp.outputs] == [b.expert for b in req.batches]
     for b, o in zip(req.batches, resp.outputs, strict=True):
         assert o.tokens.dtype == b.tokens.dtype and list(o.tokens.shape) == list(b.tokens.shape)
-        assert len(o.tokens.data) == len(b.tokens.data)
-        shape = tuple(b.tokens.shape)
-        x = torch.from_numpy(_decode(b.tokens.data, b.tokens.dtype).reshape(shape))
-        out = torch.from_numpy(_decode(o.tokens.data, o.tokens.dtype).reshape(shape))
-        _check_values(banks[req.layer], b.expert, x, out, b.tokens.dtype)
+        assert _same_codec(o.tokens, b.tokens)
+        x = torch.from_numpy(_values(b.tokens))
+        out = torch.from_numpy(_values(o.tokens))
+        _check_values(banks[req.layer], b.expert, x, out, b.tokens.dtype, torch.from_numpy(_quant_bound(o.tokens)))
 
 
-def _check_values(bank, expert: int, x: torch.Tensor, out: torch.Tensor, dtype: int) -> None:
+def _same_codec(out: expert_pb2.Tensor, req: expert_pb2.Tensor) -> bool:
+    """An answer is in its request's codec: same dtype, compression and group size; uncompressed data of the same
+    length."""
+    same = out.dtype == req.dtype and out.compression == req.compression and out.group_size == req.group_size
+    return same and (out.compression == ZSTD or len(out.data) == len(req.data))
+
+
+def _quant_bound(t: expert_pb2.Tensor) -> np.ndarray:
+    """Per element of an INT8/INT4 tensor: half its scale (the quantiser's largest error); zeros otherwise."""
+    rows, cols = t.shape
+    if t.dtype not in (INT8, INT4):
+        return np.zeros((rows, cols), np.float32)
+    g = t.group_size if 0 < t.group_size < cols else cols
+    scale = np.frombuffer(t.scales, "<f2").astype(np.float32).reshape(rows, -(-cols // g) if cols else 0)
+    return np.repeat(scale / 2, g, axis=1)[:, :cols]
+
+
+def _check_values(bank, expert: int, x: torch.Tensor, out: torch.Tensor, dtype: int,
+                  bound: torch.Tensor | None = None) -> None:
     if x.numel() == 0 or x.abs().max() > 1e4:  # huge inputs: structure only (overflow paths may differ)
         return
     with torch.inference_mode():
         ref = bank.forward_one(expert, x)
     scale = max(1.0, float(x.abs().max()))  # float32 rounding differs between BLAS paths; grows with |x|
-    if dtype == FP32:
+    if dtype in (INT8, INT4):  # quantised on the way back: within half the answer's scale (+ float rounding)
+        excess = (out - ref).abs() - bound - 1e-4 * scale
+        assert float(excess.max()) <= 0, f"error beyond half a scale by {float(excess.max())}"
+    elif dtype == FP32:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale, equal_nan=True)
     else:  # one rounding to 16 bits on the way back; ref may round the other way at a tie
         wire = torch.float16 if dtype == FP16 else torch.bfloat16
@@ -332,7 +406,43 @@ def payloads(draw, count: int, dtype: int) -> bytes:
 
 
 @st.composite
+def codec_tensors(draw, dim: int, max_n: int) -> expert_pb2.Tensor:
+    """A token tensor in one of the codecs (int8/int4 with scales, +zstd), intact or broken in one way."""
+    rows = draw(st.integers(0, max_n))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((rows, dim)).astype(np.float32) * draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    t = tensor_to_proto(torch.from_numpy(x), draw(st.sampled_from(CODEC_NAMES)))
+    fault = draw(st.integers(0, 14))
+    if fault == 7 and t.data:  # a flipped byte: a corrupt zstd frame, or other codes
+        i = draw(st.integers(0, len(t.data) - 1))
+        t.data = t.data[:i] + bytes([t.data[i] ^ draw(st.integers(1, 255))]) + t.data[i + 1:]
+    elif fault == 8:  # cut short
+        t.data = t.data[: draw(st.integers(0, max(0, len(t.data) - 1)))]
+    elif fault == 9:  # extra bytes: garbage, or a second frame
+        t.data = t.data + draw(st.sampled_from([b"\x00", b"xyz", t.data]))
+    elif fault == 10:  # another zstd frame: of another size, without its size, or not zstd at all
+        t.data = draw(st.sampled_from([zstandard.ZstdCompressor().compress(bytes(len(t.data) + 1)),
+                                       zstandard.ZstdCompressor(write_content_size=False).compress(t.data),
+                                       draw(st.binary(max_size=64))]))
+    elif fault == 11:  # scales: a count off by one, or NaN/Inf among them
+        if draw(st.booleans()) or not t.scales:
+            t.scales = t.scales[:-2] if t.scales and draw(st.booleans()) else t.scales + b"\x00\x3c"
+        else:
+            special = np.array([draw(st.sampled_from([np.inf, -np.inf, np.nan]))], "<f2").tobytes()
+            t.scales = special + t.scales[2:]
+    elif fault == 12:
+        t.group_size = draw(st.sampled_from([0, 1, 7, 31, 32, 33, dim - 1, dim, dim + 1, 2**32 - 1]))
+    elif fault == 13:
+        t.compression = draw(st.sampled_from([0, 1, 2, 7, 2**31 - 1, -1]))
+    elif fault == 14:  # scales on a float tensor
+        t.scales = t.scales or b"\x00\x3c"
+    return t
+
+
+@st.composite
 def tensors(draw, dim: int, small: bool) -> expert_pb2.Tensor:
+    if draw(st.integers(0, 4)) == 0:
+        return draw(codec_tensors(dim, 4 if small else 40))
     dtype = draw(wire_dtypes())
     itemsize = ITEMSIZE.get(dtype, 4)
     max_n = 4 if small else 40
@@ -813,6 +923,30 @@ def test_health_list_is_unimplemented_without_a_traceback(deployment, worker):
     code, details, _ = call(health_pb2_grpc.HealthStub(worker).List, health_pb2.HealthListRequest())
     assert code == Code.UNIMPLEMENTED and "grpc.health.v1.Health.List is not implemented" in details, details
     log_is_clean(deployment["logs"]["worker"])
+
+
+def test_corrupt_compressed_tokens_are_invalid_argument_and_the_worker_serves_on(deployment, worker, model):
+    """A zstd payload that does not decompress to the shape's bytes is refused naming the batch and zstd, on a unary
+    call and in-band on a stream; intact codec tokens are answered in the same codec; Info lists the codecs."""
+    stub = expert_pb2_grpc.ExpertServiceStub(worker)
+    info = stub.Info(expert_pb2.InfoRequest(), timeout=RPC_TIMEOUT)
+    assert {"fp16/1", "int8/1", "int4/1", "zstd/1"} <= set(info.codecs)
+    x = torch.linspace(-2, 2, 5 * 128).reshape(5, 128)
+    good = tensor_to_proto(x, "int8+zstd")
+    bad = expert_pb2.Tensor()
+    bad.CopyFrom(good)
+    bad.data = good.data[:-4] + b"\xde\xad\xbe\xef"
+    req = expert_pb2.RunExpertsRequest(model_fingerprint=model[3], layer=8, request_id="corrupt",
+                                       batches=[expert_pb2.ExpertTokens(expert=1, tokens=bad)])
+    code, details, _ = call(stub.RunExperts, req)
+    assert code == Code.INVALID_ARGUMENT and "layer 8 expert 1" in details and "zstd" in details, details
+    answers = list(stub.RunExpertsStream(iter([req, expert_pb2.RunExpertsRequest(
+        model_fingerprint=model[3], layer=8, request_id="intact", packed=expert_pb2.PackedTokens(
+            experts=[1], counts=[5], tokens=good))]), timeout=RPC_TIMEOUT))
+    assert answers[0].error_code == Code.INVALID_ARGUMENT.value[0] and "zstd" in answers[0].error_message
+    assert answers[1].request_id == "intact" and not answers[1].error_code
+    assert answers[1].packed.tokens.dtype == INT8 and answers[1].packed.tokens.compression == ZSTD
+    assert_worker_serving(deployment, worker, model)
 
 
 def test_undecodable_message_ends_the_stream_and_the_worker_serves_on(deployment, worker, model):

@@ -20,9 +20,10 @@ import grpc
 import torch
 from moevit.worker.backends import ExpertBackend
 
+from moevit_rpc.codecs import all_wire_ids
 from moevit_rpc.messages import clip
 from moevit_rpc.serving import Undecodable
-from moevit_rpc.tensors import DTYPES, proto_to_tensor, tensor_to_proto
+from moevit_rpc.tensors import DTYPES, codec_of, proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 __all__ = ["DEFAULT_MAX_TOKENS", "PROTOCOL_VERSION", "ExpertServicer", "RequestError", "expert_rows",
@@ -47,7 +48,8 @@ DEFAULT_INLINE_ELEMENTS = 1 << 18
 DEFAULT_MAX_QUEUE = 32
 
 _WIRE_NAME = {enum: name for name, (enum, _) in DTYPES.items()}
-_DTYPE_NAMES = ", ".join(expert_pb2.DType.Name(enum) for enum in _WIRE_NAME)
+_WIRE_ENUMS = {*_WIRE_NAME, expert_pb2.INT8, expert_pb2.INT4}  # token codecs (moevit_rpc.codecs) included
+_DTYPE_NAMES = ", ".join(expert_pb2.DType.Name(enum) for enum in sorted(_WIRE_ENUMS))
 
 
 class RequestError(Exception):
@@ -84,7 +86,7 @@ def expert_rows(request: expert_pb2.RunExpertsRequest) -> list[tuple[int, int]]:
 
 def _check_tensor(tokens: expert_pb2.Tensor, where: str, layer: int, dim: int) -> int:
     """Rows of a token tensor whose header (dtype, shape [n, dim]) is valid; bytes are checked when decoding."""
-    if tokens.dtype not in _WIRE_NAME:
+    if tokens.dtype not in _WIRE_ENUMS:
         raise _invalid(f"{where}: unsupported tensor dtype {_dtype_name(tokens.dtype)}; expected one of {_DTYPE_NAMES}")
     shape = list(tokens.shape)
     if len(shape) != 2 or shape[0] < 0 or shape[1] != dim:
@@ -170,7 +172,8 @@ def validate_and_run(backend: ExpertBackend, hosted: Mapping[int, Collection[int
     work = [(batch.expert, _decode(batch.tokens, f"layer {layer} expert {batch.expert} (batch {i})", check_finite))
             for i, batch in enumerate(request.batches)]
     ys, compute_ms = _run_timed(backend, layer, work)
-    outputs = [expert_pb2.ExpertTokens(expert=batch.expert, tokens=tensor_to_proto(y, _WIRE_NAME[batch.tokens.dtype]))
+    outputs = [expert_pb2.ExpertTokens(expert=batch.expert,
+                                       tokens=_encode(y, batch.tokens, f"layer {layer} expert {batch.expert}"))
                for batch, y in zip(request.batches, ys, strict=True)]
     return expert_pb2.RunExpertsResponse(outputs=outputs, compute_ms=compute_ms)
 
@@ -197,9 +200,17 @@ def _run_packed(backend: ExpertBackend, experts: Collection[int], request: exper
     chunks = torch.split(x, counts) if ids else ()
     ys, compute_ms = _run_timed(backend, layer, list(zip(ids, chunks, strict=True)))
     y = torch.cat(ys) if ys else x
-    wire = _WIRE_NAME[packed.tokens.dtype]
-    out = expert_pb2.PackedTokens(experts=ids, counts=counts, tokens=tensor_to_proto(y, wire))
+    out = expert_pb2.PackedTokens(experts=ids, counts=counts, tokens=_encode(y, packed.tokens, where))
     return expert_pb2.RunExpertsResponse(packed=out, compute_ms=compute_ms)
+
+
+def _encode(y: torch.Tensor, like: expert_pb2.Tensor, where: str) -> expert_pb2.Tensor:
+    """Outputs in the codec the tokens came in (decoded already, so the codec is known)."""
+    try:
+        return tensor_to_proto(y, codec_of(like))
+    except ValueError as e:  # outputs beyond what the request's codec carries (e.g. int8 scales past float16)
+        raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
+                           f"{where}: cannot answer in the request's codec: {e}") from None
 
 
 def info_response(backend: ExpertBackend, fingerprint: str, *, arch: str, site: str) -> expert_pb2.InfoResponse:
@@ -207,7 +218,8 @@ def info_response(backend: ExpertBackend, fingerprint: str, *, arch: str, site: 
     layers = [expert_pb2.HostedLayer(layer=layer, experts=list(experts), dim=backend.dims[layer])
               for layer, experts in sorted(backend.hosted.items())]
     return expert_pb2.InfoResponse(model_fingerprint=fingerprint, arch=arch, layers=layers, backend=backend.name,
-                                   site=site, version=PROTOCOL_VERSION, features=list(FEATURES))
+                                   site=site, version=PROTOCOL_VERSION, features=list(FEATURES),
+                                   codecs=all_wire_ids())
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
