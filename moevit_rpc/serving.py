@@ -21,7 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-__all__ = ["Undecodable", "add_service"]
+__all__ = ["Refused", "Undecodable", "add_service"]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,30 @@ class Undecodable:
         return f"Undecodable({self.message!r})"
 
 
-def _parser(message_class: Any) -> Callable[[bytes], Any]:
+class Refused:
+    """Stands in for a request a screen refused from its bytes, before parsing (see :func:`add_service`): the
+    status ``code``, ``message`` and the ``request_id`` the bytes carried (for an in-band answer on a stream)."""
+
+    __slots__ = ("code", "message", "request_id")
+
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
+        self.code, self.message, self.request_id = code, message, request_id
+
+    def __repr__(self) -> str:
+        return f"Refused({self.code.name}, {self.message!r})"
+
+
+Screen = Callable[[bytes], "Refused | None"]
+
+
+def _parser(message_class: Any, screen: Screen | None = None) -> Callable[[bytes], Any]:
     name = message_class.DESCRIPTOR.full_name
 
     def parse(data: bytes) -> Any:
+        if screen is not None:
+            refused = screen(data)
+            if refused is not None:
+                return refused
         try:
             return message_class.FromString(data)
         except DecodeError as e:
@@ -59,6 +79,9 @@ def _refusing_undecodable(method: Callable[[Any, Any], Awaitable[Any]], name: st
         if isinstance(request, Undecodable):
             log.info("%s refused (INVALID_ARGUMENT): %s", name, request.message)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if isinstance(request, Refused):
+            log.info("%s refused (%s): %s", name, request.code.name, request.message)
+            await context.abort(request.code, request.message)
         return await method(request, context)
 
     return handler
@@ -71,7 +94,8 @@ def _unimplemented(name: str) -> Callable[[Any, Any], Awaitable[Any]]:
     return handler
 
 
-def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor) -> None:
+def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor,
+                screens: dict[str, Screen] | None = None) -> None:
     """Register every method of ``service`` on ``server``, implemented by ``servicer``'s method of the same name.
 
     Coroutine methods with one request (unary-unary, and unary-stream written with ``context.write`` such as
@@ -80,6 +104,11 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescript
     the generated servicer's stub (health's List in grpcio-health-checking's asyncio servicer is one) and answered
     UNIMPLEMENTED, without the traceback grpcio would log for the stub's NotImplementedError. A stream-unary method
     (none in v1 or health) raises NotImplementedError here.
+
+    ``screens`` (method name -> function of the request's bytes) refuse requests before they are parsed: parsing
+    runs on the event loop, and a message of millions of entries takes it for a second or more. A screen returns
+    a :class:`Refused` (answered with its status by methods with one request, seen by stream methods among their
+    requests) or None to parse as usual.
     """
     handlers = {}
     for method in service.methods:
@@ -90,12 +119,14 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescript
             raise NotImplementedError(f"{service.full_name}.{method.name}: stream-unary methods are not supported")
         if method.client_streaming:  # stream-stream: the servicer sees each Undecodable among its requests
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                impl, request_deserializer=_parser(request_class), response_serializer=serialize)
+                impl, request_deserializer=_parser(request_class, (screens or {}).get(method.name)),
+                response_serializer=serialize)
             continue
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handler = (_refusing_undecodable(impl, method.full_name) if inspect.iscoroutinefunction(impl)
                    else _unimplemented(method.full_name))
-        handlers[method.name] = make(handler, request_deserializer=_parser(request_class),
+        handlers[method.name] = make(handler,
+                                     request_deserializer=_parser(request_class, (screens or {}).get(method.name)),
                                      response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2
 from moevit.worker.backends import ExpertBackend
-from moevit.worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertServicer
+from moevit.worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertServicer, wire_screen
 
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.config import ModelConfig
@@ -162,7 +162,9 @@ class WorkerServer:
         server = grpc.aio.server(options=options, interceptors=interceptors,
                                  maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         # not grpcio's generated add_ExpertServiceServicer_to_server: bytes that do not parse get INVALID_ARGUMENT
-        add_service(server, self._servicer, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"])
+        screen = wire_screen(self._servicer.hosted, self.fingerprint)  # large requests refused before parsing
+        add_service(server, self._servicer, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"],
+                    screens={"RunExperts": screen, "RunExpertsStream": screen})
         add_service(server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         try:
             # TLS configured -> only a TLS port: a plaintext port beside it would let a client skip the check

@@ -1,0 +1,279 @@
+"""Attacks of issue 21 against real processes on loopback, with the figure each one is judged by.
+
+    .venv/bin/python bench/attacks.py worker-refused     # item 1: worker RSS and health latency under refused requests
+    .venv/bin/python bench/attacks.py health-watches     # item 3: idle Health.Watch streams vs RunExperts
+    .venv/bin/python bench/attacks.py classify-bomb      # item 2: a legitimate Classify behind a progressive-JPEG bomb
+    .venv/bin/python bench/attacks.py classify-flood     # item 6: Classify server RSS under 48 MiB junk requests
+
+Each prints one JSON object (and with ``--out FILE`` writes it through ``bench/common.py``'s ``write_result``).
+The payload builders and the measurements are shared with ``tests/test_attacks.py`` and ``bench/soak_attacks.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc  # noqa: E402
+
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 128 << 20), ("grpc.max_receive_message_length", 128 << 20),
+                   ("grpc.enable_http_proxy", 0)]
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, MB (from /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class HealthProbe:
+    """Health.Check every ``every_s`` from a process of its own (so the attacker's own work, e.g. serialising
+    large requests, does not slow the probe down); :attr:`worst_s` is the slowest answer once it stopped (a check
+    that fails or times out counts as its time)."""
+
+    def __init__(self, address: str, every_s: float = 0.05, timeout_s: float = 5.0) -> None:
+        self.address, self.every_s, self.timeout_s = address, every_s, timeout_s
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> HealthProbe:
+        self._proc = subprocess.Popen([sys.executable, __file__, "_probe", self.address, str(self.every_s),
+                                       str(self.timeout_s)], cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        self._proc.stdout.readline()  # "ready": the first check answered
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._proc is not None
+        out, _ = self._proc.communicate("stop\n", timeout=self.timeout_s + 10)
+        result = json.loads(out.strip().splitlines()[-1])
+        self.latencies, self.failures = result["latencies"], result["failures"]
+
+    @property
+    def worst_s(self) -> float:
+        return max(self.latencies, default=0.0)
+
+
+def _probe(address: str, every_s: float, timeout_s: float) -> None:
+    """The probe process: checks until a line arrives on stdin, then prints the latencies as JSON."""
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    latencies: list[float] = []
+    failures = 0
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        print("ready", flush=True)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            except grpc.RpcError:
+                failures += 1
+            latencies.append(round(time.perf_counter() - t0, 4))
+            stop.wait(every_s)
+    print(json.dumps({"latencies": latencies, "failures": failures}), flush=True)
+
+
+# -------------------------------------------------------------------------------------------- worker payloads
+
+
+def refused_requests(fingerprint: str, layer: int, dim: int, unhosted: int) -> dict[str, expert_pb2.RunExpertsRequest]:
+    """The refused RunExperts requests of issue 21 item 1, each several MiB, keyed by kind."""
+    n = 5_000_000
+    zeros = bytes(8 << 20)
+    rows = len(zeros) // (4 * dim)
+    tensor = expert_pb2.Tensor(data=zeros[: rows * dim * 4], shape=[rows, dim], dtype=expert_pb2.FLOAT32)
+    big = expert_pb2.Tensor(data=bytes(32 << 20), shape=[(32 << 20) // (4 * dim), dim], dtype=expert_pb2.FLOAT32)
+    return {
+        # 5 M packed entries (about 9.5 MiB), for a model this worker does not serve
+        "packed_entries_wrong_fingerprint": expert_pb2.RunExpertsRequest(
+            model_fingerprint="0" * 16, layer=layer, packed=expert_pb2.PackedTokens(experts=[1] * n, counts=[1] * n)),
+        # the same for an expert the worker does not host
+        "packed_entries_unhosted": expert_pb2.RunExpertsRequest(
+            model_fingerprint=fingerprint, layer=layer,
+            packed=expert_pb2.PackedTokens(experts=[unhosted] * n, counts=[0] * n)),
+        # a 32 MiB tensor for another model
+        "tensor_wrong_fingerprint": expert_pb2.RunExpertsRequest(
+            model_fingerprint="0" * 16, layer=layer, batches=[expert_pb2.ExpertTokens(expert=0, tokens=big)]),
+        # an 8 MiB tensor naming an expert the worker does not host
+        "tensor_unhosted": expert_pb2.RunExpertsRequest(
+            model_fingerprint=fingerprint, layer=layer,
+            batches=[expert_pb2.ExpertTokens(expert=unhosted, tokens=tensor)]),
+    }
+
+
+def many_batches_request(fingerprint: str, layer: int, count: int = 12_000_000) -> bytes:
+    """A RunExpertsRequest of ``count`` empty batches (about 4.8 bytes each: 57 MiB for 12 M), serialised by hand
+    (building it through protobuf would take minutes): its token-element estimate is 0."""
+    head = expert_pb2.RunExpertsRequest(model_fingerprint=fingerprint, layer=layer).SerializeToString()
+    one = expert_pb2.RunExpertsRequest(batches=[expert_pb2.ExpertTokens(expert=1)]).SerializeToString()
+    return head + one * count
+
+
+def start_worker(model: str | Path, experts: str, *extra: str, log: Path | None = None) -> tuple[subprocess.Popen,
+                                                                                                    str]:
+    """A ``moe-worker`` process on a free loopback port, SERVING; (process, address)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    err = open(log, "w") if log is not None else tempfile.TemporaryFile()  # noqa: SIM115 - the process owns it
+    proc = subprocess.Popen([sys.executable, "-m", "moevit.worker.cli", "--listen", address, "--model", str(model),
+                             "--experts", experts, "--threads", "1", *extra], cwd=REPO_ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 120
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with {proc.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == 1:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError("the worker is not SERVING after 120 s")
+            time.sleep(0.1)
+    return proc, address
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def attack_refused(address: str, pid: int, fingerprint: str, *, layer: int, dim: int, unhosted: int,
+                   rounds: int = 6, stream: bool = False) -> dict[str, Any]:
+    """Send every refused request kind ``rounds`` times (unary, and on a stream when ``stream``), plus the
+    many-batches request; the worker's RSS growth and the slowest health answer meanwhile."""
+    requests = refused_requests(fingerprint, layer, dim, unhosted)
+    out: dict[str, Any] = {"rss_start_mb": round(rss_mb(pid), 1), "codes": {}}
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch, HealthProbe(address) as probe:
+        unary = ch.unary_unary("/moevit.rpc.v1.ExpertService/RunExperts")
+        for round_ in range(rounds):
+            if round_ == 1:  # after one request of each kind: the allocator's arenas have grown to their working size
+                out["rss_warm_mb"] = round(rss_mb(pid), 1)
+            for kind, req in requests.items():
+                data = req.SerializeToString()
+                try:
+                    unary(data, timeout=60)
+                    code = "OK"
+                except grpc.RpcError as e:
+                    code = e.code().name
+                out["codes"][f"unary:{kind}"] = code
+                print(f"{kind}: {code}, worker RSS {rss_mb(pid):.0f} MB", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            unary(many_batches_request(fingerprint, layer), timeout=60)
+            code = "OK"
+        except grpc.RpcError as e:
+            code = e.code().name
+        out["codes"]["unary:many_batches"] = code
+        out["many_batches_answer_s"] = round(time.perf_counter() - t0, 3)
+        print(f"many_batches: {code} in {out['many_batches_answer_s']} s", file=sys.stderr)
+        if stream:
+            stub = expert_pb2_grpc.ExpertServiceStub(ch)
+            reqs = [r for _ in range(rounds) for r in requests.values()]
+            answers = list(stub.RunExpertsStream(iter(reqs), timeout=120))
+            out["codes"]["stream"] = sorted({grpc.StatusCode.OK.name if not a.error_code else
+                                             next(c.name for c in grpc.StatusCode if c.value[0] == a.error_code)
+                                             for a in answers})
+        time.sleep(0.5)
+    out["rss_end_mb"] = round(rss_mb(pid), 1)
+    out["rss_growth_mb"] = round(out["rss_end_mb"] - out["rss_start_mb"], 1)
+    if "rss_warm_mb" in out:
+        out["rss_growth_after_warm_mb"] = round(out["rss_end_mb"] - out["rss_warm_mb"], 1)
+    out["health_worst_s"] = round(probe.worst_s, 3)
+    out["health_failures"] = probe.failures
+    return out
+
+
+def small_model(tmp: Path) -> tuple[Path, str]:
+    """The tests' seeded small MoE model (layers 5 and 8, four experts), saved under ``tmp``; (path, fingerprint)."""
+    from moevit.checkpoint import model_fingerprint, save_checkpoint
+    from tests.deploy import small_moe_model
+
+    model = small_moe_model((5, 8), num_experts=4, calib_size=64)
+    return save_checkpoint(model, tmp / "moe.safetensors"), model_fingerprint(model)
+
+
+def worker_refused(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        model, fingerprint = small_model(Path(tmp))
+        from moevit.checkpoint import read_config
+
+        cfg = read_config(model)
+        dim = _layer_dim(model, 8)
+        proc, address = start_worker(model, "8:0-2")
+        try:
+            time.sleep(1.0)
+            result = attack_refused(address, proc.pid, fingerprint, layer=8, dim=dim, unhosted=3, rounds=args.rounds,
+                                    stream=args.stream)
+        finally:
+            stop(proc)
+        result["model"] = {"arch": cfg.arch, "layer": 8, "dim": dim}
+        return result
+
+
+def _layer_dim(model: Path, layer: int) -> int:
+    from moevit.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(model).moe_layers()[layer].experts.dim)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["_probe"]:
+        _probe(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("attack", choices=sorted(ATTACKS))
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--stream", action="store_true", help="worker-refused: also send the requests on a stream")
+    ap.add_argument("--out", help="write the JSON result here (bench/results/...)")
+    args = ap.parse_args(argv)
+    result = ATTACKS[args.attack](args)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        from bench.common import write_result
+
+        write_result(args.out, {"attack": args.attack, **result})
+    return 0
+
+
+ATTACKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"worker-refused": worker_refused}
+
+if __name__ == "__main__":
+    raise SystemExit(main())
