@@ -85,7 +85,56 @@ def _parser() -> argparse.ArgumentParser:
                     "more fills batches from many clients at the cost of a lone request's latency)")
     ap.add_argument("--metrics-port", metavar="[HOST:]PORT", help="serve Prometheus metrics at "
                     "http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
+    up = ap.add_argument_group("uplink: event summaries over MQTT through a durable outbox (docs/outputs.md)")
+    up.add_argument("--mqtt", metavar="URL", help="publish event summaries with QoS 1 to mqtt://[user@]host[:port]"
+                    "[/topic-prefix] (mqtts:// for TLS); each message waits in the outbox until the broker "
+                    "acknowledges it; an unreachable broker never stops classification")
+    up.add_argument("--mqtt-images", action="store_true", help="publish every image's record too")
+    up.add_argument("--mqtt-outbox", metavar="FILE", help="the outbox (SQLite; default <out>.outbox.sqlite, or "
+                    "moevit-outbox.sqlite without --out)")
+    up.add_argument("--mqtt-password-file", metavar="FILE", help="the broker password (first line)")
+    up.add_argument("--mqtt-ca", metavar="PEM", help="CA of the broker's certificate (mqtts://)")
+    up.add_argument("--mqtt-cert", metavar="PEM", help="client certificate for mutual TLS (with --mqtt-key)")
+    up.add_argument("--mqtt-key", metavar="PEM", help="client key for mutual TLS")
+    up.add_argument("--mqtt-wait", type=float, default=10.0, metavar="S", help="at the end, wait up to S seconds "
+                    "for the broker to acknowledge what is queued (the rest stays in the outbox; default 10)")
     return ap
+
+
+def _open_uplink(args: argparse.Namespace) -> Any:
+    """The started MQTT uplink of ``--mqtt`` (None without it); bad options are a ValueError naming them."""
+    if not args.mqtt:
+        return None
+    from moevit.coordinator.uplink import open_uplink
+
+    password = None
+    if args.mqtt_password_file:
+        lines = Path(args.mqtt_password_file).read_text(encoding="utf-8").splitlines()
+        password = lines[0] if lines else ""
+    box = args.mqtt_outbox or (f"{args.out}.outbox.sqlite" if args.out else "moevit-outbox.sqlite")
+    if not args.mqtt_wait >= 0:
+        raise ValueError(f"--mqtt-wait must be >= 0 seconds, got {args.mqtt_wait}")
+    return open_uplink(args.mqtt, box, warn=lambda s: print(f"moe-coordinator: uplink: {s}", file=sys.stderr),
+                       password=password, ca=args.mqtt_ca, cert=args.mqtt_cert, key=args.mqtt_key,
+                       per_image=args.mqtt_images)
+
+
+def _publish_events(uplink: Any, records: list[dict[str, Any]], runtime: SplitRuntime, args: argparse.Namespace,
+                    labels: list[str], taxa: list[Taxon] | None) -> None:
+    """Queue the run's event summaries, then wait up to --mqtt-wait for the broker's acknowledgements."""
+    from moevit.coordinator.events import events_from_megadetector
+
+    descriptions = res.descriptions_for(labels, taxa)
+    doc = res.build_megadetector(records, labels=labels, fingerprint=runtime.fingerprint,
+                                 descriptions=descriptions, gap_s=args.sequence_gap)
+    events = events_from_megadetector(doc)
+    queued = uplink.events(events, doc["classification_categories"], descriptions or None)
+    done = uplink.flush(args.mqtt_wait)
+    counts = uplink.outbox.counts()
+    print(f"uplink: {len(events)} event summaries ({queued} new) for {uplink.cfg.host}:{uplink.cfg.port}; "
+          + ("every queued message acknowledged by the broker" if done else
+             f"{counts['pending']} message(s) wait in {uplink.outbox.path} (sent when the broker answers, by this "
+             "or the next run)"))
 
 
 def _codecs(runtime: Any) -> str:
@@ -198,7 +247,8 @@ def _taxa(args: argparse.Namespace, dataset_taxa: list[Taxon] | None) -> list[Ta
     return res.read_taxa(args.taxa) if args.taxa else dataset_taxa
 
 
-def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int, metrics: Any = None) -> dict[str, Any]:
+def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int, metrics: Any = None,
+              uplink: Any = None) -> dict[str, Any]:
     items, dataset_taxa = _sources(args, size)
     labels = list(runtime.model.config.labels)
     taxa = _taxa(args, dataset_taxa)
@@ -227,6 +277,8 @@ def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int, metric
             records = _classify(runtime, batch, labels, failures, latencies)
             if log is not None:
                 log.append(records)
+            if uplink is not None and uplink.cfg.per_image:
+                uplink.images(records, res.sequence_group)  # into the outbox; sent in the background
             for rec in records:
                 new[rec["file"]] = rec
                 if metrics is not None and rec.get("error_kind") == "unreadable":
@@ -245,7 +297,10 @@ def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int, metric
     ordered = [reused.get(it.name) or new[it.name] for it in items]
     if out is not None:
         _write_results(out, ordered, runtime, args, size, labels, taxa)
-    return _summary(runtime, ordered, reused, new, latencies, failures, elapsed, out)
+    summary = _summary(runtime, ordered, reused, new, latencies, failures, elapsed, out)
+    if uplink is not None:
+        _publish_events(uplink, ordered, runtime, args, labels, taxa)
+    return summary
 
 
 def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRuntime, args: argparse.Namespace,
@@ -357,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="moe-coordinator: %(asctime)s %(message)s", datefmt="%H:%M:%S")
     workers = None
     runtime = None
+    uplink = None
     try:
         topology = load_topology(args.topology)
         if not (args.images or args.data or args.serve):
@@ -398,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(serve(runtime, args.serve, image_size=size, max_batch=args.max_batch,
                               max_wait_ms=args.max_wait_ms, credentials=credentials, token=token))
             return 0
-        summary = run_batch(runtime, args, size, metrics)
+        uplink = _open_uplink(args)
+        summary = run_batch(runtime, args, size, metrics, uplink)
         return 0 if summary["ok"] or not summary["images"] else 1
     except (TopologyError, CoordinatorError, CheckpointError, LaunchError, SiteError, OSError,
             ValueError) as e:
@@ -411,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moe-coordinator: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
+        if uplink is not None:
+            uplink.close()
         if runtime is not None:
             runtime.close()
         if workers is not None:

@@ -532,3 +532,38 @@ def test_camtrapdp_export_of_the_run(field, run, tmp_path):
     assert [e["scientificName"] for e in sorted(events, key=lambda e: e["eventStart"])] == \
            [by_seq["2024-05-01T06"], by_seq["2024-05-01T09"]]
     assert events[0]["eventStart"] == "2024-05-01T06:00:00+02:00"
+
+
+@pytest.mark.slow
+def test_mqtt_uplink_of_a_run_survives_an_unreachable_broker(field, run, tmp_path):
+    """moe-coordinator --mqtt with no broker: the run finishes (classification never waits), the event summaries
+    wait in the outbox; the same command again once a mosquitto answers delivers each event summary once."""
+    from moevit.coordinator.events import events_from_megadetector
+
+    from tests.test_uplink import MOSQUITTO, Broker, Consumer
+
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (make test installs it)")
+    port = free_port()
+    out = tmp_path / "results.json"
+    cmd = _cmd(field, out, "--mqtt", f"mqtt://127.0.0.1:{port}/t", "--mqtt-wait", "1")
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.monotonic() - t0 < 120
+    expected = events_from_megadetector(json.loads(out.read_text()))
+    assert f"uplink: {len(expected)} event summaries ({len(expected)} new)" in r.stdout
+    assert "wait in" in r.stdout and f"{out}.outbox.sqlite" in r.stdout
+    broker = Broker(tmp_path, port).start()
+    consumer = Consumer(port)
+    try:
+        time.sleep(0.5)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)  # resumes: nothing to classify
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"uplink: {len(expected)} event summaries (0 new)" in r.stdout
+        assert "every queued message acknowledged" in r.stdout
+        got = consumer.wait_for(len(expected))
+        assert got == {e.message_id for e in expected}
+    finally:
+        consumer.close()
+        broker.stop()
