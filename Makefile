@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv results bench clean mosquitto
+.PHONY: demo test lint venv results results-digits pretrain bench clean mosquitto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,9 +34,22 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m moevit.coordinator.demo
 
-# The paper's Table 1/2 protocol on the bundled digits (about 10 min on 2 cores; add GRID=1 for the E x K grid)
+# Dense vs MoE on scenes under the fair protocol (val selects, eval reports, 3 seeds, equal budgets, MoE within the
+# dense parameter count), the gate, bench/results/scenes.{md,json}; FULL=1 adds Table 1 and Table 2's layer sets.
+# Resumable: a rerun skips finished steps. Starts from the pretrained trunk (make pretrain).
 results: $(STAMP)
+	nice -n 5 $(BIN)/python bench/scenes_results.py $(if $(FULL),--full,)
+
+# The earlier small-scale Table 1/2 on the bundled digits (add GRID=1 for the E x K grid)
+results-digits: $(STAMP)
 	$(BIN)/python bench/table1.py $(if $(GRID),--grid,)
+
+# Pretrain the trunk once on the procedurally generated corpus (moevit/pretrain.py): writes the weights kept in
+# weights/ and the recipe JSON beside them. PRETRAIN_ARGS overrides, e.g. PRETRAIN_ARGS="--image-size 128 --budget-min 60"
+PRETRAIN_ARGS ?= --image-size 64 --classes 64 --per-class 185 --epochs 1
+pretrain: $(STAMP)
+	nice -n 5 $(BIN)/python -m moevit.pretrain --out runs/pretrain \
+		--weights weights/pretrain-mobilevitv2_050-64.safetensors $(PRETRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -235,3 +235,29 @@ def convert(dense: MobileViTV2, dataset_at: Callable[[int], Any], targets: list[
 
 def with_moe(cfg: ConvertConfig, **moe_changes: Any) -> ConvertConfig:
     return replace(cfg, moe=replace(cfg.moe, **moe_changes))
+
+
+def hidden_within_budget(dense: MobileViTV2, layers: tuple[int, ...], experts: int, *, top_k: int = 1) -> int:
+    """The largest K (hidden units per expert) for which the MoE model has no more parameters than ``dense``: the
+    paper's regime (its MoEs have 13 % fewer parameters than MobileViTV2-0.5). Raises when even K = 1 is larger."""
+    from moevit.flops import count_params
+    from moevit.mobilevitv2 import build_model
+
+    budget = sum(p.numel() for p in dense.parameters())
+    widths = [dense.transformer_layers()[i].mlp.fc1.out_channels for i in layers]
+
+    def params(k: int) -> int:
+        cfg = MoEConfig(layers=tuple(layers), num_experts=experts, expert_hidden=k, top_k=top_k)
+        return count_params(build_model(replace(dense.config, moe=cfg)))
+
+    lo, hi = 0, min(widths)
+    while lo < hi:  # parameters grow with K: the largest K within the budget
+        mid = (lo + hi + 1) // 2
+        if params(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo < 1:
+        raise ValueError(f"MoE-{experts} at layers {list(layers)} has more parameters than the dense model even "
+                         "with K = 1")
+    return lo

@@ -138,6 +138,7 @@ class Trainer:
         self.warmup_steps = int(cfg.warmup_epochs * self.steps_per_epoch)
         self.step = 0
         self.best = -1.0
+        self.best_step = 0  # the step of best.safetensors
         self.history: list[dict[str, Any]] = []
 
     # -- persistence -----------------------------------------------------------------------------------------
@@ -149,7 +150,8 @@ class Trainer:
         for pid, st in sd["state"].items():
             for k, v in st.items():
                 tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu() if torch.is_tensor(v) else torch.tensor(v)
-        meta = {"step": self.step, "best": self.best, "cfg": asdict(self.cfg), "param_groups": sd["param_groups"]}
+        meta = {"step": self.step, "best": self.best, "best_step": self.best_step, "cfg": asdict(self.cfg),
+                "param_groups": sd["param_groups"]}
         with atomic_path(self.out / "train_state.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
 
@@ -173,6 +175,7 @@ class Trainer:
             state.setdefault(int(pid), {})[name] = v
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.step, self.best = int(meta["step"]), float(meta["best"])
+        self.best_step = int(meta.get("best_step", 0))
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
             self.history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -248,6 +251,7 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
         if metric > self.best:
             self.best = metric
+            self.best_step = self.step
             save_checkpoint(self.model, self.out / "best.safetensors", extra={"epoch": str(epoch + 1)})
         self._save_state()
         if "top1" in row:

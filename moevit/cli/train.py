@@ -22,7 +22,7 @@ from moevit.checkpoint import load_checkpoint, load_weights
 from moevit.cli.common import run_cli, set_threads
 from moevit.data import open_dataset
 from moevit.deploy.config import mapping, read_yaml
-from moevit.train import TrainConfig, Trainer
+from moevit.train import TrainConfig, Trainer, evaluate
 
 # Named search space: name -> (kind, low, high) or ("choice", [values]).
 SEARCH_SPACE: dict[str, tuple] = {
@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (batch order, augmentation, dropout)")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the held-out splits, separate from --seed so "
+                    "that runs of several training seeds are scored on the same images (default 0)")
+    ap.add_argument("--select", choices=("eval", "val"), default="eval",
+                    help="where the best checkpoint is chosen: 'val' trains on search-train, selects on val and "
+                         "reports the chosen checkpoint once on eval (the fair protocol); 'eval' trains on train and "
+                         "selects on eval (default, the paper's 80/20 holdout)")
     d = TrainConfig()
     for g in ("moe", "head", "rest"):
         ap.add_argument(f"--lr-{g}", type=float, default=None, help=f"learning rate of the {g} group "
@@ -112,12 +118,12 @@ def _make_model(args: argparse.Namespace, classes: list[str], dropout: float | N
 
 
 def _train_once(args: argparse.Namespace, opts: dict[str, Any], train_split: str, eval_split: str,
-                out: Path, progress: bool) -> dict[str, Any]:
+                out: Path, progress: bool, search_trial: bool = False) -> dict[str, Any]:
     opts = dict(opts)
     dropout = opts.pop("dropout", None)
     cfg = TrainConfig.from_dict(opts)
-    train_set = open_dataset(args.data, image_size=args.image_size, split=train_split, seed=args.seed)
-    eval_set = open_dataset(args.data, image_size=args.image_size, split=eval_split, seed=args.seed)
+    train_set = open_dataset(args.data, image_size=args.image_size, split=train_split, seed=args.split_seed)
+    eval_set = open_dataset(args.data, image_size=args.image_size, split=eval_split, seed=args.split_seed)
     model = _make_model(args, list(train_set.classes), dropout)
     trainer = Trainer(model, train_set, eval_set, cfg, out, progress=progress)
     if progress:
@@ -127,7 +133,21 @@ def _train_once(args: argparse.Namespace, opts: dict[str, Any], train_split: str
     skipped = getattr(train_set, "skipped", []) + getattr(eval_set, "skipped", [])
     for path, reason in skipped:
         print(f"moe-train: skipped unreadable image {path}: {reason}", file=sys.stderr)
-    return {"best_top1": trainer.best, **{k: v for k, v in last.items() if k != "per_class"}}
+    result = {"best_top1": trainer.best, **{k: v for k, v in last.items() if k != "per_class"}}
+    if eval_split == "val" and train_split == "search-train" and not search_trial:
+        # the fair protocol: the checkpoint chosen on val is scored once on eval, which played no part in choosing
+        report_path = out / "report.json"
+        if not report_path.exists() or json.loads(report_path.read_text()).get("best_step") != trainer.best_step:
+            held = open_dataset(args.data, image_size=args.image_size, split="eval", seed=args.split_seed)
+            scored = evaluate(load_checkpoint(out / "best.safetensors"), held)
+            report_path.write_text(json.dumps({
+                "select": "val", "val_top1": trainer.best, "best_step": trainer.best_step,
+                "eval_top1": scored["top1"], "eval_top5": scored["top5"], "eval_loss": scored["loss"],
+                "eval_images": scored["n"], "eval_per_class": scored["per_class"], "data": args.data,
+                "split_seed": args.split_seed, "seed": args.seed}, indent=2))
+        report = json.loads(report_path.read_text())
+        result.update(val_top1=report["val_top1"], eval_top1=report["eval_top1"], eval_top5=report["eval_top5"])
+    return result
 
 
 def _sample(rng: random.Random) -> dict[str, Any]:
@@ -150,7 +170,7 @@ def search(args: argparse.Namespace, opts: dict[str, Any]) -> int:
         params = _sample(rng)
         print(f"trial {trial + 1}/{args.search}: " + ", ".join(f"{k}={v:.3g}" for k, v in params.items()))
         res = _train_once(args, {**opts, **params}, "search-train", "val", out / f"trial-{trial:03d}",
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, search_trial=True)
         rows.append({"trial": trial, **params, "val_top1": res.get("best_top1"), "val_top5": res.get("top5")})
     rows.sort(key=lambda r: -(r["val_top1"] or 0))
     with (out / "search.csv").open("w", newline="") as f:
@@ -177,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = _options(args)
         if args.search:
             return search(args, opts)
-        res = _train_once(args, opts, "train", "eval", Path(args.out), progress=not args.no_progress)
+        train_split, select_split = ("search-train", "val") if args.select == "val" else ("train", "eval")
+        res = _train_once(args, opts, train_split, select_split, Path(args.out), progress=not args.no_progress)
         print(json.dumps({"out": args.out, **res}))
         return 0
 

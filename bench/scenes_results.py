@@ -1,0 +1,210 @@
+"""Dense vs MoE on the scenes benchmark under the fair protocol of issue 17 (``make results``).
+
+    python bench/scenes_results.py                       # reduced grid: MoE-16 at [8] vs dense, seeds 0 1 2
+    python bench/scenes_results.py --full                # + Table 1 (E = 2, 8) and Table 2's layer sets
+    python bench/scenes_results.py --seeds 0 --dense-epochs 4 --ft-epochs 2   # the smallest honest version
+
+Protocol, per training seed (the split seed is fixed separately, so every seed is scored on the same images):
+
+1. dense: MobileViTV2-0.5 from the pretrained trunk (``--init``, see ``make pretrain``), trained on ``search-train``,
+   the checkpoint chosen on ``val``, reported once on ``eval`` (``moe-train --select val``);
+2. dense + extra epochs: the chosen dense model trained ``--ft-epochs`` more with the fine-tuning recipe, so dense
+   gets the same budget as each MoE (equal budgets);
+3. each MoE: converted from the chosen dense model (Ward + Algorithm 1, overlapping top-K units) with K the largest
+   that keeps its parameters at or below the dense model's, fine-tuned ``--ft-epochs`` with the same recipe;
+4. the table: top-1 on ``eval``, mean over seeds with a 95 % t-interval, the paired difference MoE − (dense +
+   extra) with its interval, parameters, MACs and batch-1 CPU latency at the benchmark's size.
+
+Also runs the gate (``bench/gate.py``: each layer's MLP zeroed on the dense models). Every step is skipped when its
+output exists and ``moe-train`` resumes a cut run, so the script can be stopped and rerun (with more seeds, say).
+Writes ``bench/results/scenes.json`` and ``bench/results/scenes.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+from gate import gate  # noqa: E402
+
+from moevit.checkpoint import load_checkpoint  # noqa: E402
+from moevit.cli.convert import main as convert_main  # noqa: E402
+from moevit.cli.train import main as train_main  # noqa: E402
+from moevit.convert import hidden_within_budget  # noqa: E402
+from moevit.data import open_dataset  # noqa: E402
+from moevit.flops import count_macs, count_params  # noqa: E402
+
+DATA = "scenes:classes=10,per_class=200,size=128,split_seed=0"
+INIT = "weights/pretrain-mobilevitv2_050-96.safetensors"
+REDUCED = [("8", 16)]
+FULL = [("8", 2), ("8", 8), ("8", 16), ("1,5,8", 8), ("1,3,5,7", 8), ("2,4,6,8", 8)]
+
+
+def _run(fn, argv: list[str]) -> None:
+    print("$", fn.__module__.replace("moevit.cli.", "moe-"), " ".join(argv), flush=True)
+    if fn(argv) != 0:
+        raise SystemExit(f"step failed: {argv}")
+
+
+def interval(values: list[float]) -> dict:
+    """Mean and 95 % t-interval (None for a single value: one seed has no interval)."""
+    from scipy.stats import t
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": n, "values": values}
+    half = float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / n**0.5
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "values": values}
+
+
+@torch.no_grad()
+def latency_ms(model: torch.nn.Module, size: int, reps: int) -> float:
+    """Median batch-1 forward time on one thread (the caller sets the threads)."""
+    model.eval()
+    x = torch.randn(1, 3, size, size)
+    for _ in range(3):
+        model(x)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--init", default=INIT, help="pretrained trunk (make pretrain)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--dense-epochs", type=int, default=6)
+    ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--full", action="store_true", help="Table 1 (E = 2, 8, 16 at [8]) and Table 2's layer sets")
+    ap.add_argument("--images-per-class", type=int, default=32, help="conversion sample per class")
+    ap.add_argument("--latency-reps", type=int, default=30, help="0: skip the latency column")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/scenes")
+    ap.add_argument("--results", default="bench/results/scenes")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    size = str(args.image_size)
+    common = ["--data", args.data, "--image-size", size, "--select", "val", "--threads", str(args.threads),
+              "--no-progress"]
+    dense_recipe = ["--epochs", str(args.dense_epochs), "--mixup", "0.2", "--dropout", "0.1", "--lr-rest", "1e-3",
+                    "--lr-head", "2e-3", "--warmup-epochs", "0.5"]
+    ft_recipe = ["--epochs", str(args.ft_epochs), "--mixup", "0.2", "--lr-rest", "1e-4", "--lr-head", "2e-4",
+                 "--lr-moe", "5e-4", "--warmup-epochs", "0.2"]
+    variants = FULL if args.full else REDUCED
+    runs: dict[str, dict[int, str]] = {}
+    k_of: dict[str, int] = {}
+    conversions: dict[str, list[str]] = {}
+    for seed in args.seeds:
+        s = ["--seed", str(seed)]
+        dense_dir = out / f"dense-s{seed}"
+        _run(train_main, ["--model", "mobilevitv2_050", "--init", args.init, "--out", str(dense_dir), *common,
+                          *dense_recipe, *s])
+        dense_ck = dense_dir / "best.safetensors"
+        runs.setdefault("dense", {})[seed] = str(dense_dir)
+        extra = out / f"dense-extra-s{seed}"
+        _run(train_main, ["--model", str(dense_ck), "--out", str(extra), *common, *ft_recipe, *s])
+        runs.setdefault("dense + extra epochs", {})[seed] = str(extra)
+        dense = load_checkpoint(dense_ck)
+        for layers, experts in variants:
+            name = f"MoE-{experts} [{layers}]"
+            k = hidden_within_budget(dense, tuple(int(i) for i in layers.split(",")), experts)
+            k_of[name] = k
+            tag = f"moe{experts}-L{layers.replace(',', '-')}-K{k}-s{seed}"
+            conv = out / f"{tag}.safetensors"
+            if not (conv.exists() and conv.with_suffix(".report.json").exists()):
+                _run(convert_main, ["--dense", str(dense_ck), "--data", args.data, "--layers", layers, "--experts",
+                                    str(experts), "--hidden", str(k), "--images-per-class",
+                                    str(args.images_per_class), "--seed", str(seed), "--threads", str(args.threads),
+                                    "--out", str(conv), "--report", str(conv.with_suffix(".report.json"))])
+            _run(train_main, ["--model", str(conv), "--out", str(out / f"{tag}-ft"), *common, *ft_recipe, *s])
+            runs.setdefault(name, {})[seed] = str(out / f"{tag}-ft")
+            conversions.setdefault(name, []).append(str(conv.with_suffix(".report.json")))
+
+    # the gate, on every dense model
+    held = open_dataset(args.data, image_size=args.image_size, split="eval", seed=0)
+    gates = []
+    for seed, d in runs["dense"].items():
+        path = out / f"gate-s{seed}.json"
+        if not path.exists():
+            path.write_text(json.dumps(gate(load_checkpoint(Path(d) / "best.safetensors"), held)))
+        gates.append(json.loads(path.read_text()))
+    gate_rows = [{"layer": i, **interval([g["rows"][i + 1]["drop_points"] for g in gates])} for i in range(9)]
+
+    rows = []
+    baseline = runs["dense + extra epochs"]
+    for name, by_seed in runs.items():
+        reports = {s: json.loads((Path(d) / "report.json").read_text()) for s, d in by_seed.items()}
+        model = load_checkpoint(Path(next(iter(by_seed.values()))) / "best.safetensors")
+        row = {"model": name, "hidden": k_of.get(name), "params": count_params(model),
+               "macs": count_macs(model, args.image_size),
+               "latency_ms": latency_ms(model, args.image_size, args.latency_reps) if args.latency_reps else None,
+               "top1": interval([r["eval_top1"] for r in reports.values()]),
+               "val_top1": interval([r["val_top1"] for r in reports.values()])}
+        if name.startswith("MoE"):
+            base = {s: json.loads((Path(baseline[s]) / "report.json").read_text())["eval_top1"] for s in by_seed}
+            row["minus_dense_extra"] = interval([reports[s]["eval_top1"] - base[s] for s in by_seed])
+            conv_reports = [json.loads(Path(p).read_text()) for p in conversions[name]]
+            row["agreement_before_ft"] = interval([r["agreement_top1"] for r in conv_reports])
+            row["top1_before_ft"] = interval([r["top1_moe_before_finetune"] for r in conv_reports])
+        rows.append(row)
+
+    def pct(iv: dict | None) -> str:
+        if iv is None:
+            return "-"
+        if iv["lo"] is None:
+            return f"{100 * iv['mean']:.1f} (1 seed)"
+        return f"{100 * iv['mean']:.1f} [{100 * iv['lo']:.1f}, {100 * iv['hi']:.1f}]"
+
+    def pts(iv: dict | None) -> str:
+        if iv is None:
+            return "-"
+        if iv["lo"] is None:
+            return f"{100 * iv['mean']:+.1f} (1 seed)"
+        return f"{100 * iv['mean']:+.1f} [{100 * iv['lo']:+.1f}, {100 * iv['hi']:+.1f}]"
+
+    n = len(args.seeds)
+    lines = [f"Scenes `{args.data}` at {size} px; {n} training seed(s) {args.seeds}; top-1 on `eval` (checkpoint "
+             f"chosen on `val`), mean and 95 % t-interval; dense {args.dense_epochs} epochs from `{args.init}`, "
+             f"then {args.ft_epochs} more for every row but `dense`.", "",
+             "| model | K | parameters | MACs/image | batch-1 CPU latency (ms) | top-1 (%) "
+             "| vs dense + extra (points) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}"
+        lines.append(f"| {r['model']} | {r['hidden'] or '-'} | {r['params']:,} | {r['macs']:,} | {lat} | "
+                     f"{pct(r['top1'])} | {pts(r.get('minus_dense_extra'))} |")
+    lines += ["", "Gate: top-1 drop (points) with each transformer layer's MLP zeroed, dense models, `eval`:", "",
+              "| layer | " + " | ".join(str(g["layer"]) for g in gate_rows) + " |",
+              "|---|" + "---:|" * 9,
+              "| drop | " + " | ".join(f"{g['mean']:.1f}" for g in gate_rows) + " |"]
+    table = "\n".join(lines)
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.with_suffix(".md").write_text(table + "\n")
+    write_result(results.with_suffix(".json"), {
+        "data": args.data, "image_size": args.image_size, "init": args.init, "seeds": args.seeds,
+        "dense_recipe": dense_recipe, "ft_recipe": ft_recipe, "rows": rows, "gate": gate_rows,
+        "gate_runs": gates, "runs": runs, "threads": args.threads, "seconds": time.perf_counter() - t0})
+    print(table)
+    print(f"\n{time.perf_counter() - t0:.0f} s; {results.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

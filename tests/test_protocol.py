@@ -1,0 +1,80 @@
+"""The fair protocol of issue 17 in the training code: select on val and report once on eval, a split seed separate
+from the training seed, MoE sizes within the dense model's parameters, and the MLP-zeroing gate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import moevit
+from moevit.cli.train import main as train_main
+from moevit.convert import hidden_within_budget
+from moevit.data import open_dataset
+from moevit.flops import count_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+DATA = "synthetic:classes=3,per_class=30,size=32"
+
+
+@pytest.mark.slow
+def test_select_on_val_reports_the_chosen_checkpoint_on_eval(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", DATA, "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--select", "val",
+            "--seed", "3", "--split-seed", "1", "--out", str(out), "--no-progress"]
+    assert train_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    val = open_dataset(DATA, image_size=32, split="val", seed=1)
+    held = open_dataset(DATA, image_size=32, split="eval", seed=1)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["n"] == len(val) for m in metrics)  # every epoch was scored on val, not eval
+    assert report["val_top1"] == max(m["top1"] for m in metrics)
+    assert report["eval_images"] == len(held) and report["split_seed"] == 1 and report["seed"] == 3
+    from moevit.checkpoint import load_checkpoint
+    from moevit.train import evaluate
+
+    assert abs(evaluate(load_checkpoint(out / "best.safetensors"), held)["top1"] - report["eval_top1"]) < 1e-9
+    before = (out / "report.json").stat().st_mtime_ns
+    assert train_main(argv) == 0  # a finished run returns at once and keeps its report
+    assert (out / "report.json").stat().st_mtime_ns == before
+
+
+def test_split_seed_not_training_seed_fixes_the_held_out_images():
+    a = open_dataset(DATA, image_size=32, split="eval", seed=0)
+    b = open_dataset(DATA, image_size=32, split="eval", seed=1)
+    assert a.items != b.items
+    # moe-train's --seed no longer moves the split: two training seeds with --split-seed 0 share their eval images
+    from moevit.cli.train import build_parser
+
+    args = build_parser().parse_args(["--data", DATA, "--out", "x", "--seed", "5"])
+    assert args.split_seed == 0 and args.seed == 5
+
+
+def test_hidden_within_budget_keeps_the_moe_at_or_below_dense():
+    dense = moevit.create_model("mobilevitv2_050", num_classes=11)
+    budget = count_params(dense)
+    for layers, experts in (((8,), 16), ((8,), 2), ((2, 4, 6, 8), 8)):
+        k = hidden_within_budget(dense, layers, experts)
+        cfg = moevit.ModelConfig(arch="mobilevitv2_050", num_classes=11,
+                                 moe=moevit.MoEConfig(layers=layers, num_experts=experts, expert_hidden=k))
+        bigger = moevit.ModelConfig(arch="mobilevitv2_050", num_classes=11,
+                                    moe=moevit.MoEConfig(layers=layers, num_experts=experts, expert_hidden=k + 1))
+        assert count_params(moevit.build_model(cfg)) <= budget < count_params(moevit.build_model(bigger))
+    assert hidden_within_budget(dense, (8,), 16) == 13  # the paper's regime: a few units per expert
+
+
+def test_gate_zeroes_one_mlp_at_a_time_and_leaves_the_model_intact(dense_model):
+    import torch
+    from gate import gate, predictions
+
+    data = open_dataset("synthetic:classes=10,per_class=3,size=64", image_size=64, split="eval", seed=0)
+    before, _ = predictions(dense_model, data)
+    res = gate(dense_model, data)
+    assert [r["layer"] for r in res["rows"]] == [None, *range(9)]
+    assert res["rows"][0]["agreement"] == 1.0 and res["rows"][0]["drop_points"] == 0.0
+    assert any(r["agreement"] < 1.0 for r in res["rows"][1:])  # zeroing an MLP changes predictions of a real model
+    after, _ = predictions(dense_model, data)
+    assert torch.equal(before, after)  # the hooks are gone
