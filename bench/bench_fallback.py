@@ -83,6 +83,7 @@ from moevit.worker.service import validate_and_run  # noqa: E402
 from moevit.checkpoint import load_checkpoint, model_fingerprint  # noqa: E402
 from moevit.data import open_dataset  # noqa: E402
 from moevit.mobilevitv2 import MobileViTV2  # noqa: E402
+from moevit.moe.routing import record_routing  # noqa: E402
 from moevit_rpc.tensors import tensor_to_proto  # noqa: E402
 from moevit_rpc.v1 import expert_pb2  # noqa: E402
 
@@ -212,12 +213,12 @@ def fault_free(trunk: Trunk, xs: torch.Tensor, batch: int
     layers = model.moe_layers()
     logits, uses, hs = [], {i: [] for i in layers}, []
     diff = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model) as rec:
         for s in range(0, len(xs), batch):
             x = xs[s:s + batch]
             logits.append(model(x))
             for i, layer in layers.items():
-                idx_BNK = layer.last_routing.expert_idx_BNK
+                idx_BNK = rec[i].expert_idx_BNK
                 u = torch.zeros(len(idx_BNK), layer.num_experts, dtype=torch.bool)
                 u.scatter_(1, idx_BNK.reshape(len(idx_BNK), -1), True)
                 uses[i].append(u)
@@ -608,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fault-free top-1 {100 * top1_ref:.2f} % ({100 * ref_correct[eval_mask].float().mean():.2f} % on the "
           f"eval holdout); fault-free pass + trunk cache {pass_s:.1f} s (trunk: up to stages.{trunk.stage}.0)",
           flush=True)
-    patches = {i: int(model.moe_layers()[i].last_routing.expert_idx_BNK.shape[1]) for i in layers}
+    with torch.no_grad(), record_routing(model) as rec:
+        model(xs[:1])
+    patches = {i: int(rec[i].expert_idx_BNK.shape[1]) for i in layers}
     experts_per_image = {i: float(uses[i].sum(1).float().mean()) for i in layers}
 
     # ---- random subsets of experts down (every policy), and whole sites down: tasks over --jobs processes

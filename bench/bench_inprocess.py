@@ -27,6 +27,7 @@ import torch
 
 from moevit import MoEConfig, create_model
 from moevit.flops import count_macs, count_params
+from moevit.moe.routing import record_routing
 
 try:  # ``python -m bench.bench_inprocess`` from the repo root
     from bench.common import load_average, summarize, time_interleaved, write_result
@@ -57,10 +58,11 @@ def experts_used(model: torch.nn.Module, x: torch.Tensor) -> dict[str, list[int]
     """Per MoE layer: how many distinct experts the patches of each image use, after one forward on ``x``."""
     if not hasattr(model, "moe_layers"):
         return {}
-    model(x)
+    with record_routing(model) as rec:
+        model(x)
     out: dict[str, list[int]] = {}
-    for i, layer in model.moe_layers().items():
-        r = layer.last_routing
+    for i in model.moe_layers():
+        r = rec.last.get(i)
         out[str(i)] = [] if r is None else [int(torch.unique(r.expert_idx_BNK[b]).numel()) for b in range(x.shape[0])]
     return out
 

@@ -17,6 +17,29 @@ from typing import Any
 import torch
 
 from moevit.mobilevitv2 import MobileViTV2
+from moevit.moe.routing import record_routing
+
+
+class ClassAffinity:
+    """The class × expert affinity of one MoE layer, accumulated over batches: per class, the mean router softmax
+    probability of each expert over the class's patches. The one computation behind ``moe-analyze``, the
+    ``affinity`` of ``stats.json`` (:func:`moevit.partition.profile.profile_model`) and the before-fine-tuning
+    affinity of ``moe-convert``."""
+
+    def __init__(self, num_classes: int, num_experts: int) -> None:
+        self.prob_sum = torch.zeros(num_classes, num_experts, dtype=torch.float64)
+        self.patches = torch.zeros(num_classes, dtype=torch.float64)
+
+    def add(self, probs_BNE: torch.Tensor, labels_B: torch.Tensor) -> None:
+        """Router softmax of ``B`` items of ``N`` patches each, the items labelled ``labels_B``."""
+        B, N, _ = probs_BNE.shape
+        self.prob_sum.index_add_(0, labels_B, probs_BNE.double().sum(dim=1))
+        self.patches.index_add_(0, labels_B, torch.full((B,), float(N), dtype=torch.float64))
+
+    @property
+    def affinity(self) -> torch.Tensor:
+        """[C, E] float64; a class without patches has a row of zeros."""
+        return self.prob_sum / self.patches.clamp_min(1)[:, None]
 
 
 @torch.no_grad()
@@ -26,25 +49,26 @@ def routing_by_class(model: MobileViTV2, dataset, *, num_batches: int = 50, batc
     model.eval()
     n_cls = model.config.num_classes
     layers = model.moe_layers()
-    acc = {i: {"prob": torch.zeros(n_cls, m.num_experts), "use": torch.zeros(n_cls, m.num_experts),
-               "patches": torch.zeros(n_cls)} for i, m in layers.items()}
+    aff = {i: ClassAffinity(n_cls, m.num_experts) for i, m in layers.items()}
+    use = {i: torch.zeros(n_cls, m.num_experts) for i, m in layers.items()}
     n = min(len(dataset), num_batches * batch_size)
-    for j in range(0, n, batch_size):
-        items = [dataset[i] for i in range(j, min(j + batch_size, n))]
-        x = torch.stack([a for a, _ in items])
-        y = torch.tensor([b for _, b in items])
-        model(x)
-        for i, m in layers.items():
-            r = m.last_routing
-            B, N, E = r.probs_BNE.shape
-            onehot = torch.nn.functional.one_hot(r.expert_idx_BNK[..., 0], E).float()  # [B, N, E]
-            acc[i]["prob"].index_add_(0, y, r.probs_BNE.sum(dim=1))
-            acc[i]["use"].index_add_(0, y, onehot.sum(dim=1))
-            acc[i]["patches"].index_add_(0, y, torch.full((B,), float(N)))
+    with record_routing(model) as rec:
+        for j in range(0, n, batch_size):
+            items = [dataset[i] for i in range(j, min(j + batch_size, n))]
+            x = torch.stack([a for a, _ in items])
+            y = torch.tensor([b for _, b in items])
+            model(x)
+            for i in layers:
+                r = rec[i]
+                E = r.probs_BNE.shape[2]
+                aff[i].add(r.probs_BNE, y)
+                onehot = torch.nn.functional.one_hot(r.expert_idx_BNK[..., 0], E).float()  # [B, N, E]
+                use[i].index_add_(0, y, onehot.sum(dim=1))
     out = {}
-    for i, a in acc.items():
-        denom = a["patches"].clamp_min(1)[:, None]
-        out[i] = {"affinity": a["prob"] / denom, "usage": a["use"] / denom, "patches": a["patches"]}
+    for i, a in aff.items():
+        patches = a.patches.float()
+        out[i] = {"affinity": a.affinity.float(), "usage": use[i] / patches.clamp_min(1)[:, None],
+                  "patches": patches}
     return out
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from moevit.analysis import ClassAffinity
 from moevit.config import MoEConfig
 from moevit.layers import ConvMlp
 from moevit.mobilevitv2 import MobileViTV2
@@ -188,13 +189,9 @@ def init_layer(moe_layer: MoELayer, dense_mlp: ConvMlp, block: torch.nn.Module, 
 @torch.no_grad()
 def affinity_from_samples(moe_layer: MoELayer, samples: LayerSamples, num_classes: int) -> torch.Tensor:
     """Class × expert affinity before fine-tuning: per-class mean router softmax over the class's T_c."""
-    probs = moe_layer.router(samples.zbar_MC).softmax(dim=-1)
-    out = torch.zeros(num_classes, moe_layer.num_experts)
-    for c in range(num_classes):
-        sel = samples.cls_M == c
-        if sel.any():
-            out[c] = probs[sel].mean(dim=0)
-    return out
+    aff = ClassAffinity(num_classes, moe_layer.num_experts)
+    aff.add(moe_layer.router(samples.zbar_MC).softmax(dim=-1)[:, None], samples.cls_M.long())  # one patch per item
+    return aff.affinity.float()
 
 
 def convert(dense: MobileViTV2, dataset_at: Callable[[int], Any], targets: list[int], cfg: ConvertConfig, *,

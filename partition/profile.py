@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -30,9 +31,11 @@ import torch.nn.functional as F
 from moevit.partition.costmodel import STATS_FORMAT, parse_stats
 from tqdm import tqdm
 
+from moevit.analysis import ClassAffinity
 from moevit.checkpoint import model_fingerprint
 from moevit.flops import count_macs
 from moevit.mobilevitv2 import MobileViTV2, build_model
+from moevit.moe.routing import record_routing
 
 __all__ = ["PIXELS_PER_PATCH", "profile_model", "select_images"]
 
@@ -106,18 +109,17 @@ def profile_model(
 
     was_training = model.training
     model.eval()
-    recording = {i: moe[i].record_routing for i in layer_ids}
     grids: dict[int, tuple[int, int]] = {}
     handles = _grids(model, grids)
     per_image: dict[int, list[np.ndarray]] = {i: [] for i in layer_ids}
     class_load = {i: np.zeros((n_cls, moe[i].num_experts)) for i in layer_ids}
-    affinity = {i: np.zeros((n_cls, moe[i].num_experts)) for i in layer_ids}
+    affinity = {i: ClassAffinity(n_cls, moe[i].num_experts) for i in layer_ids}
     pairs = list(zip(layer_ids[:-1], layer_ids[1:], strict=True))
     coact = {(a, b): np.zeros((moe[a].num_experts, moe[b].num_experts)) for a, b in pairs}
     class_images = np.zeros(n_cls, dtype=np.int64)
+    stack = ExitStack()  # the routing recorder's hooks, removed in the finally below
     try:
-        for i in layer_ids:
-            moe[i].record_routing = True
+        rec = stack.enter_context(record_routing(model))
         starts = range(0, len(chosen), batch_size)
         bar = tqdm(starts, desc="profiling", unit="batch", disable=not progress, leave=False)
         for start in bar:
@@ -131,8 +133,7 @@ def profile_model(
             class_images += np.bincount(labels.numpy(), minlength=n_cls)
             for i in layer_ids:
                 layer = moe[i]
-                routing = layer.last_routing
-                assert routing is not None
+                routing = rec[i]
                 E = layer.num_experts
                 idx_BNK, probs_BNE = routing.expert_idx_BNK, routing.probs_BNE
                 B, N, _ = idx_BNK.shape
@@ -144,7 +145,7 @@ def profile_model(
                 per_image[i].append(counts_BE.numpy())
                 lab = labels.numpy()
                 np.add.at(class_load[i], lab, counts_BE.numpy())
-                np.add.at(affinity[i], lab, probs_BNE.double().mean(dim=1).numpy())
+                affinity[i].add(probs_BNE, labels)
                 # [B, N, E] -> [B, E, h, w], each patch's slots weighing 1/k (row-major patches: n = r * w + c)
                 maps[i] = (onehot_BNE / top_k).permute(0, 2, 1).reshape(B, E, h, w)
             for a, b in pairs:
@@ -152,10 +153,9 @@ def profile_model(
                 pooled = F.adaptive_avg_pool2d(ra, rb.shape[-2:])
                 coact[(a, b)] += torch.einsum("bihw,bjhw->ij", pooled, rb).numpy()
     finally:
+        stack.close()
         for hd in handles:
             hd.remove()
-        for i in layer_ids:
-            moe[i].record_routing = recording[i]
         model.train(was_training)
 
     n = len(chosen)
@@ -191,7 +191,7 @@ def profile_model(
                 "total": [int(round(v)) for v in counts.sum(axis=0)],
             },
             "class_patches_per_expert": (class_load[i] / per_cls).tolist(),
-            "affinity": (affinity[i] / per_cls).tolist(),
+            "affinity": affinity[i].affinity.tolist(),
         })
     coactivation = []
     for a, b in pairs:

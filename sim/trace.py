@@ -27,6 +27,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -230,6 +231,7 @@ def record_trace(model: Any, images: Iterable[tuple[Any, int | None]], *, confid
     import torch
 
     from moevit.checkpoint import model_fingerprint
+    from moevit.moe.routing import record_routing
 
     moe = model.moe_layers()
     if not moe:
@@ -239,12 +241,11 @@ def record_trace(model: Any, images: Iterable[tuple[Any, int | None]], *, confid
     header = TraceHeader(fingerprint=model_fingerprint(model), layers=layers, pixels_per_patch=4,
                          top_k=tops.pop() if len(tops) == 1 else 1, confidence_threshold=confidence_threshold)
     out: list[TraceImage] = []
-    recording = {i: moe[i].record_routing for i in layers}
     was_training = model.training
     model.eval()
+    stack = ExitStack()  # the routing recorder's hooks, removed in the finally below
     try:
-        for i in layers:
-            moe[i].record_routing = True
+        rec = stack.enter_context(record_routing(model))
         batch: list[tuple[Any, int | None]] = []
 
         def flush() -> None:
@@ -254,8 +255,7 @@ def record_trace(model: Any, images: Iterable[tuple[Any, int | None]], *, confid
             per: list[dict[int, np.ndarray]] = [{} for _ in batch]
             low: list[dict[int, np.ndarray]] = [{} for _ in batch]
             for i, E in layers.items():
-                r = moe[i].last_routing
-                assert r is not None
+                r = rec[i]
                 idx = r.expert_idx_BNK  # [B, N, K]
                 top1 = r.probs_BNE.max(dim=-1).values  # [B, N]
                 weak = (top1 < confidence_threshold)[:, :, None].expand_as(idx)
@@ -273,8 +273,7 @@ def record_trace(model: Any, images: Iterable[tuple[Any, int | None]], *, confid
         if batch:
             flush()
     finally:
-        for i in layers:
-            moe[i].record_routing = recording[i]
+        stack.close()
         model.train(was_training)
     if not out:
         raise ValueError("no images to record")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moevit
-from moevit.moe import CosineRouter, LocalDispatcher, MoELayer
+from moevit.moe import CosineRouter, LocalDispatcher, MoELayer, record_routing
 from moevit.moefy import load_expert, moe_skeleton
 
 
@@ -66,9 +66,10 @@ def _one_patch(v):
 def test_top1_renorm_gate_is_one_and_picks_the_nearest_centroid():
     layer = _tiny_layer(1, "renorm")
     z = _one_patch([1.0, 0.0])  # cos: e0 = 1, e1 = 0, e2 = 1/√2 -> e0
-    y = layer(z, z)
-    assert layer.last_routing.expert_idx_BNK.tolist() == [[[0]]]
-    assert layer.last_routing.gates_BNK.item() == 1.0
+    with record_routing(layer) as rec:
+        y = layer(z, z)
+    assert rec[0].expert_idx_BNK.tolist() == [[[0]]]
+    assert rec[0].gates_BNK.item() == 1.0
     torch.testing.assert_close(y, torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1).expand(1, 2, 4, 1))
 
 
@@ -77,8 +78,9 @@ def test_top2_softmax_gates_by_hand():
     z = _one_patch([1.0, 0.0])
     c = 1 / math.sqrt(2)
     p = torch.softmax(torch.tensor([1.0, 0.0, c]), 0)  # logits = cos × 1
-    y = layer(z, z)
-    assert layer.last_routing.expert_idx_BNK.tolist() == [[[0, 2]]]
+    with record_routing(layer) as rec:
+        y = layer(z, z)
+    assert rec[0].expert_idx_BNK.tolist() == [[[0, 2]]]
     expected = p[0] * torch.tensor([1.0, 0.0]) + p[2] * torch.tensor([10.0, 10.0])
     torch.testing.assert_close(y[0, :, 0, 0], expected)
     # renormalised top-2: gates p0/(p0+p2), p2/(p0+p2)
@@ -91,9 +93,29 @@ def test_top2_softmax_gates_by_hand():
 def test_all_pixels_of_a_patch_share_one_expert():
     layer = MoELayer(8, layer_id=0, num_experts=4, expert_hidden=4)
     z = torch.randn(2, 8, 4, 5)
+    with record_routing(layer) as rec:
+        layer(z, z)
+    assert rec[0].expert_idx_BNK.shape == (2, 5, 1)
+    assert int(rec.tokens_per_expert(0).sum()) == 10
+
+
+def test_routing_is_kept_only_inside_a_record_routing_block():
+    layer = MoELayer(8, layer_id=3, num_experts=4, expert_hidden=4)
+    z = torch.randn(2, 8, 4, 5)
+    with record_routing(layer) as rec:
+        with pytest.raises(KeyError, match="no routing recorded at MoE layer 3"):
+            rec[3]
+        layer(z, z)
+        first = rec[3]
+        layer(z[:1], z[:1])  # the latest forward replaces the previous one
+        assert rec[3].probs_BNE.shape == (1, 5, 4) and first.probs_BNE.shape == (2, 5, 4)
+        assert rec[3].probs_BNE.sum(-1) == pytest.approx(torch.ones(1, 5))
+    assert not layer.tap._forward_hooks  # the hooks are gone with the block
     layer(z, z)
-    assert layer.last_routing.expert_idx_BNK.shape == (2, 5, 1)
-    assert int(layer.tokens_per_expert().sum()) == 10
+    assert rec[3].probs_BNE.shape == (1, 5, 4)  # a forward outside the block records nothing
+    with pytest.raises(RuntimeError), record_routing(layer):
+        raise RuntimeError("boom")
+    assert not layer.tap._forward_hooks  # removed on an exception too
 
 
 def test_gradients_reach_router_experts_and_correction():

@@ -13,10 +13,12 @@ from moevit.partition.costmodel import load_stats, parse_stats
 from moevit.partition.profile import profile_model, select_images
 
 import moevit
+from moevit.analysis import ClassAffinity, routing_by_class
 from moevit.checkpoint import model_fingerprint, save_checkpoint
 from moevit.checkpoint_meta import checkpoint_fingerprint
 from moevit.data import open_dataset
 from moevit.flops import count_macs
+from moevit.moe.routing import record_routing
 
 DATA = "synthetic:classes=3,per_class=6,size=64"
 
@@ -94,15 +96,32 @@ def test_coactivation_follows_the_spatial_rule(dataset):
     model = tiny_model()
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     stats = profile_model(model, dataset, batch_size=len(dataset), count_dense=False)
-    model(x)
-    r5 = model.moe_layers()[5].last_routing.expert_idx_BNK[:, :, 0]  # [B, 4]
-    r8 = model.moe_layers()[8].last_routing.expert_idx_BNK[:, 0, 0]  # [B]
+    with record_routing(model) as rec:
+        model(x)
+    r5 = rec[5].expert_idx_BNK[:, :, 0]  # [B, 4]
+    r8 = rec[8].expert_idx_BNK[:, 0, 0]  # [B]
     want = np.zeros((4, 4))
     for b in range(len(dataset)):
         for n in range(4):
             want[int(r5[b, n]), int(r8[b])] += 0.25
     want /= len(dataset)
     assert np.array(stats["coactivation"][1]["patches"]) == pytest.approx(want)
+
+
+def test_class_affinity_by_hand():
+    aff = ClassAffinity(3, 2)
+    aff.add(torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]]), torch.tensor([0, 2]))
+    aff.add(torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]), torch.tensor([0]))
+    # class 0: patches (1,0) (0,1) (1,0) (1,0) -> (0.75, 0.25); class 1: no patches -> zeros; class 2: (0.5, 0.5)
+    assert aff.affinity.tolist() == [[0.75, 0.25], [0.0, 0.0], [0.5, 0.5]]
+
+
+def test_profile_and_moe_analyze_give_the_same_affinity(dataset):
+    model = tiny_model()
+    stats = profile_model(model, dataset, batch_size=3, count_dense=False)
+    by_class = routing_by_class(model, dataset, num_batches=len(dataset), batch_size=5)
+    for ls in stats["layers"]:
+        assert np.array(ls["affinity"]) == pytest.approx(by_class[ls["layer"]]["affinity"].numpy(), abs=1e-6)
 
 
 def test_model_figures_and_fingerprint(profiled):
@@ -126,7 +145,7 @@ def test_model_figures_and_fingerprint(profiled):
     assert stats["trunk_weight_bytes"] == state - expert_bytes
     parsed = parse_stats(json.loads(json.dumps(stats)))
     assert parsed.moe_layers() == {4: 4, 5: 4, 8: 4}
-    assert model.training is False and all(m.record_routing for m in model.moe_layers().values())
+    assert model.training is False and not any(m.tap._forward_hooks for m in model.moe_layers().values())
 
 
 def test_top_2_counts_both_slots(dataset):

@@ -22,6 +22,7 @@ from moevit.config import NUM_TRANSFORMER_LAYERS, MoEConfig
 from moevit.convert import ConvertConfig, convert
 from moevit.data import open_dataset
 from moevit.flops import count_macs, count_params
+from moevit.moe.routing import record_routing
 
 
 def parse_layers(values: list[str]) -> tuple[int, ...]:
@@ -48,9 +49,11 @@ def compare(dense, moe, dataset, batch: int = 64) -> dict[str, Any]:
         items = [dataset[i] for i in range(j, min(j + batch, len(dataset)))]
         x = torch.stack([a for a, _ in items])
         y = torch.tensor([b for _, b in items])
-        pd, pm = dense(x).argmax(1), moe(x).argmax(1)
-        for i, layer in moe.moe_layers().items():
-            loads[i] += layer.tokens_per_expert().float()
+        pd = dense(x).argmax(1)
+        with record_routing(moe) as rec:
+            pm = moe(x).argmax(1)
+        for i in loads:
+            loads[i] += rec.tokens_per_expert(i).float()
         agree += int((pd == pm).sum())
         correct_d += int((pd == y).sum())
         correct_m += int((pm == y).sum())

@@ -25,6 +25,16 @@ class Routing:
     probs_BNE: torch.Tensor
 
 
+class RoutingTap(nn.Module):
+    """Where a layer's routing can be read: a step that does nothing, called with the routing of every forward, for
+    forward hooks to attach to (:func:`moevit.moe.routing.record_routing`). No parameters, no state: a production
+    forward keeps nothing."""
+
+    def forward(self, expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, probs_TE: torch.Tensor,
+                batch: int) -> None:
+        return None
+
+
 class MoELayer(nn.Module):
     """Router + experts + a swappable dispatcher. ``layer_id`` is the transformer layer index (0–8)."""
 
@@ -38,8 +48,7 @@ class MoELayer(nn.Module):
         self.router = CosineRouter(dim, num_experts, logit_scale=logit_scale)
         self.experts = ExpertBank(dim, expert_hidden, num_experts, alpha_init=alpha_init)
         self.dispatcher: Dispatcher = LocalDispatcher(self.experts)
-        self.last_routing: Routing | None = None
-        self.record_routing = True
+        self.tap = RoutingTap()
 
     def set_dispatcher(self, dispatcher: Dispatcher | None) -> None:
         """Plug in another dispatcher (``None`` restores the in-process one)."""
@@ -62,22 +71,13 @@ class MoELayer(nn.Module):
     def forward(self, z_hat_BCPN: torch.Tensor, z_BCPN: torch.Tensor) -> torch.Tensor:
         B, C, P, N = z_hat_BCPN.shape
         expert_idx_TK, gates_TK, probs_TE = self.route(z_BCPN)
-        if self.record_routing:
-            k = self.top_k
-            self.last_routing = Routing(expert_idx_TK.detach().reshape(B, N, k), gates_TK.detach().reshape(B, N, k),
-                                        probs_TE.detach().reshape(B, N, -1))
+        self.tap(expert_idx_TK, gates_TK, probs_TE, B)  # stores nothing unless a recorder hooks it
         x_TPC = z_hat_BCPN.permute(0, 3, 2, 1).reshape(B * N, P, C)  # [B, C, P, N] -> [B*N, P, C]
         plan = self.dispatcher.dispatch(x_TPC, expert_idx_TK,
                                         probs_TE.detach() if self.dispatcher.wants_scores else None)
         outputs = self.dispatcher.compute(self.layer_id, plan)
         y_TPC = self.dispatcher.combine(plan, outputs, gates_TK, B * N)
         return y_TPC.reshape(B, N, P, C).permute(0, 3, 2, 1)  # [B*N, P, C] -> [B, C, P, N]
-
-    def tokens_per_expert(self) -> torch.Tensor:
-        """Patches routed to each expert in the last forward (counting every top-k slot), shape [E]."""
-        if self.last_routing is None:
-            return torch.zeros(self.num_experts, dtype=torch.long)
-        return torch.bincount(self.last_routing.expert_idx_BNK.reshape(-1), minlength=self.num_experts)
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}, experts={self.num_experts}, top_k={self.top_k}, gate={self.gate}"
