@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,17 +119,17 @@ def _open_uplink(args: argparse.Namespace) -> Any:
                        per_image=args.mqtt_images)
 
 
-def _publish_events(uplink: Any, records: list[dict[str, Any]], runtime: SplitRuntime, args: argparse.Namespace,
+def _publish_events(uplink: Any, records: list[dict[str, Any]], runtime: SplitRuntime, job: BatchJob,
                     labels: list[str], taxa: list[Taxon] | None) -> None:
     """Queue the run's event summaries, then wait up to --mqtt-wait for the broker's acknowledgements."""
     from moevit.coordinator.events import events_from_megadetector
 
     descriptions = res.descriptions_for(labels, taxa)
     doc = res.build_megadetector(records, labels=labels, fingerprint=runtime.fingerprint,
-                                 descriptions=descriptions, gap_s=args.sequence_gap)
+                                 descriptions=descriptions, gap_s=job.sequence_gap)
     events = events_from_megadetector(doc)
     queued = uplink.events(events, doc["classification_categories"], descriptions or None)
-    done = uplink.flush(args.mqtt_wait)
+    done = uplink.flush(job.mqtt_wait)
     counts = uplink.outbox.counts()
     print(f"uplink: {len(events)} event summaries ({queued} new) for {uplink.cfg.host}:{uplink.cfg.port}; "
           + ("every queued message acknowledged by the broker" if done else
@@ -155,6 +155,32 @@ def _image_files(root: str) -> list[Path]:
     return files
 
 
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch run, as :func:`run_batch` takes it: what to classify (``images``, a folder, or ``data``, a dataset
+    spec, with ``split`` and ``limit``), at which ``image_size``, in batches of ``batch_size``; where results go
+    (``out``, resumed unless ``restart``), how they are grouped (``sequence_gap`` seconds) and named (``taxa``).
+    The CLI builds it from its flags (:meth:`from_args`); a test or another program builds it directly."""
+
+    image_size: int
+    images: str | None = None
+    data: str | None = None
+    split: str = "eval"
+    limit: int | None = None
+    out: str | None = None
+    restart: bool = False
+    sequence_gap: float = DEFAULT_SEQUENCE_GAP_S
+    taxa: str | None = None
+    batch_size: int = 1
+    mqtt_wait: float = 10.0  # seconds the uplink may wait for the broker at the end
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, image_size: int) -> BatchJob:
+        """The job of ``moe-coordinator``'s flags, at ``image_size`` (the flag's, or the model's)."""
+        return cls(image_size=image_size, **{f.name: getattr(args, f.name) for f in fields(cls)
+                                              if f.name != "image_size"})
+
+
 @dataclass
 class _Item:
     """One input: its name in the results, how to load it (image, true label or None), its field metadata."""
@@ -164,25 +190,25 @@ class _Item:
     meta: Callable[[], dict[str, Any]] | None = None
 
 
-def _sources(args: argparse.Namespace, size: int) -> tuple[list[_Item], list[Taxon] | None]:
+def _sources(job: BatchJob, size: int) -> tuple[list[_Item], list[Taxon] | None]:
     """The inputs in order (nothing is decoded yet) and the dataset's taxa when it has some."""
-    if args.images:
-        root = Path(args.images)
+    if job.images:
+        root = Path(job.images)
 
         def item(f: Path) -> _Item:
             return _Item(f.relative_to(root).as_posix(), lambda: (load_image(f, size), None),
                          lambda: read_image_meta(f).to_record())
 
-        return [item(f) for f in _image_files(args.images)[: args.limit]], None
-    data = open_dataset(args.data, image_size=size, split=args.split)
-    n = min(len(data), args.limit or len(data))
+        return [item(f) for f in _image_files(job.images)[: job.limit]], None
+    data = open_dataset(job.data, image_size=size, split=job.split)
+    n = min(len(data), job.limit or len(data))
 
     def ditem(i: int) -> _Item:
         def load() -> tuple[torch.Tensor, int | None]:
             x, y = data[i]
             return x, int(y)
 
-        return _Item(f"{args.data}:{args.split}:{i}", load)
+        return _Item(f"{job.data}:{job.split}:{i}", load)
 
     return [ditem(i) for i in range(n)], data.taxa
 
@@ -243,18 +269,21 @@ def _ordered(rec: dict[str, Any]) -> dict[str, Any]:
     return {**{k: rec[k] for k in _FIRST if k in rec}, **{k: v for k, v in rec.items() if k not in _FIRST}}
 
 
-def _taxa(args: argparse.Namespace, dataset_taxa: list[Taxon] | None) -> list[Taxon] | None:
-    return res.read_taxa(args.taxa) if args.taxa else dataset_taxa
+def _taxa(job: BatchJob, dataset_taxa: list[Taxon] | None) -> list[Taxon] | None:
+    return res.read_taxa(job.taxa) if job.taxa else dataset_taxa
 
 
-def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int, metrics: Any = None,
+def run_batch(runtime: SplitRuntime, job: BatchJob, *, metrics: Any = None,
               uplink: Any = None) -> dict[str, Any]:
-    items, dataset_taxa = _sources(args, size)
+    """Classify the images of ``job`` with ``runtime``: results are written as they are made; returns the
+    summary (also printed)."""
+    size = job.image_size
+    items, dataset_taxa = _sources(job, size)
     labels = list(runtime.model.config.labels)
-    taxa = _taxa(args, dataset_taxa)
-    out = Path(args.out) if args.out else None
+    taxa = _taxa(job, dataset_taxa)
+    out = Path(job.out) if job.out else None
     say = lambda s: print(f"moe-coordinator: {s}", file=sys.stderr)  # noqa: E731
-    previous = res.load_previous(out, runtime.fingerprint, restart=args.restart, log=say) if out else {}
+    previous = res.load_previous(out, runtime.fingerprint, restart=job.restart, log=say) if out else {}
     if out is not None and res.is_jsonl(out):
         out.unlink(missing_ok=True)  # JSON lines: rewritten by every run, as before (resume is for .json)
     names = {it.name for it in items}
@@ -273,7 +302,7 @@ def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int, metric
     t_start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="classify", dynamic_ncols=True)
     try:
-        for batch in _batches(todo, args.batch_size):
+        for batch in _batches(todo, job.batch_size):
             records = _classify(runtime, batch, labels, failures, latencies)
             if log is not None:
                 log.append(records)
@@ -296,14 +325,14 @@ def run_batch(runtime: SplitRuntime, args: argparse.Namespace, size: int, metric
     elapsed = time.perf_counter() - t_start
     ordered = [reused.get(it.name) or new[it.name] for it in items]
     if out is not None:
-        _write_results(out, ordered, runtime, args, size, labels, taxa)
+        _write_results(out, ordered, runtime, job, size, labels, taxa)
     summary = _summary(runtime, ordered, reused, new, latencies, failures, elapsed, out)
     if uplink is not None:
-        _publish_events(uplink, ordered, runtime, args, labels, taxa)
+        _publish_events(uplink, ordered, runtime, job, labels, taxa)
     return summary
 
 
-def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRuntime, args: argparse.Namespace,
+def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRuntime, job: BatchJob,
                    size: int, labels: list[str], taxa: list[Taxon] | None) -> None:
     if res.is_jsonl(out):
         return  # the log is the output: one line per image, in input order
@@ -314,10 +343,10 @@ def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRunti
             "experts_per_layer": cfg.moe.num_experts if cfg.moe else 0,
             "sites": [runtime.local_site, *runtime.clients], "fallback": runtime.topology.fallback,
             "wire": {name: c.wire for name, c in runtime.clients.items()}}
-    extra = {"moevit_image_root": str(Path(args.images).resolve()) if args.images else f"data:{args.data}"}
+    extra = {"moevit_image_root": str(Path(job.images).resolve()) if job.images else f"data:{job.data}"}
     doc = res.build_megadetector(records, labels=labels, fingerprint=runtime.fingerprint,
                                  classifier=f"moevit {arch} {runtime.fingerprint}", classifier_metadata=meta,
-                                 descriptions=res.descriptions_for(labels, taxa), gap_s=args.sequence_gap,
+                                 descriptions=res.descriptions_for(labels, taxa), gap_s=job.sequence_gap,
                                  completed=datetime.now().astimezone(), extra_info=extra)
     res.write_json_atomic(out, doc)
     res.partial_path(out).unlink(missing_ok=True)
@@ -445,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads or 1)
         runtime.check_workers()
         size = args.image_size or runtime.model.config.image_size
+        job = BatchJob.from_args(args, image_size=size)
         print(f"model {runtime.fingerprint} ({runtime.model.config.arch}, MoE layers "
               f"{list(runtime.model.config.moe.layers)}), sites {', '.join([topology.coordinator, *runtime.clients])}"
               f", codecs {_codecs(runtime)} on the wire, fallback {topology.fallback}", file=sys.stderr)
@@ -455,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_wait_ms=args.max_wait_ms, credentials=credentials, token=token))
             return 0
         uplink = _open_uplink(args)
-        summary = run_batch(runtime, args, size, metrics, uplink)
+        summary = run_batch(runtime, job, metrics=metrics, uplink=uplink)
         return 0 if summary["ok"] or not summary["images"] else 1
     except (TopologyError, CoordinatorError, CheckpointError, LaunchError, SiteError, OSError,
             ValueError) as e:
