@@ -167,9 +167,10 @@ def backends(model, fingerprint: str, workdir: Path, calls: int) -> dict[str, An
 
 
 def worker(model_path: Path, fingerprint: str, dim: int, calls: int, worker_cpu: int | None) -> dict[str, Any]:
+    from moevit.coordinator.local import free_port, stop_process, wait_serving
     from moevit.coordinator.sites import SiteClient
 
-    from bench.bench_split import free_port, pin_pid, proc_cpu_seconds, start_worker, stop_process, wait_serving
+    from bench.bench_split import pin_pid, proc_cpu_seconds, start_worker
 
     address = f"127.0.0.1:{free_port()}"
     proc = start_worker(address, model_path)

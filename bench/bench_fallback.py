@@ -58,7 +58,6 @@ import argparse
 import concurrent.futures
 import json
 import logging
-import socket
 import sys
 import tempfile
 import time
@@ -75,6 +74,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from moevit.coordinator.dispatcher import CallPolicy, DispatchCounters, ForwardContext, RemoteDispatcher  # noqa: E402
+from moevit.coordinator.local import free_port  # noqa: E402
 from moevit.coordinator.sites import PendingCall, SiteError, Traffic  # noqa: E402
 from moevit.deploy.topology import Placement, load_topology  # noqa: E402
 from moevit.worker.backends import TorchBackend  # noqa: E402
@@ -324,12 +324,6 @@ def sites_replicas(model: MobileViTV2, placement: Placement) -> dict[int, dict[i
 
 
 # ------------------------------------------------------------------------------------------------- real workers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def real_worker_check(model_path: Path, topology_path: Path, xs: torch.Tensor, batch: int, down_site: str,
                       expected: dict[str, torch.Tensor]) -> dict[str, Any]:
     """``SplitRuntime`` over a real ``moe-worker`` for every remote site but ``down_site`` (nothing listens on its

@@ -77,6 +77,8 @@ try:  # ``python -m bench.bench_split`` from the repo root
 except ImportError:  # ``python bench/bench_split.py``: bench/ is sys.path[0]
     from common import load_average, percentile, summarize, time_interleaved, write_result
 
+from moevit.coordinator.local import free_port, spawn_worker, stop_process, wait_serving  # noqa: E402
+
 ARCH = "mobilevitv2_050"
 NUM_CLASSES = 10
 IMAGE_SIZE = 256
@@ -173,32 +175,6 @@ def placement_for(config: str, layers: tuple[int, ...], num_experts: int) -> dic
 
 
 # ------------------------------------------------------------------------------------------------ the deployment
-def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"the process for {address} exited with code {proc.returncode}")
-            with contextlib.suppress(grpc.RpcError):
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.1)
-    raise TimeoutError(f"{address} not SERVING after {timeout:.0f} s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def proc_cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` so far (Linux /proc; clock-tick resolution)."""
     try:
@@ -209,26 +185,15 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def start_worker(address: str, model_path: Path, *, backend: str = "torch", site: str | None = None,
                  stderr: Any = None) -> subprocess.Popen:
     """A ``moe-worker`` process hosting every expert of ``model_path`` on ``address`` as the benchmarks run it:
-    torch backend (or ``backend``), one thread, ``OMP_WAIT_POLICY=PASSIVE``, warnings only. It starts on every
-    core (imports take seconds of CPU); callers pin it once it serves (:func:`pin_pid`)."""
-    cmd = [sys.executable, "-m", "moevit.worker.cli", "--listen", address, "--model", str(model_path),
-           "--experts", "all",
-           "--threads", "1", "--backend", backend, "--log-level", "warning", *(["--site", site] if site else [])]
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    torch backend (or ``backend``), one thread, ``OMP_WAIT_POLICY=PASSIVE``, warnings only; its output goes to
+    ``stderr`` (a file). It starts on every core (imports take seconds of CPU); callers pin it once it serves
+    (:func:`pin_pid`)."""
+    args = ["--listen", address, "--model", str(model_path), "--experts", "all", "--threads", "1",
+            "--backend", backend, "--log-level", "warning", *(["--site", site] if site else [])]
+    return spawn_worker(args, log=stderr, cwd=REPO_ROOT)
 
 
 class Deployment:

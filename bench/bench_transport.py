@@ -126,8 +126,7 @@ def main() -> int:
         return 0
 
     import grpc
-
-    from tests.netutil import free_port
+    from moevit.coordinator.local import free_port
 
     server_cpus = {int(c) for c in args.server_cpus.split(",")}
     os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})

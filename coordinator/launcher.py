@@ -1,24 +1,23 @@
 """The one-machine default: for a loopback site where nothing answers, start a local worker process, and stop it
-on exit. Lets ``moe-coordinator --topology examples/sites.yaml`` run the whole distributed system on one machine."""
+on exit. Lets ``moe-coordinator --topology examples/sites.yaml`` run the whole distributed system on one machine.
+The processes are started and waited for by :mod:`moevit.coordinator.local`, the harness the tests and benchmarks use.
+"""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moevit.coordinator.local import LaunchError, spawn_worker, wait_serving
 from moevit.coordinator.sites import SiteClient
 
 from moevit_rpc.channels import is_loopback
 
-
-class LaunchError(RuntimeError):
-    """A local worker did not come up; the message names the site and ends with its log."""
+__all__ = ["LaunchError", "LocalWorkers", "ensure_workers"]
 
 
 @dataclass
@@ -53,28 +52,17 @@ def ensure_workers(topology_path: str, clients: dict[str, SiteClient], *, model:
             host = client.address.rsplit(":", 1)[0]
             if client.health(timeout=0.5) != "UNREACHABLE" or not is_loopback(host):
                 continue
-            cmd = [sys.executable, "-m", "moevit.worker.cli", "--topology", topology_path, "--site", name,
-                   "--threads", str(threads), "--backend", backend]
+            args = ["--topology", topology_path, "--site", name, "--threads", str(threads), "--backend", backend]
             if model:
-                cmd += ["--model", model]
+                args += ["--model", model]
             logf = logdir / f"{name}.log"
             started.logs[name] = logf
-            # passive OpenMP waiting: a worker sharing cores with the coordinator must not spin between calls
-            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-            started.procs[name] = subprocess.Popen(cmd, stdout=logf.open("w"), stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL, env=env)
+            started.procs[name] = spawn_worker(args, log=logf)
             log(f"started a local worker for {name} at {client.address} (log {logf})")
         deadline = time.monotonic() + startup_s
         for name, proc in started.procs.items():
-            while clients[name].health(timeout=0.5) != "SERVING":
-                if proc.poll() is not None:
-                    tail = started.logs[name].read_text().strip().splitlines()[-3:]
-                    raise LaunchError(f"local worker for {name} exited with code {proc.returncode}: "
-                                      + " | ".join(tail))
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"local worker for {name} not SERVING after {startup_s:.0f} s "
-                                      f"(log {started.logs[name]})")
-                time.sleep(0.1)
+            wait_serving(clients[name].address, proc, max(0.0, deadline - time.monotonic()),
+                         check=lambda c=clients[name]: c.health(timeout=0.5), what=f"local worker for {name}")
     except BaseException:
         started.stop()
         raise

@@ -33,10 +33,7 @@ Method (docs/sim.md, "Emulation"):
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -162,19 +159,11 @@ def calibrate(model: Any, images: list[Any], stats: Any, *, rounds: int = 5) -> 
             f"images: {t_moe * 1e3:.2f} ms, of which {t_exp * 1e3:.2f} ms in the experts' calls")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_workers(topology_path: str, model: Path, sites: list[str], threads: int, logdir: Path,
                    placement_file: str | None, log: Callable[[str], None]) -> tuple[Any, dict[str, str]]:
-    """A worker process per site on a free loopback port (as coordinator/launcher.py starts them)."""
-    from moevit.coordinator.launcher import LaunchError, LocalWorkers
-    from moevit.coordinator.sites import SiteClient
+    """A worker process per site on a free loopback port (the harness of coordinator/local.py, as the launcher's)."""
+    from moevit.coordinator.launcher import LocalWorkers
+    from moevit.coordinator.local import free_port, spawn_worker, wait_serving
 
     workers = LocalWorkers()
     addresses: dict[str, str] = {}
@@ -192,30 +181,17 @@ def _start_workers(topology_path: str, model: Path, sites: list[str], threads: i
         topo_arg = str(tmp)
     try:
         for name in sites:
-            addr = f"127.0.0.1:{_free_port()}"
-            cmd = [sys.executable, "-m", "moevit.worker.cli", "--topology", topo_arg, "--site", name, "--listen", addr,
-                   "--threads", str(threads), "--model", str(model), "--log-level", "warning"]
+            addr = f"127.0.0.1:{free_port()}"
             logf = logdir / f"{name}.log"
             workers.logs[name] = logf
-            # passive OpenMP waiting, as the launcher does: workers share the cores with the coordinator
-            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-            workers.procs[name] = subprocess.Popen(cmd, stdout=logf.open("w"), stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL, env=env)
+            args = ["--topology", topo_arg, "--site", name, "--listen", addr, "--threads", str(threads),
+                    "--model", str(model), "--log-level", "warning"]
+            workers.procs[name] = spawn_worker(args, log=logf)
             addresses[name] = addr
             log(f"started a worker for {name} at {addr} (log {logf})")
         deadline = time.monotonic() + 120
         for name, proc in workers.procs.items():
-            client = SiteClient(name, addresses[name], fingerprint="")
-            try:
-                while client.health(timeout=0.5) != "SERVING":
-                    if proc.poll() is not None:
-                        tail = workers.logs[name].read_text().strip().splitlines()[-3:]
-                        raise LaunchError(f"worker for {name} exited with code {proc.returncode}: {' | '.join(tail)}")
-                    if time.monotonic() > deadline:
-                        raise LaunchError(f"worker for {name} not SERVING after 120 s (log {workers.logs[name]})")
-                    time.sleep(0.1)
-            finally:
-                client.close()
+            wait_serving(addresses[name], proc, max(0.0, deadline - time.monotonic()), what=f"worker for {name}")
     except BaseException:
         workers.stop()
         raise

@@ -107,7 +107,10 @@ def _layering_violations() -> list[str]:
     bad = []
     for name, path in sorted(modules.items()):
         rel = path.relative_to(ROOT)
-        for imp in sorted(_imports(name, path)):
+        imports = _imports(name, path)
+        for imp in sorted(imports):
+            if imp.rpartition(".")[0] in imports and not _is_cli(imp):
+                continue  # `from pkg.mod import name`: pkg.mod is judged already
             if _under(name, "moevit.worker") and _under(imp, "moevit.coordinator"):
                 bad.append(f"{rel}: the worker imports the coordinator ({imp})")
             in_network = _under(name, "moevit") and not _under(name, *(f"moevit.{n}" for n in NESTED))
@@ -118,12 +121,17 @@ def _layering_violations() -> list[str]:
             if (not _is_cli(name) and not _under(name, "tests", "bench") and _is_cli(imp)
                     and (imp in modules or imp.rpartition(".")[0] in modules)):
                 bad.append(f"{rel}: a library module imports the command-line module {imp}")
+            if _under(name, "bench") and _under(imp, "tests"):
+                bad.append(f"{rel}: a benchmark imports the tests ({imp}); use moevit.coordinator.local")
+            if _under(name, "tests") and _under(imp, "bench"):
+                bad.append(f"{rel}: a test imports a benchmark script ({imp}); move what it needs into the library")
     return bad
 
 
 def test_import_layering():
     """worker never imports coordinator; the network (moevit/) imports no grpc, ray, coordinator, worker, partition
-    or sim; the deploy layer imports no torch, grpc or ray; only command-line modules import command-line modules."""
+    or sim; the deploy layer imports no torch, grpc or ray; only command-line modules import command-line modules;
+    bench/ never imports tests/ and tests/ never imports bench/ (both use the harness, moevit.coordinator.local)."""
     assert _layering_violations() == []
 
 

@@ -1,5 +1,6 @@
-"""The soak of ``bench/soak.py`` in short (issue 8): a few hundred Classify requests through three replicated
-worker processes behind link proxies while a worker is killed and restarted, a link is reset and a link stalls.
+"""The soak (``moevit.sim.soak``, run by ``bench/soak.py``) in short (issue 8): a few hundred Classify requests
+through three replicated worker processes behind link proxies while a worker is killed and restarted, a link is
+reset and a link stalls.
 The figures of the full run are in bench/results/soak.json; here the promises behind them are checked."""
 
 from __future__ import annotations
@@ -7,8 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from bench.soak import KINDS, SoakConfig, draw_fault, pooled_slope, request_bound_s, run_soak
+from moevit.sim.soak import KINDS, SoakConfig, draw_fault, pooled_slope, request_bound_s, run_soak
 
 
 def test_the_fault_schedule_is_seeded():

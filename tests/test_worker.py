@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moevit.coordinator.local import free_port, worker_command
 from moevit.worker import cli
 from moevit.worker.backends import OnnxBackend, TorchBackend
 from moevit.worker.server import SERVICE_NAME, format_experts, load_hosted
@@ -95,20 +95,15 @@ def packed_request(fingerprint: str, layer: int, batches: list[tuple[int, torch.
 # ------------------------------------------------------------------------------------------ worker process
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WorkerProcess:
-    """A ``python -m moevit.worker.cli`` subprocess whose stderr is collected line by line in the background."""
+    """A ``moe-worker`` subprocess (the harness's command line) whose stderr is collected line by line in the
+    background, so a test can assert on what it logs."""
 
     def __init__(self, args: list[str], address: str) -> None:
         self.address = address
         self.lines: list[str] = []
         self._lock = threading.Lock()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moevit.worker.cli", *args], cwd=REPO_ROOT,
+        self.proc = subprocess.Popen(worker_command(*args), cwd=REPO_ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
