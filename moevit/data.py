@@ -22,7 +22,8 @@ Splits (see :func:`split_indices`), following the paper's protocol:
 
 Every dataset returns ``(image, label)``: a float32 ``[3, S, S]`` tensor normalised with the ImageNet mean/std and
 an ``int``. Images are read lazily; an unreadable file is logged once, recorded in ``.skipped`` and replaced by the
-next readable sample, so a corrupt file never stops a training loop. Nothing here downloads anything, and
+next readable sample, so a corrupt file never stops a training loop. Commands that report per image use ``load``
+(never a substitute) or ``verify(drop=True)`` first. Nothing here downloads anything, and
 torchvision is never imported.
 """
 
@@ -425,6 +426,22 @@ class ImageDataset(Dataset):
 
     def describe(self) -> str:
         s = self.image_size
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item ``index`` itself, never a substitute: raises :class:`UnreadableImageError` naming the file.
+
+        For commands that report per item (``moe-coordinator --data``): a result must belong to its own image.
+        """
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"index {index} out of range for {len(self.items)} images")
+        try:
+            x = self._load(self.items[index])
+        except UnreadableImageError as err:
+            raise UnreadableImageError(f"{self._source(self.items[index])}: {err}") from err
+        x = normalize(x)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.targets[index]
+
         text = f"{self.spec} [{self.split}]: {len(self)} images, {len(self.classes)} classes, {s}x{s} px; {self.origin}"
         if self.skipped:
             text += f"; {len(self.skipped)} unreadable skipped"
@@ -456,6 +473,12 @@ class ArrayImageDataset(ImageDataset):
 
     def __init__(self, *, images: np.ndarray, **kwargs: Any) -> None:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
+    def check_classes(self, num_classes: int, model: str) -> None:
+        """Refuse a data set whose class count is not the model's: its labels would index the wrong classes."""
+        if len(self.classes) != num_classes:
+            raise ValueError(f"{model} has {num_classes} classes but {self.spec} has {len(self.classes)}: the class "
+                             "counts differ, so labels would not match; use the data set the model was trained on")
+
             raise ValueError(f"images must be [N, 1|3, h, w], got shape {images.shape}")
         self.images = np.ascontiguousarray(images, dtype=np.float32)
         super().__init__(**kwargs)

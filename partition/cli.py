@@ -60,6 +60,7 @@ def profile_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--images must be >= 0, got {args.images}")
         if args.image_size is not None and args.image_size < 8:
             raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
+        data.check_classes(model.config.num_classes, args.model)  # as moe-eval and moe-coordinator
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         import torch

@@ -49,20 +49,25 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(args.model)
         size = args.image_size or model.config.image_size
         data = open_dataset(args.data, image_size=size, split=args.split, seed=args.seed)
-        if len(data.classes) != model.config.num_classes:
-            raise ValueError(f"{args.model} has {model.config.num_classes} classes but {args.data} has "
-                             f"{len(data.classes)}")
+        data.check_classes(model.config.num_classes, args.model)
+        skipped = data.verify(drop=True)  # unreadable files are left out and listed, never replaced by others
+        if not len(data):
+            raise ValueError(f"{args.data} [{args.split}]: none of its {len(skipped)} images is readable")
         res = evaluate(model, data, batch_size=args.batch_size, progress=not args.json)
         out = {"model": args.model, "data": args.data, "split": args.split, "image_size": size,
                "top1": res["top1"], "top5": res["top5"], "n": res["n"],
                "per_class": dict(zip(data.classes, res["per_class"], strict=True)),
                "params": count_params(model), "macs": count_macs(model, size),
-               "latency_ms": latency_ms(model, size), "skipped": [p for p, _ in data.skipped]}
+               "latency_ms": latency_ms(model, size), "skipped": [p for p, _ in skipped],
+               "skipped_reasons": dict(skipped)}
         if args.json:
             print(json.dumps(out))
             return 0
         print(f"{args.model} on {data.describe()}")
-        print(f"top-1 {out['top1']:.4f}   top-5 {out['top5']:.4f}   ({out['n']} images at {size}px)")
+        print(f"top-1 {out['top1']:.4f}   top-5 {out['top5']:.4f}   ({out['n']} images at {size}px"
+              + (f"; {len(skipped)} unreadable left out)" if skipped else ")"))
+        for path, reason in skipped:
+            print(f"  unreadable, not evaluated: {path}: {reason}")
         print(f"parameters {out['params']:,}   MACs/image {out['macs']:,}   "
               f"latency/image p50 {out['latency_ms']['p50']:.1f} ms (batch 1)")
         print("per class: " + ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -"
