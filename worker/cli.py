@@ -10,8 +10,9 @@ Security: with --topology the site's ``tls`` (mutual TLS) and ``token_file`` (be
 With TLS the worker listens with TLS only and requires a client certificate signed by the CA; with a token every
 call but health checks must carry it (docs/topology.md, "Security").
 
-Mistakes a user can fix (missing model file, bad ``--experts``, unknown site, an expert the model lacks) print one
-line on stderr and exit 2; an address that cannot be bound or an unwritable ONNX cache exits 1 (one line too).
+Mistakes a user can fix (missing model file, bad ``--experts``, unknown site, an expert the model lacks, a
+``--listen`` without a port or with one out of range, a port in use) print one line on stderr and exit 2, before the
+model loads; an unwritable ONNX cache exits 1 (one line too).
 SIGTERM/SIGINT stop the worker gracefully and exit 0.
 """
 
@@ -230,6 +231,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise CliError(f"--max-queue must be >= 1, got {args.max_queue}")
     if not args.grace >= 0:
+    from moevit_rpc.listen import check_free
+
+    try:  # before the model loads: grpc would bind port 70000 as 4464 and a bare host as :443
+        check_free(address, "--listen" if args.listen is not None else f"site {site}'s address")
+    except ValueError as e:
+        raise CliError(str(e)) from None
         raise CliError(f"--grace must be >= 0 seconds, got {args.grace}")
     if args.metrics_port is not None:
         from moevit_rpc.metrics import parse_listen
