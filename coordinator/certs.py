@@ -33,7 +33,19 @@ def main(argv: list[str] | None = None) -> int:
         print("moe-certs: error: --days must be at least 1", file=sys.stderr)
         return 2
     out = Path(args.out).absolute()
-    entries = write_site_pki(out, {n: s.host for n, s in topo.sites.items()}, days=args.days, tokens=args.tokens)
+    existing = [p.name for p in (out / "ca.pem", out / "ca.key") if p.exists() or p.is_symlink()]
+    if existing:  # a new CA would orphan every certificate a deployed fleet holds
+        print(f"moe-certs: error: {out} already holds a CA ({', '.join(existing)}); replacing it would invalidate "
+              "every certificate issued with it. Choose another --out, or remove that folder to start over",
+              file=sys.stderr)
+        return 2
+    try:
+        entries = write_site_pki(out, {n: s.host for n, s in topo.sites.items()}, days=args.days,
+                                 tokens=args.tokens)
+    except OSError as e:
+        print(f"moe-certs: error: --out {args.out}: cannot write there: {e.strerror or e}"
+              + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+        return 2
     print(f"# wrote a CA and {len(entries)} site certificates to {out}; add under each site of {args.topology}:")
     print(yaml.safe_dump({"sites": entries}, sort_keys=True))
     return 0

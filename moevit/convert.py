@@ -230,8 +230,20 @@ def convert(dense: MobileViTV2, dataset_at: Callable[[int], Any], targets: list[
     return model.eval(), report
 
 
-def with_moe(cfg: ConvertConfig, **moe_changes: Any) -> ConvertConfig:
-    return replace(cfg, moe=replace(cfg.moe, **moe_changes))
+def conversion_fingerprint(model: MobileViTV2) -> str:
+    """Names one conversion, and every fine-tuning of it: the MoE layout plus each router's min-max scaler, which
+    conversion fits and training never changes (buffers). moe-convert's report carries it; moe-analyze checks it."""
+    import hashlib
+
+    cfg = model.config
+    if cfg.moe is None:
+        raise ValueError("a dense model has no conversion fingerprint")
+    h = hashlib.sha256(f"{cfg.arch}|{cfg.num_classes}|{sorted(cfg.moe.to_dict().items())}".encode())
+    for i, layer in sorted(model.moe_layers().items()):
+        h.update(str(i).encode())
+        for t in (layer.router.scale_min, layer.router.scale_max):
+            h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def hidden_within_budget(dense: MobileViTV2, layers: tuple[int, ...], experts: int, *, top_k: int = 1) -> int:

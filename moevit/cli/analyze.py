@@ -18,8 +18,34 @@ import torch
 from moevit.analysis import plot_affinity, routing_by_class, summarize_layer
 from moevit.checkpoint import load_checkpoint
 from moevit.cli.common import StageBar, run_cli, set_threads
-from moevit.convert import ConvertConfig, affinity_from_samples, collect_layer, default_sizes, sample_class_images
+from moevit.convert import (
+    ConvertConfig,
+    affinity_from_samples,
+    collect_layer,
+    conversion_fingerprint,
+    default_sizes,
+    sample_class_images,
+)
 from moevit.data import open_dataset
+
+
+def _read_report(path: str, model_path: str, conversion: str) -> dict:
+    """moe-convert's report, checked to come from the conversion ``model_path`` descends from."""
+    try:
+        rep = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--report {path}: not JSON ({e})") from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("layers"), dict):
+        raise ValueError(f"--report {path}: not a moe-convert report (no 'layers')")
+    made = rep.get("conversion_fingerprint")
+    if made is None:
+        raise ValueError(f"--report {path} has no conversion fingerprint (an older moe-convert), so it cannot be "
+                         "matched to the model; rerun moe-convert, or leave out --report to recompute")
+    if made != conversion:
+        raise ValueError(f"--report {path} is of conversion {made}, but {model_path} comes from conversion "
+                         f"{conversion}: another model's report; give the report moe-convert wrote for this model, "
+                         "or leave out --report to recompute")
+    return rep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = StageBar(len(layers) + 2, "analyze")
         before: dict[int, torch.Tensor] = {}
         if args.report:
-            rep = json.loads(Path(args.report).read_text())
+            rep = _read_report(args.report, args.model, conversion_fingerprint(model))
             before = {int(i): torch.tensor(v["affinity_before"]) for i, v in rep.get("layers", {}).items()}
         else:
             cfg = ConvertConfig(seed=args.seed)

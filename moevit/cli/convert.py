@@ -19,7 +19,7 @@ import torch
 from moevit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from moevit.cli.common import StageBar, run_cli, set_threads
 from moevit.config import NUM_TRANSFORMER_LAYERS, MoEConfig
-from moevit.convert import ConvertConfig, convert
+from moevit.convert import ConvertConfig, conversion_fingerprint, convert
 from moevit.data import open_dataset
 from moevit.flops import count_macs, count_params
 from moevit.moe.routing import record_routing
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             "moe": moe_cfg.to_dict(),
             "options": {k: v for k, v in cfg.__dict__.items() if k != "moe"},
             **cmp,
+            # moe-analyze --report refuses the report for a model of another conversion
+            "conversion_fingerprint": conversion_fingerprint(moe),
             "params": {"dense": count_params(dense), "moe": count_params(moe)},
             "macs": {"dense": count_macs(dense, native), "moe": count_macs(moe, native), "image_size": native},
             **layer_report,
