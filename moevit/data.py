@@ -376,6 +376,22 @@ class ImageDataset(Dataset):
             return x, self.targets[i]
         raise RuntimeError(f"{self.describe()}: no readable image left ({len(self.skipped)} unreadable)")
 
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item ``index`` itself, never a substitute: raises :class:`UnreadableImageError` naming the file.
+
+        For commands that report per item (``moe-coordinator --data``): a result must belong to its own image.
+        """
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"index {index} out of range for {len(self.items)} images")
+        try:
+            x = self._load(self.items[index])
+        except UnreadableImageError as err:
+            raise UnreadableImageError(f"{self._source(self.items[index])}: {err}") from err
+        x = normalize(x)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.targets[index]
+
     def _mark_bad(self, i: int, reason: str) -> None:
         self._bad.add(i)
         source = self._source(self.items[i])
@@ -407,6 +423,12 @@ class ImageDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def check_classes(self, num_classes: int, model: str) -> None:
+        """Refuse a data set whose class count is not the model's: its labels would index the wrong classes."""
+        if len(self.classes) != num_classes:
+            raise ValueError(f"{model} has {num_classes} classes but {self.spec} has {len(self.classes)}: the class "
+                             "counts differ, so labels would not match; use the data set the model was trained on")
+
     def class_counts(self) -> list[int]:
         counts = [0] * len(self.classes)
         for t in self.targets:
@@ -426,22 +448,6 @@ class ImageDataset(Dataset):
 
     def describe(self) -> str:
         s = self.image_size
-    def load(self, index: int) -> tuple[torch.Tensor, int]:
-        """Item ``index`` itself, never a substitute: raises :class:`UnreadableImageError` naming the file.
-
-        For commands that report per item (``moe-coordinator --data``): a result must belong to its own image.
-        """
-        if not 0 <= index < len(self.items):
-            raise IndexError(f"index {index} out of range for {len(self.items)} images")
-        try:
-            x = self._load(self.items[index])
-        except UnreadableImageError as err:
-            raise UnreadableImageError(f"{self._source(self.items[index])}: {err}") from err
-        x = normalize(x)
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, self.targets[index]
-
         text = f"{self.spec} [{self.split}]: {len(self)} images, {len(self.classes)} classes, {s}x{s} px; {self.origin}"
         if self.skipped:
             text += f"; {len(self.skipped)} unreadable skipped"
@@ -473,12 +479,6 @@ class ArrayImageDataset(ImageDataset):
 
     def __init__(self, *, images: np.ndarray, **kwargs: Any) -> None:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-    def check_classes(self, num_classes: int, model: str) -> None:
-        """Refuse a data set whose class count is not the model's: its labels would index the wrong classes."""
-        if len(self.classes) != num_classes:
-            raise ValueError(f"{model} has {num_classes} classes but {self.spec} has {len(self.classes)}: the class "
-                             "counts differ, so labels would not match; use the data set the model was trained on")
-
             raise ValueError(f"images must be [N, 1|3, h, w], got shape {images.shape}")
         self.images = np.ascontiguousarray(images, dtype=np.float32)
         super().__init__(**kwargs)

@@ -60,7 +60,6 @@ def profile_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--images must be >= 0, got {args.images}")
         if args.image_size is not None and args.image_size < 8:
             raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
-        data.check_classes(model.config.num_classes, args.model)  # as moe-eval and moe-coordinator
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         import torch
@@ -76,6 +75,7 @@ def profile_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.model}: a dense model (no MoE layers); profile a converted MoE checkpoint")
         size = args.image_size or model.config.image_size
         data = open_dataset(args.data, image_size=size, split=args.split, seed=args.seed)
+        data.check_classes(model.config.num_classes, args.model)  # as moe-eval and moe-coordinator
         stats = profile_model(model, data, images=args.images or None, batch_size=args.batch_size,
                               seed=args.seed, progress=sys.stderr.isatty(), count_dense=not args.no_dense)
         stats["model_file"] = str(args.model)

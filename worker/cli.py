@@ -221,6 +221,12 @@ def _read_token(path: Path) -> str:
 def _serve(args: argparse.Namespace) -> int:
     plan = _resolve(args)
     model, hosted, address, site = plan.model, plan.hosted, plan.address, plan.site
+    from moevit_rpc.listen import check_free
+
+    try:  # before the model loads: grpc would bind port 70000 as 4464 and a bare host as :443
+        check_free(address, "--listen" if args.listen is not None else f"site {site}'s address")
+    except ValueError as e:
+        raise CliError(str(e)) from None
     tls, token = _security(args, plan)
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
@@ -231,12 +237,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise CliError(f"--max-queue must be >= 1, got {args.max_queue}")
     if not args.grace >= 0:
-    from moevit_rpc.listen import check_free
-
-    try:  # before the model loads: grpc would bind port 70000 as 4464 and a bare host as :443
-        check_free(address, "--listen" if args.listen is not None else f"site {site}'s address")
-    except ValueError as e:
-        raise CliError(str(e)) from None
         raise CliError(f"--grace must be >= 0 seconds, got {args.grace}")
     if args.metrics_port is not None:
         from moevit_rpc.metrics import parse_listen
