@@ -11,8 +11,10 @@ off). Prints a progress bar, then a summary: images/s, latency, bytes per site p
 Results are written as they are made (``results.json.partial.jsonl``, one fsync per batch); the same command run
 again after a crash or kill skips the images already done by the same model (a ``.jsonl`` output is rewritten).
 Each image's EXIF capture time and camera are recorded and images are grouped into sequences
-(``--sequence-gap``). ``--metrics-port`` serves Prometheus metrics. Output fields, the resume rule and metric
-names: docs/outputs.md.
+(``--sequence-gap``). ``--metrics-port`` serves Prometheus metrics. A checkpoint calibrated by ``moe-calibrate``
+gets its temperature applied and, with a ``blank`` class, its blank threshold (blank images: ``detections: []``).
+``--mqtt URL`` publishes one summary per sequence through a durable outbox (``coordinator/uplink.py``). Output
+fields, the resume rule and metric names: docs/outputs.md.
 """
 
 from __future__ import annotations
