@@ -41,7 +41,15 @@ from moevit.deploy.topology import Topology, TopologyError, load_topology
 from tqdm import tqdm
 
 from moevit.checkpoint import CheckpointError
-from moevit.data import IMAGE_EXTENSIONS, Taxon, UnreadableImageError, load_image, open_dataset
+from moevit.data import (
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_PIXELS_CEILING,
+    Taxon,
+    UnreadableImageError,
+    load_image,
+    open_dataset,
+)
 from moevit_rpc.codecs import CODEC_NAMES
 
 if TYPE_CHECKING:
@@ -67,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--taxa", metavar="CSV", help="taxa.csv (label,common_name,scientific_name) naming the classes' "
                     "scientific names (default with --data ssw60:PATH: its taxa.csv)")
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--max-megapixels", type=float, default=MAX_IMAGE_PIXELS / 1e6, metavar="MP",
+                    help=f"images declaring more pixels are refused from their header, before decoding (default "
+                    f"{MAX_IMAGE_PIXELS / 1e6:g}: admits 48 MP trail-camera images; at most "
+                    f"{MAX_IMAGE_PIXELS_CEILING / 1e6:g})")
     ap.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
     ap.add_argument("--wire", choices=CODEC_NAMES, default=None, metavar="CODEC",
                     help="token codec on every link, replacing the topology's rpc.codec (default: the topology's, "
@@ -75,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="seconds allowed for each MoE layer's expert RPCs, retries included (default: the "
                     "topology's rpc.deadline_s, 10)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads of the coordinator (default: all cores, or 1 when it started local workers: "
-                         "spinning OpenMP threads would starve workers on the same cores)")
+                    help="torch threads of the coordinator (default: the cores left after one per worker site on "
+                         "this machine, 1 when it started the workers: spinning OpenMP threads would starve workers "
+                         "on the same cores)")
     ap.add_argument("--worker-threads", type=int, default=1, help="threads of each local worker it starts")
     ap.add_argument("--no-spawn", action="store_true", help="never start local workers")
     ap.add_argument("--serve", metavar="ADDR", help="serve the Classify RPC on ADDR instead of a batch run; with "
@@ -147,14 +160,27 @@ def _codecs(runtime: Any) -> str:
     return "; ".join(f"{codec} ({', '.join(names)})" for codec, names in by.items()) or "none (no remote site)"
 
 
-def _image_files(root: str) -> list[Path]:
+def _image_files(root: str, report: bool = False) -> list[Path]:
+    """The image files under ``root``; with ``report``, says how many other files it leaves out and why."""
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"--images {root}: not a folder")
-    files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    files, other, hidden = [], {}, 0
+    for p in base.rglob("*"):
+        if p.name.startswith("."):  # macOS '._x.jpg' sidecars and other hidden files: not images
+            hidden += p.is_file()
+        elif p.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(p)
+        elif p.is_file():
+            other[p.suffix.lower() or "(no suffix)"] = other.get(p.suffix.lower() or "(no suffix)", 0) + 1
+    if report and (other or hidden):
+        parts = [f"{n} {suffix}" for suffix, n in sorted(other.items())] + ([f"{hidden} hidden (dot-)files"]
+                                                                              if hidden else [])
+        print(f"moe-coordinator: {root}: skipping {sum(other.values()) + hidden} files that are not "
+              f"{'/'.join(IMAGE_EXTENSIONS)} images: {', '.join(parts)}", file=sys.stderr)
     if not files:
         raise FileNotFoundError(f"--images {root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
+    return sorted(files)
 
 
 @dataclass(frozen=True)
@@ -174,6 +200,7 @@ class BatchJob:
     sequence_gap: float = DEFAULT_SEQUENCE_GAP_S
     taxa: str | None = None
     batch_size: int = 1
+    max_megapixels: float = MAX_IMAGE_PIXELS / 1e6  # larger images are refused from their header
     mqtt_wait: float = 10.0  # seconds the uplink may wait for the broker at the end
 
     @classmethod
@@ -192,22 +219,27 @@ class _Item:
     meta: Callable[[], dict[str, Any]] | None = None
 
 
-def _sources(job: BatchJob, size: int) -> tuple[list[_Item], list[Taxon] | None]:
-    """The inputs in order (nothing is decoded yet) and the dataset's taxa when it has some."""
+def _sources(job: BatchJob, size: int, num_classes: int | None = None,
+             model: str = "the model") -> tuple[list[_Item], list[Taxon] | None]:
+    """The inputs in order (nothing is decoded yet) and the dataset's taxa when it has some; a data set whose
+    class count is not ``num_classes`` is refused."""
     if job.images:
         root = Path(job.images)
+        max_pixels = int(job.max_megapixels * 1e6)
 
         def item(f: Path) -> _Item:
-            return _Item(f.relative_to(root).as_posix(), lambda: (load_image(f, size), None),
+            return _Item(f.relative_to(root).as_posix(), lambda: (load_image(f, size, max_pixels), None),
                          lambda: read_image_meta(f).to_record())
 
         return [item(f) for f in _image_files(job.images)[: job.limit]], None
     data = open_dataset(job.data, image_size=size, split=job.split)
+    if num_classes is not None:
+        data.check_classes(num_classes, model)
     n = min(len(data), job.limit or len(data))
 
     def ditem(i: int) -> _Item:
         def load() -> tuple[torch.Tensor, int | None]:
-            x, y = data[i]
+            x, y = data.load(i)  # never a substitute: an unreadable file is this item's failure
             return x, int(y)
 
         return _Item(f"{job.data}:{job.split}:{i}", load)
@@ -221,8 +253,9 @@ def _batches(items: list[Any], size: int):
 
 
 def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], failures: dict[str, int],
-              latencies: list[float]) -> list[dict[str, Any]]:
-    """Records of one batch, in batch order."""
+              latencies: list[float], degraded_by: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Records of one batch, in batch order. ``failures``: failed images per reason; ``degraded_by``: images
+    classified under the fallback per site failure."""
     fp = runtime.fingerprint
     records: dict[str, dict[str, Any]] = {}
     good: list[tuple[_Item, torch.Tensor, int | None]] = []
@@ -233,6 +266,7 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
             good.append((it, x, y))
         except UnreadableImageError as e:
             base.update(error=f"unreadable image: {e}", error_kind="unreadable")
+            failures["unreadable image"] = failures.get("unreadable image", 0) + 1
         if it.meta is not None:
             base.update(it.meta())
         records[it.name] = base
@@ -255,8 +289,9 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
                     rec["blank"] = bool(blank[j])
                 if y is not None:
                     rec["true"] = y
-            for f in out.failures:
-                failures[f] = failures.get(f, 0) + 1
+            hit = int(out.degraded.sum())  # images of this batch the fallback touched
+            for f in out.failures if degraded_by is not None else ():
+                degraded_by[f] = degraded_by.get(f, 0) + hit
         except SiteError as e:
             for it, _, _ in good:
                 records[it.name].update(error=str(e), error_kind="site")
@@ -275,20 +310,40 @@ def _taxa(job: BatchJob, dataset_taxa: list[Taxon] | None) -> list[Taxon] | None
     return res.read_taxa(job.taxa) if job.taxa else dataset_taxa
 
 
+def _check_taxa(path: str, labels: list[str]) -> None:
+    """Warn when a --taxa file names few or none of the model's classes (its names would silently be missing)."""
+    keys = {k.casefold() for t in res.read_taxa(path) for k in (t.common_name, t.scientific_name, t.label) if k}
+    named = sum(1 for name in labels if name.casefold() in keys)
+    if named < len(labels):
+        shown = ", ".join(labels[:5]) + (" ..." if len(labels) > 5 else "")
+        print(f"moe-coordinator: warning: --taxa {path}: {'no' if not named else f'only {named} of {len(labels)}'} "
+              f"class(es) of the model ({shown}) match a taxon's label, common or scientific name; the others get "
+              "no scientific name", file=sys.stderr)
+
+
 def run_batch(runtime: SplitRuntime, job: BatchJob, *, metrics: Any = None,
-              uplink: Any = None) -> dict[str, Any]:
+              sources: tuple[list[_Item], list[Taxon] | None] | None = None, uplink: Any = None) -> dict[str, Any]:
     """Classify the images of ``job`` with ``runtime``: results are written as they are made; returns the
     summary (also printed)."""
     size = job.image_size
-    items, dataset_taxa = _sources(job, size)
+    items, dataset_taxa = sources or _sources(job, size)
     labels = list(runtime.model.config.labels)
     taxa = _taxa(job, dataset_taxa)
     out = Path(job.out) if job.out else None
     say = lambda s: print(f"moe-coordinator: {s}", file=sys.stderr)  # noqa: E731
     previous = res.load_previous(out, runtime.fingerprint, restart=job.restart, log=say) if out else {}
-    if out is not None and res.is_jsonl(out):
-        out.unlink(missing_ok=True)  # JSON lines: rewritten by every run, as before (resume is for .json)
     names = {it.name for it in items}
+    # Results of earlier runs for images outside this run (a smaller --limit, another folder) are kept, never lost.
+    carried = {n: r for n, r in previous.items() if n not in names}
+    if out is not None and res.is_jsonl(out):
+        if out.exists() and not job.restart:
+            old = res.read_jsonl(out)[0]
+            carried = {r["file"]: r for r in old
+                       if r.get("model") == runtime.fingerprint and r.get("file") not in names}
+        out.unlink(missing_ok=True)  # JSON lines: this run's images are classified again (resume is for .json)
+    if carried:
+        say(f"keeping the results of {len(carried)} images of earlier runs in {out} that this run does not "
+            "classify (--restart discards them)")
     reused = {n: r for n, r in previous.items() if n in names}
     todo = [it for it in items if it.name not in reused]
     if reused:
@@ -297,15 +352,18 @@ def run_batch(runtime: SplitRuntime, job: BatchJob, *, metrics: Any = None,
         if metrics is not None:
             metrics.images.labels("reused").inc(len(reused))
     log = res.ResultLog(out if res.is_jsonl(out) else res.partial_path(out)) if out else None
+    if log is not None and res.is_jsonl(out) and carried:
+        log.append(carried.values())
     new: dict[str, dict[str, Any]] = {}
     latencies: list[float] = []
     failures: dict[str, int] = {}
-    shown = 0
+    degraded_by: dict[str, int] = {}
+    shown = failed_shown = 0
     t_start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="classify", dynamic_ncols=True)
     try:
         for batch in _batches(todo, job.batch_size):
-            records = _classify(runtime, batch, labels, failures, latencies)
+            records = _classify(runtime, batch, labels, failures, latencies, degraded_by)
             if log is not None:
                 log.append(records)
             if uplink is not None and uplink.cfg.per_image:
@@ -314,7 +372,11 @@ def run_batch(runtime: SplitRuntime, job: BatchJob, *, metrics: Any = None,
                 new[rec["file"]] = rec
                 if metrics is not None and rec.get("error_kind") == "unreadable":
                     metrics.images.labels("unreadable").inc()
-                if "error" not in rec and shown < 10:
+                if "error" in rec:
+                    failed_shown += 1
+                    if failed_shown <= 10:  # named, so a user sees which files to look at without opening --out
+                        bar.write(f"  {rec['file']}: FAILED: {rec['error']}")
+                elif shown < 10:
                     truth = f" (true {labels[rec['true']]})" if "true" in rec and rec["true"] < len(labels) else ""
                     bar.write(f"  {rec['file']}: {rec['label']} {rec['confidence']:.2f}{truth}"
                               + ("  [degraded]" if rec["degraded"] else ""))
@@ -327,8 +389,10 @@ def run_batch(runtime: SplitRuntime, job: BatchJob, *, metrics: Any = None,
     elapsed = time.perf_counter() - t_start
     ordered = [reused.get(it.name) or new[it.name] for it in items]
     if out is not None:
-        _write_results(out, ordered, runtime, job, size, labels, taxa)
-    summary = _summary(runtime, ordered, reused, new, latencies, failures, elapsed, out)
+        _write_results(out, ordered + list(carried.values()), runtime, job, size, labels, taxa)
+    if failed_shown > 10:
+        say(f"{failed_shown - 10} more failed images not shown" + (f"; every one is in {out}" if out else ""))
+    summary = _summary(runtime, ordered, reused, new, latencies, failures, elapsed, out, degraded_by)
     if uplink is not None:
         _publish_events(uplink, ordered, runtime, job, labels, taxa)
     return summary
@@ -355,7 +419,8 @@ def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRunti
 
 
 def _summary(runtime: SplitRuntime, records: list[dict[str, Any]], reused: dict[str, Any], new: dict[str, Any],
-             latencies: list[float], failures: dict[str, int], elapsed: float, out: Path | None) -> dict[str, Any]:
+             latencies: list[float], failures: dict[str, int], elapsed: float, out: Path | None,
+             degraded_by: dict[str, int] | None = None) -> dict[str, Any]:
     ok = [r for r in records if "error" not in r]
     n_new_ok = sum(1 for r in new.values() if "error" not in r)
     labelled = [r for r in ok if "true" in r]
@@ -377,6 +442,7 @@ def _summary(runtime: SplitRuntime, records: list[dict[str, Any]], reused: dict[
         "tokens_per_site": runtime.tokens_by_site(),
         "tokens_per_expert": {f"{layer}:{e}": v for (layer, e), v in sorted(runtime.context.tokens.items())},
         "failures": failures,
+        "degraded_by": degraded_by or {},
         "fallback": runtime.policy.fallback,
         "rpc": runtime.counters.as_dict(),
     }
@@ -418,8 +484,10 @@ def _print_summary(s: dict[str, Any], runtime: SplitRuntime) -> None:
         p(f"rpc: {rpc['calls']} calls, {rpc['retries']} retried on another replica, {rpc['hedges']} hedged "
           f"({rpc['hedge_wins']} hedges won, {rpc['cancelled']} losers cancelled); {rpc['fallback_tokens']} tokens "
           f"under fallback {s['fallback']!r}")
+    for f, count in s["degraded_by"].items():
+        p(f"degraded ({count} images, classified under fallback {s['fallback']!r}): {f}")
     for f, count in s["failures"].items():
-        p(f"failure ({count} images): {f}")
+        p(f"failed ({count} images): {f}")
 
 
 def _classify_security(topology: Topology) -> tuple[grpc.ServerCredentials | None, str | None]:
@@ -438,6 +506,20 @@ def _classify_security(topology: Topology) -> tuple[grpc.ServerCredentials | Non
     return server_credentials(site.tls.ca, site.tls.cert, site.tls.key), token
 
 
+def _threads(given: int | None, runtime: SplitRuntime, *, started: bool) -> int:
+    """Torch threads of the coordinator: ``--threads``, else 1 beside workers it started, else the cores left
+    after one per worker site on this machine (started by hand or not): OpenMP threads that outnumber the cores
+    spin against the workers' (issue 22, 2 cores: 1.5 images/s by hand vs 42-93 when it started them)."""
+    from moevit_rpc.channels import is_loopback
+
+    if given:
+        return given
+    if started:
+        return 1
+    local = sum(1 for c in runtime.clients.values() if is_loopback(c.address.rsplit(":", 1)[0]))
+    return max(1, torch.get_num_threads() - local)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="moe-coordinator: %(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -450,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
             raise CoordinatorError("nothing to do: give --images DIR, --data SPEC or --serve ADDR")
         if args.batch_size < 1:
             raise CoordinatorError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.image_size is not None and not 8 <= args.image_size <= 2048:
+            raise CoordinatorError(f"--image-size must be 8-2048 pixels, got {args.image_size}")
+        if not 0 < args.max_megapixels <= MAX_IMAGE_PIXELS_CEILING / 1e6:
+            raise CoordinatorError(f"--max-megapixels must be in (0, {MAX_IMAGE_PIXELS_CEILING / 1e6:g}], "
+                                   f"got {args.max_megapixels}")
+        if args.limit is not None and args.limit < 1:
+            raise CoordinatorError(f"--limit must be >= 1, got {args.limit}")
         if args.max_batch < 1:
             raise CoordinatorError(f"--max-batch must be >= 1, got {args.max_batch}")
         if not args.max_wait_ms >= 0:
@@ -458,6 +547,20 @@ def main(argv: list[str] | None = None) -> int:
             raise CoordinatorError(f"--sequence-gap must be >= 0 seconds, got {args.sequence_gap}")
         if args.out and Path(args.out).is_dir():
             raise CoordinatorError(f"--out {args.out} is a folder; give a file name ending in .json or .jsonl")
+        # Every input is checked before the model loads and workers start: a typo is one line at once.
+        if args.images:
+            _image_files(args.images, report=True)
+        if args.data:
+            open_dataset(args.data, image_size=8, split=args.split)  # spec, folder, CSVs, split
+        if args.taxa:
+            res.read_taxa(args.taxa)
+        if not args.out and not args.serve:
+            print("moe-coordinator: warning: no --out: nothing is saved (the console shows the first 10 images); "
+                  "give --out results.json to keep every result", file=sys.stderr)
+        if args.serve:
+            from moevit_rpc.listen import check_free
+
+            check_free(args.serve, "--serve")
         credentials, token = _classify_security(topology) if args.serve else (None, None)
         runtime = SplitRuntime.from_topology(topology, model_path=args.model, wire=args.wire,
                                              deadline_s=args.deadline)
@@ -469,17 +572,22 @@ def main(argv: list[str] | None = None) -> int:
             metrics.instrument(runtime)
             host, port = metrics.serve(args.metrics_port)
             print(f"moe-coordinator: metrics on http://{host}:{port}/metrics", file=sys.stderr)
+        size = args.image_size or runtime.model.config.image_size
+        job = BatchJob.from_args(args, image_size=size)
+        sources = None if args.serve else _sources(job, size, runtime.model.config.num_classes,
+                                                   f"model {runtime.fingerprint}")
+        if args.taxa:
+            _check_taxa(args.taxa, list(runtime.model.config.labels))
         if not args.no_spawn:
             workers = ensure_workers(args.topology, runtime.clients, model=args.model, threads=args.worker_threads,
                                      log=lambda s: print(f"moe-coordinator: {s}", file=sys.stderr))
-        if args.threads or (workers and workers.procs):
-            torch.set_num_threads(args.threads or 1)
+        threads = _threads(args.threads, runtime, started=bool(workers and workers.procs))
+        torch.set_num_threads(threads)
         runtime.check_workers()
-        size = args.image_size or runtime.model.config.image_size
-        job = BatchJob.from_args(args, image_size=size)
         print(f"model {runtime.fingerprint} ({runtime.model.config.arch}, MoE layers "
               f"{list(runtime.model.config.moe.layers)}), sites {', '.join([topology.coordinator, *runtime.clients])}"
-              f", codecs {_codecs(runtime)} on the wire, fallback {topology.fallback}", file=sys.stderr)
+              f", codecs {_codecs(runtime)} on the wire, fallback {topology.fallback}, {threads} torch thread(s)",
+              file=sys.stderr)
         if args.serve:
             from moevit.coordinator.server import serve
 
@@ -487,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_wait_ms=args.max_wait_ms, credentials=credentials, token=token))
             return 0
         uplink = _open_uplink(args)
-        summary = run_batch(runtime, job, metrics=metrics, uplink=uplink)
+        summary = run_batch(runtime, job, metrics=metrics, sources=sources, uplink=uplink)
         return 0 if summary["ok"] or not summary["images"] else 1
     except (TopologyError, CoordinatorError, CheckpointError, LaunchError, SiteError, OSError,
             ValueError) as e:
