@@ -154,15 +154,20 @@ class SplitRuntime:
         self.down_at_start = down
         if down:
             where = ", ".join(f"{n} ({self.clients[n].address})" for n in down)
+            # a TLS mismatch looks like a dead site from the coordinator's side: say so
+            tls_hint = (f"; if they serve TLS, give the coordinator site {self.local_site} its tls: entry (moe-certs): "
+                        "a TLS worker never answers a plaintext coordinator"
+                        if self.topology.site(self.local_site).tls is None else
+                        "; if they listen without TLS, this coordinator (tls: on) cannot reach them either")
             orphans = [(layer, e) for (layer, e), sites in self.placement.assignment.items()
                        if self.local_site not in sites and not any(s in infos for s in sites)]
             if self.policy.fallback == "fail" and orphans:
                 raise CoordinatorError(f"site(s) {where} not reachable (no SERVING health within {wait_s:g} s) and "
                                        f"{len(orphans)} expert(s) have no other replica, e.g. layer {orphans[0][0]} "
                                        f"expert {orphans[0][1]}; start the worker(s) or set fallback: "
-                                       f"local|nearest|skip in the topology")
+                                       f"local|nearest|skip in the topology{tls_hint}")
             log.warning("site(s) %s not reachable yet: %d expert(s) without a reachable replica run under fallback "
-                        "%r until they report SERVING", where, len(orphans), self.policy.fallback)
+                        "%r until they report SERVING%s", where, len(orphans), self.policy.fallback, tls_hint)
         return infos
 
     @torch.no_grad()
