@@ -542,7 +542,8 @@ def test_export_changes_none_of_its_inputs(tmp_path):
 
 def test_blank_person_and_vehicle_classes_become_observation_types(tmp_path):
     labels = ["blank", "Blue Jay", "person", "vehicle"]
-    recs = [_rec(f"north/{i}.jpg", f"2024-05-01T0{i}:00:00", top, prediction=top[0][0], label=labels[top[0][0]])
+    recs = [_rec(f"north/{i}.jpg", f"2024-05-01T0{i}:00:00", top, prediction=top[0][0], label=labels[top[0][0]],
+                 blank=i == 0)  # the first: emptied by the blank filter (detections: [])
             for i, top in enumerate(([(0, 0.9), (1, 0.1)], [(1, 0.7), (0, 0.3)], [(2, 0.8), (1, 0.2)],
                                      [(3, 0.6), (0, 0.4)]))]
     res.write_json_atomic(tmp_path / "r.json", res.build_megadetector(recs, labels=labels, fingerprint="f00d"))
@@ -554,5 +555,9 @@ def test_blank_person_and_vehicle_classes_become_observation_types(tmp_path):
            if o["observationLevel"] == "media"}
     assert got == {"0.jpg": ("blank", ""), "1.jpg": ("animal", "Blue Jay"), "2.jpg": ("human", ""),
                    "3.jpg": ("vehicle", "")}
+    blank = next(o for o in t["observations"] if o["observationLevel"] == "media" and media[o["mediaID"]] == "0.jpg")
+    assert blank["classificationProbability"] == "0.9"  # kept in moevit_classifications
+    events = sorted(o["observationType"] for o in t["observations"] if o["observationLevel"] == "event")
+    assert events == ["animal", "blank", "human", "vehicle"]
     assert [x["scientificName"] for x in json.loads((tmp_path / "dp" / "datapackage.json").read_text())[
         "taxonomic"]] == ["Blue Jay"]
