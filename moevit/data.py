@@ -250,19 +250,24 @@ class UnreadableImageError(OSError):
     """An image file that PIL cannot decode (corrupt, truncated, missing, not an image)."""
 
 
-# Largest image decoded: 40 megapixels covers camera-trap sensors (12-24 MP) with room to spare. A file of a few
-# bytes can declare billions of pixels ("decompression bomb"); it is refused from its header, before decoding.
-MAX_IMAGE_PIXELS = 40_000_000
+# Largest image decoded by default: 50 megapixels admits the 48 MP images many trail cameras write by
+# interpolation (8000x6000) and the 12-24 MP sensors they have. A file of a few bytes can declare billions of
+# pixels ("decompression bomb"); it is refused from its header, before decoding. moe-coordinator
+# --max-megapixels moves the limit, up to MAX_IMAGE_PIXELS_CEILING (decoding costs ~3 bytes and a little CPU
+# per pixel: 100 MP is ~300 MB of RGB).
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_PIXELS_CEILING = 100_000_000
 
 
-def _read_image(path: Path, image_size: int) -> torch.Tensor:
+def _read_image(path: Path, image_size: int, max_pixels: int | None = None) -> torch.Tensor:
     """Decode ``path`` to RGB, resize bilinearly to image_size², return float32 [3, S, S] in [0, 1]."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(path) as im:
             w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
+            if w * h > limit:
                 raise UnreadableImageError(f"the image declares {w}x{h} pixels, more than the "
-                                           f"{MAX_IMAGE_PIXELS:,}-pixel limit")
+                                           f"{limit:,}-pixel limit (moe-coordinator --max-megapixels)")
             rgb = im.convert("RGB")  # convert() forces the full decode, so truncation surfaces here
         if rgb.size != (image_size, image_size):
             rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
@@ -274,16 +279,17 @@ def _read_image(path: Path, image_size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_image(source: str | Path | bytes, image_size: int) -> torch.Tensor:
+def load_image(source: str | Path | bytes, image_size: int, max_pixels: int | None = None) -> torch.Tensor:
     """One image (a file path or its encoded bytes) as the model's input: normalised float32 [3, S, S].
 
-    Raises :class:`UnreadableImageError` naming the problem when it cannot be decoded.
+    Raises :class:`UnreadableImageError` naming the problem when it cannot be decoded or declares more than
+    ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         import io
 
-        return normalize(_read_image(io.BytesIO(bytes(source)), image_size))  # type: ignore[arg-type]
-    return normalize(_read_image(Path(source), image_size))
+        return normalize(_read_image(io.BytesIO(bytes(source)), image_size, max_pixels))  # type: ignore[arg-type]
+    return normalize(_read_image(Path(source), image_size, max_pixels))
 
 
 def find_unreadable(paths: Iterable[str | Path], image_size: int = 8) -> list[tuple[str, str]]:

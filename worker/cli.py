@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import socket
 import sys
@@ -84,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="compute backend (default torch)")
     run.add_argument("--onnx-cache", metavar="DIR",
                      help="folder for exported ONNX graphs (default: <model>.onnx-cache/ beside the model)")
-    run.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads / onnxruntime intra-op threads "
-                     "(default: torch's own choice; 1 for onnxruntime)")
+    run.add_argument("--threads", type=int, metavar="N", help="torch / onnxruntime intra-op threads (default 1: "
+                     "safe beside a coordinator and other workers on the same cores; an expert call is small. Raise "
+                     "it only on a device the worker has to itself)")
     run.add_argument("--max-message-mb", type=float, default=64.0, metavar="MB",
                      help="largest gRPC message received or sent, MiB (default 64)")
     run.add_argument("--max-tokens", type=int, metavar="N", help="largest token count per request "
@@ -256,8 +258,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from moevit.checkpoint import CheckpointError
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 1)
     try:
         banks, fingerprint, config = load_hosted(model, hosted)
     except (CheckpointError, WorkerConfigError) as e:
@@ -288,6 +289,9 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``moe-worker``; returns the exit status."""
     args = _parser().parse_args(argv)
+    # Idle OpenMP threads sleep instead of spinning, so they do not take cores from the processes beside this one.
+    # Read by the OpenMP runtime when torch loads (later, in _serve): a setting of the user's own wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # --log-level applies to the worker's own loggers; libraries (grpc's asyncio engine is chatty) stay at WARNING.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s moe-worker %(levelname)s %(name)s: %(message)s")
