@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from moevit.deploy.topology import TopologyError, load_topology
 
+from moevit.cli.runner import run_cli
 from moevit_rpc.security import write_site_pki
 
 
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
     ap.add_argument("--tokens", action="store_true", help="also write a random bearer token per site")
     args = ap.parse_args(argv)
+    return run_cli("moe-certs", lambda: _write(args))
+
+
+def _write(args: argparse.Namespace) -> int:
     try:
         topo = load_topology(args.topology, require_coordinator_links=False)
     except TopologyError as e:

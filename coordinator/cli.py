@@ -37,10 +37,10 @@ from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, read_image_meta
 from moevit.coordinator.launcher import LaunchError, ensure_workers
 from moevit.coordinator.runtime import CoordinatorError, SplitRuntime
 from moevit.coordinator.sites import SiteError
-from moevit.deploy.topology import Topology, TopologyError, load_topology
+from moevit.deploy.topology import Topology, load_topology
 from tqdm import tqdm
 
-from moevit.checkpoint import CheckpointError
+from moevit.cli.runner import USAGE_ERRORS, run_cli
 from moevit.data import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
@@ -523,6 +523,20 @@ def _threads(given: int | None, runtime: SplitRuntime, *, started: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="moe-coordinator: %(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # CoordinatorError, LaunchError and SiteError are RuntimeErrors: named here, they are one line (exit 2) too
+    return run_cli("moe-coordinator", lambda: _run(args), errors=(*USAGE_ERRORS, CoordinatorError, LaunchError,
+                                                                  SiteError), interrupted=lambda: _resume_hint(args))
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted run leaves: where its results so far are, and that the same command resumes."""
+    if args.out and not res.is_jsonl(args.out) and res.partial_path(args.out).exists():
+        return f"; results so far in {res.partial_path(args.out)}: run the same command again to resume"
+    return ""
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The run the flags ask for (a batch run or the Classify server); stops what it started on the way out."""
     workers = None
     runtime = None
     uplink = None
@@ -597,16 +611,6 @@ def main(argv: list[str] | None = None) -> int:
         uplink = _open_uplink(args)
         summary = run_batch(runtime, job, metrics=metrics, sources=sources, uplink=uplink)
         return 0 if summary["ok"] or not summary["images"] else 1
-    except (TopologyError, CoordinatorError, CheckpointError, LaunchError, SiteError, OSError,
-            ValueError) as e:
-        print(f"moe-coordinator: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        hint = ""
-        if args.out and not res.is_jsonl(args.out) and res.partial_path(args.out).exists():
-            hint = f"; results so far in {res.partial_path(args.out)}: run the same command again to resume"
-        print(f"moe-coordinator: interrupted{hint}", file=sys.stderr)
-        return 130
     finally:
         if uplink is not None:
             uplink.close()

@@ -17,6 +17,8 @@ import sys
 
 from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S
 
+from moevit.cli.runner import run_cli
+
 PROG = "moe-export"
 
 
@@ -40,17 +42,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return run_cli(PROG, lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
     from moevit.coordinator.camtrapdp import ExportError, export_camtrapdp
 
     warn = lambda s: print(f"{PROG}: warning: {s}", file=sys.stderr)  # noqa: E731
-    try:
-        if args.sequence_gap is not None and not args.sequence_gap >= 0:
-            raise ExportError(f"--sequence-gap must be >= 0 seconds, got {args.sequence_gap}")
-        summary = export_camtrapdp(args.results, args.deployments, args.out, topologies=args.topology,
-                                   gap_s=args.sequence_gap, warn=warn)
-    except (ExportError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    if args.sequence_gap is not None and not args.sequence_gap >= 0:
+        raise ExportError(f"--sequence-gap must be >= 0 seconds, got {args.sequence_gap}")
+    summary = export_camtrapdp(args.results, args.deployments, args.out, topologies=args.topology,
+                               gap_s=args.sequence_gap, warn=warn)
     print(f"Camtrap DP 1.0.2 package in {summary['out']}: {summary['deployments']} deployment(s), "
           f"{summary['media']} media, {summary['observations']} observations ({summary['events']} events), model "
           f"{summary['model']}" + (f"; {summary['dropped']} image(s) without a capture time left out"

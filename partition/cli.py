@@ -8,30 +8,15 @@ topology's model file lacks a stored fingerprint.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from moevit.partition.costmodel import OBJECTIVES, REPLICA_POLICIES, SCENARIOS, load_stats, parse_weights, save_stats
 
 from moevit.checkpoint_meta import checkpoint_fingerprint
+from moevit.cli.runner import run_cli
 
 __all__ = ["partition_main", "profile_main"]
-
-def _run(prog: str, body: Callable[[], int | None]) -> int:
-    """Run ``body``; errors a user can fix become one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.WARNING, format=f"{prog}: %(levelname)s: %(message)s")
-    try:
-        return int(body() or 0)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-
 
 # ============================================================================================ moe-profile
 
@@ -94,7 +79,7 @@ def profile_main(argv: list[str] | None = None) -> int:
         print(f"fingerprint {stats['fingerprint']}; wrote {args.out}")
         return 0
 
-    return _run("moe-profile", body)
+    return run_cli("moe-profile", body)
 
 
 # ============================================================================================ moe-partition
@@ -169,7 +154,7 @@ def partition_main(argv: list[str] | None = None) -> int:
         print(f"wrote {out} ({result.seconds:.2f} s)")
         return 0
 
-    return _run("moe-partition", body)
+    return run_cli("moe-partition", body)
 
 
 if __name__ == "__main__":

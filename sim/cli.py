@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from moevit.cli.runner import run_cli
+
 __all__ = ["main"]
 
 PROG = "moe-sim"
@@ -50,12 +52,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="scale the links so the fastest has this bandwidth (default 2 Mbit/s), keeping their ratios")
     emu.add_argument("--threads", type=int, default=1, help="torch threads of the coordinator and of each worker")
     return ap
-
-
-def _fail(msg: object) -> int:
-    text = " ".join(str(msg).split("\n")[0].split())
-    print(f"{PROG}: error: {text}", file=sys.stderr)
-    return 2
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -129,17 +125,9 @@ def _emulate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _emulate(args) if args.emulate else _simulate(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        return _fail(msg)
-    except RuntimeError as e:  # the real system failed during --emulate (a worker did not start, an RPC failed)
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    # RuntimeError: the real system failed during --emulate (a worker did not start, an RPC failed): exit 1
+    return run_cli(PROG, lambda: _emulate(args) if args.emulate else _simulate(args), failures=(RuntimeError,),
+                   one_line=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moevit.cli.runner import run_cli
+
 if TYPE_CHECKING:
     from moevit.deploy.topology import TLSFiles
 
@@ -297,17 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s moe-worker %(levelname)s %(name)s: %(message)s")
     for name in ("moevit.worker", "moevit_rpc", PROG):  # moevit_rpc: refusals of requests that do not parse
         logging.getLogger(name).setLevel(args.log_level.upper())
-    try:
-        return _serve(args)
-    except CliError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # address in use, unwritable ONNX cache: not a usage mistake, but still one clear line
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C while loading, before the graceful handlers are installed
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    # OSError (an unwritable ONNX cache): not a usage mistake (exit 1), but still one clear line. KeyboardInterrupt:
+    # Ctrl-C while loading, before the graceful handlers are installed
+    return run_cli(PROG, lambda: _serve(args), errors=(CliError,), failures=(OSError,))
 
 
 if __name__ == "__main__":

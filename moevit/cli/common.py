@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from moevit.checkpoint import CheckpointError
-
-
-def run_cli(prog: str, body: Callable[[], int | None]) -> int:
-    """Run ``body``, turning the errors a user can fix into one clear line and exit code 2."""
-    logging.basicConfig(level=logging.WARNING, format=f"{prog}: %(levelname)s: %(message)s")
-    try:
-        return int(body() or 0)
-    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+from moevit.cli.runner import run_cli  # noqa: F401 (re-exported: the scripts import it from here)
 
 
 def set_threads(n: int | None) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moevit.checkpoint import CheckpointError, load_checkpoint, model_fingerprint
+from moevit.checkpoint import load_checkpoint, model_fingerprint
+from moevit.cli.runner import run_cli
 from moevit.flops import count_macs, count_params
 
 
@@ -42,12 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file", help="a moevit .safetensors checkpoint")
     ap.add_argument("--image-size", type=int, default=256, help="input side for the MAC count (default 256)")
     args = ap.parse_args(argv)
-    try:
-        print(describe(args.file, args.image_size))
-    except CheckpointError as e:
-        print(f"moevit-info: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("moevit-info", lambda: print(describe(args.file, args.image_size)))
 
 
 if __name__ == "__main__":
