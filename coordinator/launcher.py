@@ -5,8 +5,10 @@ The processes are started and waited for by :mod:`moevit.coordinator.local`, the
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ class LocalWorkers:
 
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
+    logdir: Path | None = None  # removed by stop() when every worker ended cleanly; kept (and named) otherwise
 
     def stop(self, grace: float = 5.0) -> None:
         for p in self.procs.values():
@@ -38,15 +41,22 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        clean = all(p.returncode in (0, -signal.SIGTERM) for p in self.procs.values())
         self.procs.clear()
+        if self.logdir is not None:
+            if clean:
+                shutil.rmtree(self.logdir, ignore_errors=True)
+            else:
+                print(f"moe-coordinator: worker logs kept in {self.logdir}", file=sys.stderr)
+            self.logdir = None
 
 
 def ensure_workers(topology_path: str, clients: dict[str, SiteClient], *, model: str | None = None,
                    threads: int = 1, backend: str = "torch", startup_s: float = 120.0,
                    log=lambda s: None) -> LocalWorkers:
     """Start a worker for every loopback site in ``clients`` that does not answer; wait until all are SERVING."""
-    started = LocalWorkers()
     logdir = Path(tempfile.mkdtemp(prefix="moevit-workers-"))
+    started = LocalWorkers(logdir=logdir)
     try:
         for name, client in clients.items():
             host = client.address.rsplit(":", 1)[0]

@@ -167,7 +167,11 @@ class Trainer:
         tensors = load_file(str(state_path))
         saved = load_checkpoint(model_path, verify=True)
         if saved.config.to_dict() != self.model.config.to_dict():
-            raise ValueError(f"{self.out}: holds a run of another model ({saved.config.arch}); use a new --out")
+            was, now = saved.config.to_dict(), self.model.config.to_dict()
+            diff = ", ".join(f"{k} {was.get(k)!r} (this run: {now.get(k)!r})" for k in sorted({*was, *now})
+                             if was.get(k) != now.get(k))
+            raise ValueError(f"{self.out}: holds a run whose model differs in {diff}; use a new --out, or the "
+                             "settings of that run to resume it")
         self.model.load_state_dict(saved.state_dict())
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, v in tensors.items():

@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.image_size is not None and not 8 <= args.image_size <= 2048:
+            raise ValueError(f"--image-size must be 8-2048 pixels, got {args.image_size}")
         set_threads(args.threads)
         model = load_checkpoint(args.model)
         size = args.image_size or model.config.image_size

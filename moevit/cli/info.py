@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file", help="a moevit .safetensors checkpoint")
     ap.add_argument("--image-size", type=int, default=256, help="input side for the MAC count (default 256)")
     args = ap.parse_args(argv)
+    if not 8 <= args.image_size <= 2048:  # 0 or less cannot be counted; 100000 px would need terabytes
+        print(f"moevit-info: error: --image-size must be 8-2048 pixels, got {args.image_size}", file=sys.stderr)
+        return 2
     return run_cli("moevit-info", lambda: print(describe(args.file, args.image_size)))
 
 

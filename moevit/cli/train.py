@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output folder (a run found there is resumed)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=None, help="default: a checkpoint's training size, a "
+                    "synthetic spec's size=, else 256")
     ap.add_argument("--seed", type=int, default=0, help="training seed (batch order, augmentation, dropout)")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the held-out splits, separate from --seed so "
                     "that runs of several training seeds are scored on the same images (default 0)")
@@ -74,6 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse numbers that cannot make a run (before any data is read) and settle the image size."""
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.search < 0:
+        raise ValueError(f"--search must be >= 0 trials, got {args.search}")
+    if args.image_size is None:
+        from moevit.data import parse_spec
+
+        spec = parse_spec(args.data)
+        if spec.kind == "synthetic":
+            args.image_size = spec.size  # the images are drawn at that size: training at another only resamples
+        elif args.model.endswith(".safetensors") or Path(args.model).is_file():
+            from moevit.checkpoint import read_config
+
+            config = read_config(args.model)
+            args.image_size = config.image_size if config is not None and config.image_size else 256
+        else:
+            args.image_size = 256
+    if not 8 <= args.image_size <= 2048:
+        raise ValueError(f"--image-size must be 8-2048 pixels, got {args.image_size}")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        _check_args(args)
         set_threads(args.threads)
         opts = _options(args)
         if args.search:
