@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv results results-digits pretrain bench clean mosquitto
+.PHONY: demo demo-split test lint venv results results-digits pretrain bench clean mosquitto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m moevit.coordinator.demo
+
+# Where the split pays off: examples/sites-split.yaml (a camera and a relay that cannot hold the model alone),
+# placed, simulated beside local and offload-image, and run (README, "When the split pays off"; builds the model once)
+demo-split: $(STAMP)
+	$(BIN)/python -m moevit.coordinator.demo --split
 
 # Dense vs MoE on scenes under the fair protocol (val selects, eval reports, 3 seeds, equal budgets, MoE within the
 # dense parameter count), the gate, bench/results/scenes.{md,json}; FULL=1 adds Table 1 and Table 2's layer sets.

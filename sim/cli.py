@@ -97,10 +97,12 @@ def _simulate(args: argparse.Namespace) -> int:
     csv_path, json_path = write_results(out, results, meta)
     print(summary_table(results))
     plots = [] if args.no_plots else plot_results(out, results)
-    failed = sum(1 for r in results if r.error is not None)
-    print(f"\n{len(results)} scenarios in {seconds:.1f} s on {where}; {failed} failed to run")
+    failed = sum(1 for r in results if r.error is not None and not r.error.startswith("does not fit"))
+    misfit = sum(1 for r in results if r.error is not None and r.error.startswith("does not fit"))
+    print(f"\n{len(results)} scenarios in {seconds:.1f} s on {where}; {failed} failed to run"
+          + (f"; {misfit} not simulated: the model does not fit the site's memory" if misfit else ""))
     print(f"wrote {csv_path}, {json_path}" + "".join(f", {p.name}" for p in plots))
-    return 0 if failed < len(results) else 1
+    return 0 if failed < len(results) - misfit or not failed else 1
 
 
 def _emulate(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 from moevit.deploy.topology import Device, Link, Placement, Topology
-from moevit.partition.costmodel import FLOPS_PER_MAC, Stats, coefficients
+from moevit.partition.costmodel import FLOPS_PER_MAC, MB, Stats, coefficients
 from moevit.partition.placement import background_experts
 from moevit.sim.config import Arrival, FailureSet, Scenario, Settings
 from moevit.sim.trace import Trace
@@ -577,6 +577,8 @@ class _Run:
             if best is None:
                 raise ValueError(f"{topo.path}: offload-image needs a remote site linked to the coordinator")
             self.offload_site = index[best]
+        self.misfit = strategy_misfit(topo, stats, sc.strategy, None if self.offload_site is None
+                                      else self.sites[self.offload_site])
         # A quality-90 JPEG of a natural scene is about an eighth of its raw RGB bytes.
         self.image_bytes = st.image_bytes if st.image_bytes is not None else stats.image_size ** 2 * 3 // 8
         self.images: list[_Image] = []
@@ -946,12 +948,37 @@ class _Run:
         return res
 
 
+def dense_weight_bytes(stats: Stats) -> int:
+    """fp32 weights of the dense model: the trunk plus the dense MLPs the MoE layers replaced (dim -> 2 dim -> dim)."""
+    return int(stats.trunk_weight_bytes + sum((4 * ls.dim * ls.dim + 3 * ls.dim) * 4 for ls in stats.layers))
+
+
+def strategy_misfit(topology: Topology, stats: Stats, strategy: str, offload_site: str | None) -> str | None:
+    """Why a whole-model strategy cannot run on this topology: the model does not fit the memory of the site that
+    has to hold it (the cost model's rule: weights plus the working buffer, 1 MB = 10^6 bytes); None when it fits.
+    Split strategies hold only their placement's experts: moe-partition keeps those within every site's memory."""
+    need = {"local-moe": stats.trunk_weight_bytes + stats.expert_bytes_total + stats.buffer_bytes,
+            "local-dense": dense_weight_bytes(stats) + stats.buffer_bytes,
+            "offload-image": stats.trunk_weight_bytes + stats.expert_bytes_total + stats.buffer_bytes}.get(strategy)
+    site = offload_site if strategy == "offload-image" else topology.coordinator
+    if need is None or site is None:
+        return None
+    cap = topology.sites[site].device.memory_mb * MB
+    if need <= cap:
+        return None
+    what = "the dense model" if strategy == "local-dense" else "the whole MoE model"
+    return f"does not fit: {what} needs {need / MB:.2f} MB on {site}, which has {cap / MB:.2f} MB"
+
+
 def run_scenario(world: World, scenario: Scenario) -> ScenarioResult:
-    """Simulate one scenario; deterministic for a given world and scenario (seed included)."""
+    """Simulate one scenario; deterministic for a given world and scenario (seed included). A strategy whose
+    model does not fit the memory of the site that must hold it is not simulated: its result carries the reason."""
     import time
 
     t0 = time.perf_counter()
     run = _Run(world, scenario)
+    if run.misfit is not None:
+        return ScenarioResult(params=scenario.params(), error=run.misfit)
     run.run()
     res = run.result()
     res.wall_s = time.perf_counter() - t0

@@ -104,7 +104,10 @@ def summary_table(results: Sequence[ScenarioResult]) -> str:
         lines.append(f"{r['setting'][:44]:<44} {r['strategy']:<23} {r['latency_mean_ms']:>9.1f} "
                      f"{r['latency_p95_ms']:>9.1f} {r['failed_pct']:>7.1f} {r['degraded_pct']:>7.1f} "
                      f"{r['kb_per_image']:>8.2f} {r['active_mj_per_image']:>10.2f} {r['min_lifetime_h']:>10.1f}")
-    errors = [r for r in results if r.error is not None]
+    misfits = {(r.params["strategy"], r.error) for r in results if r.error and r.error.startswith("does not fit")}
+    for strategy, why in sorted(misfits):  # a deployment fact, not a failure: said once per strategy
+        lines.append(f"{strategy} not simulated: {why}")
+    errors = [r for r in results if r.error is not None and not r.error.startswith("does not fit")]
     if errors:
         lines.append(f"{len(errors)} scenario(s) failed to run:")
         lines += [f"  {r.params['id']}: {r.error}" for r in errors]
