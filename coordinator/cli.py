@@ -142,7 +142,8 @@ def _publish_events(uplink: Any, records: list[dict[str, Any]], runtime: SplitRu
     descriptions = res.descriptions_for(labels, taxa)
     doc = res.build_megadetector(records, labels=labels, fingerprint=runtime.fingerprint,
                                  descriptions=descriptions, gap_s=job.sequence_gap)
-    events = events_from_megadetector(doc)
+    # the camera's deployment is the coordinator's site of sites.yaml (where this camera stands)
+    events = events_from_megadetector(doc, deployment=runtime.local_site)
     queued = uplink.events(events, doc["classification_categories"], descriptions or None)
     done = uplink.flush(job.mqtt_wait)
     counts = uplink.outbox.counts()

@@ -172,11 +172,12 @@ def summarise(event_id: str, frames: Sequence[Mapping[str, Any]], *, model: str,
                         any(bool(im.get("moevit_degraded")) for im in frames), revision)
 
 
-def events_from_megadetector(doc: Mapping[str, Any], *, deployment_of: Mapping[str, str] | None = None
-                             ) -> list[EventSummary]:
+def events_from_megadetector(doc: Mapping[str, Any], *, deployment_of: Mapping[str, str] | None = None,
+                             deployment: str | None = None) -> list[EventSummary]:
     """Every sequence of a moevit MegaDetector document as a summary, in order of first appearance.
 
-    The camera is the sequence's group (``<folder>@<serial>``); ``deployment_of`` maps a camera to its deployment.
+    The camera is the sequence's group (``<folder>@<serial>``); ``deployment_of`` maps a camera to its deployment,
+    ``deployment`` is the one of the cameras it does not name.
     """
     model = doc["info"]["classifier_metadata"]["version"]
     kinds = class_kinds(doc.get("classification_categories") or {})
@@ -190,7 +191,7 @@ def events_from_megadetector(doc: Mapping[str, Any], *, deployment_of: Mapping[s
         members = sorted(members, key=lambda im: im.get("frame_num", 0))
         camera = seq.rsplit("-seq", 1)[0]
         out.append(summarise(seq, members, model=model, camera=camera,
-                             deployment=(deployment_of or {}).get(camera), blank_class=blank_class))
+                             deployment=(deployment_of or {}).get(camera, deployment), blank_class=blank_class))
     return out
 
 
