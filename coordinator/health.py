@@ -30,8 +30,11 @@ class HealthWatch:
     """Tracks one site's health on a daemon thread; :attr:`up` is cheap to read from any thread."""
 
     def __init__(self, name: str, channel: grpc.Channel, *, retry_s: float = 0.2, penalty_s: float = 0.5,
-                 max_penalty_s: float = 30.0, on_change: Callable[[str, bool], None] | None = None) -> None:
+                 max_penalty_s: float = 30.0, on_change: Callable[[str, bool], None] | None = None,
+                 metadata: tuple[tuple[str, str], ...] | None = None) -> None:
         self.name, self.retry_s, self.penalty_s, self.on_change = name, retry_s, penalty_s, on_change
+        # the site's bearer token: workers keep most of their health watches for callers that carry it
+        self.metadata = metadata
         self.max_penalty_s = max_penalty_s
         self._strikes = 0
         self._stub = health_pb2_grpc.HealthStub(channel)
@@ -95,7 +98,7 @@ class HealthWatch:
     def _run(self) -> None:
         while not self._closed.is_set():
             try:
-                self._call = self._stub.Watch(health_pb2.HealthCheckRequest(service=""))
+                self._call = self._stub.Watch(health_pb2.HealthCheckRequest(service=""), metadata=self.metadata)
                 for resp in self._call:
                     self._set(resp.status == SERVING)
             except grpc.RpcError:

@@ -171,7 +171,7 @@ class SiteClient:
         # one lets concurrent forwards (several runtimes, threads) still overlap their calls to a site.
         # Calls that may have to be cancelled (hedged) are grpc futures instead: a blocking call cannot be.
         self._calls = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"site-{name}")
-        self.watch = HealthWatch(name, self.channel) if watch else None
+        self.watch = HealthWatch(name, self.channel, metadata=self.metadata) if watch else None
         self._closed = False
 
     def use_features(self, features: list[str] | tuple[str, ...]) -> None:

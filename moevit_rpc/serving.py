@@ -21,7 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-__all__ = ["Refused", "Undecodable", "add_service"]
+__all__ = ["BoundedHealthServicer", "Refused", "Undecodable", "add_service"]
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +130,55 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescript
                                      response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+class BoundedHealthServicer:
+    """grpc.health.v1 for the workers and the Classify server with its ``Watch`` streams bounded, so that idle
+    watches (health needs no token) cannot take the server's RPC slots from every other call.
+
+    A watch carrying the server's bearer token (the coordinator sends it), or any watch where no token is
+    configured, counts against ``max_watches``; one without it, where a token is configured, against
+    ``max_untrusted`` as well. A watch over its budget gets ``RESOURCE_EXHAUSTED`` at once; ``Check`` ends at
+    once and is not bounded. ``max_watches`` must stay well below the server's ``maximum_concurrent_rpcs``.
+    """
+
+    def __init__(self, *, token: str | None = None, max_watches: int = 64, max_untrusted: int = 8) -> None:
+        from grpc_health.v1 import health
+
+        self._inner = health.aio.HealthServicer()
+        self._expected = f"Bearer {token}".encode() if token else None
+        self.max_watches, self.max_untrusted = max_watches, max_untrusted
+        self.watches = self.untrusted = 0
+        self.refused = 0
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 (gRPC name)
+        return await self._inner.Check(request, context)
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802 (gRPC name)
+        import hmac
+
+        trusted = self._expected is None or hmac.compare_digest(
+            dict(context.invocation_metadata() or ()).get("authorization", "").encode(), self._expected)
+        if self.watches >= self.max_watches or (not trusted and self.untrusted >= self.max_untrusted):
+            self.refused += 1
+            which = "" if trusted else " without the server's token"
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(f"too many health watches{which} open (at most {self.max_watches}, "
+                                f"{self.max_untrusted} without a token); use Check")
+            return
+        self.watches += 1
+        self.untrusted += not trusted
+        try:
+            await self._inner.Watch(request, context)
+        finally:
+            self.watches -= 1
+            self.untrusted -= not trusted
+
+    def List(self, request: Any, context: Any) -> Any:  # noqa: N802 - a stub, as grpcio-health-checking's
+        raise NotImplementedError  # not a coroutine: add_service answers it UNIMPLEMENTED
+
+    async def set(self, service: str, status: Any) -> None:
+        await self._inner.set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        await self._inner.enter_graceful_shutdown()

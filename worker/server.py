@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 from moevit.worker.backends import ExpertBackend
 from moevit.worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertServicer, wire_screen
 
@@ -25,7 +25,7 @@ from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.config import ModelConfig
 from moevit.moe.experts import ExpertBank
 from moevit_rpc.security import TokenAuthInterceptor
-from moevit_rpc.serving import add_service
+from moevit_rpc.serving import BoundedHealthServicer, add_service
 from moevit_rpc.v1 import expert_pb2
 
 __all__ = ["DEFAULT_GRACE_S", "DEFAULT_MAX_MESSAGE_BYTES", "SERVICE_NAME", "WorkerConfigError", "WorkerServer",
@@ -138,7 +138,8 @@ class WorkerServer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
         self._servicer = ExpertServicer(backend, fingerprint, arch=arch, site=site, max_tokens=max_tokens,
                                         check_finite=check_finite, executor=self._executor, max_queue=max_queue)
-        self._health = health.aio.HealthServicer()
+        # watches bounded (64, 8 without the token): they cannot take the 256 RPC slots from expert calls
+        self._health = BoundedHealthServicer(token=token)
         self._server: grpc.aio.Server | None = None
         self._stopping = False
 
