@@ -12,6 +12,7 @@ The payload builders and the measurements are shared with ``tests/test_attacks.p
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -254,6 +256,226 @@ def _layer_dim(model: Path, layer: int) -> int:
     return int(load_checkpoint(model).moe_layers()[layer].experts.dim)
 
 
+# ------------------------------------------------------------------------------------------------- watches
+
+
+async def _watches(address: str, n: int, token: str | None) -> dict[str, Any]:
+    """Open ``n`` Health.Watch streams without a token and keep them; then Info with ``token`` (as a coordinator
+    calls), and one more watch with the token; all timed."""
+    import asyncio
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    out: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        calls = [stub.Watch(health_pb2.HealthCheckRequest()) for _ in range(n)]
+
+        async def first(call: Any) -> str:
+            try:
+                await asyncio.wait_for(call.read(), 10)
+                return "OPEN"
+            except grpc.aio.AioRpcError as e:
+                return e.code().name
+            except TimeoutError:
+                return "NO_ANSWER"
+
+        states = await asyncio.gather(*(first(c) for c in calls))
+        out["watches"] = {k: states.count(k) for k in sorted(set(states))}
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch2:
+            t0 = time.perf_counter()
+            try:
+                await expert_pb2_grpc.ExpertServiceStub(ch2).Info(expert_pb2.InfoRequest(), timeout=10,
+                                                                  metadata=metadata)
+                code = "OK"
+            except grpc.aio.AioRpcError as e:
+                code = e.code().name
+            out["info"] = {"code": code, "s": round(time.perf_counter() - t0, 3)}
+            watch = health_pb2_grpc.HealthStub(ch2).Watch(health_pb2.HealthCheckRequest(), metadata=metadata)
+            out["watch_with_token"] = await first(watch)
+            watch.cancel()
+        for c in calls:
+            c.cancel()
+    return out
+
+
+def attack_watches(address: str, n: int = 254, token: str | None = None) -> dict[str, Any]:
+    import asyncio
+
+    return asyncio.run(_watches(address, n, token))
+
+
+def health_watches(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _ = small_model(Path(tmp))
+        (Path(tmp) / "token").write_text("s3cret-token\n")
+        out = {}
+        for label, extra in (("no_token", ()), ("token", ("--token-file", str(Path(tmp) / "token")))):
+            proc, address = start_worker(model, "8:0-2", *extra)
+            try:
+                out[label] = attack_watches(address, token="s3cret-token" if extra else None)
+            finally:
+                stop(proc)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- Classify
+
+
+def progressive_bomb(size: int = 2000, extra_scans: int = 400) -> bytes:
+    """A progressive JPEG of ``size``² flat grey pixels whose last scan is repeated ``extra_scans`` times: a few
+    KB that the decoder passes over once per scan (2000², 400 scans: 21 KB, 4.4 s to decode on this machine)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (size, size), 128).save(buf, "JPEG", progressive=True, quality=50)
+    data = buf.getvalue()
+    last, eoi = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    return data[:eoi] + data[last:eoi] * extra_scans + data[eoi:]
+
+
+def png(size: tuple[int, int], seed: int = 0) -> bytes:
+    """A PNG of seeded noise (small sizes) or flat colour (large ones, so the file stays small)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if size[0] * size[1] <= 1 << 16:
+        rng = np.random.default_rng(seed)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    else:
+        Image.new("RGB", size, (90, 140, 60)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class ClassifyDeployment:
+    """A worker process and a ``moe-coordinator --serve`` process in front of it (the tests' small model at 64 px,
+    MoE layers 5 and 8, experts split between the coordinator and the worker), on loopback."""
+
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        from moevit.coordinator.local import free_port, write_topology
+
+        self.tmp = Path(tmp)
+        self.model, self.fingerprint = small_model(self.tmp)
+        ports = {"cam": free_port(), "w": free_port()}
+        placement = {8: {"cam": [2, 3], "w": [0, 1]}, 5: {"cam": [0, 1], "w": [2, 3]}}
+        topology = write_topology(self.tmp, self.model, ports, placement=placement)
+        self.worker, self.worker_address = start_worker(self.model, "8:0-1,5:2-3", log=self.tmp / "worker.log")
+        topology.write_text(topology.read_text().replace(f"127.0.0.1:{ports['w']}", self.worker_address))
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log = self.tmp / "coordinator.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topology),
+                                      "--serve", self.address, "--no-spawn", "--threads", "1", "--image-size", "64",
+                                      *extra], cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=self.log.open("w"))
+        from moevit.coordinator.local import wait_serving
+
+        try:
+            wait_serving(self.address, self.proc, timeout=180)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        stop(self.proc)
+        stop(self.worker)
+
+    def __enter__(self) -> ClassifyDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def classify(address: str, image: bytes, *, timeout: float = 30.0, name: str = "") -> tuple[str, float]:
+    """(status code name, seconds) of one Classify call on a channel of its own."""
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        stub = expert_pb2_grpc.ClassifierServiceStub(ch)
+        t0 = time.perf_counter()
+        try:
+            stub.Classify(expert_pb2.ClassifyRequest(image=image, name=name), timeout=timeout)
+            code = "OK"
+        except grpc.RpcError as e:
+            code = e.code().name
+        return code, time.perf_counter() - t0
+
+
+def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    return t, box
+
+
+def attack_bomb(address: str, *, bombs: int = 2, cancelled: int = 8) -> dict[str, Any]:
+    """A legitimate 64-px PNG sent 0.3 s after ``bombs`` progressive-JPEG bombs, then after ``cancelled`` large
+    PNGs (6000x6000, flat) whose callers gave up after 0.1 s: how long the legitimate request waits each time."""
+    legit = png((64, 64), 1)
+    out: dict[str, Any] = {"legit_alone_s": round(classify(address, legit)[1], 3)}
+    bomb = progressive_bomb()
+    threads = [in_background(lambda: classify(address, bomb, timeout=60)) for _ in range(bombs)]
+    time.sleep(0.3)
+    code, seconds = classify(address, legit)
+    out["legit_behind_bombs"] = {"code": code, "s": round(seconds, 3)}
+    for t, _ in threads:
+        t.join(70)
+    out["bomb_answers"] = [box[0] and (box[0][0], round(box[0][1], 3)) for _, box in threads]
+    # within the scan limits (56 scans of 4 MP): decoded, on the decode threads
+    bomb = progressive_bomb(extra_scans=50)
+    threads = [in_background(lambda: classify(address, bomb, timeout=60)) for _ in range(bombs)]
+    time.sleep(0.3)
+    code, seconds = classify(address, legit)
+    out["legit_behind_bombs_within_limits"] = {"code": code, "s": round(seconds, 3)}
+    for t, _ in threads:
+        t.join(70)
+    out["bomb_within_limits_answers"] = [box[0] and (box[0][0], round(box[0][1], 3)) for _, box in threads]
+    big = png((6000, 6000))
+    cancelled_calls = [in_background(lambda: classify(address, big, timeout=0.1)) for _ in range(cancelled)]
+    for t, _ in cancelled_calls:
+        t.join(10)
+    code, seconds = classify(address, legit)
+    out["legit_after_cancelled"] = {"code": code, "s": round(seconds, 3)}
+    return out
+
+
+def classify_bomb(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, ClassifyDeployment(Path(tmp)) as dep:
+        return attack_bomb(dep.address)
+
+
+def attack_flood(address: str, pid: int, *, requests: int = 16, mib: int = 48) -> dict[str, Any]:
+    """``requests`` concurrent Classify calls of ``mib`` MiB of junk each; the server's RSS before, at its highest
+    while they run, and after; then a legitimate request."""
+    junk = np.random.default_rng(0).bytes(mib << 20)
+    out: dict[str, Any] = {"rss_start_mb": round(rss_mb(pid), 1)}
+    peak = [out["rss_start_mb"]]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(rss_mb(pid))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    calls = [in_background(lambda: classify(address, junk, timeout=120)) for _ in range(requests)]
+    for t, _ in calls:
+        t.join(130)
+    done.set()
+    sampler.join()
+    time.sleep(0.5)
+    out["codes"] = sorted({box[0][0] for _, box in calls if box})
+    out["rss_peak_mb"] = round(max(peak), 1)
+    out["rss_end_mb"] = round(rss_mb(pid), 1)
+    code, seconds = classify(address, png((64, 64), 2))
+    out["legit_after"] = {"code": code, "s": round(seconds, 3)}
+    return out
+
+
+def classify_flood(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, ClassifyDeployment(Path(tmp)) as dep:
+        time.sleep(1.0)
+        return attack_flood(dep.address, dep.proc.pid)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["_probe"]:
         _probe(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
@@ -273,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-ATTACKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"worker-refused": worker_refused}
+ATTACKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "worker-refused": worker_refused, "classify-bomb": classify_bomb, "classify-flood": classify_flood,
+    "health-watches": health_watches}
 
 if __name__ == "__main__":
     raise SystemExit(main())

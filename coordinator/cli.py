@@ -607,7 +607,8 @@ def _run(args: argparse.Namespace) -> int:
             from moevit.coordinator.server import serve
 
             asyncio.run(serve(runtime, args.serve, image_size=size, max_batch=args.max_batch,
-                              max_wait_ms=args.max_wait_ms, credentials=credentials, token=token))
+                              max_wait_ms=args.max_wait_ms, credentials=credentials, token=token,
+                              on_unreadable=unreadable))
             return 0
         uplink = _open_uplink(args)
         summary = run_batch(runtime, job, metrics=metrics, sources=sources, uplink=uplink)
@@ -623,3 +624,4 @@ def _run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+            unreadable = None if metrics is None else metrics.images.labels("unreadable").inc

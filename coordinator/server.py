@@ -15,12 +15,14 @@ import collections
 import concurrent.futures
 import logging
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 from moevit.coordinator.runtime import SplitRuntime
 from moevit.coordinator.sites import SiteError
 
@@ -28,7 +30,7 @@ from moevit.data import UnreadableImageError, load_image
 from moevit_rpc.channels import channel_options
 from moevit_rpc.messages import clip
 from moevit_rpc.security import TokenAuthInterceptor
-from moevit_rpc.serving import add_service
+from moevit_rpc.serving import BoundedHealthServicer, add_service
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger("moe-coordinator")
@@ -37,14 +39,50 @@ SERVICE = "moevit.rpc.v1.ClassifierService"
 # of the previous forward's time, at most RETURN_WAIT_MAX_S.
 RETURN_WAIT_FRACTION = 0.1
 RETURN_WAIT_MAX_S = 0.05
+# Bounds of the Classify server (issue 21): requests admitted at once (queued, decoding or in a batch) and the bytes
+# of their images together; more get RESOURCE_EXHAUSTED at once. Measured: 16 concurrent 48 MiB junk requests took
+# the server from 549 to 1,805 MB before these bounds (docs/reliability.md has the figure after).
+DEFAULT_MAX_QUEUE = 32
+DEFAULT_MAX_QUEUED_MB = 128.0
+# Images over this many pixels, and progressive JPEGs (decoded once per scan), are decoded on a thread of their own
+# (at most HEAVY_DECODES at once, more are refused) within DECODE_DEADLINE_S, so a request of a few hundred pixels
+# never waits behind them on the forward thread.
+HEAVY_PIXELS = 2_000_000
+HEAVY_DECODES = 2
+DECODE_DEADLINE_S = 10.0
+
+
+class _Busy(Exception):
+    """A request refused by the server's bounds (RESOURCE_EXHAUSTED)."""
+
+
+def _heavy(image: bytes) -> bool:
+    """Whether an image is costly to decode, judged from its header alone (a few microseconds)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            w, h = im.size
+            progressive = im.format == "JPEG" and bool(im.info.get("progressive") or im.info.get("progression"))
+    except Exception:  # noqa: BLE001 - not an image: the decode says why, cheaply
+        return False
+    return progressive or w * h > HEAVY_PIXELS
 
 
 class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
-    def __init__(self, runtime: SplitRuntime, *, image_size: int, max_batch: int = 8, max_wait_ms: float = 2.0
-                 ) -> None:
+    def __init__(self, runtime: SplitRuntime, *, image_size: int, max_batch: int = 8, max_wait_ms: float = 2.0,
+                 max_queue: int = DEFAULT_MAX_QUEUE, max_queued_mb: float = DEFAULT_MAX_QUEUED_MB,
+                 on_unreadable: Callable[[], None] | None = None) -> None:
         self.runtime, self.image_size, self.max_batch, self.max_wait = runtime, image_size, max_batch, max_wait_ms
+        self.max_queue, self.max_queued_bytes = max_queue, int(max_queued_mb * (1 << 20))
+        self.on_unreadable = on_unreadable
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.decoder = concurrent.futures.ThreadPoolExecutor(max_workers=HEAVY_DECODES, thread_name_prefix="decode")
+        self.admitted = self.queued_bytes = self.heavy = 0
+        self.refused_busy = self.dropped_cancelled = 0
         self.labels = list(runtime.model.config.labels)
         self._task: asyncio.Task | None = None
         self.served = 0
@@ -60,24 +98,46 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         if self._task is not None:
             self._task.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown(wait=False, cancel_futures=True)
 
     async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
         t0 = time.perf_counter()
-        if not request.image:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ClassifyRequest.image is empty")
-        fut = asyncio.get_running_loop().create_future()
-        self._returned += 1
-        self.queue.put_nowait((request.image, fut))
-        try:
-            probs, degraded = await fut
-        except UnreadableImageError as e:
-            problem, code = f"image {clip(request.name)} is unreadable: {e}", grpc.StatusCode.INVALID_ARGUMENT
-        except SiteError as e:
-            problem, code = str(e), grpc.StatusCode.UNAVAILABLE
-        else:
-            problem = None
+        size = len(request.image)
+        problem, code = None, grpc.StatusCode.OK
+        if not size:
+            problem, code = "ClassifyRequest.image is empty", grpc.StatusCode.INVALID_ARGUMENT
+        elif self.admitted >= self.max_queue or self.queued_bytes + size > self.max_queued_bytes:
+            self.refused_busy += 1
+            problem = (f"server busy: {self.admitted} requests ({self.queued_bytes >> 20} MiB) admitted, at most "
+                       f"{self.max_queue} ({self.max_queued_bytes >> 20} MiB); try again later")
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        if problem is None:
+            self.admitted += 1
+            self.queued_bytes += size
+            try:
+                probs, degraded = await self._answer(request.image, context)
+            except UnreadableImageError as e:
+                problem, code = f"image {clip(request.name)} is unreadable: {e}", grpc.StatusCode.INVALID_ARGUMENT
+                if self.on_unreadable is not None:
+                    self.on_unreadable()
+            except SiteError as e:
+                problem, code = str(e), grpc.StatusCode.UNAVAILABLE
+            except _Busy as e:
+                self.refused_busy += 1
+                problem, code = str(e), grpc.StatusCode.RESOURCE_EXHAUSTED
+            except TimeoutError:
+                problem, code = (f"image {clip(request.name)} not decoded within {DECODE_DEADLINE_S:g} s",
+                                 grpc.StatusCode.DEADLINE_EXCEEDED)
+            except FloatingPointError as e:
+                problem, code = str(e), grpc.StatusCode.INTERNAL
+            finally:
+                self.admitted -= 1
+                self.queued_bytes -= size
         if problem is not None:
-            await context.abort(code, problem)
+            # not context.abort(): its traceback would keep the request (and its image) alive until a full GC
+            context.set_code(code)
+            context.set_details(problem)
+            return expert_pb2.ClassifyResponse()
         k = request.top_k or 5
         top = torch.topk(probs, min(k, len(probs)))
         self.served += 1
@@ -87,6 +147,38 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
                                                                                   strict=True)],
             degraded=bool(degraded), model_fingerprint=self.runtime.fingerprint,
             latency_ms=(time.perf_counter() - t0) * 1e3, name=request.name)
+
+    async def _answer(self, image: bytes, context: grpc.aio.ServicerContext) -> tuple[torch.Tensor, bool]:
+        """Queue one image for the batcher (decoded first on the decode threads when it is heavy) and wait."""
+        loop = asyncio.get_running_loop()
+        item: bytes | torch.Tensor = image
+        if _heavy(image):
+            if self.heavy >= HEAVY_DECODES:
+                raise _Busy(f"server busy: {self.heavy} large or progressive images are being decoded "
+                            f"(at most {HEAVY_DECODES}); try again later")
+            self.heavy += 1
+            gave_up = threading.Event()
+
+            def decode() -> torch.Tensor | None:
+                return None if gave_up.is_set() else load_image(image, self.image_size)
+
+            remaining = context.time_remaining()
+            timeout = DECODE_DEADLINE_S if remaining is None else min(DECODE_DEADLINE_S, max(0.0, remaining))
+            try:
+                item = await asyncio.wait_for(asyncio.wrap_future(self.decoder.submit(decode)), timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                gave_up.set()  # not started yet: never decoded; started: finishes on its thread, result dropped
+                raise
+            finally:
+                self.heavy -= 1
+        fut = loop.create_future()
+        self._returned += 1
+        self.queue.put_nowait((item, fut))
+        try:
+            return await fut
+        except asyncio.CancelledError:  # the caller gave up: the batcher drops the request before decoding it
+            fut.cancel()
+            raise
 
     async def _gather(self) -> list[tuple[bytes, asyncio.Future]]:
         """The next batch: the first request waiting, then those arriving within ``max_wait_ms`` of it, up to
@@ -116,7 +208,7 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         self.batch_sizes[len(items)] += 1
         return items
 
-    def _run_batch(self, images: list[bytes]) -> list[tuple[torch.Tensor, bool] | Exception]:
+    def _run_batch(self, images: list[bytes | torch.Tensor]) -> list[tuple[torch.Tensor, bool] | Exception]:
         """On the forward thread: decode the batch's images, then one forward over those that decoded. Decoding
         here rather than on threads of its own keeps it from interleaving with the forward on a shared core: with
         8 clients (MoE [8], one core) the forward thread spent 69 ms of CPU per image with two decode threads
@@ -124,6 +216,9 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         outcomes: list[tuple[torch.Tensor, bool] | Exception | None] = [None] * len(images)
         decoded = []
         for i, data in enumerate(images):
+            if isinstance(data, torch.Tensor):  # decoded already (a heavy image, on the decode threads)
+                decoded.append((i, data))
+                continue
             try:
                 decoded.append((i, load_image(data, self.image_size)))
             except UnreadableImageError as e:
@@ -131,14 +226,21 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         if decoded:
             res = self.runtime.classify(torch.stack([x for _, x in decoded]))
             probs = self.runtime.calibration.probs(res.logits)  # moe-calibrate's temperature
+            finite = torch.isfinite(probs).all(dim=1)
             for j, (i, _) in enumerate(decoded):
-                outcomes[i] = (probs[j], bool(res.degraded[j]))
+                outcomes[i] = ((probs[j], bool(res.degraded[j])) if finite[j] else
+                               FloatingPointError("the model's output is not finite (NaN or infinity)"))
         return outcomes  # type: ignore[return-value]
 
     async def _batcher(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             items = await self._gather()
+            live = [item for item in items if not item[1].done()]  # callers that gave up: not decoded, not run
+            self.dropped_cancelled += len(items) - len(live)
+            if not live:
+                continue
+            items = live
             t0 = loop.time()
             try:
                 outcomes = await loop.run_in_executor(self.pool, self._run_batch, [data for data, _ in items])
@@ -162,7 +264,7 @@ class ClassifyServer:
 
     server: grpc.aio.Server
     servicer: ClassifyServicer
-    health: health.aio.HealthServicer
+    health: BoundedHealthServicer
     address: str
 
     async def stop(self, grace: float | None = 5.0) -> None:
@@ -174,14 +276,20 @@ class ClassifyServer:
 
 async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, max_batch: int = 8,
                        max_wait_ms: float = 2.0, credentials: grpc.ServerCredentials | None = None,
-                       token: str | None = None) -> ClassifyServer:
+                       token: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                       max_queued_mb: float = DEFAULT_MAX_QUEUED_MB,
+                       on_unreadable: Callable[[], None] | None = None) -> ClassifyServer:
     """Bind ``address`` and serve Classify and grpc.health.v1 on it. ``credentials``
     (:func:`moevit_rpc.security.server_credentials`): mutual TLS only; ``token``: required bearer token."""
     interceptors = [TokenAuthInterceptor(token)] if token else []
-    server = grpc.aio.server(options=channel_options(), interceptors=interceptors)
-    servicer = ClassifyServicer(runtime, image_size=image_size, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    # gRPC's own cap refuses calls beyond it before their messages are read: the admitted requests, the health
+    # watches' budget (BoundedHealthServicer, 64) and room for calls about to be refused by the servicer
+    server = grpc.aio.server(options=channel_options(), interceptors=interceptors,
+                             maximum_concurrent_rpcs=2 * max_queue + 96)
+    servicer = ClassifyServicer(runtime, image_size=image_size, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                max_queue=max_queue, max_queued_mb=max_queued_mb, on_unreadable=on_unreadable)
     add_service(server, servicer, expert_pb2.DESCRIPTOR.services_by_name["ClassifierService"])
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = BoundedHealthServicer(token=token)
     add_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
     try:
         # TLS configured -> only a TLS port, so plaintext clients cannot go around it
@@ -205,10 +313,12 @@ async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, 
 
 async def serve(runtime: SplitRuntime, address: str, *, image_size: int, max_batch: int = 8,
                 max_wait_ms: float = 2.0, grace: float = 5.0, ready=None,
-                credentials: grpc.ServerCredentials | None = None, token: str | None = None) -> None:
+                credentials: grpc.ServerCredentials | None = None, token: str | None = None,
+                on_unreadable: Callable[[], None] | None = None) -> None:
     """Serve Classify (and grpc.health.v1) on ``address`` until SIGTERM/SIGINT (see :func:`start_server`)."""
     running = await start_server(runtime, address, image_size=image_size, max_batch=max_batch,
-                                 max_wait_ms=max_wait_ms, credentials=credentials, token=token)
+                                 max_wait_ms=max_wait_ms, credentials=credentials, token=token,
+                                 on_unreadable=on_unreadable)
     if ready is not None:
         ready(running.address)
     stop = asyncio.Event()

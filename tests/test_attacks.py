@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from bench.attacks import attack_refused, small_model, start_worker, stop
+from bench.attacks import (
+    ClassifyDeployment,
+    attack_bomb,
+    attack_flood,
+    attack_refused,
+    attack_watches,
+    small_model,
+    start_worker,
+    stop,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +44,68 @@ def test_refused_requests_hold_no_memory_and_health_keeps_answering(model):
     assert result["rss_growth_after_warm_mb"] < 50, result
     assert result["health_worst_s"] < 0.5 and result["health_failures"] == 0, result
     assert result["many_batches_answer_s"] < 5, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("token", [None, "s3cret-token"])
+def test_health_watches_cannot_starve_expert_calls(model, tmp_path, token):
+    """Item 3: 254 idle Health.Watch streams without a token (health needs none). Before: they took the worker's
+    256 RPC slots and every new call, RunExperts with a valid token included, waited or failed. Now watches have a
+    budget of their own (64; 8 without the token where one is configured) and the coordinator's, carrying the
+    token, still gets one."""
+    extra = ()
+    if token:
+        (tmp_path / "token").write_text(token + "\n")
+        extra = ("--token-file", str(tmp_path / "token"))
+    proc, address = start_worker(model[0], "8:0-2", *extra)
+    try:
+        result = attack_watches(address, token=token)
+    finally:
+        stop(proc)
+    assert result["watches"] == ({"OPEN": 8, "RESOURCE_EXHAUSTED": 246} if token else
+                                 {"OPEN": 64, "RESOURCE_EXHAUSTED": 190}), result
+    assert result["info"]["code"] == "OK" and result["info"]["s"] < 2, result
+    assert result["watch_with_token"] == ("OPEN" if token else "RESOURCE_EXHAUSTED"), result
+
+
+@pytest.fixture(scope="module")
+def classify_server(tmp_path_factory):
+    from moevit.coordinator.local import free_port
+
+    metrics_port = free_port()
+    with ClassifyDeployment(tmp_path_factory.mktemp("classify"), "--metrics-port",
+                            f"127.0.0.1:{metrics_port}") as dep:
+        dep.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield dep
+
+
+@pytest.mark.slow
+def test_a_legitimate_request_does_not_wait_behind_decoding_bombs(classify_server):
+    """Item 2: progressive-JPEG bombs (2000x2000, 406 scans: 4.4 s of decoding each before, on the forward thread
+    every request waits on), bombs within the limits (56 scans, decoded on the decode threads), and 8 large PNGs
+    whose callers gave up after 0.1 s (dropped before decoding). A 64-px PNG is answered within 2 s each time."""
+    result = attack_bomb(classify_server.address)
+    assert [a[0] for a in result["bomb_answers"]] == ["INVALID_ARGUMENT"] * 2, result
+    for key in ("legit_behind_bombs", "legit_behind_bombs_within_limits", "legit_after_cancelled"):
+        assert result[key]["code"] == "OK" and result[key]["s"] < 2.0, (key, result)
+    assert all(a[0] == "OK" for a in result["bomb_within_limits_answers"]), result
+
+
+@pytest.mark.slow
+def test_classify_server_bounds_its_queue_and_counts_unreadable_images(classify_server):
+    """Item 6 and serve-mode metrics: 16 concurrent 48 MiB junk requests get RESOURCE_EXHAUSTED beyond the queue's
+    128 MiB (the rest INVALID_ARGUMENT: not images) and a legitimate request is answered after; every unreadable
+    image is counted in moevit_coordinator_images_total{outcome="unreadable"}."""
+    import re
+    import urllib.request
+
+    def unreadable() -> float:
+        text = urllib.request.urlopen(classify_server.metrics, timeout=10).read().decode()
+        return float(re.search(r'moevit_coordinator_images_total\{outcome="unreadable"\} (\S+)', text)[1])
+
+    before = unreadable()
+    result = attack_flood(classify_server.address, classify_server.proc.pid)
+    assert "RESOURCE_EXHAUSTED" in result["codes"], result
+    assert result["legit_after"]["code"] == "OK", result
+    refused_as_unreadable = unreadable() - before
+    assert 1 <= refused_as_unreadable < 16, (refused_as_unreadable, result)
