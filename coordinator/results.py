@@ -140,7 +140,8 @@ class ResultLog:
 
     def append(self, records: Iterable[Mapping[str, Any]]) -> None:
         assert self._fd is not None, "log closed"
-        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        # strict JSON: a NaN or an Infinity is refused here rather than written as a line no JSON reader takes
+        data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records).encode()
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
@@ -399,4 +400,4 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_json_atomic(path: str | Path, doc: Any) -> None:
     """Write ``doc`` as JSON so that ``path`` is always either the old file or the complete new one."""
-    write_bytes_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode())

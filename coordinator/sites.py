@@ -62,9 +62,11 @@ class PendingCall:
     stream (a unary call carries its own deadline)."""
 
     def __init__(self, client: SiteClient, future: concurrent.futures.Future, sent: int, counts: list[int],
-                 t0: float, rpc: grpc.Future | None = None, deadline: float | None = None) -> None:
+                 t0: float, rpc: grpc.Future | None = None, deadline: float | None = None,
+                 dim: int | None = None) -> None:
         self.client, self.future, self.sent, self.counts, self.t0, self.rpc = client, future, sent, counts, t0, rpc
         self.deadline = deadline
+        self.dim = dim  # the tokens' width: an expert's output has the width of its input
 
     def done(self) -> bool:
         return self.future.done()
@@ -101,17 +103,32 @@ class PendingCall:
             raise SiteError(c.name, f"INTERNAL: unusable answer: {e}", grpc.StatusCode.INTERNAL) from None
 
     def _outputs(self, resp: expert_pb2.RunExpertsResponse) -> list[torch.Tensor]:
-        """The answer's outputs, one per request batch; ValueError when they do not match the request."""
+        """The answer's outputs, one per request batch; ValueError when they do not match the request (rows,
+        width) or hold a NaN or an infinity: a worker's answer is untrusted, and a bad one is the site's failure
+        (the experts go to the next replica or the fallback), never a result."""
+        ys = self._decoded(resp)
+        for y in ys:
+            if self.dim is not None and (y.dim() != 2 or y.shape[1] != self.dim):
+                raise ValueError(f"outputs have shape {list(y.shape)}, expected [n, {self.dim}] as the request")
+            if not bool(torch.isfinite(y).all()):
+                raise ValueError("the outputs hold NaN or infinite values")
+        return ys
+
+    def _decoded(self, resp: expert_pb2.RunExpertsResponse) -> list[torch.Tensor]:
         if resp.HasField("packed"):
             if list(resp.packed.counts) != self.counts:
                 raise ValueError(f"packed counts {list(resp.packed.counts)} differ from the request's {self.counts}")
-            shape = list(resp.packed.tokens.shape)
-            if len(shape) != 2 or shape[0] != sum(self.counts):  # before decoding: a compressed answer is sized by it
-                raise ValueError(f"packed outputs have shape {shape[:4]}, expected [{sum(self.counts)}, C]")
+            shape = list(resp.packed.tokens.shape[:4])
+            if (len(resp.packed.tokens.shape) != 2 or shape[0] != sum(self.counts)  # before decoding: a compressed
+                    or (self.dim is not None and shape[1] != self.dim)):  # answer is sized by its shape
+                raise ValueError(f"packed outputs have shape {shape[:4]}, expected [{sum(self.counts)}, "
+                                 f"{self.dim or 'C'}]")
             y = proto_to_tensor(resp.packed.tokens)
             if y.dim() != 2 or len(y) != sum(self.counts):
                 raise ValueError(f"packed outputs have shape {list(y.shape)}, expected [{sum(self.counts)}, C]")
             return list(torch.split(y, self.counts)) if self.counts else []
+        if len(resp.outputs) != len(self.counts):
+            raise ValueError(f"{len(resp.outputs)} outputs for the request's {len(self.counts)} batches")
         rows = [o.tokens.shape[0] if len(o.tokens.shape) == 2 else -1 for o in resp.outputs]
         if rows != self.counts:
             raise ValueError(f"outputs have {rows} rows, the request {self.counts}")
@@ -218,6 +235,7 @@ class SiteClient:
         req = expert_pb2.RunExpertsRequest(model_fingerprint=self.fingerprint, layer=layer,
                                            request_id=f"{self.name}-{next(self._seq)}")
         counts = [len(x) for _, x in batches]
+        dim = int(batches[0][1].shape[1]) if batches else None
         if self.packed and batches:  # one tensor: one conversion here and one decode at the worker, not one per expert
             tokens = torch.cat([x for _, x in batches]) if len(batches) > 1 else batches[0][1]
             req.packed.experts.extend(e for e, _ in batches)
@@ -232,7 +250,8 @@ class SiteClient:
         if self.stream and not cancellable:
             fut_or_none = self._submit_on_stream(req)
             if fut_or_none is not None:
-                return PendingCall(self, fut_or_none, req.ByteSize(), counts, t0, deadline=time.monotonic() + timeout)
+                return PendingCall(self, fut_or_none, req.ByteSize(), counts, t0, deadline=time.monotonic() + timeout,
+                                   dim=dim)
         try:
             if cancellable:
                 rpc = self.stub.RunExperts.future(req, timeout=timeout, metadata=self.metadata)
@@ -242,7 +261,7 @@ class SiteClient:
                 fut = self._calls.submit(self.stub.RunExperts, req, timeout=timeout, metadata=self.metadata)
         except (RuntimeError, ValueError):  # submit after close(), or the channel is closed
             raise SiteError(self.name, "the client is closed", grpc.StatusCode.CANCELLED) from None
-        return PendingCall(self, fut, req.ByteSize(), counts, t0, rpc)
+        return PendingCall(self, fut, req.ByteSize(), counts, t0, rpc, dim=dim)
 
     def _submit_on_stream(self, req: expert_pb2.RunExpertsRequest) -> concurrent.futures.Future | None:
         """The answer's future, on the open stream or a new one; None once the client is closed or streams are off."""
