@@ -265,36 +265,18 @@ MAX_IMAGE_PIXELS_CEILING = 100_000_000
 MAX_JPEG_SCANS = 64
 MAX_SCAN_PIXELS = 16 * 40_000_000
 
-
-def _check_scans(source: Any, pixels: int) -> None:
-    """Refuse a progressive JPEG with too many scans (counted as start-of-scan markers, which entropy-coded data
-    cannot contain: a 0xFF byte there is always followed by 0x00 or a restart marker)."""
-    data = source.getvalue() if hasattr(source, "getvalue") else Path(source).read_bytes()
-    scans = data.count(b"\xff\xda")
-    if scans > MAX_JPEG_SCANS or scans * pixels > MAX_SCAN_PIXELS:
-        raise UnreadableImageError(f"a progressive JPEG of {scans} scans over {pixels:,} pixels: more decoding work "
-                                   f"than the limit of {MAX_JPEG_SCANS} scans and {MAX_SCAN_PIXELS:,} scan-pixels")
-
-
-# A progressive JPEG is decoded once per scan: a 114 KB file of 6000x6000 pixels with 4,000 empty scans took 15 s.
-# Encoders write about 10 scans (libjpeg's default progression); more than this many, or more scan-pixels than
-# MAX_SCAN_PIXELS (16 full passes over a 40-megapixel image), is refused from the bytes before decoding.
-MAX_JPEG_SCANS = 64
-MAX_SCAN_PIXELS = 16 * 40_000_000
-
-
-def _check_scans(source: Any, pixels: int) -> None:
-    """Refuse a progressive JPEG with too many scans (counted as start-of-scan markers, which entropy-coded data
-    cannot contain: a 0xFF byte there is always followed by 0x00 or a restart marker)."""
-    data = source.getvalue() if hasattr(source, "getvalue") else Path(source).read_bytes()
-    scans = data.count(b"\xff\xda")
-    if scans > MAX_JPEG_SCANS or scans * pixels > MAX_SCAN_PIXELS:
-        raise UnreadableImageError(f"a progressive JPEG of {scans} scans over {pixels:,} pixels: more decoding work "
-                                   f"than the limit of {MAX_JPEG_SCANS} scans and {MAX_SCAN_PIXELS:,} scan-pixels")
-
-
 # Modes whose samples are wider than 8 bits (16-bit grey PNG/TIFF: I;16*, 32-bit integer: I, float: F).
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _check_scans(source: Any, pixels: int) -> None:
+    """Refuse a progressive JPEG with too many scans (counted as start-of-scan markers, which entropy-coded data
+    cannot contain: a 0xFF byte there is always followed by 0x00 or a restart marker)."""
+    data = source.getvalue() if hasattr(source, "getvalue") else Path(source).read_bytes()
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS or scans * pixels > MAX_SCAN_PIXELS:
+        raise UnreadableImageError(f"a progressive JPEG of {scans} scans over {pixels:,} pixels: more decoding work "
+                                   f"than the limit of {MAX_JPEG_SCANS} scans and {MAX_SCAN_PIXELS:,} scan-pixels")
 
 
 def _read_wide(im: Image.Image, image_size: int) -> torch.Tensor:
@@ -326,8 +308,6 @@ def _read_image(path: Path, image_size: int, max_pixels: int | None = None) -> t
             if w * h > limit:
                 raise UnreadableImageError(f"the image declares {w}x{h} pixels, more than the "
                                            f"{limit:,}-pixel limit (moe-coordinator --max-megapixels)")
-            if im.format == "JPEG" and (im.info.get("progressive") or im.info.get("progression")):
-                _check_scans(path, w * h)
             if im.format == "JPEG" and (im.info.get("progressive") or im.info.get("progression")):
                 _check_scans(path, w * h)
             if im.mode in WIDE_MODES:  # 16/32-bit integer or float samples: scaled, not clipped to 8 bits
