@@ -18,6 +18,7 @@ sequence of its own (:func:`sequence_position`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -40,6 +41,8 @@ __all__ = [
     "sequence_label",
     "sequence_position",
 ]
+
+log = logging.getLogger("moe-coordinator")
 
 DEFAULT_SEQUENCE_GAP_S = 60.0
 EARLIEST_PLAUSIBLE = datetime(2000, 1, 1)
@@ -120,10 +123,16 @@ def parse_exif_datetime(value: Any, offset: Any = None) -> datetime | None:
     off = _text(offset)
     if off:
         mo = _OFFSET.match(off)
-        if mo:
+        # an offset of 24 h or more ("+24:00", "+99:99") is no time zone: the wall-clock time stays, naive
+        if mo and int(mo[2]) * 60 + int(mo[3]) < 24 * 60:
             minutes = int(mo[2]) * 60 + int(mo[3])
             dt = dt.replace(tzinfo=timezone(timedelta(minutes=-minutes if mo[1] == "-" else minutes)))
     return dt
+
+
+def clip_text(value: str, limit: int = 40) -> str:
+    """``repr`` of an untrusted value, cut to ``limit`` characters for a log line."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 def parse_iso(value: str | None) -> datetime | None:
@@ -151,8 +160,20 @@ def _iso(dt: datetime) -> str:
 
 
 def read_image_meta(path: str | Path, *, now: datetime | None = None) -> ImageMeta:
-    """EXIF time and camera of ``path``; never raises (an unreadable file gives the mtime, or no time at all)."""
+    """EXIF time and camera of ``path``; never raises (an unreadable file gives the mtime, or no time at all).
+
+    EXIF is untrusted input: whatever a value does to the parsing (a time zone of 24 h, a date at the end of the
+    calendar), the image gets the file's time instead, flagged, and a warning naming the file is logged."""
     now = now or datetime.now().astimezone()
+    try:
+        return _read_image_meta(path, now)
+    except Exception as e:  # noqa: BLE001 - a metadata value never ends a run
+        log.warning("%s: EXIF metadata not usable (%s: %s); the file's time is used instead", path,
+                    type(e).__name__, e)
+        return _mtime_meta(path, now, [FLAG_UNPARSEABLE], None, None, None, None)
+
+
+def _read_image_meta(path: str | Path, now: datetime) -> ImageMeta:
     original = datetime_tag = offset = make = model = serial = None
     try:
         from PIL import Image
@@ -170,8 +191,16 @@ def read_image_meta(path: str | Path, *, now: datetime | None = None) -> ImageMe
     raw = original if _text(original) else datetime_tag
     source = SOURCE_EXIF_ORIGINAL if _text(original) else SOURCE_EXIF_DATETIME
     if _text(raw) is not None:
-        dt = parse_exif_datetime(raw, offset if source == SOURCE_EXIF_ORIGINAL else None)
-        problem = FLAG_UNPARSEABLE if dt is None else _implausible(dt, now)
+        off = _text(offset) if source == SOURCE_EXIF_ORIGINAL else None
+        mo = _OFFSET.match(off) if off else None
+        if off and not (mo and int(mo[2]) * 60 + int(mo[3]) < 24 * 60):
+            log.warning("%s: EXIF OffsetTimeOriginal %s is not a time zone; the capture time is read without one",
+                        path, clip_text(off))
+        dt = parse_exif_datetime(raw, off)
+        try:
+            problem = FLAG_UNPARSEABLE if dt is None else _implausible(dt, now)
+        except (OverflowError, ValueError):  # e.g. 9999-12-31 23:59 with an offset: beyond the calendar in UTC
+            problem = FLAG_UNPARSEABLE
         if problem is None:
             assert dt is not None
             return ImageMeta(_iso(dt), source, (), None, make, model, serial)
@@ -180,11 +209,18 @@ def read_image_meta(path: str | Path, *, now: datetime | None = None) -> ImageMe
     else:
         flags.append(FLAG_NO_EXIF_TIME)
         untrusted = None
+    return _mtime_meta(path, now, flags, untrusted, make, model, serial)
+
+
+def _mtime_meta(path: str | Path, now: datetime, flags: list[str], untrusted: str | None, make: str | None,
+                model: str | None, serial: str | None) -> ImageMeta:
+    """The file's modification time in place of an EXIF time that is missing or not trusted."""
     try:
         mtime = datetime.fromtimestamp(os.stat(path).st_mtime).astimezone()
+        implausible = _implausible(mtime, now)
     except (OSError, OverflowError, ValueError):
         return ImageMeta(None, SOURCE_NONE, (*flags, FLAG_NO_TIME), untrusted, make, model, serial)
-    if _implausible(mtime, now):
+    if implausible:
         flags.append(FLAG_MTIME_IMPLAUSIBLE)
     return ImageMeta(_iso(mtime), SOURCE_MTIME, tuple(flags), untrusted, make, model, serial)
 
