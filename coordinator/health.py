@@ -57,11 +57,6 @@ class HealthWatch:
         """What the health stream last said, ignoring call penalties."""
         return self._serving
 
-    def wait_known(self, timeout: float) -> bool:
-        """Block until the first status is known (or ``timeout``); returns :attr:`up`."""
-        self._seen.wait(timeout)
-        return self.up
-
     def wait_up(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while not self.up and time.monotonic() < deadline and not self._closed.is_set():

@@ -428,10 +428,6 @@ class Topology:
                 return link
         return None
 
-    def links_of(self, name: str) -> tuple[Link, ...]:
-        """The links with ``name`` at one end, in file order."""
-        return tuple(link for link in self.links if name in (link.a, link.b))
-
     def remote_sites(self) -> tuple[Site, ...]:
         """Every site except the coordinator, sorted by name."""
         return tuple(site for name, site in self.sites.items() if name != self.coordinator)

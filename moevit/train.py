@@ -48,7 +48,6 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     save_every: int = 50  # steps between mid-epoch checkpoints (resume loses at most this many)
-    kill_at_step: int | None = None  # stop dead after this step, saving nothing (tests simulate a kill with it)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -236,8 +235,6 @@ class Trainer:
             seen += self.cfg.batch_size
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            if self.cfg.kill_at_step is not None and self.step >= self.cfg.kill_at_step:
-                break
             if self.step % spe == 0:
                 self._end_epoch(epoch, time.perf_counter() - t0, seen)
             elif self.cfg.save_every and self.step % self.cfg.save_every == 0:

@@ -194,13 +194,6 @@ class Problem:
                           for li, e, s in zip(self.item_layer, self.item_expert, a, strict=True)},
                          fingerprint=fingerprint)
 
-    def from_placement(self, placement: Placement) -> np.ndarray:
-        """Site position per item from a single-copy placement (the first replica otherwise)."""
-        index = {n: j for j, n in enumerate(self.coef.sites)}
-        layers = [ls.layer for ls in self.stats.layers]
-        return np.array([index[placement.sites_for(layers[li], int(e))[0]]
-                         for li, e in zip(self.item_layer, self.item_expert, strict=True)], dtype=np.int64)
-
 
 # ============================================================================================ memory checks
 
@@ -493,31 +486,6 @@ class _Search:
             newval = np.maximum(np.maximum(excl, row1), row2) @ p.prior  # [K]
             gains = gains + p.w_lat * (newval - self.layer_val[li])
         return np.where(ok, gains, np.inf)
-
-    def swap_delta(self, i1: int, i2: int) -> float:
-        """Objective change of exchanging the sites of items i1 and i2 (inf when memory does not allow)."""
-        p = self.p
-        j1, j2 = int(self.a[i1]), int(self.a[i2])
-        if j1 == j2 or not (p.allowed[i1, j2] and p.allowed[i2, j1]):
-            return np.inf
-        dw = p.weight[i2] - p.weight[i1]
-        if self.used[j1] + dw > p.free[j1] + 1e-6 or self.used[j2] - dw > p.free[j2] + 1e-6:
-            return np.inf
-        delta = p.lin[i1, j2] + p.lin[i2, j1] - p.lin[i1, j1] - p.lin[i2, j2]
-        if p.w_lat:
-            touched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-            for i, src, dst in ((i1, j1, j2), (i2, j2, j1)):
-                li = int(p.item_layer[i])
-                if li not in touched:
-                    touched[li] = (self.loads[li].copy(), self.contacts[li].copy())
-                loads, cnt = touched[li]
-                loads[:, src] -= p.class_load[i]
-                loads[:, dst] += p.class_load[i]
-                cnt[src] -= int(p.load[i] > 0)
-                cnt[dst] += int(p.load[i] > 0)
-            for li, (loads, cnt) in touched.items():
-                delta += p.w_lat * (p.layer_value(li, loads, cnt > 0) - self.layer_val[li])
-        return float(delta)
 
     def _improves(self, delta: float) -> bool:
         return delta < -_TOL * max(1.0, abs(self.value))

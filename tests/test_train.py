@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -69,6 +70,25 @@ def test_short_training_learns_and_beats_chance(tmp_path):
     assert evaluate(best, held_out)["top1"] == pytest.approx(max(r["top1"] for r in rows))
 
 
+class _Killed(Exception):
+    """Stands for the process dying: raised right after a step, before anything of that step is saved."""
+
+
+class _DiesAt(Trainer):
+    """A Trainer whose run ends abruptly once ``die_at`` steps are done (a test-only subclass: the production
+    config has no kill switch)."""
+
+    def __init__(self, *args: Any, die_at: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.die_at = die_at
+
+    def train_step(self, epoch: int, i: int) -> float:
+        loss = super().train_step(epoch, i)
+        if self.step >= self.die_at:
+            raise _Killed
+        return loss
+
+
 @pytest.mark.slow
 def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
     train, held_out = _sets()
@@ -77,8 +97,8 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
     Trainer(full, train, held_out, cfg, tmp_path / "full", progress=False).fit()
 
     # killed after step 7 (4 steps per epoch): the last checkpoint is the periodic one at step 6
-    Trainer(_moe_model(), train, held_out, TrainConfig(**{**cfg.__dict__, "kill_at_step": 7}), tmp_path / "cut",
-            progress=False).fit()
+    with pytest.raises(_Killed):
+        _DiesAt(_moe_model(), train, held_out, cfg, tmp_path / "cut", progress=False, die_at=7).fit()
     resumed = _moe_model()
     tr = Trainer(resumed, train, held_out, cfg, tmp_path / "cut", progress=False)
     assert tr.try_resume() and tr.step == 6

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tqdm import tqdm
 
@@ -13,13 +11,6 @@ from moevit.cli.runner import run_cli  # noqa: F401 (re-exported: the scripts im
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
-
-
-def existing_file(path: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    return p
 
 
 class StageBar:
