@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from moevit.calibration import read_calibration
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.fuse import fold_batchnorm
 from moevit.mobilevitv2 import MobileViTV2
+from moevit.moe.skip import SkippingDispatcher, SkipRule
 
 log = logging.getLogger("moevit.coordinator")
 
@@ -50,7 +52,8 @@ class SplitRuntime:
 
     def __init__(self, model: MobileViTV2, topology: Topology, placement: Placement, *, wire: str | None = None,
                  deadline_s: float | None = None, hedge_ms: float | None = None,
-                 max_message_mb: float | None = None, watch: bool = True, fold_bn: bool = True) -> None:
+                 max_message_mb: float | None = None, watch: bool = True, fold_bn: bool = True,
+                 skip: Mapping[int, SkipRule] | SkipRule | None = None) -> None:
         if model.config.moe is None:
             raise CoordinatorError("the model has no MoE layers: nothing to split (run moe-convert first)")
         self.model, self.topology, self.placement = model.eval(), topology, placement
@@ -82,16 +85,30 @@ class SplitRuntime:
         except (ValueError, TopologyError) as e:  # unusable TLS files or token file: say which
             self.close()
             raise CoordinatorError(str(e)) from None
+        if isinstance(skip, SkipRule):  # one rule for every MoE layer
+            skip = {layer_id: skip for layer_id in model.moe_layers()}
+        self.skip = dict(skip or {})
+        self.skippers: dict[int, SkippingDispatcher] = {}
         for layer_id, layer in model.moe_layers().items():
             replicas = {e: placement.sites_for(layer_id, e) for e in range(layer.num_experts)}
-            bank = layer.experts
-            if topology.fallback != "local":
+            bank = full = layer.experts
+            rule = self.skip.get(layer_id)
+            if topology.fallback != "local" and not (rule is not None and rule.action == "local"):
                 # the camera site keeps only the experts placed on it (what the cost model charges it for);
-                # the `local` fallback needs a copy of every expert
+                # the `local` fallback and skipping with a local copy need a copy of every expert
                 bank = bank.subset([e for e, sites in sorted(replicas.items()) if self.local_site in sites])
                 layer.experts = bank
-            layer.set_dispatcher(RemoteDispatcher(layer_id, bank, replicas, self.clients, local_site=self.local_site,
-                                                  context=self.context, policy=self.policy, counters=self.counters))
+            remote_dispatcher = RemoteDispatcher(layer_id, bank, replicas, self.clients, local_site=self.local_site,
+                                                 context=self.context, policy=self.policy, counters=self.counters)
+            if rule is None or not rule.active:
+                layer.set_dispatcher(remote_dispatcher)
+                continue
+            # the rule (moevit.moe.skip) decides which remote patches stay off the wire
+            self.skippers[layer_id] = SkippingDispatcher(
+                remote_dispatcher, rule, local_bank=full if rule.action == "local" else None,
+                remote=[e for e, sites in replicas.items() if self.local_site not in sites],
+                patches_per_image=lambda tokens: max(1, tokens // max(1, self.context.batch_size)))
+            layer.set_dispatcher(self.skippers[layer_id])
 
     def _choose(self, sites: tuple[str, ...]) -> str:
         """Where an expert's tokens go when every site is up: the coordinator's own copy, else the first replica."""
@@ -186,6 +203,10 @@ class SplitRuntime:
             out[name] = {"calls": t.calls, "failures": t.failures, "bytes_sent": t.bytes_sent,
                          "bytes_received": t.bytes_received, "tokens": t.tokens, "up": c.up}
         return out
+
+    def skipped(self) -> dict[int, dict[str, Any]]:
+        """Per MoE layer with a skip rule: the rule and the patches sent, kept off the wire, or local (so far)."""
+        return {layer: {"rule": w.rule.describe(), **w.counts.as_dict()} for layer, w in sorted(self.skippers.items())}
 
     def tokens_by_site(self) -> dict[str, int]:
         per_site: dict[str, int] = defaultdict(int)

@@ -119,3 +119,41 @@ def test_split_runs_with_quantised_links_in_fewer_bytes(expert_model_path, tmp_p
     assert torch.isfinite(logits["int4+zstd"]).all()
     assert 0.45 < sent["int8"] / sent["fp16"] < 0.6
     assert sent["int4+zstd"] / sent["fp16"] < 0.35
+
+
+def test_skipped_patches_stay_off_the_wire_and_are_recorded(expert_model_path, tmp_path):
+    """A skip rule in the coordinator: with every remote patch under the threshold nothing is sent; the local copy
+    gives the unskipped logits, the residual path others; SplitRuntime.skipped() records the counts per layer."""
+    from moevit.moe.skip import SkipRule
+
+    address = f"127.0.0.1:{free_port()}"
+    proc = start_worker(str(expert_model_path), address)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = folded_copy(load_checkpoint(expert_model_path))(x)
+    topo = write_topology(tmp_path, expert_model_path, {"cam": free_port(), "w": 1}, addresses={"w": address})
+    try:
+        for action in ("local", "residual"):
+            rt = SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=SkipRule(threshold=1.0,
+                                                                                             action=action))
+            try:
+                rt.check_workers()
+                logits = rt.classify(x).logits
+                assert rt.traffic()["w"]["calls"] == 0
+                skipped = rt.skipped()
+                assert set(skipped) == {5, 8} and all(s["sent"] == 0 for s in skipped.values())
+                assert sum(s[f"offwire_{action}"] for s in skipped.values()) > 0
+                if action == "local":
+                    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+                else:
+                    assert not torch.allclose(logits, ref, atol=1e-3)
+            finally:
+                rt.close()
+        rt = SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=SkipRule(threshold=0.0))
+        try:
+            rt.classify(x)
+            assert rt.traffic()["w"]["calls"] > 0 and rt.skipped() == {}  # an inactive rule wraps nothing
+        finally:
+            rt.close()
+    finally:
+        stop(proc)

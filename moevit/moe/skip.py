@@ -195,4 +195,25 @@ def apply_skip(model: torch.nn.Module, rules: dict[int, SkipRule], *,
     return out
 
 
-__all__ = ["ACTIONS", "MATCHES", "SkipCounts", "SkipRule", "SkippingDispatcher", "apply_skip", "subset_plan"]
+__all__ = ["ACTIONS", "MATCHES", "SkipCounts", "SkipRule", "SkippingDispatcher", "apply_skip", "rules_from_options",
+           "subset_plan"]
+
+
+def rules_from_options(*, threshold: float = 0.0, action: str = "residual", match: str = "any",
+                       capacity: int | None = None, analysis: str | None = None) -> SkipRule | dict[int, SkipRule]:
+    """The rule of ``moe-coordinator --skip-*``: one for every MoE layer, or, with ``analysis`` (``moe-analyze``'s
+    ``analysis.json``), one per layer listed there with that layer's background experts. ValueError naming the
+    file when it cannot be read."""
+    if analysis is None:
+        return SkipRule(threshold=threshold, action=action, match=match, capacity=capacity)
+    import json
+    from pathlib import Path
+
+    try:
+        layers = json.loads(Path(analysis).read_text())["layers"]
+        background = {int(k): [int(e) for e in v["background_experts"]] for k, v in layers.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{analysis}: not a moe-analyze analysis.json with layers.<n>.background_experts ({e})") \
+            from None
+    return {layer: SkipRule(threshold=threshold, background=frozenset(bg), action=action, match=match,
+                            capacity=capacity) for layer, bg in background.items()}
