@@ -50,6 +50,7 @@ from moevit.data import (
     load_image,
     open_dataset,
 )
+from moevit.moe.skip import rules_from_options
 from moevit_rpc.codecs import CODEC_NAMES
 
 if TYPE_CHECKING:
@@ -83,6 +84,18 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--wire", choices=CODEC_NAMES, default=None, metavar="CODEC",
                     help="token codec on every link, replacing the topology's rpc.codec (default: the topology's, "
                     f"fp16 unless set; one of {', '.join(CODEC_NAMES)})")
+    skip = ap.add_argument_group("background skipping: remote patches kept off the wire (moevit.moe.skip)")
+    skip.add_argument("--skip-threshold", type=float, default=0.0, metavar="P",
+                      help="patches whose top-1 router probability is under P stay off the wire (default 0: none)")
+    skip.add_argument("--skip-background", metavar="ANALYSIS_JSON",
+                      help="moe-analyze's analysis.json: patches of each layer's background experts stay off the "
+                      "wire too (with --skip-match all: only low-confidence ones)")
+    skip.add_argument("--skip-match", choices=("any", "all"), default="any")
+    skip.add_argument("--skip-action", choices=("residual", "local"), default="residual",
+                      help="what computes them: nothing, the residual path carries them (default), or the camera's "
+                      "own copy of the expert (it then loads every expert)")
+    skip.add_argument("--skip-capacity", type=int, default=None, metavar="N",
+                      help="at most N remote patches per image and MoE layer, the most confident")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds allowed for each MoE layer's expert RPCs, retries included (default: the "
                     "topology's rpc.deadline_s, 10)")
@@ -409,7 +422,7 @@ def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRunti
             "moe_layers": list(cfg.moe.layers) if cfg.moe else [],
             "experts_per_layer": cfg.moe.num_experts if cfg.moe else 0,
             "sites": [runtime.local_site, *runtime.clients], "fallback": runtime.topology.fallback,
-            "wire": {name: c.wire for name, c in runtime.clients.items()}}
+            "wire": {name: c.wire for name, c in runtime.clients.items()}, "skip": runtime.skipped()}
     extra = {"moevit_image_root": str(Path(job.images).resolve()) if job.images else f"data:{job.data}"}
     doc = res.build_megadetector(records, labels=labels, fingerprint=runtime.fingerprint,
                                  classifier=f"moevit {arch} {runtime.fingerprint}", classifier_metadata=meta,
@@ -577,7 +590,10 @@ def _run(args: argparse.Namespace) -> int:
 
             check_free(args.serve, "--serve")
         credentials, token = _classify_security(topology) if args.serve else (None, None)
-        runtime = SplitRuntime.from_topology(topology, model_path=args.model, wire=args.wire,
+        skip_rules = rules_from_options(threshold=args.skip_threshold, action=args.skip_action,
+                                        match=args.skip_match, capacity=args.skip_capacity,
+                                        analysis=args.skip_background)
+        runtime = SplitRuntime.from_topology(topology, model_path=args.model, wire=args.wire, skip=skip_rules,
                                              deadline_s=args.deadline)
         metrics = None
         if args.metrics_port is not None:
