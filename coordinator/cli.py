@@ -554,6 +554,7 @@ def _run(args: argparse.Namespace) -> int:
     workers = None
     runtime = None
     uplink = None
+    out_lock = None
     try:
         topology = load_topology(args.topology)
         if not (args.images or args.data or args.serve):
@@ -575,6 +576,8 @@ def _run(args: argparse.Namespace) -> int:
             raise CoordinatorError(f"--sequence-gap must be >= 0 seconds, got {args.sequence_gap}")
         if args.out and Path(args.out).is_dir():
             raise CoordinatorError(f"--out {args.out} is a folder; give a file name ending in .json or .jsonl")
+        if args.out and not args.serve:  # held until the run ends: a second run on the same --out is refused
+            out_lock = res.OutputLock(args.out)
         # Every input is checked before the model loads and workers start: a typo is one line at once.
         if args.images:
             _image_files(args.images, report=True)
@@ -622,6 +625,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.serve:
             from moevit.coordinator.server import serve
 
+            unreadable = None if metrics is None else metrics.images.labels("unreadable").inc
             asyncio.run(serve(runtime, args.serve, image_size=size, max_batch=args.max_batch,
                               max_wait_ms=args.max_wait_ms, credentials=credentials, token=token,
                               on_unreadable=unreadable))
@@ -630,6 +634,8 @@ def _run(args: argparse.Namespace) -> int:
         summary = run_batch(runtime, job, metrics=metrics, sources=sources, uplink=uplink)
         return 0 if summary["ok"] or not summary["images"] else 1
     finally:
+        if out_lock is not None:
+            out_lock.release()
         if uplink is not None:
             uplink.close()
         if runtime is not None:
@@ -640,4 +646,3 @@ def _run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-            unreadable = None if metrics is None else metrics.images.labels("unreadable").inc

@@ -41,6 +41,7 @@ from moevit.kinds import BLANK, HUMAN, VEHICLE, class_kinds
 __all__ = [
     "DETECTION_CATEGORIES",
     "FORMAT_VERSION",
+    "OutputLock",
     "PARTIAL_SUFFIX",
     "ResultLog",
     "ResultsError",
@@ -143,10 +144,13 @@ class ResultLog:
         # strict JSON: a NaN or an Infinity is refused here rather than written as a line no JSON reader takes
         data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records).encode()
         view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        os.fsync(self._fd)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            os.fsync(self._fd)
+        except OSError as e:  # a full disk: say which file (a cut line is skipped when the run resumes)
+            raise OSError(e.errno, f"cannot write {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
         if self._fd is not None:
@@ -158,6 +162,54 @@ class ResultLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+LOCK_SUFFIX = ".lock"
+
+
+class OutputLock:
+    """``<out>.lock``, held (``flock``) by the run writing ``out`` for as long as it runs: a second run with the same
+    ``--out`` is refused instead of both writing the same files. The kernel drops the lock when the process dies
+    (kill -9 included), so a stale lock file never blocks anything; :meth:`release` removes the file."""
+
+    def __init__(self, out: str | Path) -> None:
+        import fcntl
+
+        out = Path(out)
+        self.path = out.with_name(out.name + LOCK_SUFFIX)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise ResultsError(f"{out} is being written by another run (pid {holder}, lock {self.path}); wait "
+                                   "for it to finish, or give another --out") from None
+            # the holder before us may have removed the file between our open and our lock: lock the file there now
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: a waiting run then locks a fresh file
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _ends_with_newline(path: Path) -> bool:

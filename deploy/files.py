@@ -53,10 +53,13 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, durable: bool = False) -> Path:
     """Write ``data`` (text is UTF-8) to ``path`` atomically; ``durable`` fsyncs the data and the folder."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    with atomic_path(path, durable=durable) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
+    try:
+        with atomic_path(path, durable=durable) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+    except OSError as e:  # a full disk or a quota: the temporary file is gone (atomic_path); name the file meant
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
     return Path(path)
