@@ -291,10 +291,15 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
             probs = runtime.calibration.probs(out.logits)  # moe-calibrate's temperature (1 when not calibrated)
             blank = runtime.calibration.is_blank(probs)
             has_blank = runtime.calibration.blank_class is not None
+            finite = torch.isfinite(probs).all(dim=1)
             for j, (it, _, y) in enumerate(good):
+                rec = records[it.name]
+                if not finite[j]:  # never a NaN in a result: the image is failed, and retried when the run resumes
+                    rec.update(error="the model's output is not finite (NaN or infinity)", error_kind="site")
+                    failures["output not finite"] = failures.get("output not finite", 0) + 1
+                    continue
                 top = torch.topk(probs[j], min(res.TOP_K, probs.shape[1]))
                 pred = int(top.indices[0])
-                rec = records[it.name]
                 rec.update(prediction=pred, label=labels[pred] if pred < len(labels) else str(pred),
                            confidence=res.round_p(top.values[0]),
                            top5=[[int(i), res.round_p(p)] for p, i in zip(top.values, top.indices, strict=True)],
