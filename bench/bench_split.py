@@ -1,4 +1,4 @@
-"""Split inference over loopback vs the same MoE model in-process: the figures design.md holds the project to.
+"""Split inference over loopback vs the same MoE model in-process: the figures docs/benchmarks.md holds the project to.
 
     .venv/bin/python bench/bench_split.py [--quick] [--out bench/results/split.json]
 

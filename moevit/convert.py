@@ -1,5 +1,5 @@
 """Dense → MoE conversion: the paper's router and expert initialisation (§3.2.1, Algorithm 1 as reconstructed in
-design.md §Method).
+docs/architecture.md §Method).
 
 For each chosen transformer layer, in forward order, through the model converted so far:
 

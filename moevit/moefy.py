@@ -1,4 +1,5 @@
-"""MoEfication: experts built from hidden units of a dense transformer MLP (Zhang et al. 2021; design.md §Method).
+"""MoEfication: experts built from hidden units of a dense transformer MLP (Zhang et al. 2021;
+docs/architecture.md §Method).
 
 The clustering that decides *which* units and centroids is in :mod:`moevit.convert`; this module only copies
 weights and computes the correction term, so it can be checked exactly (E = 1, K = full width → dense model).

@@ -154,3 +154,12 @@ def test_the_layering_check_catches_a_violation(tmp_path, monkeypatch):
     found = _layering_violations()
     assert found and all(v.startswith("worker/bad.py: the worker imports the coordinator (moevit.coordinator.runtime")
                          for v in found), found
+
+
+def test_every_benchmark_result_is_indexed():
+    """bench/results/INDEX.md names every result file (what produced it, whether it is current)."""
+    index = (ROOT / "bench" / "results" / "INDEX.md").read_text(encoding="utf-8")
+    results = ROOT / "bench" / "results"
+    files = [p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file() and p.name != "INDEX.md"]
+    missing = [f for f in files if f"`{f}`" not in index and f"`{Path(f).name}`" not in index]
+    assert not missing, f"bench/results/INDEX.md does not list: {missing}"

@@ -3,7 +3,7 @@
 Expert e on normalised pixel tokens x̂ [n, C]:
     y = fc2_e(SiLU(fc1_e(γ_e ⊙ x̂ + β_e))) + α_e · v_e
 with γ_e, β_e its own copy of the pre-MLP norm's affine, fc1_e/fc2_e a K-unit sub-MLP of the dense MLP and
-α_e · v_e the correction term (design.md §Model).
+α_e · v_e the correction term (docs/architecture.md §Model).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The per-patch MoE layer that takes the place of a transformer MLP (design.md §Model).
+"""The per-patch MoE layer that takes the place of a transformer MLP (docs/architecture.md §Model).
 
 y = Σ_{e ∈ topk} g_e · E_e(ẑ), one routing decision per patch shared by its P pixels.
 Shapes follow the legend in :mod:`moevit.moe`.
