@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-split test lint venv results results-digits pretrain bench clean mosquitto
+.PHONY: demo demo-split test test-quick lint venv results results-digits pretrain bench clean mosquitto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ mosquitto:
 
 test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest -q
+
+# The fast tier: every test not marked slow or e2e (real process deployments, training runs, long soaks); under
+# 2 minutes on 2 cores. `make test` (and CI) still run everything.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
