@@ -271,18 +271,18 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
     """Records of one batch, in batch order. ``failures``: failed images per reason; ``degraded_by``: images
     classified under the fallback per site failure."""
     fp = runtime.fingerprint
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[str, res.ImageRecord] = {}
     good: list[tuple[_Item, torch.Tensor, int | None]] = []
     for it in batch:
-        base: dict[str, Any] = {"file": it.name, "model": fp}
+        base = res.ImageRecord(it.name, fp)
         try:
             x, y = it.load()
             good.append((it, x, y))
         except UnreadableImageError as e:
-            base.update(error=f"unreadable image: {e}", error_kind="unreadable")
+            base.error, base.error_kind = f"unreadable image: {e}", "unreadable"
             failures["unreadable image"] = failures.get("unreadable image", 0) + 1
         if it.meta is not None:
-            base.update(it.meta())
+            base.extra.update(it.meta())
         records[it.name] = base
     if good:
         try:
@@ -300,29 +300,22 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
                     continue
                 top = torch.topk(probs[j], min(res.TOP_K, probs.shape[1]))
                 pred = int(top.indices[0])
-                rec.update(prediction=pred, label=labels[pred] if pred < len(labels) else str(pred),
-                           confidence=res.round_p(top.values[0]),
-                           top5=[[int(i), res.round_p(p)] for p, i in zip(top.values, top.indices, strict=True)],
-                           degraded=bool(out.degraded[j]))
+                rec.prediction, rec.label = pred, labels[pred] if pred < len(labels) else str(pred)
+                rec.confidence = res.round_p(top.values[0])
+                rec.top5 = [[int(i), res.round_p(p)] for p, i in zip(top.values, top.indices, strict=True)]
+                rec.degraded = bool(out.degraded[j])
                 if has_blank:
-                    rec["blank"] = bool(blank[j])
+                    rec.blank = bool(blank[j])
                 if y is not None:
-                    rec["true"] = y
+                    rec.true = y
             hit = int(out.degraded.sum())  # images of this batch the fallback touched
             for f in out.failures if degraded_by is not None else ():
                 degraded_by[f] = degraded_by.get(f, 0) + hit
         except SiteError as e:
             for it, _, _ in good:
-                records[it.name].update(error=str(e), error_kind="site")
+                records[it.name].error, records[it.name].error_kind = str(e), "site"
             failures[str(e)] = failures.get(str(e), 0) + len(good)
-    return [_ordered(records[it.name]) for it in batch]
-
-
-_FIRST = ("file", "model", "prediction", "label", "confidence", "top5", "degraded", "true", "error", "error_kind")
-
-
-def _ordered(rec: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: rec[k] for k in _FIRST if k in rec}, **{k: v for k, v in rec.items() if k not in _FIRST}}
+    return [records[it.name].to_json() for it in batch]
 
 
 def _taxa(job: BatchJob, dataset_taxa: list[Taxon] | None) -> list[Taxon] | None:

@@ -23,6 +23,7 @@ import csv
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,6 +42,8 @@ from moevit.kinds import BLANK, HUMAN, VEHICLE, class_kinds
 __all__ = [
     "DETECTION_CATEGORIES",
     "FORMAT_VERSION",
+    "RECORD_KEYS",
+    "ImageRecord",
     "OutputLock",
     "PARTIAL_SUFFIX",
     "ResultLog",
@@ -71,6 +74,45 @@ DETECTOR = "none: whole-image classifier (no detector; one whole-image detection
 
 class ResultsError(ValueError):
     """Results that cannot be used as asked (another model, not a results file); the message says what to do."""
+
+
+#: the keys a record starts with, in this order (those it has); its field metadata follows, then ``blank``
+RECORD_KEYS = ("file", "model", "prediction", "label", "confidence", "top5", "degraded", "true", "error", "error_kind")
+
+
+@dataclass
+class ImageRecord:
+    """One image's result, typed. :meth:`to_json` is the record as a JSON object (a line of ``--out x.jsonl`` and of
+    the run log): the fields of :data:`RECORD_KEYS` that are not None, in that order, then ``extra`` (the image's
+    field metadata: datetime, time_source, time_flags, exif_datetime, camera; and any key this version does not
+    know, kept as read), then ``blank`` when the model has a blank class. A classified image has prediction, label,
+    confidence, top5 ([[class, p], ...]) and degraded; a failed one has error and error_kind (``unreadable`` or
+    ``site``)."""
+
+    file: str
+    model: str
+    prediction: int | None = None
+    label: str | None = None
+    confidence: float | None = None
+    top5: list[list[Any]] | None = None
+    degraded: bool | None = None
+    true: int | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    blank: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k in RECORD_KEYS if (v := getattr(self, k)) is not None}
+        out.update(self.extra)
+        if self.blank is not None:
+            out["blank"] = self.blank
+        return out
+
+    @classmethod
+    def from_json(cls, rec: Mapping[str, Any]) -> ImageRecord:
+        known = {k: rec[k] for k in (*RECORD_KEYS, "blank") if k in rec}
+        return cls(**known, extra={k: v for k, v in rec.items() if k not in known})
 
 
 def round_p(p: float) -> float:
@@ -256,26 +298,27 @@ def records_from_megadetector(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     cats = doc.get("classification_categories") or {}
     out = []
     for im in doc.get("images", []):
-        rec: dict[str, Any] = {"file": im["file"], "model": fp}
+        rec = ImageRecord(im["file"], fp)
         if im.get("failure"):
-            rec.update(error=im["failure"], error_kind=im.get("moevit_failure_kind", "unreadable"))
+            rec.error, rec.error_kind = im["failure"], im.get("moevit_failure_kind", "unreadable")
         else:
             dets = im.get("detections")
             cls = (dets[0].get("classifications") if dets else im.get("moevit_classifications")) or []
             if not cls:
                 raise ResultsError(f"image {im['file']}: no classifications")
             pred = int(cls[0][0])
-            rec.update(prediction=pred, label=cats.get(cls[0][0], str(pred)), confidence=float(cls[0][1]),
-                       top5=[[int(c), float(p)] for c, p in cls], degraded=bool(im.get("moevit_degraded", False)))
+            rec.prediction, rec.label, rec.confidence = pred, cats.get(cls[0][0], str(pred)), float(cls[0][1])
+            rec.top5 = [[int(c), float(p)] for c, p in cls]
+            rec.degraded = bool(im.get("moevit_degraded", False))
             if "moevit_blank" in im:
-                rec["blank"] = bool(im["moevit_blank"])
+                rec.blank = bool(im["moevit_blank"])
             if "moevit_true" in im:
-                rec["true"] = im["moevit_true"]
+                rec.true = im["moevit_true"]
         for key in ("datetime", "time_source", "time_flags", "exif_datetime", "camera"):
             src = key if key == "datetime" else f"moevit_{key}"
             if src in im:
-                rec[key] = im[src]
-        out.append(rec)
+                rec.extra[key] = im[src]
+        out.append(rec.to_json())
     return out
 
 
