@@ -295,7 +295,7 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
             for j, (it, _, y) in enumerate(good):
                 rec = records[it.name]
                 if not finite[j]:  # never a NaN in a result: the image is failed, and retried when the run resumes
-                    rec.update(error="the model's output is not finite (NaN or infinity)", error_kind="site")
+                    rec.error, rec.error_kind = "the model's output is not finite (NaN or infinity)", "site"
                     failures["output not finite"] = failures.get("output not finite", 0) + 1
                     continue
                 top = torch.topk(probs[j], min(res.TOP_K, probs.shape[1]))
