@@ -84,6 +84,19 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--wire", choices=CODEC_NAMES, default=None, metavar="CODEC",
                     help="token codec on every link, replacing the topology's rpc.codec (default: the topology's, "
                     f"fp16 unless set; one of {', '.join(CODEC_NAMES)})")
+    cam = ap.add_argument_group("camera side on onnxruntime (docs/onnx.md)")
+    cam.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                     help="what runs the camera side (trunk and routers): torch (default) or onnxruntime, the model "
+                     "exported to ONNX once per model and image size; experts run where the placement puts them "
+                     "either way (a worker's own backend is moe-worker --backend)")
+    cam.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                     help="with --backend onnx: float32 graphs, or int8 (static quantisation; needs --calibrate)")
+    cam.add_argument("--calibrate", metavar="SPEC", help="with --precision int8: dataset spec whose train split "
+                     "calibrates the int8 ranges (e.g. digits)")
+    cam.add_argument("--calibrate-images", type=int, default=64, metavar="N",
+                     help="images of --calibrate used (evenly spaced; default 64)")
+    cam.add_argument("--onnx-cache", metavar="DIR",
+                     help="folder of the exported graphs (default: <model>.onnx-cache/ beside the model)")
     skip = ap.add_argument_group("background skipping: remote patches kept off the wire (moevit.moe.skip)")
     skip.add_argument("--skip-threshold", type=float, default=0.0, metavar="P",
                       help="patches whose top-1 router probability is under P stay off the wire (default 0: none)")
@@ -518,6 +531,22 @@ def _classify_security(topology: Topology) -> tuple[grpc.ServerCredentials | Non
     return server_credentials(site.tls.ca, site.tls.cert, site.tls.key), token
 
 
+def _onnx_config(args: argparse.Namespace, topology: Topology) -> Any:
+    """The camera side's onnxruntime settings from the flags (None: torch runs it)."""
+    if args.backend != "onnx":
+        if args.precision != "fp32" or args.calibrate:
+            raise CoordinatorError("--precision int8 and --calibrate need --backend onnx")
+        return None
+    from moevit.onnx_camera import OnnxCameraConfig
+
+    if args.calibrate:
+        open_dataset(args.calibrate, image_size=8, split="train")  # a bad spec fails before the model loads
+    model = Path(args.model or topology.model or "model")
+    cache = Path(args.onnx_cache) if args.onnx_cache else model.with_name(model.name + ".onnx-cache")
+    return OnnxCameraConfig(cache_dir=cache, precision=args.precision, threads=args.threads or 1,
+                            calibrate=args.calibrate, calibrate_images=args.calibrate_images)
+
+
 def _threads(given: int | None, runtime: SplitRuntime, *, started: bool) -> int:
     """Torch threads of the coordinator: ``--threads``, else 1 beside workers it started, else the cores left
     after one per worker site on this machine (started by hand or not): OpenMP threads that outnumber the cores
@@ -595,7 +624,10 @@ def _run(args: argparse.Namespace) -> int:
                                         match=args.skip_match, capacity=args.skip_capacity,
                                         analysis=args.skip_background)
         runtime = SplitRuntime.from_topology(topology, model_path=args.model, wire=args.wire, skip=skip_rules,
-                                             deadline_s=args.deadline)
+                                             deadline_s=args.deadline, onnx=_onnx_config(args, topology),
+                                             image_size=args.image_size)
+        if runtime.camera is not runtime.model:
+            print(f"moe-coordinator: {runtime.camera.describe()}", file=sys.stderr)
         metrics = None
         if args.metrics_port is not None:
             from moevit.coordinator.metrics import CoordinatorMetrics

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -23,6 +23,9 @@ from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.fuse import fold_batchnorm
 from moevit.mobilevitv2 import MobileViTV2
 from moevit.moe.skip import SkippingDispatcher, SkipRule
+
+if TYPE_CHECKING:
+    from moevit.onnx_camera import OnnxCameraConfig
 
 log = logging.getLogger("moevit.coordinator")
 
@@ -53,7 +56,8 @@ class SplitRuntime:
     def __init__(self, model: MobileViTV2, topology: Topology, placement: Placement, *, wire: str | None = None,
                  deadline_s: float | None = None, hedge_ms: float | None = None,
                  max_message_mb: float | None = None, watch: bool = True, fold_bn: bool = True,
-                 skip: Mapping[int, SkipRule] | SkipRule | None = None) -> None:
+                 skip: Mapping[int, SkipRule] | SkipRule | None = None,
+                 onnx: OnnxCameraConfig | None = None, image_size: int | None = None) -> None:
         if model.config.moe is None:
             raise CoordinatorError("the model has no MoE layers: nothing to split (run moe-convert first)")
         self.model, self.topology, self.placement = model.eval(), topology, placement
@@ -62,6 +66,17 @@ class SplitRuntime:
         self.calibration = default_calibration(model.config.labels)
         if fold_bn:
             fold_batchnorm(self.model)
+        # The camera side's forward: the model itself, or its segments on onnxruntime (moevit.onnx_camera), built
+        # here while every expert is still in-process (int8 calibration runs them) and before the remote
+        # dispatchers go in; either way each MoE layer's dispatcher below serves the dispatch points.
+        self.camera: torch.nn.Module = self.model
+        if onnx is not None:
+            from moevit.onnx_camera import OnnxCamera, OnnxCameraError
+
+            try:
+                self.camera = OnnxCamera(self.model, self.fingerprint, image_size or model.config.image_size, onnx)
+            except OnnxCameraError as e:
+                raise CoordinatorError(str(e)) from None
         self.local_site = topology.coordinator
         self.context = ForwardContext()
         self.counters = DispatchCounters()
@@ -192,7 +207,7 @@ class SplitRuntime:
         """Logits of a batch; raises :class:`SiteError` (fallback ``fail``) naming the site that failed."""
         self.context.begin(len(x))
         t0 = time.perf_counter()
-        logits = self.model(x)
+        logits = self.camera(x)
         return BatchResult(logits, self.context.degraded.clone(), list(self.context.failures),
                            time.perf_counter() - t0)
 

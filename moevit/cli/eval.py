@@ -32,6 +32,32 @@ def latency_ms(model, image_size: int, repeats: int = 20) -> dict[str, float]:
     return {"p50": statistics.median(times), "p90": times[int(0.9 * (len(times) - 1))]}
 
 
+def _runner(args: argparse.Namespace, model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """What computes the logits: the model (torch) or its ONNX graphs on onnxruntime."""
+    if args.backend != "onnx":
+        if args.precision != "fp32" or args.calibrate:
+            raise ValueError("--precision int8 and --calibrate need --backend onnx")
+        return model
+    from pathlib import Path
+
+    from moevit.checkpoint import model_fingerprint
+    from moevit.fuse import folded_copy
+    from moevit.onnx_camera import OnnxCamera, OnnxCameraConfig, OnnxCameraError
+
+    cache = Path(args.onnx_cache) if args.onnx_cache else Path(args.model).with_name(Path(args.model).name
+                                                                                      + ".onnx-cache")
+    config = OnnxCameraConfig(cache_dir=cache, precision=args.precision, threads=args.threads or 1,
+                              calibrate=args.calibrate, calibrate_images=args.calibrate_images)
+    try:
+        return OnnxCamera(folded_copy(model), model_fingerprint(model), size, config)
+    except OnnxCameraError as e:
+        raise ValueError(str(e)) from None
+
+
+def _describe(args: argparse.Namespace) -> str:
+    return "torch" if args.backend != "onnx" else f"onnxruntime {args.precision}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="moe-eval", description=__doc__)
     ap.add_argument("--model", required=True, help="a moevit .safetensors checkpoint")
@@ -42,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print one JSON object (fractions, not percents)")
+    ap.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="torch (default), or onnxruntime: "
+                    "the model, BatchNorms folded, exported to ONNX per model and image size (docs/onnx.md)")
+    ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                    help="with --backend onnx: float32 graphs, or int8 (static quantisation; needs --calibrate)")
+    ap.add_argument("--calibrate", metavar="SPEC", help="with --precision int8: dataset spec whose train split "
+                    "calibrates the int8 ranges")
+    ap.add_argument("--calibrate-images", type=int, default=64, metavar="N",
+                    help="images of --calibrate used (default 64)")
+    ap.add_argument("--onnx-cache", metavar="DIR",
+                    help="folder of the exported graphs (default: <model>.onnx-cache/ beside the model)")
     args = ap.parse_args(argv)
 
     def body() -> int:
@@ -57,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         skipped = data.verify(drop=True)  # unreadable files are left out and listed, never replaced by others
         if not len(data):
             raise ValueError(f"{args.data} [{args.split}]: none of its {len(skipped)} images is readable")
-        res = evaluate(model, data, batch_size=args.batch_size, progress=not args.json)
+        runner = _runner(args, model, size)
+        res = evaluate(runner, data, batch_size=args.batch_size, num_classes=model.config.num_classes,
+                       progress=not args.json)
         out = {"model": args.model, "data": args.data, "split": args.split, "image_size": size,
                "top1": res["top1"], "top5": res["top5"], "n": res["n"],
                "per_class": dict(zip(data.classes, res["per_class"], strict=True)),
                "params": count_params(model), "macs": count_macs(model, size),
-               "latency_ms": latency_ms(model, size), "skipped": [p for p, _ in skipped],
+               "latency_ms": latency_ms(runner, size), "backend": _describe(args),
+               "skipped": [p for p, _ in skipped],
                "skipped_reasons": dict(skipped)}
         if args.json:
             print(json.dumps(out))
@@ -73,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, reason in skipped:
             print(f"  unreadable, not evaluated: {path}: {reason}")
         print(f"parameters {out['params']:,}   MACs/image {out['macs']:,}   "
-              f"latency/image p50 {out['latency_ms']['p50']:.1f} ms (batch 1)")
+              f"latency/image p50 {out['latency_ms']['p50']:.1f} ms (batch 1, {out['backend']})")
         print("per class: " + ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -"
                                          for c, a in out["per_class"].items()))
         return 0

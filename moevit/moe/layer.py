@@ -71,13 +71,22 @@ class MoELayer(nn.Module):
     def forward(self, z_hat_BCPN: torch.Tensor, z_BCPN: torch.Tensor) -> torch.Tensor:
         B, C, P, N = z_hat_BCPN.shape
         expert_idx_TK, gates_TK, probs_TE = self.route(z_BCPN)
-        self.tap(expert_idx_TK, gates_TK, probs_TE, B)  # stores nothing unless a recorder hooks it
         x_TPC = z_hat_BCPN.permute(0, 3, 2, 1).reshape(B * N, P, C)  # [B, C, P, N] -> [B*N, P, C]
+        y_TPC = self.mix(x_TPC, expert_idx_TK, gates_TK, probs_TE, batch=B)
+        return y_TPC.reshape(B, N, P, C).permute(0, 3, 2, 1)  # [B*N, P, C] -> [B, C, P, N]
+
+    def mix(self, x_TPC: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, probs_TE: torch.Tensor,
+            *, batch: int) -> torch.Tensor:
+        """The dispatch point: routed tokens through the dispatcher (dispatch → compute → combine) -> [T, P, C].
+
+        Separate from :meth:`forward` so a camera side that computes the routing elsewhere (the ONNX segments of
+        :mod:`moevit.segments`) hands its tokens to the same dispatcher."""
+        T = x_TPC.shape[0]
+        self.tap(expert_idx_TK, gates_TK, probs_TE, batch)  # stores nothing unless a recorder hooks it
         plan = self.dispatcher.dispatch(x_TPC, expert_idx_TK,
                                         probs_TE.detach() if self.dispatcher.wants_scores else None)
         outputs = self.dispatcher.compute(self.layer_id, plan)
-        y_TPC = self.dispatcher.combine(plan, outputs, gates_TK, B * N)
-        return y_TPC.reshape(B, N, P, C).permute(0, 3, 2, 1)  # [B*N, P, C] -> [B, C, P, N]
+        return self.dispatcher.combine(plan, outputs, gates_TK, T)
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}, experts={self.num_experts}, top_k={self.top_k}, gate={self.gate}"

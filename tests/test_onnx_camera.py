@@ -1,0 +1,160 @@
+"""The camera side on onnxruntime (moevit.segments, moevit.onnx_camera): the segments are the model, the ONNX graphs
+match torch, the cache is keyed by model fingerprint and never serves another model's graph, an onnxruntime that
+cannot run a graph is one line, int8 keeps a trained model's top-1, and ``moe-coordinator --backend onnx`` agrees
+with the torch backend end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moevit.checkpoint import model_fingerprint, save_checkpoint
+from moevit.fuse import folded_copy
+from moevit.onnx_camera import OnnxCamera, OnnxCameraConfig, OnnxCameraError, graph_key
+from moevit.segments import CameraProgram
+from tests.deploy import small_moe_model, write_topology
+from tests.netutil import free_port
+
+SIZE = 32
+
+
+def _images(n, size=SIZE, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A folded random MoE model (layers 1, 5, 8: four segments), its fingerprint, its camera on onnxruntime."""
+    model = small_moe_model((1, 5, 8), num_experts=4, calib_size=SIZE)
+    fp = model_fingerprint(model)
+    folded = folded_copy(model)
+    cache = Path(__import__("tempfile").mkdtemp(prefix="onnxcam-"))
+    cam = OnnxCamera(folded, fp, SIZE, OnnxCameraConfig(cache))
+    yield {"model": model, "folded": folded, "fp": fp, "cache": cache, "camera": cam}
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_segments_chained_with_the_dispatchers_are_the_model():
+    model = small_moe_model((2, 8), num_experts=3, calib_size=40).eval()
+    program = CameraProgram(model)
+    assert len(program.segments) == 3 and [layer.layer_id for layer in program.layers] == [2, 8]
+    for size in (40, 42):  # 42: MobileViTV2 blocks resize to their patch grid
+        x = _images(3, size)
+        with torch.no_grad():
+            assert torch.equal(program(x), model(x))  # same ops in the same order: bit-identical
+
+
+def _routing(program, x, segment_fn):
+    """Logits and the experts chosen at each dispatch point when ``segment_fn`` runs the segments."""
+    chosen = []
+
+    def run(seg, inputs):
+        out = segment_fn(seg, inputs)
+        if seg.layer is not None:
+            chosen.append(out[2].clone())
+        return out
+
+    with torch.no_grad():
+        return program.run(x, run), chosen
+
+
+def test_onnx_fp32_matches_torch_with_the_same_routing(small):
+    cam = small["camera"]
+    x = _images(5, seed=1)
+    ref, ref_routes = _routing(cam.program, x, lambda seg, inputs: seg(*inputs))
+    got, routes = _routing(cam.program, x, cam.run_segment)
+    with torch.no_grad():
+        assert torch.equal(ref, small["folded"](x))  # the torch segments are the model
+        assert torch.equal(got, cam(x))
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) < 1e-4
+    assert len(routes) == 3 and all(torch.equal(a, b) for a, b in zip(routes, ref_routes, strict=True))
+    assert cam.exported == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="take 32x32 images, got 48x48"):
+        cam(_images(1, 48))
+
+
+def test_the_cache_is_reused_and_another_models_graph_is_rebuilt(small, caplog):
+    again = OnnxCamera(small["folded"], small["fp"], SIZE, OnnxCameraConfig(small["cache"]))
+    assert again.reused == [0, 1, 2, 3] and again.exported == []
+    other = small_moe_model((1, 5, 8), num_experts=4, calib_size=SIZE, seed=1)
+    other_fp = model_fingerprint(other)
+    other_folded = folded_copy(other)
+    cfg = OnnxCameraConfig(small["cache"])
+    for i in range(4):  # the first model's graphs planted under the other model's names
+        planted = cfg.cache_dir / f"{graph_key(other_fp, SIZE, i, 4, cfg, 'fp32')}.onnx"
+        shutil.copyfile(small["camera"].graph_path(i), planted)
+    with caplog.at_level(logging.WARNING, logger="moevit.onnx_camera"):
+        cam = OnnxCamera(other_folded, other_fp, SIZE, cfg)
+    assert cam.exported == [0, 1, 2, 3]
+    assert sum(f"the graph of model {small['fp']}" in r.getMessage() for r in caplog.records) == 4
+    x = _images(3, seed=2)
+    with torch.no_grad():
+        assert float((cam(x) - other_folded(x)).abs().max()) < 1e-4
+    # a truncated cache file is rebuilt too
+    path = cam.graph_path(2)
+    path.write_bytes(path.read_bytes()[:100])
+    cam = OnnxCamera(other_folded, other_fp, SIZE, cfg)
+    assert cam.exported == [2] and cam.reused == [0, 1, 3]
+
+
+def test_an_onnxruntime_without_an_operator_is_one_line(small, tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    import moevit.onnx_camera as oc
+
+    def export_unknown_op(seg, example, path, *, opset, metadata):
+        # what an onnxruntime build without a kernel the graph needs sees: a node it has no implementation of
+        node = helper.make_node("Conv", ["image", "w"], ["logits"], domain="com.example.missing")
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                                  [helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.example.missing", 1)])
+        onnx.save(model, str(path))
+        return path
+
+    monkeypatch.setattr(oc, "export_segment", export_unknown_op)
+    with pytest.raises(OnnxCameraError) as err:
+        OnnxCamera(small["folded"], small["fp"], SIZE, OnnxCameraConfig(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and "cannot run camera segment 0" in msg and "onnxruntime" in msg
+
+
+def test_int8_needs_calibration_images():
+    with pytest.raises(ValueError, match="--calibrate"):
+        OnnxCameraConfig(Path("x"), precision="int8")
+
+
+@pytest.mark.slow
+def test_coordinator_backend_onnx_agrees_with_torch_end_to_end(tmp_path):
+    model = small_moe_model((1, 5, 8), num_experts=4, num_classes=3, labels=("a", "b", "c"), image_size=SIZE,
+                            calib_size=SIZE)
+    path = save_checkpoint(model, tmp_path / "moe.safetensors")
+    topo = write_topology(tmp_path, path, {"cam": free_port(), "north": free_port()})
+    spec = "synthetic:classes=3,per_class=10,size=32"
+    out = {}
+    for backend in ("torch", "onnx"):
+        r = subprocess.run([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topo), "--data", spec,
+                            "--threads", "1", "--wire", "fp32", "--backend", backend,
+                            "--out", str(tmp_path / f"{backend}.jsonl")], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "p50" in r.stdout
+        out[backend] = [json.loads(line) for line in (tmp_path / f"{backend}.jsonl").read_text().splitlines()]
+        if backend == "onnx":
+            assert "camera side on onnxruntime" in r.stderr and "4 built" in r.stderr
+            assert (tmp_path / "moe.safetensors.onnx-cache").is_dir()
+    assert len(out["onnx"]) == len(out["torch"]) == 6
+    for a, b in zip(out["torch"], out["onnx"], strict=True):
+        assert a["prediction"] == b["prediction"] and abs(a["confidence"] - b["confidence"]) < 1e-3
+    r = subprocess.run([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topo), "--data", spec,
+                        "--precision", "int8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("need --backend onnx")
