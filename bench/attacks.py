@@ -225,8 +225,9 @@ def attack_refused(address: str, pid: int, fingerprint: str, *, layer: int, dim:
 
 def small_model(tmp: Path) -> tuple[Path, str]:
     """The tests' seeded small MoE model (layers 5 and 8, four experts), saved under ``tmp``; (path, fingerprint)."""
+    from moevit.coordinator.local import small_moe_model
+
     from moevit.checkpoint import model_fingerprint, save_checkpoint
-    from tests.deploy import small_moe_model
 
     model = small_moe_model((5, 8), num_experts=4, calib_size=64)
     return save_checkpoint(model, tmp / "moe.safetensors"), model_fingerprint(model)
