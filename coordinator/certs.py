@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder for ca.pem, <site>.pem, <site>.key (keys mode 0600)")
     ap.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
     ap.add_argument("--tokens", action="store_true", help="also write a random bearer token per site")
+    ap.add_argument("--replace-ca", action="store_true", help="replace a CA already in --out (every certificate "
+                    "issued with it stops being accepted)")
     args = ap.parse_args(argv)
     return run_cli("moe-certs", lambda: _write(args))
 
@@ -39,9 +41,9 @@ def _write(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out).absolute()
     existing = [p.name for p in (out / "ca.pem", out / "ca.key") if p.exists() or p.is_symlink()]
-    if existing:  # a new CA would orphan every certificate a deployed fleet holds
+    if existing and not args.replace_ca:  # a new CA would orphan every certificate a deployed fleet holds
         print(f"moe-certs: error: {out} already holds a CA ({', '.join(existing)}); replacing it would invalidate "
-              "every certificate issued with it. Choose another --out, or remove that folder to start over",
+              "every certificate issued with it. Choose another --out, or pass --replace-ca to start over",
               file=sys.stderr)
         return 2
     try:

@@ -66,17 +66,12 @@ def check_tls_files(tls: TLSFiles, *, now: dt.datetime | None = None) -> None:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
-    def read(path: Path, what: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no such {what} file (make one with moe-certs)") from None
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
+    from moevit_rpc.security import read_limited as read  # at most 1 MiB: /dev/zero is refused, not read
 
     def certificate(path: Path, what: str) -> x509.Certificate:
+        data = read(path, what)
         try:
-            return x509.load_pem_x509_certificate(read(path, what))
+            return x509.load_pem_x509_certificate(data)
         except ValueError:
             raise ValueError(f"{path}: not a PEM certificate (the {what} file)") from None
 

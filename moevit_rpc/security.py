@@ -25,11 +25,27 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # ------------------------------------------------------------------------------------------------ credentials
 
 
-def _read(path: Path) -> bytes:
+# A PEM certificate chain or key is a few KB; the cap keeps a wrong path (/dev/zero, a disk image) from being read
+# whole into memory.
+MAX_PEM_BYTES = 1 << 20
+
+
+def read_limited(path: str | Path, what: str, limit: int = MAX_PEM_BYTES) -> bytes:
+    """The bytes of ``path``, at most ``limit``; ValueError naming the file (and ``what`` it should be) otherwise."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such {what} file (make one with moe-certs)") from None
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
+        raise ValueError(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit:,} bytes; not a {what} file")
+    return data
+
+
+def _read(path: Path) -> bytes:
+    return read_limited(path, "TLS")
 
 
 def server_credentials(ca: Path, cert: Path, key: Path) -> grpc.ServerCredentials:
@@ -165,12 +181,12 @@ def write_site_pki(out: Path, sites: dict[str, str], *, days: int = 365, tokens:
 
     out.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = make_ca(days=days)
-    (out / "ca.pem").write_bytes(ca_cert)
+    _write_file(out / "ca.pem", ca_cert, 0o644)
     _write_secret(out / "ca.key", ca_key)
     entries: dict[str, dict] = {}
     for name, host in sorted(sites.items()):
         cert, key = make_site_cert(ca_cert, ca_key, name, [host], days=days)
-        (out / f"{name}.pem").write_bytes(cert)
+        _write_file(out / f"{name}.pem", cert, 0o644)
         _write_secret(out / f"{name}.key", key)
         entry: dict[str, Any] = {"tls": {"ca": str(out / "ca.pem"), "cert": str(out / f"{name}.pem"),
                                          "key": str(out / f"{name}.key")}}
@@ -182,6 +198,22 @@ def write_site_pki(out: Path, sites: dict[str, str], *, days: int = 365, tokens:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_bytes(data)
+    _write_file(path, data, 0o600)
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a new file beside ``path`` (created exclusively, with ``mode`` from the start, never
+    through a symlink) and rename it onto ``path``: a symlink planted at ``path`` is replaced, not written through,
+    and a key is never readable by others, not even for a moment."""
+    import os
+    import secrets
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)  # the umask may have taken bits off
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

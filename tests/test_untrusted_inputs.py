@@ -229,3 +229,40 @@ def test_a_full_disk_leaves_no_temporary_file_and_names_the_file(tmp_path):
     assert r.returncode == 3, r.stderr
     assert f"cannot write {out}" in r.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags", [["--token-file", "/dev/zero"],
+                                   ["--tls-ca", "/dev/zero", "--tls-cert", "/dev/zero", "--tls-key", "/dev/zero"]])
+def test_token_and_tls_files_are_read_with_a_size_limit(model, flags):
+    """Before: /dev/zero as a token or TLS file was read until memory ran out (8.7 GB). Now: one line, exit 2."""
+    r = subprocess.run([sys.executable, "-m", "moevit.worker.cli", "--listen", "127.0.0.1:0", "--model",
+                        str(model[0]), "--experts", "all", *flags], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "/dev/zero: larger than" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_moe_certs_keeps_an_existing_ca_and_never_writes_through_a_symlink(model, tmp_path):
+    """moe-certs replaced an existing CA silently and wrote a key through a symlink planted in --out."""
+    topology = write_topology(tmp_path, model[0], {"cam": free_port(), "w": free_port()})
+    out = tmp_path / "pki"
+
+    def certs(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "moevit.coordinator.certs", "--topology", str(topology),
+                               "--out", str(out), "--tokens", *extra], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=60)
+
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours\n")
+    (out / "w.key").symlink_to(victim)
+    (out / "w.token").symlink_to(victim)
+    assert certs().returncode == 0
+    assert victim.read_text() == "not yours\n"
+    for name in ("w.key", "w.token", "ca.key"):
+        assert not (out / name).is_symlink() and (out / name).stat().st_mode & 0o777 == 0o600, name
+    ca = (out / "ca.pem").read_bytes()
+    r = certs()
+    assert r.returncode == 2 and "already holds a CA" in r.stderr and "--replace-ca" in r.stderr
+    assert (out / "ca.pem").read_bytes() == ca
+    assert certs("--replace-ca").returncode == 0 and (out / "ca.pem").read_bytes() != ca
