@@ -480,20 +480,38 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                 if isinstance(request, Refused):  # refused from its bytes (wire_screen): answered in-band
                     log.info("RunExpertsStream request_id=%s refused (%s): %s", clip(request.request_id),
                              request.code.name, request.message)
-                    await context.write(expert_pb2.RunExpertsResponse(
-                        request_id=request.request_id, error_code=request.code.value[0],
-                        error_message=request.message))
+                    if not await self._write(context, expert_pb2.RunExpertsResponse(
+                            request_id=request.request_id, error_code=request.code.value[0],
+                            error_message=request.message)):
+                        return
                     continue
                 try:
                     response = await self.answer(request)
                 except RequestError as e:
                     response = expert_pb2.RunExpertsResponse(request_id=request.request_id,
                                                              error_code=e.code.value[0], error_message=e.message)
-                await context.write(response)
+                if not await self._write(context, response):
+                    return
         except asyncio.CancelledError:
             if self._draining:  # drain() ended this idle stream: finish it cleanly, the client opens a new one
                 return
             raise
+
+    @staticmethod
+    async def _write(context: grpc.aio.ServicerContext, response: expert_pb2.RunExpertsResponse) -> bool:
+        """Write one answer on a stream; False when the caller went away meanwhile (cancelled, connection gone):
+        that ends the stream quietly, not with a traceback in the log."""
+        try:
+            await context.write(response)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - only a caller that is gone is let through, see below
+            if not (context.cancelled() or context.done()):
+                raise
+            log.info("RunExpertsStream request_id=%s: the caller went away while its answer was written (%s)",
+                     clip(response.request_id), type(e).__name__)
+            return False
+        return True
 
     def drain(self) -> None:
         """Shutting down: streams waiting for their next request end now (OK); those computing end after it."""
