@@ -23,7 +23,7 @@ import numpy as np
 import zstandard
 
 __all__ = ["BASES", "CODEC_NAMES", "INT4_GROUP", "LEGACY_IDS", "Codec", "Encoded", "decode", "encode",
-           "max_abs_error", "parse_codec", "wire_ids"]
+           "max_abs_error", "nominal_bytes_per_value", "parse_codec", "wire_ids"]
 
 # Base formats and their bytes per element before scales (int4: half a byte).
 BASES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -78,6 +78,14 @@ def wire_ids(codec: Codec) -> frozenset[str]:
 def all_wire_ids() -> list[str]:
     """Every identifier this implementation speaks (what a worker lists in ``InfoResponse.codecs``)."""
     return [*_IDS.values(), ZSTD_ID]
+
+
+def nominal_bytes_per_value(codec: Codec, dim: int) -> float:
+    """Bytes per token element on the wire before any zstd stage (what zstd must beat), scales included, for
+    tokens of ``dim`` channels: 4 (fp32), 2 (fp16, bf16), 1 + 2/dim (int8), 0.5 + 2/32 (int4, dim a multiple of
+    32). The zstd stage's gain depends on the tokens: measure it (bench/bench_wire.py)."""
+    elem, scales = raw_sizes(codec, (1, dim))
+    return (elem + scales) / dim
 
 
 @dataclass(frozen=True)

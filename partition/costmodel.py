@@ -14,8 +14,11 @@ Model of one image (every figure is an expectation per image; units are seconds,
   experts it holds itself in-process (no bytes), and waits for every reply. The layer takes
   ``max over sites of (send + compute + return)`` (the coordinator's own term is its compute alone). Links are
   taken as independent (no contention between the coordinator's links).
-* A routed patch is P pixel tokens (P = 4); each token is ``dim`` numbers of ``wire_bytes`` bytes (2 for fp16,
-  4 for fp32) on the wire each way. Transfer time one way: ``latency + bits / (bandwidth * duty_cycle) / (1 - loss)``:
+* A routed patch is P pixel tokens (P = 4); each token is ``dim`` numbers of ``wire_bytes`` bytes on the wire each
+  way: the token codec's size per number, per layer (2 for fp16, 4 for fp32, about 1 for int8 with its scales;
+  :func:`wire_bytes_for` gives a codec's nominal size, ``bench/bench_wire.py`` measures it with zstd), and the
+  codec's CPU (``codec_s_per_value``: encode + decode both ways, per number) is added to a remote patch's time on
+  its site. Transfer time one way: ``latency + bits / (bandwidth * duty_cycle) / (1 - loss)``:
   a duty-cycled link transmits on average a ``duty_cycle`` fraction of the time, and each lost packet is sent
   again (expected transmissions ``1 / (1 - loss)``). A site is contacted in a layer (and pays the link latency
   both ways) when it holds an expert of that layer whose mean load is above zero.
@@ -89,6 +92,7 @@ __all__ = [
     "save_stats",
     "synthetic_stats",
     "synthetic_topology",
+    "wire_bytes_for",
 ]
 
 FLOPS_PER_MAC = 2
@@ -496,17 +500,39 @@ class CostCoefficients:
     coordinator_holds_all: bool
 
 
-def coefficients(topology: Topology, stats: Stats, *, wire_bytes: int = 2) -> CostCoefficients:
-    """The per-patch costs of ``stats``' layers on ``topology``'s sites (see :class:`CostCoefficients`)."""
-    if wire_bytes not in (2, 4):
-        raise ValueError(f"wire_bytes must be 2 (fp16) or 4 (fp32), got {wire_bytes!r}")
+def wire_bytes_for(codec: str, stats: Stats) -> list[float]:
+    """Per MoE layer of ``stats``: the nominal bytes per token number of the token codec ``codec`` (``fp16``,
+    ``int8+zstd``, ...; before the zstd stage, whose gain must be measured). ValueError for an unknown codec."""
+    from moevit_rpc.codecs import nominal_bytes_per_value, parse_codec
+
+    c = parse_codec(codec)
+    return [nominal_bytes_per_value(c, ls.dim) for ls in stats.layers]
+
+
+def _per_layer(value: float | Sequence[float], layers: int, name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    arr = np.full(layers, float(arr)) if arr.ndim == 0 else arr
+    if arr.shape != (layers,) or not np.isfinite(arr).all() or (arr < 0).any():
+        raise ValueError(f"{name} must be a number >= 0 or one per MoE layer ({layers}), got {value!r}")
+    return arr
+
+
+def coefficients(topology: Topology, stats: Stats, *, wire_bytes: float | Sequence[float] = 2,
+                 codec_s_per_value: float | Sequence[float] = 0.0) -> CostCoefficients:
+    """The per-patch costs of ``stats``' layers on ``topology``'s sites (see :class:`CostCoefficients`).
+    ``wire_bytes``: bytes per token number on the wire (one figure, or one per MoE layer); ``codec_s_per_value``:
+    CPU seconds per token number of the codec's encode + decode both ways, charged to the remote site."""
+    wire = _per_layer(wire_bytes, len(stats.layers), "wire_bytes")
+    if (wire <= 0).any():
+        raise ValueError(f"wire_bytes must be > 0, got {wire_bytes!r}")
+    codec_s = _per_layer(codec_s_per_value, len(stats.layers), "codec_s_per_value")
     sites = tuple(sorted(topology.sites))
     c = sites.index(topology.coordinator)
     L, S = len(stats.layers), len(sites)
     P = stats.pixels_per_patch
     dims = np.array([ls.dim for ls in stats.layers], dtype=np.float64)
     macs = np.array([ls.expert_macs_per_token for ls in stats.layers], dtype=np.float64) * P  # per patch
-    patch_bytes = P * dims * wire_bytes
+    patch_bytes = P * dims * wire
     send = np.zeros((L, S))
     comp = np.zeros((L, S))
     contact = np.zeros(S)
@@ -518,6 +544,7 @@ def coefficients(topology: Topology, stats: Stats, *, wire_bytes: int = 2) -> Co
         comp[:, j] = macs * FLOPS_PER_MAC / (dev.gflops * 1e9)
         if j == c:
             continue
+        comp[:, j] += P * dims * codec_s  # the codec's work for a patch that travels (both ends, both ways)
         link = topology.link_between(topology.coordinator, name)
         if link is None:
             reachable[j] = False
@@ -704,7 +731,7 @@ def evaluate_placement(
     stats: Stats,
     placement: Placement,
     *,
-    wire_bytes: int = 2,
+    wire_bytes: float | Sequence[float] = 2,
     replica_policy: str = "local-first",
     scenarios: str = "class",
     coef: CostCoefficients | None = None,

@@ -164,11 +164,14 @@ class FailureSet:
 class Settings:
     """Figures shared by every scenario of a sweep (see docs/sim.md for each).
 
-    wire: token format on the wire; deadline_s: the coordinator's RPC deadline; image_bytes: the encoded image sent by
-    offload-image (None: a JPEG of the model's input, taken as 1/8 of its raw RGB bytes); result_bytes: the label
-    sent back; rpc_overhead_bytes: protocol bytes per RPC message each way (HTTP/2 + gRPC headers and protobuf
-    framing) on top of the payload; rpc_overhead_s: fixed time per RPC at the
-    worker (decode, dispatch, encode); packet_bytes: link-layer packet size (loss and duty cycle act per packet);
+    wire: token codec on the wire (``fp16``, ``int8+zstd``, ...; moevit_rpc.codecs); wire_bytes_per_value: its measured
+    bytes per token number, scales and zstd included (None: the codec's nominal size per layer, before zstd);
+    codec_s_per_value: its measured CPU seconds per token number, encode + decode both ways (bench/bench_wire.py),
+    charged to the site of a remote patch; deadline_s: the coordinator's RPC deadline; image_bytes: the encoded
+    image sent by offload-image (None: a JPEG of the model's input, taken as 1/8 of its raw RGB bytes);
+    result_bytes: the label sent back; rpc_overhead_bytes: protocol bytes per RPC message each way (HTTP/2 + gRPC
+    headers and protobuf framing) on top of the payload; rpc_overhead_s: fixed time per RPC at the worker
+    (decode, dispatch, encode); packet_bytes: link-layer packet size (loss and duty cycle act per packet);
     concurrency: images the coordinator works on at once (1: the real coordinator, one image at a time);
     reconnect_s: after a site rejoins, how long until the coordinator's channel is back; detect_s: after a site goes
     down, how long until the coordinator's health watch sees it down (and routes around it); confidence_threshold: a
@@ -178,6 +181,8 @@ class Settings:
     """
 
     wire: str = "fp16"
+    wire_bytes_per_value: float | None = None
+    codec_s_per_value: float = 0.0
     deadline_s: float = 10.0
     image_bytes: int | None = None
     result_bytes: int = 64
@@ -191,9 +196,13 @@ class Settings:
     low_confidence_share: float = 0.5
     battery_soc: float = 1.0
 
-    @property
-    def wire_bytes(self) -> int:
-        return WIRE_BYTES[self.wire]
+    def wire_bytes(self, stats: Any) -> float | list[float]:
+        """Bytes per token number of ``wire``: the measured figure, else the codec's nominal one per MoE layer."""
+        if self.wire_bytes_per_value is not None:
+            return self.wire_bytes_per_value
+        from moevit.partition.costmodel import wire_bytes_for
+
+        return wire_bytes_for(self.wire, stats)
 
 
 @dataclass(frozen=True)
@@ -363,9 +372,15 @@ def _parse_settings(d: Any, file: str, key: str) -> Settings:
     for k, v in d.items():
         kk = f"{key}.{k}"
         if k == "wire":
-            if v not in WIRE_BYTES:
-                raise SimConfigError(file, kk, f"expected one of {', '.join(WIRE_BYTES)}, got {_describe(v)}")
-            out[k] = v
+            from moevit_rpc.codecs import parse_codec
+
+            try:
+                out[k] = parse_codec(v).name
+            except ValueError as e:
+                raise SimConfigError(file, kk, str(e) if isinstance(v, str) else
+                                     f"expected a codec name, got {_describe(v)}") from None
+        elif k == "wire_bytes_per_value":
+            out[k] = None if v is None else _num(v, file, kk, lo_open=True)
         elif k == "image_bytes":
             out[k] = None if v is None else _int(v, file, kk, 1)
         elif k in ("result_bytes", "rpc_overhead_bytes"):

@@ -119,16 +119,17 @@ def dense_macs(stats: Stats) -> tuple[int, bool]:
     return int(stats.trunk_macs + mlp), True
 
 
-def compute_model(topology: Topology, stats: Stats, *, wire_bytes: int = 2,
-                  calibration: Calibration | None = None) -> ComputeModel:
+def compute_model(topology: Topology, stats: Stats, *, wire_bytes: float | list[float] = 2,
+                  calibration: Calibration | None = None, codec_s_per_value: float = 0.0) -> ComputeModel:
     """The compute figures of ``stats`` on ``topology``'s devices (or the calibrated speeds), via
     :func:`partition.costmodel.coefficients`."""
     if calibration is None:
-        coef_t = coef_e = coefficients(topology, stats, wire_bytes=wire_bytes)
+        coef_t = coef_e = coefficients(topology, stats, wire_bytes=wire_bytes, codec_s_per_value=codec_s_per_value)
         gflops_t = np.array([topology.sites[n].device.gflops for n in coef_t.sites])
     else:
         coef_t = coefficients(_with_gflops(topology, calibration.trunk_gflops), stats, wire_bytes=wire_bytes)
-        coef_e = coefficients(_with_gflops(topology, calibration.expert_gflops), stats, wire_bytes=wire_bytes)
+        coef_e = coefficients(_with_gflops(topology, calibration.expert_gflops), stats, wire_bytes=wire_bytes,
+                              codec_s_per_value=codec_s_per_value)
         gflops_t = np.full(len(coef_t.sites), calibration.trunk_gflops)
     c = coef_t.coordinator
     routed = np.array([ls.patches * stats.top_k for ls in stats.layers], dtype=np.float64)  # patches per layer
@@ -500,7 +501,8 @@ class _Run:
         base = world.topologies[sc.topology]
         self.topology = topo = sc.condition.apply(base)
         self.stats = stats = world.stats
-        self.cm = cm = compute_model(topo, stats, wire_bytes=st.wire_bytes, calibration=world.calibration)
+        self.cm = cm = compute_model(topo, stats, wire_bytes=st.wire_bytes(stats), calibration=world.calibration,
+                                      codec_s_per_value=st.codec_s_per_value)
         self.sites = cm.sites
         self.c = cm.coordinator
         self.fallback = topo.fallback

@@ -433,7 +433,8 @@ def test_sweep_parses_and_expands():
     ({"conditions": [{"name": "x", "bandwidth_scale": 0}]}, "conditions[0].bandwidth_scale", "> 0"),
     ({"conditions": [{"name": "x", "bandwidth_mbps": 0}]}, "conditions[0].bandwidth_mbps", "> 0"),
     ({"arrivals": [{"kind": "poison", "rate_hz": 1}]}, "arrivals[0].kind", "did you mean 'poisson'"),
-    ({"settings": {"wire": "int8"}}, "settings.wire", "fp16"),
+    ({"settings": {"wire": "int3"}}, "settings.wire", "unknown codec 'int3' (allowed: fp32, fp16"),
+    ({"settings": {"wire_bytes_per_value": 0}}, "settings.wire_bytes_per_value", "expected"),
     ({"settings": {"detect_s": -0.1}}, "settings.detect_s", ">= 0"),
     ({"seedz": 3}, "seedz", "did you mean 'seeds'"),
 ])
