@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moevit.checkpoint import model_fingerprint, save_checkpoint
+from moevit.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
 from moevit.fuse import folded_copy
 from moevit.onnx_camera import OnnxCamera, OnnxCameraConfig, OnnxCameraError, graph_key
 from moevit.segments import CameraProgram
@@ -158,3 +158,64 @@ def test_coordinator_backend_onnx_agrees_with_torch_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topo), "--data", spec,
                         "--precision", "int8"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("need --backend onnx")
+
+
+def test_int8_experts_stay_close_to_float_on_their_calibration_tokens(small, tmp_path):
+    import onnx
+    from moevit.worker.backends import OnnxBackend, TorchBackend
+
+    from moevit.onnx_camera import calibration_key, expert_tokens
+
+    folded = small["folded"]
+    tokens = expert_tokens(folded, _images(8, seed=3))
+    bank = folded.moe_layers()[8].experts
+    banks = {8: bank.subset(list(bank.expert_ids))}
+    calib = {k: v for k, v in tokens.items() if k[0] == 8}
+    assert calib and all(v.shape[1] == bank.dim for v in calib.values())
+    q = OnnxBackend(banks, small["fp"], tmp_path, precision="int8", calibration=calib,
+                    calibration_key=calibration_key("random", 8))
+    ref = TorchBackend(banks)
+    assert q.name == "onnxruntime-int8"
+    for (layer, e), x in calib.items():
+        y, r = q.run(layer, e, x), ref.run(layer, e, x)
+        assert float((y - r).abs().max()) <= 0.05 * float(r.abs().max()) + 1e-3  # int8: a few per cent of range
+        ops = {n.op_type for n in onnx.load(str(q.graph_path(layer, e, "int8"))).graph.node}
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    again = OnnxBackend(banks, small["fp"], tmp_path, precision="int8", calibration=calib,
+                        calibration_key=calibration_key("random", 8))
+    assert sorted(again.reused) == sorted(calib) and again.exported == []
+
+
+def test_int8_worker_flags_need_onnx_and_calibration(small, tmp_path):
+    path = save_checkpoint(small["model"], tmp_path / "moe.safetensors")
+    for extra in (["--precision", "int8"], ["--backend", "onnx", "--precision", "int8"]):
+        r = subprocess.run([sys.executable, "-m", "moevit.worker.cli", "--listen", f"127.0.0.1:{free_port()}",
+                            "--model", str(path), "--experts", "all", *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--precision int8 needs --backend onnx and --calibrate" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_int8_keeps_the_demo_models_top1(tmp_path):
+    """int8 needs a trained network: random weights give features whose image-to-image differences are far below
+    int8's resolution (a random model's top-1 under int8 is noise), so this runs on the demo model (make demo)."""
+    from moevit.data import open_dataset
+
+    demo = Path(__file__).resolve().parent.parent / "runs" / "demo" / "moe.safetensors"
+    if not demo.exists():
+        pytest.skip("no runs/demo/moe.safetensors (make demo)")
+    model = load_checkpoint(demo)
+    size = model.config.image_size
+    folded = folded_copy(model)
+    data = open_dataset("digits", image_size=size, split="eval")
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([int(data[i][1]) for i in range(len(data))])
+    cam = OnnxCamera(folded, model_fingerprint(model), size,
+                     OnnxCameraConfig(tmp_path, precision="int8", calibrate="digits", calibrate_images=64))
+    with torch.no_grad():
+        ref, q = folded(x), torch.cat([cam(b) for b in torch.split(x, 64)])
+    acc_fp32, acc_int8 = float((ref.argmax(1) == y).float().mean()), float((q.argmax(1) == y).float().mean())
+    assert acc_int8 >= acc_fp32 - 0.01
+    assert float((q.argmax(1) == ref.argmax(1)).float().mean()) >= 0.98
+    assert float((q - ref).abs().max()) > 1e-4  # the int8 graphs really ran

@@ -194,7 +194,9 @@ class OnnxBackend(ExpertBackend):
     """
 
     def __init__(self, banks: Mapping[int, ExpertBank], fingerprint: str, cache_dir: str | os.PathLike[str], *,
-                 threads: int = 1, opset: int = DEFAULT_OPSET, fold: bool = True) -> None:
+                 threads: int = 1, opset: int = DEFAULT_OPSET, fold: bool = True, precision: str = "fp32",
+                 calibration: Mapping[tuple[int, int], torch.Tensor] | None = None,
+                 calibration_key: str = "") -> None:
         import onnxruntime as ort  # imported here: the torch backend must not need onnxruntime
 
         if threads < 1:
@@ -203,12 +205,18 @@ class OnnxBackend(ExpertBackend):
             raise ValueError(f"opset must be >= 17, got {opset}")
         if not fingerprint or any(c in fingerprint for c in "/\\:") or fingerprint.startswith("."):
             raise ValueError(f"fingerprint {fingerprint!r} cannot key a cache file name")
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"precision must be fp32 or int8, got {precision!r}")
+        if precision == "int8" and calibration is None:
+            raise ValueError("int8 experts need calibration tokens (moe-worker --calibrate SPEC)")
         self.dims, self.hosted = _describe_banks(banks)
-        self.name = "onnxruntime"
+        self.name = "onnxruntime" if precision == "fp32" else "onnxruntime-int8"
         self.cache_dir = Path(cache_dir)
         self.fingerprint = fingerprint
         self.threads = threads
+        self.precision = precision
         self._variant = f"g{_GRAPH_VERSION}-{'folded' if fold else 'plain'}-op{opset}"
+        self._int8_variant = f"{self._variant}-int8-{calibration_key or 'c'}"
         self.exported: list[tuple[int, int]] = []
         self.reused: list[tuple[int, int]] = []
         try:
@@ -233,14 +241,42 @@ class OnnxBackend(ExpertBackend):
                     session = self._open(ort, path, options, self.dims[layer])
                     if session is None:
                         raise RuntimeError(f"onnxruntime cannot load the graph just exported to {path}")
-                    self.exported.append((layer, expert))
-                else:
+                    if precision == "fp32":
+                        self.exported.append((layer, expert))
+                elif precision == "fp32":
                     self.reused.append((layer, expert))
+                if precision == "int8":
+                    assert calibration is not None
+                    session = self._int8_session(ort, options, layer, expert, path, calibration)
                 self._sessions[(layer, expert)] = session
 
-    def graph_path(self, layer: int, expert: int) -> Path:
-        """Cache file of one expert's graph."""
-        return self.cache_dir / f"{self.fingerprint}-L{layer}-E{expert}-{self._variant}.onnx"
+    def _int8_session(self, ort: Any, options: Any, layer: int, expert: int, fp32_path: Path,
+                      calibration: Mapping[tuple[int, int], torch.Tensor]) -> Any:
+        """The expert's statically quantised graph (cached beside the float one), calibrated on its own tokens."""
+        from moevit.onnx_camera import quantize_graph
+
+        path = self.graph_path(layer, expert, "int8")
+        session = self._open(ort, path, options, self.dims[layer]) if path.exists() else None
+        if session is not None:
+            self.reused.append((layer, expert))
+            return session
+        tokens = calibration.get((layer, expert))
+        if tokens is None or len(tokens) == 0:
+            # an expert no calibration patch reached: its input range is unknown, so it stays float32
+            log.warning("layer %d expert %d got no calibration tokens: it runs in float32", layer, expert)
+            return self._open(ort, fp32_path, options, self.dims[layer])
+        feeds = [{"x": c.detach().float().contiguous().numpy()} for c in torch.split(tokens, 1024)]
+        quantize_graph(fp32_path, path, feeds)
+        session = self._open(ort, path, options, self.dims[layer])
+        if session is None:
+            raise RuntimeError(f"onnxruntime cannot load the int8 graph just written to {path}")
+        self.exported.append((layer, expert))
+        return session
+
+    def graph_path(self, layer: int, expert: int, precision: str = "fp32") -> Path:
+        """Cache file of one expert's graph (the float one, or its int8 quantisation)."""
+        variant = self._variant if precision == "fp32" else self._int8_variant
+        return self.cache_dir / f"{self.fingerprint}-L{layer}-E{expert}-{variant}.onnx"
 
     @staticmethod
     def _open(ort: Any, path: Path, options: Any, dim: int) -> Any:

@@ -26,7 +26,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moevit.cli.runner import run_cli
 
@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="compute backend (default torch)")
     run.add_argument("--onnx-cache", metavar="DIR",
                      help="folder for exported ONNX graphs (default: <model>.onnx-cache/ beside the model)")
+    run.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="with --backend onnx: float32 "
+                     "expert graphs, or int8 (static quantisation calibrated on --calibrate; docs/onnx.md)")
+    run.add_argument("--calibrate", metavar="SPEC", help="with --precision int8: dataset spec whose train split's "
+                     "images, classified in-process, give each expert's calibration tokens")
+    run.add_argument("--calibrate-images", type=int, default=64, metavar="N",
+                     help="images of --calibrate used (default 64)")
     run.add_argument("--threads", type=int, metavar="N", help="torch / onnxruntime intra-op threads (default 1: "
                      "safe beside a coordinator and other workers on the same cores; an expert call is small. Raise "
                      "it only on a device the worker has to itself)")
@@ -234,6 +240,10 @@ def _serve(args: argparse.Namespace) -> int:
     tls, token = _security(args, plan)
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
+    if args.precision == "int8" and (args.backend != "onnx" or not args.calibrate):
+        raise CliError("--precision int8 needs --backend onnx and --calibrate SPEC (the images that calibrate it)")
+    if args.calibrate_images < 1:
+        raise CliError(f"--calibrate-images must be >= 1, got {args.calibrate_images}")
     if not args.max_message_mb > 0:
         raise CliError(f"--max-message-mb must be positive, got {args.max_message_mb}")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -271,7 +281,9 @@ def _serve(args: argparse.Namespace) -> int:
     backend: ExpertBackend
     if args.backend == "onnx":
         cache = Path(args.onnx_cache) if args.onnx_cache else model.with_name(model.name + ".onnx-cache")
-        backend = OnnxBackend(banks, fingerprint, cache, threads=args.threads or 1)
+        calibration, key = _expert_calibration(args, model) if args.precision == "int8" else (None, "")
+        backend = OnnxBackend(banks, fingerprint, cache, threads=args.threads or 1, precision=args.precision,
+                              calibration=calibration, calibration_key=key)
         log.info("onnx graphs in %s: %d exported, %d reused", cache, len(backend.exported), len(backend.reused))
     else:
         backend = TorchBackend(banks)
@@ -286,6 +298,20 @@ def _serve(args: argparse.Namespace) -> int:
                       max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, grace=args.grace,
                       metrics=args.metrics_port, credentials=credentials, token=token, max_queue=args.max_queue))
     return 0
+
+
+def _expert_calibration(args: argparse.Namespace, model: Path) -> tuple[dict[tuple[int, int], Any], str]:
+    """Each expert's tokens on ``--calibrate``'s images (the whole model run in-process), and their cache key."""
+    from moevit.checkpoint import load_checkpoint
+    from moevit.fuse import folded_copy
+    from moevit.onnx_camera import calibration_images, calibration_key, expert_tokens
+
+    full = folded_copy(load_checkpoint(model))
+    try:
+        images = calibration_images(args.calibrate, full.config.image_size, args.calibrate_images)
+    except (ValueError, OSError) as e:
+        raise CliError(f"--calibrate {args.calibrate}: {e}") from None
+    return expert_tokens(full, images), calibration_key(args.calibrate, args.calibrate_images)
 
 
 def main(argv: list[str] | None = None) -> int:
