@@ -29,7 +29,7 @@ from moevit.config import MoEConfig
 from moevit.layers import ConvMlp
 from moevit.mobilevitv2 import MobileViTV2
 from moevit.moe.layer import MoELayer
-from moevit.moefy import load_expert, moe_skeleton, unit_importance
+from moevit.moefy import UNIT_SPLITS, balanced_neuron_groups, load_expert, moe_skeleton, unit_importance
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class ConvertConfig:
     patches_per_class: int = 64  # K_c of Algorithm 1
     rounds: int = 3  # R refinement rounds
     images_per_class: int = 64
+    units: str = "overlap-topk"  # how experts get hidden units: see moevit.moefy.UNIT_SPLITS and init_layer
     size_min: int | None = None  # None: 0.625 × the model's training size, up to a 32 px step
     size_max: int | None = None  # None: 1.25 × the model's training size, down to a 32 px step
     seed: int = 0
@@ -160,8 +161,13 @@ def collect_layer(model: MobileViTV2, layer: int, picks: list[tuple[int, int, in
 
 @torch.no_grad()
 def init_layer(moe_layer: MoELayer, dense_mlp: ConvMlp, block: torch.nn.Module, samples: LayerSamples,
-               moe: MoEConfig) -> dict[str, Any]:
-    """Steps 3–4 for one layer: scaler, Ward centroids, MoEfied experts. Returns the layer's report."""
+               moe: MoEConfig, units: str = "overlap-topk") -> dict[str, Any]:
+    """Steps 3–4 for one layer: scaler, Ward centroids, MoEfied experts. Returns the layer's report.
+
+    ``units``: ``overlap-topk`` gives each expert the K units most important on its cluster's tokens (experts may
+    share units); ``disjoint-balanced`` first partitions the units into E equal disjoint groups by balanced k-means
+    (MoEfication's split), matches groups to clusters by total importance (Hungarian), and keeps the K most
+    important units of the matched group (K <= H / E; K = H / E uses every unit exactly once)."""
     t0 = time.perf_counter()
     zbar = samples.zbar_MC
     lo, hi = zbar.min(dim=0).values, zbar.max(dim=0).values
@@ -173,16 +179,35 @@ def init_layer(moe_layer: MoELayer, dense_mlp: ConvMlp, block: torch.nn.Module, 
     router.scale_max.copy_(hi)
     router.logit_scale.fill_(moe.logit_scale)
     t1 = time.perf_counter()
+    if units not in UNIT_SPLITS:
+        raise ValueError(f"units must be one of {UNIT_SPLITS}, got {units!r}")
+    members_of = [torch.from_numpy(np.flatnonzero(labels == e)) for e in range(moe.num_experts)]
+    importance = torch.stack([unit_importance(dense_mlp, samples.z_MPC[m].reshape(-1, zbar.shape[1]))
+                              for m in members_of])  # [E, H]
+    if units == "disjoint-balanced":
+        from scipy.optimize import linear_sum_assignment
+
+        groups = balanced_neuron_groups(dense_mlp, moe.num_experts)
+        if moe.expert_hidden > len(groups[0]):
+            raise ValueError(f"K={moe.expert_hidden} exceeds the {len(groups[0])} units of a disjoint group "
+                             f"(MLP width / E)")
+        score = torch.stack([importance[:, g].sum(dim=1) for g in groups], dim=1)  # [E clusters, E groups]
+        _, match = linear_sum_assignment(-score.numpy())
+        chosen = [groups[int(match[e])][importance[e, groups[int(match[e])]].topk(moe.expert_hidden).indices]
+                  for e in range(moe.num_experts)]
+    else:
+        chosen = [importance[e].topk(moe.expert_hidden).indices for e in range(moe.num_experts)]
     sizes = []
-    for e in range(moe.num_experts):
-        members = torch.from_numpy(np.flatnonzero(labels == e))
+    for e, members in enumerate(members_of):
         sizes.append(len(members))
         router.centroids[e].copy_(scaled[members].mean(dim=0))
-        tokens = samples.z_MPC[members].reshape(-1, zbar.shape[1])
-        units = unit_importance(dense_mlp, tokens).topk(moe.expert_hidden).indices.sort().values
-        load_expert(moe_layer.experts, e, block, dense_mlp, units, centroid=zbar[members].mean(dim=0),
-                    correction=moe.correction)
-    return {"cluster_sizes": sizes, "representative_patches": len(zbar),
+        load_expert(moe_layer.experts, e, block, dense_mlp, chosen[e].sort().values,
+                    centroid=zbar[members].mean(dim=0), correction=moe.correction)
+    sets = [set(c.tolist()) for c in chosen]
+    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
+    jaccard = float(np.mean([len(a & b) / len(a | b) for a, b in pairs])) if pairs else 0.0
+    return {"cluster_sizes": sizes, "representative_patches": len(zbar), "units": units,
+            "mean_unit_jaccard": jaccard,
             "seconds": {"cluster": t_cluster, "moefy": time.perf_counter() - t1}}
 
 
@@ -222,7 +247,7 @@ def convert(dense: MobileViTV2, dataset_at: Callable[[int], Any], targets: list[
         t_collect = time.perf_counter() - t0
         on_stage(f"layer {layer}: Ward clustering + MoEfication")
         blk = dense_blocks[layer]
-        rep = init_layer(model.moe_layers()[layer], blk.mlp, blk, samples, cfg.moe)
+        rep = init_layer(model.moe_layers()[layer], blk.mlp, blk, samples, cfg.moe, cfg.units)
         rep["seconds"] = {"collect": t_collect, **rep["seconds"]}
         rep["affinity_before"] = affinity_from_samples(model.moe_layers()[layer], samples, n_cls).tolist()
         report["layers"][str(layer)] = rep

@@ -83,3 +83,36 @@ def moe_skeleton(dense: torch.nn.Module, moe_config) -> torch.nn.Module:
         raise ValueError(f"dense model lacks weights the MoE model needs: {missing[:3]}")
     model.load_state_dict(shared, strict=False)
     return model
+
+
+UNIT_SPLITS = ("overlap-topk", "disjoint-balanced")
+
+
+@torch.no_grad()
+def balanced_neuron_groups(mlp: ConvMlp, groups: int, *, seed: int = 0, iters: int = 12) -> list[torch.Tensor]:
+    """MoEfication's split (Zhang et al. 2021): the H hidden units of ``mlp`` partitioned into ``groups`` disjoint
+    groups of equal size H / groups by balanced k-means over their normalised input weight vectors W1[h].
+
+    Balanced assignment: each centroid is offered H / groups slots and units are matched to slots by the Hungarian
+    algorithm on cosine distance (scipy), then centroids are re-estimated; a few rounds suffice.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    w1 = F.normalize(dense_mlp_weights(mlp)[0].float(), dim=1)  # [H, C]
+    h = w1.shape[0]
+    if groups < 1 or h % groups:
+        raise ValueError(f"a disjoint split needs the MLP width {h} to be a multiple of the expert count {groups}")
+    per = h // groups
+    gen = torch.Generator().manual_seed(seed)
+    centroids = w1[torch.randperm(h, generator=gen)[:groups]].clone()
+    assign = torch.zeros(h, dtype=torch.long)
+    for _ in range(iters):
+        cost = (1.0 - w1 @ centroids.T).repeat_interleave(per, dim=1)  # [H, H]: unit x slot
+        rows, cols = linear_sum_assignment(cost.numpy())
+        new = torch.empty(h, dtype=torch.long)
+        new[torch.from_numpy(rows)] = torch.from_numpy(cols // per)
+        if torch.equal(new, assign):
+            break
+        assign = new
+        centroids = F.normalize(torch.stack([w1[assign == g].mean(dim=0) for g in range(groups)]), dim=1)
+    return [torch.nonzero(assign == g).flatten() for g in range(groups)]

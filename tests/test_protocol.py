@@ -78,3 +78,31 @@ def test_gate_zeroes_one_mlp_at_a_time_and_leaves_the_model_intact(dense_model):
     assert any(r["agreement"] < 1.0 for r in res["rows"][1:])  # zeroing an MLP changes predictions of a real model
     after, _ = predictions(dense_model, data)
     assert torch.equal(before, after)  # the hooks are gone
+
+
+def test_disjoint_balanced_split_partitions_the_units_into_equal_groups(dense_model):
+    import torch
+
+    from moevit.moefy import balanced_neuron_groups
+
+    mlp = dense_model.transformer_layers()[8].mlp
+    groups = balanced_neuron_groups(mlp, 8)
+    units = torch.cat(groups)
+    assert [len(g) for g in groups] == [mlp.fc1.out_channels // 8] * 8
+    assert sorted(units.tolist()) == list(range(mlp.fc1.out_channels))  # every unit exactly once
+
+
+@pytest.mark.slow
+def test_moe_convert_units_disjoint_balanced_gives_experts_sharing_no_unit(trained_dense):
+    from moevit.checkpoint import load_checkpoint
+    from moevit.cli.convert import main as convert_main
+
+    path, spec = trained_dense
+    hidden = load_checkpoint(path).transformer_layers()[8].mlp.fc1.out_channels // 4
+    out = path.parent / "disjoint.safetensors"
+    assert convert_main(["--dense", str(path), "--data", spec, "--layers", "8", "--experts", "4", "--hidden",
+                         str(hidden), "--units", "disjoint-balanced", "--images-per-class", "8",
+                         "--patches-per-class", "8", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["layers"]["8"]["units"] == "disjoint-balanced"
+    assert report["layers"]["8"]["mean_unit_jaccard"] == 0.0  # no unit in two experts

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patches-per-class", type=int, default=64, help="K_c of Algorithm 1")
     ap.add_argument("--rounds", type=int, default=3, help="R refinement rounds of Algorithm 1")
     ap.add_argument("--images-per-class", type=int, default=64)
+    ap.add_argument("--units", default="overlap-topk", choices=("overlap-topk", "disjoint-balanced"),
+                    help="expert hidden units: the K most important per cluster, experts may overlap (default), or "
+                         "MoEfication's disjoint equal groups by balanced k-means, K most important of each")
     ap.add_argument("--sizes", default=None, metavar="MIN:MAX",
                     help="random image sizes for clustering, 32 px steps (default: 0.625-1.25 x training size)")
     ap.add_argument("--seed", type=int, default=0, help="seed of image sampling and of the held-out split")
@@ -110,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise ValueError(f"--sizes {args.sizes!r}: expected MIN:MAX, e.g. 160:320") from None
         cfg = ConvertConfig(moe=moe_cfg, patches_per_class=args.patches_per_class, rounds=args.rounds,
-                            images_per_class=args.images_per_class, size_min=size_min, size_max=size_max,
-                            seed=args.seed)
+                            images_per_class=args.images_per_class, units=args.units, size_min=size_min,
+                            size_max=size_max, seed=args.seed)
         native = dense.config.image_size
         open_at = functools.lru_cache(maxsize=None)(
             lambda s: open_dataset(args.data, image_size=s, split="train", seed=args.seed))
