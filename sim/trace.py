@@ -232,6 +232,7 @@ def record_trace(model: Any, images: Iterable[tuple[Any, int | None]], *, confid
 
     from moevit.checkpoint import model_fingerprint
     from moevit.moe.routing import record_routing
+    from moevit.moe.skip import SkipRule
 
     moe = model.moe_layers()
     if not moe:
@@ -258,7 +259,11 @@ def record_trace(model: Any, images: Iterable[tuple[Any, int | None]], *, confid
                 r = rec[i]
                 idx = r.expert_idx_BNK  # [B, N, K]
                 top1 = r.probs_BNE.max(dim=-1).values  # [B, N]
-                weak = (top1 < confidence_threshold)[:, :, None].expand_as(idx)
+                # the model's own skip rule (moevit.moe.skip) decides which patches count as low confidence, so the
+                # simulator's drop/local-background strategies skip what the coordinator's --skip-threshold would
+                # (with --skip-match all and the background experts)
+                weak = torch.from_numpy(SkipRule(threshold=confidence_threshold).offwire(
+                    idx[:, :, 0].numpy(), top1.numpy()))[:, :, None].expand_as(idx)
                 for b in range(len(batch)):
                     per[b][i] = np.bincount(idx[b].reshape(-1).numpy(), minlength=E)
                     low[b][i] = np.bincount(idx[b][weak[b]].reshape(-1).numpy(), minlength=E)
