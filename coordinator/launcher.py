@@ -28,9 +28,11 @@ class LocalWorkers:
 
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
-    logdir: Path | None = None  # removed by stop() when every worker ended cleanly; kept (and named) otherwise
+    logdir: Path | None = None  # removed by stop() unless a worker had ended on its own (then kept and named)
 
     def stop(self, grace: float = 5.0) -> None:
+        # a worker that ended before it was asked to is the one whose log a user needs; one slow to exit is not
+        crashed = any(p.poll() not in (None, 0) for p in self.procs.values())
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -41,10 +43,9 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        clean = all(p.returncode in (0, -signal.SIGTERM) for p in self.procs.values())
         self.procs.clear()
         if self.logdir is not None:
-            if clean:
+            if not crashed:
                 shutil.rmtree(self.logdir, ignore_errors=True)
             else:
                 print(f"moe-coordinator: worker logs kept in {self.logdir}", file=sys.stderr)

@@ -115,6 +115,15 @@ def test_report_agrees_with_an_independent_evaluation(trained_dense, tmp_path):
         assert len(rep["expert_load_held_out"]) == 3 and sum(rep["expert_load_held_out"]) == pytest.approx(1.0)
         assert np.array(rep["affinity_before"]).shape == (3, 3)
     assert set(report["seconds"]) >= {"load", "convert", "evaluate", "total"}
+    from moevit.convert import conversion_fingerprint  # moe-analyze --report matches the report by it (issue 22)
+
+    assert report["conversion_fingerprint"] == conversion_fingerprint(moe)
+    a = subprocess.run([sys.executable, "-m", "moevit.cli.analyze", "--model", str(tmp_path / "m.safetensors"),
+                        "--data", spec, "--out", str(tmp_path / "an"), "--report", str(tmp_path / "r.json"),
+                        "--batches", "1"], capture_output=True, text=True)
+    assert a.returncode == 0, a.stderr
+    assert json.loads((tmp_path / "an" / "analysis.json").read_text())["layers"]["8"]["affinity_before"] == \
+        report["layers"]["8"]["affinity_before"]
 
 
 @pytest.mark.parametrize("args,message", [
