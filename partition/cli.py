@@ -11,7 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from moevit.partition.costmodel import OBJECTIVES, REPLICA_POLICIES, SCENARIOS, load_stats, parse_weights, save_stats
+from moevit.partition.costmodel import (
+    OBJECTIVES,
+    REPLICA_POLICIES,
+    SCENARIOS,
+    load_stats,
+    parse_weights,
+    save_stats,
+    wire_bytes_for,
+)
 
 from moevit.checkpoint_meta import checkpoint_fingerprint
 from moevit.cli.runner import run_cli
@@ -107,7 +115,11 @@ def partition_main(argv: list[str] | None = None) -> int:
                     help="auto (default): both, keep the better")
     ap.add_argument("--scenarios", default="class", metavar="|".join(SCENARIOS),
                     help="latency over per-class routing scenarios (default) or from mean loads")
-    ap.add_argument("--wire", default="fp16", metavar="fp16|fp32", help="token format on the wire (default fp16)")
+    ap.add_argument("--wire", default="fp16", metavar="CODEC",
+                    help="token codec on the wire (default fp16; int8, int4, ...+zstd: moevit_rpc.codecs); its nominal "
+                    "bytes per number unless --wire-bytes gives the measured figure")
+    ap.add_argument("--wire-bytes", type=float, default=None, metavar="B",
+                    help="measured bytes per token number of --wire, scales and zstd included (bench/bench_wire.py)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the heuristic and the random baseline")
     args = ap.parse_args(argv)
 
@@ -127,9 +139,14 @@ def partition_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--replica-policy {args.replica_policy!r} is not one of {', '.join(REPLICA_POLICIES)}")
         if args.scenarios not in SCENARIOS:
             raise ValueError(f"--scenarios {args.scenarios!r} is not one of {', '.join(SCENARIOS)}")
-        wire = {"fp16": 2, "fp32": 4}.get(args.wire)
-        if wire is None:
-            raise ValueError(f"--wire {args.wire!r} is not fp16 or fp32")
+        from moevit_rpc.codecs import parse_codec
+
+        try:
+            parse_codec(args.wire)
+        except ValueError as e:
+            raise ValueError(f"--wire: {e}") from None
+        if args.wire_bytes is not None and not args.wire_bytes > 0:
+            raise ValueError(f"--wire-bytes must be > 0, got {args.wire_bytes}")
         if not args.time_limit > 0:
             raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
         if args.replicas < 0:
@@ -145,6 +162,7 @@ def partition_main(argv: list[str] | None = None) -> int:
                 raise ValueError(
                     f"{args.stats}: profiled from model {stats.fingerprint}, but the topology's model "
                     f"{topology.model} is {model_fp}; run moe-profile on that model")
+        wire = args.wire_bytes if args.wire_bytes is not None else wire_bytes_for(args.wire, stats)
         result = place(topology, stats, objective=args.objective, weights=weights, wire_bytes=wire,
                        method=args.method, time_limit=args.time_limit, replicas=args.replicas,
                        replica_policy=args.replica_policy, scenarios=args.scenarios, seed=args.seed)
