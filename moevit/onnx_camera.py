@@ -7,10 +7,11 @@ stored in the graph's metadata and checked on load, so a graph of another model 
 rebuilt, never run. The dispatch points stay in torch: :meth:`OnnxCamera.forward` hands each segment's tokens and
 routing to the MoE layer's dispatcher (in-process or the coordinator's remote one), exactly as the torch model does.
 
-int8 uses onnxruntime's static quantisation (``quantize_static``, QDQ format, int8 weights per output channel,
-uint8 activations with min-max ranges) calibrated on images of a data set (``calibrate``: a dataset spec; its
-``train`` split, so evaluation on ``eval`` stays held out). The routers are kept in float32: their top-1 decision
-is a comparison of cosine similarities that quantisation noise would flip.
+int8 uses onnxruntime's static quantisation (``quantize_static``, QOperator format, int8 weights per output
+channel, uint8 activations with min-max ranges; convolutions, matrix products and the elementwise ops between
+them), calibrated on images of a data set (``calibrate``: a dataset spec; its ``train`` split, so evaluation on
+``eval`` stays held out). The routers are kept in float32: their top-1 decision is a comparison of cosine
+similarities that quantisation noise would flip.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 from moevit.deploy.files import atomic_path
 from moevit.segments import CameraProgram, Segment
 
-__all__ = ["GRAPH_VERSION", "OnnxCamera", "OnnxCameraConfig", "OnnxCameraError", "calibration_images",
+__all__ = ["GRAPH_VERSION", "INT8_OPS", "OnnxCamera", "OnnxCameraConfig", "OnnxCameraError", "calibration_images",
            "calibration_key", "expert_tokens", "export_segment", "graph_key", "quantize_graph"]
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 GRAPH_VERSION = 1
 DEFAULT_OPSET = 17
 PRECISIONS = ("fp32", "int8")
+#: op types quantised by default: convolutions and matrix products, and the elementwise ops between them (SiLU's
+#: Sigmoid and Mul, residual Adds), so activations stay int8 from one convolution to the next instead of being
+#: dequantised and quantised again around every float op; measured faster at 256 px (bench_onnx_camera.py)
+INT8_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul", "Sigmoid")
 _META_FINGERPRINT = "moevit_fingerprint"
 _META_KEY = "moevit_camera_key"
 
@@ -64,6 +69,8 @@ class OnnxCameraConfig:
     calibrate_images: int = 64
     opset: int = DEFAULT_OPSET
     exclude_routers: bool = True
+    int8_ops: tuple[str, ...] = INT8_OPS
+    int8_format: str = "qoperator"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -76,6 +83,8 @@ class OnnxCameraConfig:
             raise ValueError(f"calibrate_images must be >= 1, got {self.calibrate_images}")
         if self.opset < 17:
             raise ValueError(f"opset must be >= 17, got {self.opset}")
+        if self.int8_format not in ("qoperator", "qdq"):
+            raise ValueError(f"int8_format must be qoperator or qdq, got {self.int8_format!r}")
 
 
 # --------------------------------------------------------------------------------------------------- export
@@ -159,12 +168,13 @@ class _Reader:
 
 
 def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], *,
-                   exclude: Callable[[str], bool] | None = None, metadata: dict[str, str] | None = None) -> Path:
+                   exclude: Callable[[str], bool] | None = None, metadata: dict[str, str] | None = None,
+                   op_types: Sequence[str] = ("Conv", "MatMul", "Gemm"), fmt: str = "qoperator") -> Path:
     """Static int8 quantisation of the graph ``src`` into ``dst`` (atomically), calibrated on ``feeds``.
 
-    QDQ format, per-channel int8 weights, uint8 activations, min-max calibration; only Conv, MatMul and Gemm are
-    quantised (elementwise ops in int8 would only add quantise/dequantise pairs around float kernels). Nodes for
-    which ``exclude(name)`` holds stay float."""
+    ``fmt`` qoperator (QLinearConv etc.: int8 kernels end to end) or qdq (QuantizeLinear/DequantizeLinear pairs
+    around float ops, fused by onnxruntime where it can); per-channel int8 weights, uint8 activations, min-max
+    calibration; only ``op_types`` are quantised; nodes for which ``exclude(name)`` holds stay float."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -185,9 +195,10 @@ def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]],
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         nodes = [n.name for n in onnx.load(str(pre)).graph.node]
         excluded = [n for n in nodes if exclude is not None and exclude(n)]
-        quantize_static(str(pre), str(out), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+        quant_format = QuantFormat.QOperator if fmt == "qoperator" else QuantFormat.QDQ
+        quantize_static(str(pre), str(out), Reader(feeds), quant_format=quant_format, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=excluded,
+                        op_types_to_quantize=list(op_types), nodes_to_exclude=excluded,
                         calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"CalibTensorRangeSymmetric": False})
         if metadata:
@@ -244,7 +255,8 @@ def graph_key(fingerprint: str, image_size: int, index: int, num_segments: int, 
     """Name (without ``.onnx``) of segment ``index``'s graph in the cache; also stored in the graph's metadata."""
     key = f"{fingerprint}-camera-{image_size}px-s{index}of{num_segments}-g{GRAPH_VERSION}-op{config.opset}"
     if precision == "int8":
-        calib = hashlib.sha256(f"{config.calibrate}|{config.calibrate_images}|train|{config.exclude_routers}".encode())
+        calib = hashlib.sha256(f"{config.calibrate}|{config.calibrate_images}|train|{config.exclude_routers}|"
+                               f"{','.join(config.int8_ops)}|{config.int8_format}".encode())
         key += f"-int8-c{calib.hexdigest()[:10]}"
     return key
 
@@ -366,7 +378,8 @@ class OnnxCamera(nn.Module):
             exclude = _is_router_node if self.config.exclude_routers else None
             try:
                 quantize_graph(self.graph_path(i, "fp32"), path, feeds[i], exclude=exclude,
-                               metadata=self._metadata(i, "int8"))
+                               metadata=self._metadata(i, "int8"), op_types=self.config.int8_ops,
+                               fmt=self.config.int8_format)
             except Exception as e:  # the quantiser raises many types; say which segment and why
                 raise OnnxCameraError(f"int8 quantisation of camera segment {i} failed: "
                                       f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None

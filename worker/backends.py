@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 # Bumped whenever the exported graph changes, so caches written by an older worker are not reused.
 _GRAPH_VERSION = 1
+_INT8_VERSION = 2  # the int8 recipe (formats, op types) of moevit.onnx_camera.quantize_graph as called here
 
 
 class ExpertBackend(ABC):
@@ -216,7 +217,7 @@ class OnnxBackend(ExpertBackend):
         self.threads = threads
         self.precision = precision
         self._variant = f"g{_GRAPH_VERSION}-{'folded' if fold else 'plain'}-op{opset}"
-        self._int8_variant = f"{self._variant}-int8-{calibration_key or 'c'}"
+        self._int8_variant = f"{self._variant}-int8q{_INT8_VERSION}-{calibration_key or 'c'}"
         self.exported: list[tuple[int, int]] = []
         self.reused: list[tuple[int, int]] = []
         try:
@@ -253,7 +254,7 @@ class OnnxBackend(ExpertBackend):
     def _int8_session(self, ort: Any, options: Any, layer: int, expert: int, fp32_path: Path,
                       calibration: Mapping[tuple[int, int], torch.Tensor]) -> Any:
         """The expert's statically quantised graph (cached beside the float one), calibrated on its own tokens."""
-        from moevit.onnx_camera import quantize_graph
+        from moevit.onnx_camera import INT8_OPS, quantize_graph
 
         path = self.graph_path(layer, expert, "int8")
         session = self._open(ort, path, options, self.dims[layer]) if path.exists() else None
@@ -266,7 +267,7 @@ class OnnxBackend(ExpertBackend):
             log.warning("layer %d expert %d got no calibration tokens: it runs in float32", layer, expert)
             return self._open(ort, fp32_path, options, self.dims[layer])
         feeds = [{"x": c.detach().float().contiguous().numpy()} for c in torch.split(tokens, 1024)]
-        quantize_graph(fp32_path, path, feeds)
+        quantize_graph(fp32_path, path, feeds, op_types=INT8_OPS)
         session = self._open(ort, path, options, self.dims[layer])
         if session is None:
             raise RuntimeError(f"onnxruntime cannot load the int8 graph just written to {path}")
