@@ -201,13 +201,17 @@ class Uplink:
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         with self._lock:
-            msg_id = self._inflight.pop(mid, None)
+            msg_id = self._inflight.get(mid)
             if msg_id is None:
                 now = time.monotonic()
                 self._early = {k: t for k, t in self._early.items() if now - t < 5.0}
                 self._early[mid] = now
                 return
         self._ack(msg_id)
+        with self._lock:  # only now: until it is marked delivered, the sender must not take it for pending
+            if self._inflight.get(mid) == msg_id:
+                del self._inflight[mid]
+        self._wake.set()
 
     def _ack(self, msg_id: str) -> None:
         try:

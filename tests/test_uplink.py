@@ -188,12 +188,17 @@ def test_broker_restart_and_kill_9_of_the_publisher_lose_nothing(tmp_path):
     box = Outbox(box_path)
     box.put(_messages(3000))
     box.close()
+    # the first run handles each acknowledgement 2 ms late (at most ~500 messages/s), so that it is still sending
+    # when it is killed on any machine; the second run is not slowed
     script = ("import sys, time\nfrom moevit.coordinator.outbox import Outbox\n"
               "from moevit.coordinator.uplink import Uplink, parse_mqtt_url\n"
+              "if sys.argv[3] == 'slow':\n"
+              "    done = Outbox.delivered\n"
+              "    Outbox.delivered = lambda self, i: (time.sleep(0.002), done(self, i))[1]\n"
               "up = Uplink(parse_mqtt_url(sys.argv[1]), Outbox(sys.argv[2])).start()\n"
               "print('flushed', up.flush(120), flush=True)\nup.close()\n")
     cmd = [sys.executable, "-c", script, f"mqtt://127.0.0.1:{port}/t", str(box_path)]
-    pub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    pub = subprocess.Popen([*cmd, "slow"], stdout=subprocess.PIPE, text=True)
     try:
         consumer.wait_for(300, timeout=60)
         broker.stop()  # the broker stops mid-stream (SIGTERM: it keeps what it acknowledged)...
@@ -204,7 +209,7 @@ def test_broker_restart_and_kill_9_of_the_publisher_lose_nothing(tmp_path):
         pub.wait(timeout=10)
         pending = Outbox(box_path).counts()["pending"]
         assert pending > 0, "killed while messages were still to send"
-        pub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # the next run
+        pub = subprocess.Popen([*cmd, "fast"], stdout=subprocess.PIPE, text=True)  # the next run
         out, _ = pub.communicate(timeout=150)
         assert "flushed True" in out
         got = consumer.wait_for(3000, timeout=60)
