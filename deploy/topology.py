@@ -28,9 +28,11 @@ from moevit.deploy.config import (
     describe,
     fail,
     index,
+    integer,
     join,
     mapping,
     number,
+    one_of,
     read_yaml,
 )
 from moevit.deploy.files import atomic_write
@@ -39,6 +41,10 @@ __all__ = [
     "DEFAULT_RX_NJ_PER_BIT",
     "DEFAULT_TX_NJ_PER_BIT",
     "FALLBACKS",
+    "OBJECTIVES",
+    "STRATEGIES",
+    "AdaptiveOptions",
+    "OffloadOptions",
     "MAX_FILE_BYTES",
     "Device",
     "Link",
@@ -61,6 +67,16 @@ __all__ = [
 # copy of the model; skip: drop that expert's output for the affected patches (the residual stream passes).
 FALLBACKS = ("fail", "local", "nearest", "skip")
 
+# How each image is classified (issue 19). split: the trunk on the coordinator, experts where the placement puts
+# them; local: every expert on the coordinator too; offload-image: the image goes to one site that runs the whole
+# model (its Classify RPC) and answers; adaptive: per image, the cheapest of these for the topology's objective
+# (moevit.partition.policy). The coordinator implements them; the loader checks the names.
+STRATEGIES = ("split", "local", "offload-image", "adaptive")
+OBJECTIVES = ("latency", "energy", "bytes")
+# The whole model's Classify server of the offload site listens, unless `offload.address` says, on the site's host
+# at its port + OFFLOAD_PORT_OFFSET (the site's own port is its expert worker's, which adaptive uses too).
+OFFLOAD_PORT_OFFSET = 1000
+
 # Radio energy per bit when a link does not say: Wi-Fi-class order of magnitude for a Raspberry-Pi-class board
 # (about 1 W transmitting at ~20 Mbit/s, about half that receiving).
 DEFAULT_TX_NJ_PER_BIT = 50.0
@@ -72,7 +88,9 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
 _TOP_KEYS = {"required": ("coordinator", "sites"),
-             "optional": ("model", "links", "placement", "fallback", "rpc")}
+             "optional": ("model", "links", "placement", "fallback", "rpc", "strategy", "offload", "adaptive")}
+_OFFLOAD_KEYS = {"required": (), "optional": ("site", "address")}
+_ADAPTIVE_KEYS = {"required": (), "optional": ("objective", "margin", "consecutive", "probe_interval_s")}
 _SITE_KEYS = {"required": ("address", "device"), "optional": ("tls", "token_file", "rpc")}
 _SITE_RPC_KEYS = {"required": (), "optional": ("codec",)}
 _TLS_KEYS = {"required": ("ca", "cert", "key"), "optional": ()}
@@ -376,6 +394,28 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class OffloadOptions:
+    """``offload:``: the site offload-image sends images to (None: the remote site with the most gflops whose
+    memory holds the whole model, chosen by the coordinator) and its Classify address (None: the site's host, port +
+    :data:`OFFLOAD_PORT_OFFSET`)."""
+
+    site: str | None = None
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class AdaptiveOptions:
+    """``adaptive:``: what the policy minimises, and its hysteresis: switch only when another strategy is predicted
+    cheaper by more than ``margin`` (a fraction) for ``consecutive`` decisions in a row; idle links are probed at
+    most once per ``probe_interval_s``."""
+
+    objective: str = "latency"
+    margin: float = 0.1
+    consecutive: int = 3
+    probe_interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class Topology:
     """A parsed, validated ``sites.yaml``. Build it with :func:`load_topology` or :func:`parse_topology`.
 
@@ -394,6 +434,21 @@ class Topology:
     placement_source: str | None = None
     fallback: str = "fail"
     rpc: RpcOptions = field(default_factory=RpcOptions)
+    strategy: str = "split"
+    offload: OffloadOptions = field(default_factory=OffloadOptions)
+    adaptive: AdaptiveOptions = field(default_factory=AdaptiveOptions)
+
+    def offload_address(self, site: str) -> str:
+        """Where ``site`` serves the whole model's Classify for offload-image (see :class:`OffloadOptions`)."""
+        if self.offload.address is not None and self.offload.site in (None, site):
+            return self.offload.address
+        s = self.site(site)
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        port = s.port + OFFLOAD_PORT_OFFSET
+        if port > 65535:
+            fail(self.path, "offload.address", f"site {site}'s port {s.port} + {OFFLOAD_PORT_OFFSET} is over 65535: "
+                 "give offload.address")
+        return f"{host}:{port}"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", MappingProxyType(dict(sorted(dict(self.sites).items()))))
@@ -830,6 +885,26 @@ def parse_topology(
     if fallback not in FALLBACKS:
         fail(file, "fallback", f"expected one of {', '.join(FALLBACKS)}, got {describe(fallback)}")
 
+    strategy = one_of(d.get("strategy", "split"), file, "strategy", STRATEGIES)
+    offload = OffloadOptions()
+    if d.get("offload") is not None:
+        o = mapping(d["offload"], file, "offload")
+        check_keys(o, file, "offload", **_OFFLOAD_KEYS)
+        offload = OffloadOptions(
+            site=None if o.get("site") is None else _known_site(o["site"], file, "offload.site", sites),
+            address=None if o.get("address") is None else _address(o["address"], file, "offload.address"))
+        if offload.site == coordinator:
+            fail(file, "offload.site", f"{coordinator!r} is the coordinator: offload-image sends images elsewhere")
+    adaptive = AdaptiveOptions()
+    if d.get("adaptive") is not None:
+        a = mapping(d["adaptive"], file, "adaptive")
+        check_keys(a, file, "adaptive", **_ADAPTIVE_KEYS)
+        adaptive = AdaptiveOptions(
+            objective=one_of(a.get("objective", "latency"), file, "adaptive.objective", OBJECTIVES),
+            margin=_number(a.get("margin", 0.1), file, "adaptive.margin", "non-negative"),
+            consecutive=integer(a.get("consecutive", 3), file, "adaptive.consecutive", lo=1),
+            probe_interval_s=_number(a.get("probe_interval_s", 2.0), file, "adaptive.probe_interval_s", "positive"))
+
     raw_placement = d.get("placement")
     placement: Placement | None = None
     source: str | None = None
@@ -860,6 +935,9 @@ def parse_topology(
         placement_source=source,
         fallback=fallback,
         rpc=rpc,
+        strategy=strategy,
+        offload=offload,
+        adaptive=adaptive,
     )
     if require_coordinator_links:
         topology.require_links_to_coordinator()
