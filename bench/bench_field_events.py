@@ -27,8 +27,9 @@ import torch
 from moevit.coordinator import results as res
 from moevit.coordinator.events import events_from_megadetector
 
+from moevit.calibration import collect_logits
 from moevit.checkpoint import load_checkpoint
-from moevit.cli.calibrate import calibrate, logits_of
+from moevit.cli.calibrate import calibrate
 from moevit.data import open_dataset, parse_spec
 from moevit.kinds import BLANK, class_kinds
 from moevit.scenes import burst_layout, burst_time
@@ -43,7 +44,7 @@ def event_vs_image(model, data_spec: str, cal) -> dict:
     test = open_dataset(data_spec, image_size=model.config.image_size, split="eval")
     scene = parse_spec(data_spec).scenes.scene
     frames = burst_layout(scene)
-    z, y = logits_of(model, test)
+    z, y = collect_logits(model, test)
     probs = cal.probs(z)
     is_blank = cal.is_blank(probs)
     records, truth, by_file = [], {}, {}

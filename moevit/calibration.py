@@ -29,6 +29,8 @@ __all__ = [
     "META_KEY",
     "Calibration",
     "blank_threshold_for_recall",
+    "collect_logits",
+    "evaluate_calibration",
     "expected_calibration_error",
     "fit_temperature",
     "read_calibration",
@@ -119,6 +121,35 @@ def write_calibration(path: str | Path, calibration: Calibration, out: str | Pat
     with atomic_path(target, durable=True) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return target
+
+
+@torch.no_grad()
+def collect_logits(model: Any, data: Any, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every image of ``data`` (a dataset of (image, label)) under ``model`` (a callable)."""
+    if hasattr(model, "eval"):
+        model.eval()
+    zs, ys = [], []
+    for i in range(0, len(data), batch_size):
+        items = [data[j] for j in range(i, min(i + batch_size, len(data)))]
+        zs.append(torch.as_tensor(model(torch.stack([x for x, _ in items]))).float())
+        ys.append(torch.tensor([int(y) for _, y in items]))
+    return torch.cat(zs), torch.cat(ys)
+
+
+def evaluate_calibration(cal: Calibration, logits: torch.Tensor, labels: torch.Tensor,
+                         kinds: dict[int, str] | None = None) -> dict[str, Any]:
+    """ECE without and with ``cal``'s temperature, and the blank filter's animal recall and blanks filtered."""
+    out: dict[str, Any] = {"temperature": cal.temperature, "fitted_on": cal.fitted_on,
+                           "ece_before": round(expected_calibration_error(logits.softmax(-1), labels), 4),
+                           "ece_after": round(expected_calibration_error(cal.probs(logits), labels), 4)}
+    if cal.blank_class is not None:
+        filtered = cal.is_blank(cal.probs(logits))
+        animal = torch.tensor([int(y) not in (kinds or {cal.blank_class: "blank"}) for y in labels])
+        blank = labels == cal.blank_class
+        out.update(blank_threshold=cal.blank_threshold,
+                   animal_recall=round(float((~filtered[animal]).float().mean()), 4) if animal.any() else None,
+                   blanks_filtered=round(float(filtered[blank].float().mean()), 4) if blank.any() else None)
+    return out
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

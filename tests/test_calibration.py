@@ -169,3 +169,20 @@ def test_the_batch_run_applies_the_temperature_and_the_blank_threshold():
     assert [r["confidence"] for r in recs] == [round(float(p[0].max()), 4), round(float(p[1].max()), 4)]
     # P(blank) 0.45 and 0.27 after T = 2: the first is filtered at 0.3, the second kept
     assert [r["blank"] for r in recs] == [True, False]
+
+
+def test_moe_eval_reports_the_stored_calibration(tmp_path, capsys):
+    from moevit.cli.eval import main as eval_main
+
+    model = small_moe_model(layers=(8,), num_experts=2, num_classes=4, labels=LABELS, image_size=32,
+                            calib_size=32)
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    data = ["--data", "synthetic:classes=4,per_class=30,size=32", "--threads", "1", "--json"]
+    assert eval_main(["--model", str(path), *data]) == 0
+    assert "calibration" not in json.loads(capsys.readouterr().out)  # not calibrated: nothing to report
+    write_calibration(path, Calibration(2.5, 0, 0.3, "synthetic val"))
+    assert eval_main(["--model", str(path), *data]) == 0
+    c = json.loads(capsys.readouterr().out)["calibration"]
+    assert c["temperature"] == 2.5 and c["fitted_on"] == "synthetic val" and c["blank_threshold"] == 0.3
+    assert 0 <= c["ece_before"] <= 1 and 0 <= c["ece_after"] <= 1
+    assert 0 <= c["animal_recall"] <= 1 and 0 <= c["blanks_filtered"] <= 1

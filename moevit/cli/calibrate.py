@@ -20,6 +20,7 @@ import torch
 from moevit.calibration import (
     Calibration,
     blank_threshold_for_recall,
+    collect_logits,
     expected_calibration_error,
     fit_temperature,
     reliability_diagram,
@@ -31,24 +32,12 @@ from moevit.data import open_dataset
 from moevit.kinds import BLANK, class_kinds
 
 
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, data, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every image of ``data``."""
-    model.eval()
-    zs, ys = [], []
-    for i in range(0, len(data), batch_size):
-        items = [data[j] for j in range(i, min(i + batch_size, len(data)))]
-        zs.append(model(torch.stack([x for x, _ in items])).float())
-        ys.append(torch.tensor([int(y) for _, y in items]))
-    return torch.cat(zs), torch.cat(ys)
-
-
 def calibrate(model: torch.nn.Module, val, test, *, recall: float = 0.96, fitted_on: str = "",
               plot: str | Path | None = None, batch_size: int = 64) -> Calibration:
     """Fit on ``val``, report on ``test`` (both datasets); returns the calibration with its figures."""
     labels = list(model.config.labels)
-    zv, yv = logits_of(model, val, batch_size)
-    ze, ye = logits_of(model, test, batch_size)
+    zv, yv = collect_logits(model, val, batch_size)
+    ze, ye = collect_logits(model, test, batch_size)
     t = fit_temperature(zv, yv)
     before_v, after_v = zv.softmax(-1), (zv / t).softmax(-1)
     before_e, after_e = ze.softmax(-1), (ze / t).softmax(-1)

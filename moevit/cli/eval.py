@@ -1,4 +1,5 @@
-"""``moe-eval --model FILE --data SPEC``: top-1, top-5 and per-class accuracy, parameters, MACs, latency per image."""
+"""``moe-eval --model FILE --data SPEC``: top-1, top-5 and per-class accuracy, parameters, MACs, latency per image;
+for a checkpoint calibrated by moe-calibrate, its ECE without and with the stored temperature and its blank filter."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import time
 
 import torch
 
+from moevit.calibration import collect_logits, evaluate_calibration, read_calibration
 from moevit.checkpoint import load_checkpoint
 from moevit.cli.common import run_cli, set_threads
 from moevit.data import open_dataset
 from moevit.flops import count_macs, count_params
+from moevit.kinds import class_kinds
 from moevit.train import evaluate
 
 
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                "latency_ms": latency_ms(runner, size), "backend": _describe(args),
                "skipped": [p for p, _ in skipped],
                "skipped_reasons": dict(skipped)}
+        cal = read_calibration(args.model, model.config.labels)
+        if cal.fitted_on is not None:  # stored by moe-calibrate: measure it on this split too
+            z, y = collect_logits(runner, data, args.batch_size)
+            out["calibration"] = evaluate_calibration(cal, z, y, class_kinds(model.config.labels))
         if args.json:
             print(json.dumps(out))
             return 0
@@ -115,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
               f"latency/image p50 {out['latency_ms']['p50']:.1f} ms (batch 1, {out['backend']})")
         print("per class: " + ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -"
                                          for c, a in out["per_class"].items()))
+        if "calibration" in out:
+            c = out["calibration"]
+            print(f"calibration (moe-calibrate, T={c['temperature']:.3f}, fitted on {c['fitted_on']}): ECE "
+                  f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}" + (
+                      f"; blank filter P(blank) >= {c['blank_threshold']:.4f}: animal recall {c['animal_recall']}, "
+                      f"blanks filtered {c['blanks_filtered']}" if c.get("blank_threshold") is not None else ""))
         return 0
 
     return run_cli("moe-eval", body)
