@@ -156,21 +156,27 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             if self.heavy >= HEAVY_DECODES:
                 raise _Busy(f"server busy: {self.heavy} large or progressive images are being decoded "
                             f"(at most {HEAVY_DECODES}); try again later")
-            self.heavy += 1
             gave_up = threading.Event()
 
             def decode() -> torch.Tensor | None:
                 return None if gave_up.is_set() else load_image(image, self.image_size)
 
+            def finished(_: object) -> None:  # on the decode thread: a decode given up on still holds its thread
+                try:
+                    loop.call_soon_threadsafe(self._heavy_done)
+                except RuntimeError:  # the loop is closed: the server is gone
+                    pass
+
             remaining = context.time_remaining()
             timeout = DECODE_DEADLINE_S if remaining is None else min(DECODE_DEADLINE_S, max(0.0, remaining))
+            self.heavy += 1  # until the decode leaves its thread, not until the caller stops waiting
+            job = self.decoder.submit(decode)
+            job.add_done_callback(finished)
             try:
-                item = await asyncio.wait_for(asyncio.wrap_future(self.decoder.submit(decode)), timeout)
+                item = await asyncio.wait_for(asyncio.wrap_future(job), timeout)
             except (TimeoutError, asyncio.CancelledError):
                 gave_up.set()  # not started yet: never decoded; started: finishes on its thread, result dropped
                 raise
-            finally:
-                self.heavy -= 1
         fut = loop.create_future()
         self._returned += 1
         self.queue.put_nowait((item, fut))
@@ -179,6 +185,9 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
         except asyncio.CancelledError:  # the caller gave up: the batcher drops the request before decoding it
             fut.cancel()
             raise
+
+    def _heavy_done(self) -> None:
+        self.heavy -= 1
 
     async def _gather(self) -> list[tuple[bytes, asyncio.Future]]:
         """The next batch: the first request waiting, then those arriving within ``max_wait_ms`` of it, up to
