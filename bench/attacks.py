@@ -4,6 +4,7 @@
     .venv/bin/python bench/attacks.py health-watches     # item 3: idle Health.Watch streams vs RunExperts
     .venv/bin/python bench/attacks.py classify-bomb      # item 2: a legitimate Classify behind a progressive-JPEG bomb
     .venv/bin/python bench/attacks.py classify-flood     # item 6: Classify server RSS under 48 MiB junk requests
+    .venv/bin/python bench/attacks.py worker-admitted    # the worker's memory per admitted 32 MiB request
 
 Each prints one JSON object (and with ``--out FILE`` writes it through ``bench/common.py``'s ``write_result``).
 The payload builders and the measurements are shared with ``tests/test_attacks.py`` and ``bench/soak_attacks.py``.
@@ -257,6 +258,51 @@ def _layer_dim(model: Path, layer: int) -> int:
     return int(load_checkpoint(model).moe_layers()[layer].experts.dim)
 
 
+def worker_admitted(args: argparse.Namespace) -> dict[str, Any]:
+    """Memory of admitted requests: one valid 32 MiB request (65,536 tokens of dim 128, fp32), then 4 at once,
+    with the worker's RSS sampled every 10 ms; the peak growth over the idle RSS, per request."""
+    import torch
+
+    from moevit_rpc.tensors import tensor_to_proto
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, fingerprint = small_model(Path(tmp))
+        proc, address = start_worker(model, "8:0-2")
+        out: dict[str, Any] = {}
+        try:
+            x = torch.randn(65536, 128)
+            req = expert_pb2.RunExpertsRequest(model_fingerprint=fingerprint, layer=8, packed=expert_pb2.PackedTokens(
+                experts=[0, 1], counts=[32768, 32768], tokens=tensor_to_proto(x, "fp32"))).SerializeToString()
+            out["request_mib"] = round(len(req) / (1 << 20), 2)
+            with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+                unary = ch.unary_unary("/moevit.rpc.v1.ExpertService/RunExperts")
+                unary(req, timeout=120)  # warm-up: the allocator's arenas reach their working size
+                time.sleep(1.0)
+                for n in (1, 4):
+                    idle = rss_mb(proc.pid)
+                    peak = [idle]
+                    done = threading.Event()
+
+                    def sample(done: threading.Event = done, peak: list[float] = peak) -> None:
+                        while not done.is_set():
+                            peak.append(rss_mb(proc.pid))
+                            done.wait(0.01)
+
+                    sampler = threading.Thread(target=sample, daemon=True)
+                    sampler.start()
+                    calls = [in_background(lambda: unary(req, timeout=120)) for _ in range(n)]
+                    for t, _ in calls:
+                        t.join(130)
+                    done.set()
+                    sampler.join()
+                    out[f"{n}_at_once"] = {"idle_mb": round(idle, 1), "peak_mb": round(max(peak), 1),
+                                           "peak_growth_per_request_mb": round((max(peak) - idle) / n, 1)}
+                    time.sleep(1.0)
+        finally:
+            stop(proc)
+        return out
+
+
 # ------------------------------------------------------------------------------------------------- watches
 
 
@@ -296,6 +342,7 @@ async def _watches(address: str, n: int, token: str | None) -> dict[str, Any]:
             watch.cancel()
         for c in calls:
             c.cancel()
+        await asyncio.sleep(0.5)  # let grpc's poller deliver the cancellations before the loop closes
     return out
 
 
@@ -498,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
 
 ATTACKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "worker-refused": worker_refused, "classify-bomb": classify_bomb, "classify-flood": classify_flood,
-    "health-watches": health_watches}
+    "health-watches": health_watches, "worker-admitted": worker_admitted}
 
 if __name__ == "__main__":
     raise SystemExit(main())
