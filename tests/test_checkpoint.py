@@ -108,6 +108,7 @@ def test_missing_file_is_named(tmp_path):
         load_checkpoint(tmp_path / "nope.safetensors")
 
 
+@pytest.mark.slow
 def test_moevit_info_prints_parameters_macs_and_experts(tmp_path, moe_model):
     path = save_checkpoint(moe_model, tmp_path / "m.safetensors")
     out = subprocess.run([sys.executable, "-m", "moevit.cli.info", str(path), "--image-size", "128"],

@@ -132,6 +132,7 @@ def test_report_agrees_with_an_independent_evaluation(trained_dense, tmp_path):
     (["--hidden", "300"], "exceeds the dense MLP width"),
     (["--experts", "500"], "500 experts but only"),
 ])
+@pytest.mark.slow
 def test_bad_input_fails_before_work(trained_dense, tmp_path, args, message):
     path, spec = trained_dense
     r = _cli("--dense", str(path), "--data", spec, "--images-per-class", "4", "--out", str(tmp_path / "m.safetensors"),
@@ -140,6 +141,7 @@ def test_bad_input_fails_before_work(trained_dense, tmp_path, args, message):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_an_moe_checkpoint_is_not_a_dense_one(trained_dense, tmp_path):
     path, spec = trained_dense
     moe = moevit.create_model("mobilevitv2_050", num_classes=3, moe=moevit.MoEConfig(layers=(8,), num_experts=2))
@@ -148,6 +150,7 @@ def test_an_moe_checkpoint_is_not_a_dense_one(trained_dense, tmp_path):
     assert r.returncode == 2 and "already an MoE model" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_class_without_images_is_refused(tmp_path, trained_dense):
     from PIL import Image
 

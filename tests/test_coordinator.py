@@ -23,6 +23,10 @@ from tests.netutil import free_port, start_worker, stop
 LAYERS = (1, 5, 8)
 
 
+# end to end through real worker/coordinator processes: make test runs it, make test-quick leaves it out
+pytestmark = pytest.mark.e2e
+
+
 def _model():
     return small_moe_model(LAYERS)
 

@@ -39,6 +39,10 @@ SIZE = 64
 WORKERS = ("w0", "w1", "w2")
 
 
+# end to end through real worker/coordinator processes: make test runs it, make test-quick leaves it out
+pytestmark = pytest.mark.e2e
+
+
 def _replicated() -> dict[int, dict[str, list[int]]]:
     """Expert e on w[e mod 3] and w[(e+1) mod 3]: every expert has two replicas."""
     return replicated_placement({layer: E for layer in LAYERS}, WORKERS)

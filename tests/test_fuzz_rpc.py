@@ -80,6 +80,10 @@ MAX_RANK = 8  # wrong-rank shapes stay short: a long shape stalls the worker (te
 MAX_ECHOED_CHARS = 2000  # fingerprints/names stay short: a long one loses its status (test_long_echoed_...)
 
 
+# end to end through real worker/coordinator processes: make test runs it, make test-quick leaves it out
+pytestmark = pytest.mark.e2e
+
+
 def fuzz(max_examples: int):
     return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,

@@ -25,6 +25,10 @@ from tests.netutil import free_port, in_process_worker, site_client, start_worke
 LAYER, DIM = 8, 128
 
 
+# end to end through real worker/coordinator processes: make test runs it, make test-quick leaves it out
+pytestmark = pytest.mark.e2e
+
+
 @pytest.fixture(scope="module")
 def worker(expert_model_path):
     address = f"127.0.0.1:{free_port()}"

@@ -133,6 +133,7 @@ def test_problem_value_is_the_cost_model():
             assert p.value(a) == pytest.approx(objective_value(cost, objective, weights), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_heuristic_within_two_percent_of_milp():
     gaps = []
     for seed in range(6):
@@ -164,6 +165,7 @@ def memory_used(topo: Any, stats: Any, placement: Any) -> dict[str, float]:
     return used
 
 
+@pytest.mark.slow
 def test_memory_caps_always_respected():
     for seed in range(3):
         topo, stats = random_instance(seed, n_sites=4, layers=(4, 8), experts=5)
@@ -177,6 +179,7 @@ def test_memory_caps_always_respected():
                 validate_placement(r.placement, topo, stats.moe_layers())
 
 
+@pytest.mark.slow
 def test_same_inputs_same_placement():
     stats = parse_stats(synthetic_stats(num_classes=3, seed=2))
     topo = synthetic_topology(8, stats, seed=4)

@@ -423,6 +423,7 @@ def _n_images():
     return 2 * BURST + 3
 
 
+@pytest.mark.e2e
 def test_run_writes_megadetector_json(run):
     doc = run["doc"]
     check_megadetector(doc)
@@ -443,6 +444,7 @@ def test_run_writes_megadetector_json(run):
     assert f"{_n_images()} images: {_n_images() - 1} classified (0 degraded), 1 failed" in run["stdout"]
 
 
+@pytest.mark.e2e
 def test_two_bursts_are_two_sequences_with_the_weighted_majority_label(run):
     ims = [im for im in run["doc"]["images"] if im["file"].startswith("cam01/")]
     seqs: dict[str, list[dict]] = {}
@@ -518,6 +520,7 @@ def test_resume_with_results_of_another_model_is_refused(field, run):
     # (--restart discarding them: test_log_survives_a_cut_line_and_refuses_another_model)
 
 
+@pytest.mark.e2e
 def test_camtrapdp_export_of_the_run(field, run, tmp_path):
     from moevit.coordinator.camtrapdp import export_camtrapdp
 

@@ -15,6 +15,9 @@ from moevit.sim.config import Arrival, FailureSet, LinkCondition, Scenario, Sett
 from moevit.sim.engine import World
 from moevit.sim.sweep import RaySession, run_local, run_sweep
 
+# a local Ray cluster starts in each (ray.init alone takes seconds)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():

@@ -24,6 +24,10 @@ from tests.netutil import free_port, in_process_worker, site_client, start_worke
 LAYER, DIM = 8, 128  # mobilevitv2_050's last transformer layer: tokens of 128 channels
 
 
+# end to end through real worker/coordinator processes: make test runs it, make test-quick leaves it out
+pytestmark = pytest.mark.e2e
+
+
 @pytest.fixture(scope="module")
 def worker(expert_model_path):
     address = f"127.0.0.1:{free_port()}"

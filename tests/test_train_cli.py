@@ -43,6 +43,7 @@ def test_search_writes_a_table_and_a_reusable_best_config(tmp_path):
     assert out["image_size"] == 32 and len(out["per_class"]) == 3
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_clear_line(tmp_path):
     r = _run("moevit.cli.train", "--data", "nonsense:x", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "nonsense" in r.stderr and "Traceback" not in r.stderr

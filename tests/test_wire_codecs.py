@@ -22,6 +22,10 @@ LAYER, DIM = 8, 128
 TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 3e-2, "int8": 5e-2, "int4": 0.5}
 
 
+# end to end through real worker/coordinator processes: make test runs it, make test-quick leaves it out
+pytestmark = pytest.mark.e2e
+
+
 @pytest.fixture(scope="module")
 def worker(expert_model_path):
     address = f"127.0.0.1:{free_port()}"

@@ -356,6 +356,7 @@ async def test_message_over_the_size_cap_is_refused(channel, reference):
     await assert_still_serving(channel, reference)
 
 
+@pytest.mark.e2e
 async def test_sigterm_lets_calls_in_flight_finish_then_exits_0(model_file, reference):
     banks, fingerprint = reference
     grace = 4.0
@@ -520,6 +521,7 @@ def test_cli_missing_model_exits_2_as_a_process(tmp_path):
     assert proc.stderr == f"moe-worker: error: {tmp_path / 'nope.safetensors'}: no such model file\n"
 
 
+@pytest.mark.e2e
 def test_topology_mode_serves_the_sites_share_of_the_default_placement(model_file, tmp_path, reference):
     port = free_port()
     topology = _write_topology(tmp_path, model_file, port)
