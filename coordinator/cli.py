@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from moevit.coordinator import results as res
 from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, read_image_meta
-from moevit.coordinator.launcher import LaunchError, ensure_workers
+from moevit.coordinator.launcher import LaunchError, ensure_classify_server, ensure_workers
 from moevit.coordinator.runtime import CoordinatorError, SplitRuntime
 from moevit.coordinator.sites import SiteError
+from moevit.coordinator.strategies import open_runtime, strategy_lines
 from moevit.deploy.topology import Topology, load_topology
 from tqdm import tqdm
 
@@ -118,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
                          "on the same cores)")
     ap.add_argument("--worker-threads", type=int, default=1, help="threads of each local worker it starts")
     ap.add_argument("--no-spawn", action="store_true", help="never start local workers")
+    ap.add_argument("--strategy", choices=("split", "local", "offload-image", "adaptive"), default=None,
+                    help="how images are classified, replacing the topology's strategy: (default split; "
+                    "docs/topology.md)")
+    ap.add_argument("--as-site", metavar="NAME", help="run as the topology's site NAME instead of its coordinator "
+                    "(its device, TLS and token): how an offload site serves the whole model, e.g. --serve ADDR "
+                    "--as-site pi-north --strategy local")
     ap.add_argument("--serve", metavar="ADDR", help="serve the Classify RPC on ADDR instead of a batch run; with "
                     "the coordinator site's tls (mutual TLS only) and token_file (bearer token) when it has them")
     ap.add_argument("--max-batch", type=int, default=8, help="with --serve: largest batch formed from requests")
@@ -317,6 +324,7 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
                 rec.confidence = res.round_p(top.values[0])
                 rec.top5 = [[int(i), res.round_p(p)] for p, i in zip(top.values, top.indices, strict=True)]
                 rec.degraded = bool(out.degraded[j])
+                rec.extra.update({"strategy": out.strategy, **out.extra})
                 if has_blank:
                     rec.blank = bool(blank[j])
                 if y is not None:
@@ -433,7 +441,8 @@ def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRunti
             "moe_layers": list(cfg.moe.layers) if cfg.moe else [],
             "experts_per_layer": cfg.moe.num_experts if cfg.moe else 0,
             "sites": [runtime.local_site, *runtime.clients], "fallback": runtime.topology.fallback,
-            "wire": {name: c.wire for name, c in runtime.clients.items()}, "skip": runtime.skipped()}
+            "wire": {name: c.wire for name, c in runtime.clients.items()}, "skip": runtime.skipped(),
+            "strategy": getattr(runtime, "strategy", "split")}
     extra = {"moevit_image_root": str(Path(job.images).resolve()) if job.images else f"data:{job.data}"}
     doc = res.build_megadetector(records, labels=labels, fingerprint=runtime.fingerprint,
                                  classifier=f"moevit {arch} {runtime.fingerprint}", classifier_metadata=meta,
@@ -470,6 +479,7 @@ def _summary(runtime: SplitRuntime, records: list[dict[str, Any]], reused: dict[
         "degraded_by": degraded_by or {},
         "fallback": runtime.policy.fallback,
         "rpc": runtime.counters.as_dict(),
+        **({"strategies": runtime.strategy_summary()} if hasattr(runtime, "strategy_summary") else {}),
     }
     _print_summary(summary, runtime)
     return summary
@@ -511,6 +521,8 @@ def _print_summary(s: dict[str, Any], runtime: SplitRuntime) -> None:
           f"under fallback {s['fallback']!r}")
     for f, count in s["degraded_by"].items():
         p(f"degraded ({count} images, classified under fallback {s['fallback']!r}): {f}")
+    for line in strategy_lines(s["strategies"]) if "strategies" in s else ():
+        p(line)
     for f, count in s["failures"].items():
         p(f"failed ({count} images): {f}")
 
@@ -579,11 +591,20 @@ def _resume_hint(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace) -> int:
     """The run the flags ask for (a batch run or the Classify server); stops what it started on the way out."""
     workers = None
+    offload_server = None
     runtime = None
     uplink = None
     out_lock = None
     try:
         topology = load_topology(args.topology)
+        if args.as_site or args.strategy:
+            import dataclasses
+
+            if args.as_site and args.as_site not in topology.sites:
+                raise CoordinatorError(f"--as-site {args.as_site}: not a site of {args.topology} "
+                                       f"({', '.join(topology.sites)})")
+            topology = dataclasses.replace(topology, coordinator=args.as_site or topology.coordinator,
+                                           strategy=args.strategy or topology.strategy)
         if not (args.images or args.data or args.serve):
             raise CoordinatorError("nothing to do: give --images DIR, --data SPEC or --serve ADDR")
         if args.batch_size < 1:
@@ -623,7 +644,7 @@ def _run(args: argparse.Namespace) -> int:
         skip_rules = rules_from_options(threshold=args.skip_threshold, action=args.skip_action,
                                         match=args.skip_match, capacity=args.skip_capacity,
                                         analysis=args.skip_background)
-        runtime = SplitRuntime.from_topology(topology, model_path=args.model, wire=args.wire, skip=skip_rules,
+        runtime = open_runtime(topology, model_path=args.model, wire=args.wire, skip=skip_rules,
                                              deadline_s=args.deadline, onnx=_onnx_config(args, topology),
                                              image_size=args.image_size)
         if runtime.camera is not runtime.model:
@@ -634,6 +655,10 @@ def _run(args: argparse.Namespace) -> int:
 
             metrics = CoordinatorMetrics()
             metrics.instrument(runtime)
+            if hasattr(runtime, "links"):
+                from moevit.coordinator.strategies import LinkCollector
+
+                metrics.registry.register(LinkCollector(runtime))
             host, port = metrics.serve(args.metrics_port)
             print(f"moe-coordinator: metrics on http://{host}:{port}/metrics", file=sys.stderr)
         size = args.image_size or runtime.model.config.image_size
@@ -645,13 +670,18 @@ def _run(args: argparse.Namespace) -> int:
         if not args.no_spawn:
             workers = ensure_workers(args.topology, runtime.clients, model=args.model, threads=args.worker_threads,
                                      log=lambda s: print(f"moe-coordinator: {s}", file=sys.stderr))
+            if getattr(runtime, "offload", None) is not None:  # offload-image/adaptive: the site's whole-model server
+                offload_server = ensure_classify_server(
+                    args.topology, runtime.offload.site, runtime.offload.address, check=runtime.offload.health,
+                    model=args.model, threads=args.worker_threads,
+                    log=lambda s: print(f"moe-coordinator: {s}", file=sys.stderr))
         threads = _threads(args.threads, runtime, started=bool(workers and workers.procs))
         torch.set_num_threads(threads)
         runtime.check_workers()
         print(f"model {runtime.fingerprint} ({runtime.model.config.arch}, MoE layers "
               f"{list(runtime.model.config.moe.layers)}), sites {', '.join([topology.coordinator, *runtime.clients])}"
-              f", codecs {_codecs(runtime)} on the wire, fallback {topology.fallback}, {threads} torch thread(s)",
-              file=sys.stderr)
+              f", codecs {_codecs(runtime)} on the wire, fallback {topology.fallback}, {threads} torch thread(s), "
+              f"strategy {getattr(runtime, 'strategy', 'split')}", file=sys.stderr)
         if args.serve:
             from moevit.coordinator.server import serve
 
@@ -670,6 +700,8 @@ def _run(args: argparse.Namespace) -> int:
             uplink.close()
         if runtime is not None:
             runtime.close()
+        if offload_server is not None:
+            offload_server.stop()
         if workers is not None:
             workers.stop()
 

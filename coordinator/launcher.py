@@ -5,6 +5,7 @@ The processes are started and waited for by :mod:`moevit.coordinator.local`, the
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from moevit.coordinator.sites import SiteClient
 
 from moevit_rpc.channels import is_loopback
 
-__all__ = ["LaunchError", "LocalWorkers", "ensure_workers"]
+__all__ = ["LaunchError", "LocalWorkers", "ensure_classify_server", "ensure_workers"]
 
 
 @dataclass
@@ -74,6 +75,35 @@ def ensure_workers(topology_path: str, clients: dict[str, SiteClient], *, model:
         for name, proc in started.procs.items():
             wait_serving(clients[name].address, proc, max(0.0, deadline - time.monotonic()),
                          check=lambda c=clients[name]: c.health(timeout=0.5), what=f"local worker for {name}")
+    except BaseException:
+        started.stop()
+        raise
+    return started
+
+
+def ensure_classify_server(topology_path: str, site: str, address: str, *, check, model: str | None = None,
+                           threads: int = 1, startup_s: float = 120.0, log=lambda s: None) -> LocalWorkers:
+    """For offload-image: when nothing answers at ``address`` (loopback), start ``moe-coordinator --serve address
+    --as-site site --strategy local`` (the whole model's Classify, as that site) and wait until it is SERVING.
+    ``check(timeout)`` asks its health the way the camera will call it (TLS, token)."""
+    started = LocalWorkers(logdir=Path(tempfile.mkdtemp(prefix="moevit-workers-")))
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if check(0.5) != "UNREACHABLE" or not is_loopback(host):
+        return started
+    try:
+        args = [sys.executable, "-m", "moevit.coordinator.cli", "--topology", topology_path, "--serve", address,
+                "--as-site", site, "--strategy", "local", "--no-spawn", "--threads", str(threads)]
+        if model:
+            args += ["--model", model]
+        logf = started.logdir / f"{site}-classify.log"
+        started.logs[site] = logf
+        with open(logf, "wb") as out:  # the child holds it from here on
+            started.procs[site] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL,
+                                                   env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        log(f"started the whole model's Classify server for {site} at {address} (log {logf})")
+        wait_serving(address, started.procs[site], startup_s, check=lambda: check(0.5),
+                     what=f"Classify server for {site}")
     except BaseException:
         started.stop()
         raise

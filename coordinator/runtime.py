@@ -7,7 +7,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,8 @@ class BatchResult:
     degraded: torch.Tensor
     failures: list[str]
     seconds: float
+    strategy: str = "split"  # what served the batch (moevit.coordinator.strategies); split for a bare SplitRuntime
+    extra: dict[str, Any] = field(default_factory=dict)  # added to each image's record (the policy's choice)
 
 
 class SplitRuntime:

@@ -1,0 +1,571 @@
+"""The strategies of ``strategy:`` in sites.yaml, for real: ``split`` (the trunk here, experts where the placement
+puts them), ``local`` (every expert in this process), ``offload-image`` (the image, PNG-encoded at the model's input
+size, to one site's Classify server running the whole model; its probabilities back) and ``adaptive`` (per batch,
+the cheapest of those by :func:`moevit.partition.policy.choose`, on link estimates this module keeps).
+
+:class:`StrategyRuntime` wraps the :class:`~moevit.coordinator.runtime.SplitRuntime` the rest of the coordinator
+knows (every attribute it does not define is the wrapped runtime's) and stamps each :class:`BatchResult` with the
+strategy that served it. :class:`LinkEstimator` keeps each link's round-trip time and throughput as moving averages
+(EWMA) of the coordinator's own calls and probes links idle for ``adaptive.probe_interval_s`` with a health check,
+at most once per interval each.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moevit.coordinator.runtime import BatchResult, CoordinatorError, SplitRuntime
+from moevit.coordinator.sites import SiteError
+from moevit.deploy.topology import Placement, Topology
+from moevit.partition.policy import (
+    FIXED,
+    LinkEstimate,
+    ModelFigures,
+    NoFeasibleStrategy,
+    PolicyState,
+    StrategyCost,
+    choose,
+    predict,
+)
+
+from moevit.calibration import read_calibration
+from moevit.checkpoint import load_checkpoint
+from moevit.data import denormalize
+from moevit.flops import count_macs
+from moevit_rpc.channels import open_channel
+from moevit_rpc.security import token_metadata
+from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
+
+log = logging.getLogger("moevit.coordinator")
+
+EWMA_ALPHA = 0.2  # weight of a new sample: about the last 5-10 calls matter
+MIN_TRANSFER_S = 50e-6  # below this a call's transfer time is noise: its throughput sample is not taken
+FLOPS_PER_MAC = 2
+# bytes per number of each token codec on the wire, for the policy's token size (scales and headers aside)
+_CODEC_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+def model_mb(model: torch.nn.Module) -> float:
+    """The model's weights and buffers as held in memory (MiB)."""
+    n = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return n / (1 << 20)
+
+
+def encode_png(x: torch.Tensor) -> bytes:
+    """One model input (normalised [3, S, S]) as a PNG of its pixels: lossless at 8 bits, so the offload site decodes
+    (moevit.data.load_image) what the camera would have classified, within half a grey level."""
+    from PIL import Image
+
+    rgb = (denormalize(x.float()).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------- link estimates
+
+
+@dataclass
+class _Link:
+    nominal: LinkEstimate
+    rtt_s: float | None = None
+    throughput_bps: float | None = None
+    samples: int = 0
+    probes: int = 0
+    up: bool = True
+    last_used: float = 0.0
+    last_probe: float = 0.0
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * new
+
+
+@dataclass
+class LinkEstimator:
+    """RTT and throughput of the coordinator's link to each remote site, from its own calls (EWMA).
+
+    ``call(site, nbytes, seconds, server_s)`` takes one call: its RTT-free time ``seconds - rtt - server_s``
+    gives a throughput sample; ``rtt(site, seconds)`` a probe's round trip. Until a link has samples its
+    topology figures stand (:meth:`LinkEstimate.from_link`)."""
+
+    links: dict[str, _Link] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def for_topology(cls, topology: Topology, sites: list[str]) -> LinkEstimator:
+        out = cls()
+        for s in sites:
+            link = topology.link_between(topology.coordinator, s)
+            nominal = LinkEstimate.from_link(link) if link is not None else LinkEstimate(0.01, 1e7)
+            out.links[s] = _Link(nominal)
+        return out
+
+    def rtt(self, site: str, seconds: float, probe: bool = False) -> None:
+        with self.lock:
+            lk = self.links[site]
+            lk.rtt_s, lk.up = _ewma(lk.rtt_s, seconds), True
+            lk.probes += probe
+            lk.samples += not probe
+
+    def call(self, site: str, nbytes: int, seconds: float, server_s: float = 0.0) -> None:
+        with self.lock:
+            lk = self.links[site]
+            lk.last_used, lk.up = time.monotonic(), True
+            rtt = lk.rtt_s if lk.rtt_s is not None else 0.0
+            transfer = seconds - rtt - server_s
+            if transfer > MIN_TRANSFER_S and nbytes > 0:
+                lk.throughput_bps = _ewma(lk.throughput_bps, 8 * nbytes / transfer)
+            if lk.rtt_s is None:  # no probe yet: the whole call bounds the round trip from above
+                lk.rtt_s = max(0.0, seconds - server_s)
+            lk.samples += 1
+
+    def down(self, site: str) -> None:
+        with self.lock:
+            self.links[site].up = False
+
+    def estimates(self) -> dict[str, LinkEstimate]:
+        with self.lock:
+            return {s: LinkEstimate(rtt_s=lk.rtt_s if lk.rtt_s is not None else lk.nominal.rtt_s,
+                                    throughput_bps=lk.throughput_bps or lk.nominal.throughput_bps,
+                                    tx_nj_per_bit=lk.nominal.tx_nj_per_bit, rx_nj_per_bit=lk.nominal.rx_nj_per_bit,
+                                    up=lk.up) for s, lk in self.links.items()}
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        est = self.estimates()
+        with self.lock:
+            return {s: {"rtt_ms": round(e.rtt_s * 1e3, 3), "throughput_mbps": round(e.throughput_bps / 1e6, 3),
+                        "up": e.up, "samples": self.links[s].samples, "probes": self.links[s].probes,
+                        "measured": self.links[s].rtt_s is not None} for s, e in est.items()}
+
+
+class _Prober(threading.Thread):
+    """Probes each link idle for ``interval`` s with a health check, at most once per ``interval`` per link."""
+
+    def __init__(self, estimator: LinkEstimator, checks: dict[str, Any], interval: float) -> None:
+        super().__init__(daemon=True, name="link-prober")
+        self.estimator, self.checks, self.interval = estimator, checks, interval
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(min(0.2, self.interval)):
+            now = time.monotonic()
+            for site, check in self.checks.items():
+                lk = self.estimator.links[site]
+                if now - max(lk.last_used, lk.last_probe) < self.interval:
+                    continue
+                lk.last_probe = now
+                t0 = time.perf_counter()
+                ok = check(min(1.0, self.interval)) == "SERVING"
+                if ok:
+                    self.estimator.rtt(site, time.perf_counter() - t0, probe=True)
+                else:
+                    self.estimator.down(site)
+
+
+# ---------------------------------------------------------------------------------------------- offload client
+
+
+class OffloadClient:
+    """The Classify stub of the offload site: one image per call, its probabilities back as logits
+    (``temperature * log p``, so the camera's calibration gives back the site's probabilities)."""
+
+    def __init__(self, site: str, address: str, topology: Topology, *, num_classes: int, temperature: float,
+                 deadline_s: float, max_message_mb: float) -> None:
+        self.site, self.address, self.num_classes, self.temperature = site, address, num_classes, temperature
+        self.deadline_s = deadline_s
+        self.channel = open_channel(address, tls=topology.site(topology.coordinator).tls,
+                                    max_message_mb=max_message_mb)
+        self.metadata = token_metadata(topology.site(site).token()) or None
+        self.stub = expert_pb2_grpc.ClassifierServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.calls = self.failures = self.bytes_sent = self.bytes_received = 0
+
+    def health(self, timeout: float = 1.0) -> str:
+        try:
+            resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def classify(self, x: torch.Tensor, estimator: LinkEstimator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C] and degraded flags [B] of a batch, one Classify call per image; SiteError when it fails."""
+        logits = torch.full((len(x), self.num_classes), -1e4)
+        degraded = torch.zeros(len(x), dtype=torch.bool)
+        for i in range(len(x)):
+            req = expert_pb2.ClassifyRequest(image=encode_png(x[i]), name=f"offload-{self.calls}",
+                                             top_k=self.num_classes)
+            t0 = time.perf_counter()
+            try:
+                resp = self.stub.Classify(req, timeout=self.deadline_s, metadata=self.metadata)
+            except grpc.RpcError as e:
+                self.failures += 1
+                if estimator is not None:
+                    estimator.down(self.site)
+                raise SiteError(self.site, f"Classify at {self.address} failed: {e.code().name}: {e.details()}",
+                                e.code()) from None
+            seconds = time.perf_counter() - t0
+            self.calls += 1
+            sent, got = req.ByteSize(), resp.ByteSize()
+            self.bytes_sent += sent
+            self.bytes_received += got
+            if estimator is not None:
+                estimator.call(self.site, sent + got, seconds, server_s=resp.latency_ms / 1e3)
+            for p in resp.top:
+                if p.index < self.num_classes:
+                    logits[i, p.index] = self.temperature * float(torch.log(torch.tensor(max(p.probability, 1e-30))))
+            degraded[i] = resp.degraded
+        return logits, degraded
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# --------------------------------------------------------------------------------------------------- the runtime
+
+
+def _local_placement(topology: Topology, model: Any) -> Placement:
+    return Placement({(layer, e): (topology.coordinator,) for layer, m in model.moe_layers().items()
+                      for e in range(m.num_experts)})
+
+
+def _offload_site(topology: Topology, need_mb: float, required: bool) -> str | None:
+    """The offload site: ``offload.site``, else the remote site with the most gflops whose memory holds the model."""
+    where = f"{topology.path}: strategy: {topology.strategy}"
+    if topology.offload.site is not None:
+        s = topology.site(topology.offload.site)
+        if s.device.memory_mb < need_mb:
+            if required:
+                raise CoordinatorError(f"{topology.path}: offload.site: {s.name} memory_mb {s.device.memory_mb:g} "
+                                       f"cannot hold the whole model ({need_mb:.1f} MB)")
+            return None
+        return s.name
+    fits = [s for s in topology.remote_sites() if s.device.memory_mb >= need_mb]
+    if not fits:
+        if required:
+            have = ", ".join(f"{s.name} {s.device.memory_mb:g}" for s in topology.remote_sites()) or "no remote site"
+            raise CoordinatorError(f"{where}: no site but {topology.coordinator} can hold the whole model "
+                                   f"({need_mb:.1f} MB; memory_mb: {have})")
+        return None
+    return max(fits, key=lambda s: (s.device.gflops, s.device.memory_mb)).name
+
+
+class StrategyRuntime:
+    """A SplitRuntime (``primary``) run under ``topology.strategy`` (see the module docstring)."""
+
+    def __init__(self, strategy: str, primary: SplitRuntime, *, local: SplitRuntime | None = None,
+                 offload: OffloadClient | None = None, figures: ModelFigures | None = None) -> None:
+        self.strategy, self.primary, self.local, self.offload = strategy, primary, local, offload
+        self.figures = figures
+        self.state = PolicyState()
+        self.counts: dict[str, int] = {}
+        self.decisions: dict[str, int] = {}
+        self.fallbacks = 0
+        self._routing: dict[tuple[int, int], float] = {}
+        self._routed_images = 0
+        opts = primary.topology.adaptive
+        sites = sorted(set(primary.clients) | ({offload.site} if offload is not None else set()))
+        self.links = LinkEstimator.for_topology(primary.topology, sites)
+        self._prober: _Prober | None = None
+        if strategy == "adaptive":
+            checks: dict[str, Any] = {name: c.health for name, c in primary.clients.items()}
+            if offload is not None and offload.site not in checks:
+                checks[offload.site] = offload.health
+            self._prober = _Prober(self.links, checks, opts.probe_interval_s)
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the wrapped runtime's
+        if name == "primary":
+            raise AttributeError(name)
+        return getattr(self.primary, name)
+
+    def start(self) -> None:
+        """Begin probing idle links (adaptive)."""
+        if self._prober is not None and not self._prober.is_alive():
+            self._prober.start()
+
+    # routing statistics: tokens per image per (layer, expert), from the forwards that routed
+    def _observe_routing(self, rt: SplitRuntime, before: dict[tuple[int, int], int], images: int) -> None:
+        for key, n in rt.context.tokens.items():
+            delta = n - before.get(key, 0)
+            if delta:
+                self._routing[key] = self._routing.get(key, 0.0) + delta
+        self._routed_images += images
+
+    def routing(self) -> dict[tuple[int, int], float]:
+        n = max(1, self._routed_images)
+        return {k: v / n for k, v in self._routing.items()}
+
+    def predict(self) -> dict[str, StrategyCost]:
+        assert self.figures is not None
+        routing = self.routing()
+        per_layer = {}
+        for (layer, _), n in routing.items():
+            per_layer[layer] = per_layer.get(layer, 0.0) + n
+        expert = sum(n * self.figures.expert_flops_per_token.get(layer, 0.0) for layer, n in per_layer.items())
+        figures = ModelFigures(**{**self.figures.__dict__, "trunk_flops": max(0.0, self.figures.trunk_flops - expert)})
+        costs = predict(self.primary.topology, self.primary.placement, routing, self.links.estimates(), figures,
+                        offload_site=self.offload.site if self.offload is not None else None)
+        if self.local is None and costs["local"].feasible:
+            costs["local"] = StrategyCost(float("inf"), float("inf"), float("inf"), False, "no local copy")
+        return costs
+
+    def _run(self, strategy: str, x: torch.Tensor) -> BatchResult:
+        if strategy == "offload-image":
+            assert self.offload is not None
+            t0 = time.perf_counter()
+            logits, degraded = self.offload.classify(x, self.links)
+            return BatchResult(logits, degraded, [], time.perf_counter() - t0)
+        rt = self.local if strategy == "local" and self.local is not None else self.primary
+        before = dict(rt.context.tokens)
+        traffic = {n: (c.traffic.calls, c.traffic.bytes_sent + c.traffic.bytes_received)
+                   for n, c in rt.clients.items()}
+        out = rt.classify(x)
+        self._observe_routing(rt, before, len(x))
+        for name, c in rt.clients.items():  # each call's time: a throughput sample of its link
+            calls0, bytes0 = traffic[name]
+            dn = c.traffic.calls - calls0
+            if dn > 0:
+                per_call = (c.traffic.bytes_sent + c.traffic.bytes_received - bytes0) / dn
+                for ms in list(c.traffic.rpc_ms)[-dn:]:
+                    self.links.call(name, int(per_call), ms / 1e3)
+        return out
+
+    def classify(self, x: torch.Tensor) -> BatchResult:
+        if self.strategy != "adaptive":
+            out = self._run(self.strategy, x)
+            out.strategy = self.strategy
+            self.counts[self.strategy] = self.counts.get(self.strategy, 0) + len(x)
+            return out
+        t0 = time.perf_counter()
+        tried: list[str] = []
+        while True:
+            costs = self.predict()
+            for s in tried:  # failed during this batch: not again for it
+                costs[s] = StrategyCost(float("inf"), float("inf"), float("inf"), False, "failed just now")
+            objective = self.primary.topology.adaptive.objective
+            try:
+                d = choose(costs, objective, self.state, margin=self.primary.topology.adaptive.margin,
+                           consecutive=self.primary.topology.adaptive.consecutive)
+            except NoFeasibleStrategy as e:
+                raise SiteError(self.primary.local_site, str(e), grpc.StatusCode.UNAVAILABLE) from None
+            self.state = d.state
+            try:
+                out = self._run(d.strategy, x)
+            except SiteError as e:
+                # the site stopped answering: mark its link down and decide again without this strategy
+                if e.site in self.links.links:
+                    self.links.down(e.site)
+                tried.append(d.strategy)
+                self.fallbacks += len(x)
+                log.warning("adaptive: %s failed (%s); choosing again", d.strategy, e)
+                continue
+            break
+        out.seconds = time.perf_counter() - t0
+        out.strategy = d.strategy
+        out.extra = {"strategy_policy": {"objective": objective, "reason": "fallback" if tried else d.reason,
+                                         "predicted": d.predicted.as_dict(),
+                                         **({"failed": tried} if tried else {})}}
+        self.counts[d.strategy] = self.counts.get(d.strategy, 0) + len(x)
+        key = "fallback" if tried else d.reason
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        return out
+
+    def check_workers(self, wait_s: float = 5.0) -> dict[str, Any]:
+        infos = self.primary.check_workers(wait_s) if self.strategy in ("split", "adaptive") else {}
+        if self.offload is not None:
+            deadline = time.monotonic() + wait_s
+            while self.offload.health(0.5) != "SERVING":
+                if time.monotonic() > deadline:
+                    if self.strategy == "offload-image":
+                        raise CoordinatorError(f"offload site {self.offload.site}'s Classify server at "
+                                               f"{self.offload.address} not SERVING within {wait_s:g} s; start "
+                                               f"moe-coordinator --serve {self.offload.address} --as-site "
+                                               f"{self.offload.site} --strategy local there")
+                    self.links.down(self.offload.site)
+                    log.warning("offload site %s (%s) not reachable: adaptive leaves offload-image out until it "
+                                "answers", self.offload.site, self.offload.address)
+                    break
+                time.sleep(0.1)
+        if self.strategy == "adaptive" and self.figures is not None and not self._routed_images:
+            # one blank image through the split path: the policy's first routing figures, the streams warmed up
+            rt = self.primary
+            saved = dict(rt.context.tokens)
+            try:
+                self._run("split", torch.zeros(1, 3, self.figures_size, self.figures_size))
+            except SiteError as e:
+                log.warning("adaptive: warm-up through split failed: %s", e)
+            rt.context.tokens.clear()
+            rt.context.tokens.update(saved)
+        self.start()
+        return infos
+
+    figures_size: int = 64
+
+    def traffic(self) -> dict[str, dict[str, Any]]:
+        out = self.primary.traffic() if self.strategy in ("split", "adaptive") else {}
+        if self.offload is not None:
+            o = self.offload
+            t = out.setdefault(o.site, {"calls": 0, "failures": 0, "bytes_sent": 0, "bytes_received": 0, "tokens": 0,
+                                        "up": True})
+            t = {**t, "calls": t["calls"] + o.calls, "failures": t["failures"] + o.failures,
+                 "bytes_sent": t["bytes_sent"] + o.bytes_sent, "bytes_received": t["bytes_received"] + o.bytes_received}
+            out[o.site] = t
+        return out
+
+    def tokens_by_site(self) -> dict[str, int]:
+        per: dict[str, int] = {}
+        for rt in [self.primary, *([self.local] if self.local is not None else [])]:
+            for k, v in rt.tokens_by_site().items():
+                per[k] = per.get(k, 0) + v
+        return per
+
+    def strategy_summary(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"strategy": self.strategy, "images": dict(self.counts),
+                             "links": self.links.summary()}
+        if self.offload is not None:
+            s["offload_site"] = f"{self.offload.site} ({self.offload.address})"
+        if self.strategy == "adaptive":
+            s.update(decisions=dict(self.decisions), fallback_images=self.fallbacks,
+                     objective=self.primary.topology.adaptive.objective,
+                     predicted_now={k: v.as_dict() for k, v in self.predict().items()})
+        return s
+
+    def close(self) -> None:
+        if self._prober is not None:
+            self._prober.stop_event.set()
+        if self.offload is not None:
+            self.offload.close()
+        if self.local is not None:
+            self.local.close()
+        self.primary.close()
+
+
+def _figures(model: Any, size: int, wire: str) -> ModelFigures:
+    """Whole-model FLOPs at ``size`` (trunk + one expert per routed token), per-token expert FLOPs, token bytes."""
+    total = FLOPS_PER_MAC * count_macs(model, size)
+    fpt, tb = {}, {}
+    for layer, m in model.moe_layers().items():
+        bank = m.experts
+        fpt[layer] = FLOPS_PER_MAC * 2 * bank.dim * bank.hidden
+        tb[layer] = bank.dim * _CODEC_BYTES.get(wire.split("+")[0], 2.0)
+    # the PNG of a mid-grey-textured input is what offload sends: about 1.5 bytes per pixel, measured on digits
+    return ModelFigures(trunk_flops=float(total), expert_flops_per_token=fpt, token_bytes=tb, model_mb=model_mb(model),
+                        image_bytes=1.5 * size * size, answer_bytes=12.0 * model.config.num_classes)
+
+
+def open_runtime(topology: Topology, *, model_path: str | Path | None = None, strategy: str | None = None,
+                 **kw: Any) -> StrategyRuntime:
+    """The runtime of ``strategy`` (default: the topology's). CoordinatorError (one line naming the key) when the
+    strategy cannot run on these sites: local on a coordinator whose memory_mb cannot hold the model,
+    offload-image with no site that can."""
+    strategy = strategy or topology.strategy
+    if strategy not in (*FIXED, "adaptive"):
+        raise CoordinatorError(f"{topology.path}: strategy: unknown strategy {strategy!r}")
+    path = model_path or topology.model
+    if path is None:
+        raise CoordinatorError(f"{topology.path}: no model: set `model:` in the topology or pass --model")
+    if not Path(path).exists():
+        raise CoordinatorError(f"{topology.path}: model file {path} does not exist")
+
+    def load() -> Any:
+        m = load_checkpoint(path)
+        if m.config.moe is None:
+            raise CoordinatorError(f"{path}: a dense model; the coordinator needs an MoE checkpoint (moe-convert)")
+        return m
+
+    model = load()
+    need = model_mb(model)
+    cam = topology.site(topology.coordinator)
+    size = kw.get("image_size") or model.config.image_size
+    figures = _figures(model, size, kw.get("wire") or topology.rpc.codec) if strategy == "adaptive" else None
+    calibration = read_calibration(path, model.config.labels)
+    fits_here = cam.device.memory_mb >= need
+    if strategy == "local" and not fits_here:
+        raise CoordinatorError(f"{topology.path}: strategy: local: {cam.name} memory_mb {cam.device.memory_mb:g} "
+                               f"cannot hold the whole model ({need:.1f} MB); use split or offload-image")
+    local_placement = _local_placement(topology, model)
+    primary_placement = (topology.resolve_placement({i: m.num_experts for i, m in model.moe_layers().items()})
+                         if strategy in ("split", "adaptive") else local_placement)
+    primary = SplitRuntime(model, topology, primary_placement, **kw)
+    primary.calibration = calibration
+    local = offload = None
+    try:
+        if strategy == "adaptive" and fits_here:
+            local = SplitRuntime(load(), topology, local_placement, **{**kw, "watch": False})
+            local.calibration = calibration
+        if strategy in ("offload-image", "adaptive"):
+            site = _offload_site(topology, need, required=strategy == "offload-image")
+            if site is not None:
+                rpc = topology.rpc
+                offload = OffloadClient(site, topology.offload_address(site), topology,
+                                        num_classes=model.config.num_classes, temperature=calibration.temperature,
+                                        deadline_s=kw.get("deadline_s") or rpc.deadline_s,
+                                        max_message_mb=kw.get("max_message_mb") or rpc.max_message_mb)
+    except BaseException:
+        primary.close()
+        if local is not None:
+            local.close()
+        raise
+    rt = StrategyRuntime(strategy, primary, local=local, offload=offload, figures=figures)
+    rt.figures_size = size
+    return rt
+
+
+class LinkCollector:
+    """Prometheus collector of the link estimates and the strategies used (read at scrape time)."""
+
+    def __init__(self, runtime: StrategyRuntime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        rt = self.runtime
+        rtt = GaugeMetricFamily("moevit_coordinator_link_rtt_seconds", "Round-trip time of the coordinator's link to "
+                                "each site, EWMA of its calls and idle probes", labels=["site"])
+        thr = GaugeMetricFamily("moevit_coordinator_link_throughput_bps", "Payload throughput of the link to each "
+                                "site (bit/s), EWMA of its calls", labels=["site"])
+        up = GaugeMetricFamily("moevit_coordinator_link_up", "1 while the link's last call or probe succeeded",
+                               labels=["site"])
+        probes = CounterMetricFamily("moevit_coordinator_link_probes", "Health probes of idle links", labels=["site"])
+        for site, e in rt.links.estimates().items():
+            rtt.add_metric([site], e.rtt_s)
+            thr.add_metric([site], e.throughput_bps)
+            up.add_metric([site], 1.0 if e.up else 0.0)
+            probes.add_metric([site], rt.links.links[site].probes)
+        images = CounterMetricFamily("moevit_coordinator_strategy_images", "Images served by each strategy",
+                                     labels=["strategy"])
+        for k, v in sorted(rt.counts.items()):
+            images.add_metric([k], v)
+        yield from (rtt, thr, up, probes, images)
+
+
+def strategy_lines(s: dict[str, Any]) -> Iterator[str]:
+    """The summary's lines about strategies and links."""
+    imgs = ", ".join(f"{k} {v}" for k, v in sorted(s["images"].items())) or "none"
+    yield f"strategy {s['strategy']}: images by strategy: {imgs}" + (
+        f"; offload to {s['offload_site']}" if "offload_site" in s else "")
+    if s["strategy"] == "adaptive":
+        dec = ", ".join(f"{k} {v}" for k, v in sorted(s["decisions"].items()))
+        yield (f"adaptive ({s['objective']}): decisions {dec}; {s['fallback_images']} image(s) moved by a fallback; "
+               "predicted now: " + ", ".join(f"{k} {v['latency_s'] * 1e3:.1f} ms/{v['energy_j']:.3f} J/"
+                                            f"{v['bytes']:.0f} B" if v.get("feasible", True) else f"{k} infeasible"
+                                            for k, v in s["predicted_now"].items()))
+    for site, e in s["links"].items():
+        yield (f"link {site}: rtt {e['rtt_ms']:.2f} ms, throughput {e['throughput_mbps']:.2f} Mbit/s "
+               f"({'measured' if e['measured'] else 'topology figures'}: {e['samples']} calls, {e['probes']} probes)"
+               + ("" if e["up"] else ", DOWN"))
+
+
+__all__ = ["LinkCollector", "LinkEstimator", "OffloadClient", "StrategyRuntime", "encode_png", "model_mb",
+           "open_runtime", "strategy_lines"]
