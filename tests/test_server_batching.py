@@ -18,6 +18,7 @@ import torch
 from moevit.coordinator.server import start_server
 from PIL import Image
 
+from moevit.calibration import default_for as default_calibration
 from moevit_rpc.channels import channel_options
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
@@ -28,6 +29,7 @@ class _Runtime:
 
     fingerprint = "stub"
     model = SimpleNamespace(config=SimpleNamespace(labels=("a", "b")))
+    calibration = default_calibration(("a", "b"))  # no temperature: softmax of the logits
 
     def __init__(self, seconds: float = 0.0) -> None:
         self.seconds = seconds

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moevit.deploy.topology import TLSFiles, load_topology
 from moevit.worker import cli
 
+from moevit.calibration import default_for as default_calibration
 from moevit_rpc.channels import check_tls_files, open_channel
 from moevit_rpc.security import (
     channel_credentials,
@@ -311,6 +312,7 @@ class _Runtime:
 
     fingerprint = "stub"
     model = SimpleNamespace(config=SimpleNamespace(labels=("a", "b", "c")))
+    calibration = default_calibration(("a", "b", "c"))  # no temperature: softmax of the logits
 
     def classify(self, x: torch.Tensor) -> SimpleNamespace:
         return SimpleNamespace(logits=torch.tensor([[0.0, 2.0, 1.0]]).expand(len(x), 3),
