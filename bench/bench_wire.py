@@ -157,8 +157,8 @@ def codec_cpu_ms(tokens: dict[int, torch.Tensor], rounds: int) -> dict[str, dict
     return out
 
 
-def link_table(best: str, wire_bytes: float, codec_s: float) -> list[dict]:
-    """The simulator's link classes (docs/sim.md) with fp16 and with ``best`` (measured size and CPU)."""
+def link_table(variants: list[tuple[str, dict]]) -> list[dict]:
+    """The simulator's link classes (docs/sim.md) for each (label, sim settings) of ``variants``."""
     import json
 
     import yaml
@@ -183,9 +183,8 @@ def link_table(best: str, wire_bytes: float, codec_s: float) -> list[dict]:
     ]
     arrivals = [{"name": "trap-5-per-10s", "kind": "bursty", "burst_size": 5, "burst_gap_s": 0.5, "idle_s": 10},
                 {"name": "trap-5-per-10min", "kind": "bursty", "burst_size": 5, "burst_gap_s": 0.5, "idle_s": 600}]
-    for label, settings in (("fp16", {"wire": "fp16"}),
-                            (best, {"wire": best, "wire_bytes_per_value": wire_bytes, "codec_s_per_value": codec_s})):
-        sweep_path = work / f"sweep-{label}.yaml"
+    for label, settings in variants:
+        sweep_path = work / f"sweep-{label.replace('@', '-at-')}.yaml"
         sweep_path.write_text(yaml.safe_dump({
             "conditions": conditions, "arrivals": arrivals, "seeds": 2, "images": 200,
             "strategies": ["offload-image", "split"], "settings": {**settings, "rpc_overhead_bytes": 89}}))
@@ -286,7 +285,15 @@ def main() -> int:
         wire_bpv = 4.0 * bytes256[f"{best_codec}@0"]["bytes_per_image"] / bytes256["fp32@0"]["bytes_per_image"]
         n_values = sum(v.numel() for v in largest.values())
         codec_s = sum(cpu[best_codec].values()) / 1e3 / max(1, n_values)
-        links = link_table(best_codec, wire_bpv, codec_s)
+        # the best setting with its skipping: effective bytes per routed number at the models' own size (where the
+        # routers' confidence is their own), the codec's CPU per number actually sent
+        eff_bpv = 4.0 * best["bytes_per_image_model_size"] / statistics.mean(
+            acc[m]["fp32@0"]["bytes_per_image"] for m in args.models)
+        links = link_table([("fp16", {"wire": "fp16"}),
+                            (f"{best_codec}@0", {"wire": best_codec, "wire_bytes_per_value": wire_bpv,
+                                                 "codec_s_per_value": codec_s}),
+                            (best["config"], {"wire": best_codec, "wire_bytes_per_value": eff_bpv,
+                                              "codec_s_per_value": codec_s})])
     payload = {
         "command": " ".join(sys.argv), "models": args.models, "data": args.data, "image_size": args.image_size,
         "thresholds": args.thresholds, "bytes_data": args.bytes_data, "jpeg_bytes_mean_256": statistics.mean(jpeg),
