@@ -71,6 +71,7 @@ def _topology(tmp: Path, model: Path, **kw) -> tuple[Path, dict[str, int]]:
 
 
 @pytest.mark.slow  # several console scripts, each loading torch
+@pytest.mark.e2e
 def test_class_count_that_differs_is_refused_by_eval_profile_and_coordinator(model3, tmp_path):
     data = f"folder:{_folder(tmp_path / 'five', 5)}"
     topo, _ = _topology(tmp_path, model3)
@@ -99,6 +100,7 @@ def test_moe_eval_counts_only_what_it_evaluated_and_lists_what_it_skipped(model3
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_data_mode_reports_unreadable_files_as_failed_and_never_substitutes(model3, tmp_path):
     data = f"folder:{_folder(tmp_path / 'three', 3, per_class=4, broken={1: 4})}"
     topo, _ = _topology(tmp_path, model3)
@@ -130,6 +132,7 @@ def test_data_mode_reports_unreadable_files_as_failed_and_never_substitutes(mode
 
 
 @pytest.mark.slow  # several console scripts, each loading torch
+@pytest.mark.e2e
 def test_coordinator_checks_every_input_before_any_worker_starts(model3, tmp_path):
     topo, _ = _topology(tmp_path, model3)
     busy = socket.socket()
@@ -155,6 +158,7 @@ def test_coordinator_checks_every_input_before_any_worker_starts(model3, tmp_pat
         busy.close()
 
 
+@pytest.mark.e2e
 def test_worker_refuses_an_address_it_would_not_listen_on(model3):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -194,6 +198,7 @@ def _images(root: Path, n: int = 6) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@pytest.mark.e2e
 def test_a_run_with_a_smaller_limit_keeps_the_results_already_made(workers, tmp_path, suffix):
     imgs, out = _images(tmp_path / "imgs"), tmp_path / f"results{suffix}"
 
@@ -212,6 +217,7 @@ def test_a_run_with_a_smaller_limit_keeps_the_results_already_made(workers, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_without_out_the_user_is_told_nothing_is_saved_and_failed_files_are_named(workers, tmp_path):
     imgs = _images(tmp_path / "imgs", 3)
     (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -277,6 +283,7 @@ def test_moe_analyze_refuses_a_report_of_another_conversion(model3, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_plaintext_coordinator_facing_a_tls_worker_is_told_tls_may_be_the_cause(model3, tmp_path):
     topo, ports = _topology(tmp_path, model3)
     pki = tmp_path / "pki"
@@ -323,6 +330,7 @@ def test_numbers_that_cannot_work_are_one_line_errors(model3, tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.slow  # two moe-train processes
 def test_config_files_cannot_set_or_see_test_hooks(tmp_path):
     for body, expected in (({"bogus": 1}, "unknown training options: ['bogus']"),
                            ({"kill_at_step": 3}, "unknown training options: ['kill_at_step']")):
