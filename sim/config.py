@@ -30,6 +30,7 @@ from moevit.deploy.topology import Link, Topology
 __all__ = [
     "ARRIVAL_KINDS",
     "STRATEGIES",
+    "ALL_STRATEGIES",
     "WIRE_BYTES",
     "Arrival",
     "FailureSet",
@@ -55,6 +56,9 @@ __all__ = [
 # classes use) are dropped (the residual carries them) or computed on the camera site instead of being sent.
 STRATEGIES = ("local-dense", "local-moe", "offload-image", "split", "split-drop-background",
               "split-local-background")
+# adaptive: per image, the strategy moevit.partition.policy chooses (the coordinator's rule: split, local-moe or
+# offload-image, with the topology's adaptive: objective and hysteresis); listed explicitly, not run by default.
+ALL_STRATEGIES = (*STRATEGIES, "adaptive")
 ARRIVAL_KINDS = ("periodic", "poisson", "bursty")
 WIRE_BYTES = {"fp16": 2, "fp32": 4}
 
@@ -441,11 +445,11 @@ def parse_sweep(data: Any, file: str = "<sweep>", *, base_dir: str | Path | None
     if "strategies" in d:
         strategies = []
         for i, s in enumerate(_list(d["strategies"], file, "strategies")):
-            if s not in STRATEGIES:
-                close = difflib.get_close_matches(str(s), STRATEGIES, n=1)
+            if s not in ALL_STRATEGIES:
+                close = difflib.get_close_matches(str(s), ALL_STRATEGIES, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise SimConfigError(file, f"strategies[{i}]",
-                                     f"unknown strategy {s!r} (strategies: {', '.join(STRATEGIES)}){hint}")
+                                     f"unknown strategy {s!r} (strategies: {', '.join(ALL_STRATEGIES)}){hint}")
             if s in strategies:
                 raise SimConfigError(file, f"strategies[{i}]", f"strategy {s!r} is listed twice")
             strategies.append(s)

@@ -44,6 +44,7 @@ import numpy as np
 from moevit.deploy.topology import Device, Link, Placement, Topology
 from moevit.partition.costmodel import FLOPS_PER_MAC, MB, Stats, coefficients
 from moevit.partition.placement import background_experts
+from moevit.partition.policy import LinkEstimate, ModelFigures, PolicyState, choose, predict
 from moevit.sim.config import Arrival, FailureSet, Scenario, Settings
 from moevit.sim.trace import Trace
 
@@ -437,6 +438,7 @@ class ScenarioResult:
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list)
     error: str | None = None
+    strategy_images: dict[str, int] = field(default_factory=dict)  # adaptive: images per strategy chosen
 
     def row(self) -> dict[str, Any]:
         """A flat row for the CSV: parameters, figures, and per-site / per-link columns ``name:site``."""
@@ -465,7 +467,8 @@ class ScenarioResult:
 
 
 class _Image:
-    __slots__ = ("i", "arrival", "start", "finish", "pending", "degraded", "failed", "reason", "deadline", "deferred")
+    __slots__ = ("i", "arrival", "start", "finish", "pending", "degraded", "failed", "reason", "deadline", "deferred",
+                 "strategy")
 
     def __init__(self, i: int, arrival: float) -> None:
         self.i, self.arrival = i, arrival
@@ -477,6 +480,7 @@ class _Image:
         # the current layer's patches no replica served: (site, patches, why), given to the fallback once the
         # layer's other parts are done
         self.deferred: list[tuple[int, float, str]] = []
+        self.strategy = ""  # adaptive: what the policy chose for this image
 
 
 class _Rpc:
@@ -513,7 +517,8 @@ class _Run:
         rng_arr = np.random.default_rng([sc.seed, 1])
         rng_route = np.random.default_rng([sc.seed, 2])
         self.arrivals = arrival_times(sc.arrival, sc.images, rng_arr)
-        self.split = sc.strategy.startswith("split")
+        self.adaptive = sc.strategy == "adaptive"  # per image, moevit.partition.policy, as moe-coordinator does
+        self.split = sc.strategy.startswith("split") or self.adaptive
         self.routing = None
         if self.split:
             self.routing = sample_routing(stats, sc.images, rng_route, trace=world.trace,
@@ -574,11 +579,11 @@ class _Run:
         cuts = [TRUNK_FRACTION_BEFORE.get(layer, (layer + 1) / 10) for layer in layers]
         self.segments = np.diff([0.0, *cuts, 1.0]) * cm.trunk_s  # before layer 0, between, after the last
         self.offload_site = None
-        if sc.strategy == "offload-image":
+        if sc.strategy in ("offload-image", "adaptive"):
             best = best_connected(topo)
-            if best is None:
+            if best is None and not self.adaptive:
                 raise ValueError(f"{topo.path}: offload-image needs a remote site linked to the coordinator")
-            self.offload_site = index[best]
+            self.offload_site = None if best is None else index[best]
         self.misfit = strategy_misfit(topo, stats, sc.strategy, None if self.offload_site is None
                                       else self.sites[self.offload_site])
         # A quality-90 JPEG of a natural scene is about an eighth of its raw RGB bytes.
@@ -592,6 +597,8 @@ class _Run:
         self.kept_local = 0
         if self.split:
             self._plan_layers()
+        if self.adaptive:
+            self._policy_setup(placement)
 
     # -- arrivals and slots ---------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -649,9 +656,46 @@ class _Run:
         self._release(img)
 
     # -- strategies -----------------------------------------------------------------------------------------------
+    def _policy_setup(self, placement: Placement) -> None:
+        """adaptive: the policy's inputs. Routing and FLOPs per routed patch (the unit of the simulator's routing),
+        the whole model's memory, the image and answer bytes; the links' figures as the topology gives them (the
+        simulator knows them exactly) and up unless the health watch sees the site down."""
+        stats, P = self.stats, self.stats.pixels_per_patch
+        self.pol_routing = {(ls.layer, e): float(ls.load_mean[e]) for ls in stats.layers
+                            for e in range(ls.num_experts)}
+        expert = {ls.layer: float(FLOPS_PER_MAC * P * ls.expert_macs_per_token) for ls in stats.layers}
+        routed = sum(n * expert[layer] for (layer, _), n in self.pol_routing.items())
+        self.pol_figures = ModelFigures(
+            trunk_flops=float(FLOPS_PER_MAC * stats.trunk_macs) + routed,  # predict() takes the whole model's
+            expert_flops_per_token=expert,
+            token_bytes={ls.layer: float(b) for ls, b in zip(stats.layers, self.cm.patch_bytes, strict=True)},
+            model_mb=(stats.trunk_weight_bytes + stats.expert_bytes_total + stats.buffer_bytes) / (1 << 20),
+            image_bytes=float(self.image_bytes), answer_bytes=float(self.st.result_bytes))
+        self.pol_figures = dataclasses.replace(self.pol_figures, trunk_flops=self.pol_figures.trunk_flops - routed)
+        self.pol_placement = placement
+        self.pol_state = PolicyState()
+        self.strategy_images: dict[str, int] = {}
+
+    def _decide(self) -> str:
+        now, topo = self.q.now, self.topology
+        links = {}
+        for j, name in enumerate(self.sites):
+            link = self.links[j]
+            if j != self.c and link is not None:
+                links[name] = dataclasses.replace(LinkEstimate.from_link(link), up=not self.seen_down[j].contains(now))
+        costs = predict(topo, self.pol_placement, self.pol_routing, links, self.pol_figures,
+                        offload_site=None if self.offload_site is None else self.sites[self.offload_site])
+        opts = topo.adaptive
+        d = choose(costs, opts.objective, self.pol_state, margin=opts.margin, consecutive=opts.consecutive)
+        self.pol_state = d.state
+        self.strategy_images[d.strategy] = self.strategy_images.get(d.strategy, 0) + 1
+        return "local-moe" if d.strategy == "local" else d.strategy
+
     def _begin(self, img: _Image) -> None:
         now, cm, strategy = self.q.now, self.cm, self.sc.strategy
         cpu = self.cpus[self.c]
+        if self.adaptive:
+            strategy = img.strategy = self._decide()
         if strategy == "local-dense":
             self.q.at(cpu.serve(now, cm.local_dense_s), self._finish, img)
         elif strategy == "local-moe":
@@ -947,6 +991,8 @@ class _Run:
                 avg_power_w=power, battery_wh=dev.battery_wh, lifetime_h=life, soc_end=soc_end,
                 utilisation=busy / horizon)
         res.events = self.q.events
+        if self.adaptive:
+            res.strategy_images = dict(self.strategy_images)
         return res
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from moevit.sim.config import STRATEGIES
+from moevit.sim.config import ALL_STRATEGIES as STRATEGIES
 from moevit.sim.engine import ScenarioResult
 
 __all__ = ["MAX_FACETS", "plot_results", "summary_rows", "summary_table", "write_results"]

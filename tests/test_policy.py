@@ -120,3 +120,41 @@ def test_sites_yaml_strategy_keys_are_validated():
             parse_topology({**TOPO, **bad}, "sites.yaml")
         msg = str(e.value)
         assert "\n" not in msg and f"sites.yaml: {key}" in msg, msg
+
+
+# ------------------------------------------------------------------------------ the same policy in the simulator
+
+
+def test_the_simulator_runs_adaptive_with_the_same_policy():
+    from moevit.sim.config import FailureSet, Settings, SiteDown
+    from moevit.sim.engine import run_scenario
+
+    from tests.test_sim import one_expert_stats, scenario, two_site_topology, world_for
+
+    stats = one_expert_stats()
+    # fast camera: local-moe's 6.01 ms beats split's 42.4 ms and offload's link: the policy keeps local
+    w = world_for(two_site_topology(bandwidth=1.0, latency=10.0), stats)
+    res = run_scenario(w, scenario("adaptive", images=5))
+    local = run_scenario(w, scenario("local-moe", images=5))
+    assert res.strategy_images == {"local": 5}
+    assert res.latency_mean_s == pytest.approx(local.latency_mean_s)
+    # a camera 1000x slower (0.01 GFLOP/s: the trunk alone takes 6 s): offload-image to node wins (the whole model
+    # in 0.03 s at 2 GFLOP/s plus 51 ms on the link); node dies at 2.5 s: once the health watch sees it (0.2 s),
+    # every later image goes local (split needs node too), marked as the fallback rules say
+    topo = two_site_topology(bandwidth=1.0, latency=10.0)
+    slow = parse_topology({**_as_dict(topo), "sites": {**_as_dict(topo)["sites"], "cam": {
+        "address": "10.0.0.1:1", "device": {"gflops": 0.01, "memory_mb": 512, "active_w": 4.0, "idle_w": 1.0}}},
+        "adaptive": {"consecutive": 1}})
+    down = FailureSet(name="node-dies", site_downs=(SiteDown("node", 2.5),))
+    res = run_scenario(world_for(slow, stats), scenario("adaptive", images=6, failures=down, settings=Settings(
+        rpc_overhead_bytes=0, image_bytes=5000, result_bytes=100)))
+    assert res.strategy_images == {"offload-image": 3, "local": 3}
+
+
+def _as_dict(topo):
+    sites = {n: {"address": s.address, "device": {k: getattr(s.device, k) for k in
+                                                   ("gflops", "memory_mb", "active_w", "idle_w")}}
+             for n, s in topo.sites.items()}
+    links = [{"between": [lk.a, lk.b], "bandwidth_mbps": lk.bandwidth_mbps, "latency_ms": lk.latency_ms}
+             for lk in topo.links]
+    return {"coordinator": topo.coordinator, "fallback": topo.fallback, "sites": sites, "links": links}
