@@ -219,3 +219,22 @@ def test_int8_keeps_the_demo_models_top1(tmp_path):
     assert acc_int8 >= acc_fp32 - 0.01
     assert float((q.argmax(1) == ref.argmax(1)).float().mean()) >= 0.98
     assert float((q - ref).abs().max()) > 1e-4  # the int8 graphs really ran
+
+
+@pytest.mark.slow
+def test_moe_eval_backend_onnx_reports_the_torch_top1(small, tmp_path):
+    path = save_checkpoint(small["model"], tmp_path / "moe.safetensors")
+    spec = "synthetic:classes=5,per_class=8,size=32"
+    out = {}
+    for backend in ("torch", "onnx"):
+        r = subprocess.run([sys.executable, "-m", "moevit.cli.eval", "--model", str(path), "--data", spec,
+                            "--image-size", str(SIZE), "--threads", "1", "--backend", backend, "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[backend] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["onnx"]["backend"] == "onnxruntime fp32" and out["torch"]["backend"] == "torch"
+    assert out["onnx"]["top1"] == out["torch"]["top1"] and out["onnx"]["n"] == out["torch"]["n"] > 0
+    assert (tmp_path / "moe.safetensors.onnx-cache").is_dir()
+    r = subprocess.run([sys.executable, "-m", "moevit.cli.eval", "--model", str(path), "--data", spec,
+                        "--backend", "onnx", "--precision", "int8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--calibrate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
