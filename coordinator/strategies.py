@@ -372,7 +372,8 @@ class StrategyRuntime:
             break
         out.seconds = time.perf_counter() - t0
         out.strategy = d.strategy
-        out.extra = {"strategy_policy": {"objective": objective, "reason": "fallback" if tried else d.reason,
+        out.extra = {"strategy_policy": {"configured": "adaptive", "objective": objective,
+                                         "reason": "fallback" if tried else d.reason,
                                          "predicted": d.predicted.as_dict(),
                                          **({"failed": tried} if tried else {})}}
         self.counts[d.strategy] = self.counts.get(d.strategy, 0) + len(x)

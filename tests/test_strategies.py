@@ -84,6 +84,7 @@ def test_every_strategy_runs_for_real_and_names_itself(tmp_path, model_path):
                                                  else {"split", "local", "offload-image"})
         if strategy == "adaptive":  # the choice and its predicted cost, in every record
             assert all(x["strategy_policy"]["predicted"]["latency_s"] > 0 for x in recs)
+            assert all(x["strategy_policy"]["configured"] == "adaptive" for x in recs)
         assert f"strategy {strategy}: images by strategy" in r.stdout
         if strategy == "offload-image":  # the whole-model server was started and the images went to it
             assert "Classify server for" in r.stderr and "link north" in r.stdout or "link south" in r.stdout
