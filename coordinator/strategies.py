@@ -277,10 +277,11 @@ class StrategyRuntime:
         sites = sorted(set(primary.clients) | ({offload.site} if offload is not None else set()))
         self.links = LinkEstimator.for_topology(primary.topology, sites)
         self._prober: _Prober | None = None
-        if strategy == "adaptive":
-            checks: dict[str, Any] = {name: c.health for name, c in primary.clients.items()}
-            if offload is not None and offload.site not in checks:
-                checks[offload.site] = offload.health
+        # every strategy keeps its links' estimates fresh (the summary and metrics show them); adaptive decides on them
+        checks: dict[str, Any] = {name: c.health for name, c in primary.clients.items()}
+        if offload is not None and offload.site not in checks:
+            checks[offload.site] = offload.health
+        if checks:
             self._prober = _Prober(self.links, checks, opts.probe_interval_s)
 
     def __getattr__(self, name: str) -> Any:  # everything else is the wrapped runtime's
