@@ -43,7 +43,7 @@ from moevit.data import open_dataset  # noqa: E402
 from moevit.flops import count_macs, count_params  # noqa: E402
 
 DATA = "scenes:classes=10,per_class=200,size=128,split_seed=0"
-INIT = "weights/pretrain-mobilevitv2_050-96.safetensors"
+INIT = "weights/pretrain-mobilevitv2_050-64.safetensors"
 REDUCED = [("8", 16)]
 FULL = [("8", 2), ("8", 8), ("8", 16), ("1,5,8", 8), ("1,3,5,7", 8), ("2,4,6,8", 8)]
 
@@ -107,17 +107,22 @@ def main() -> int:
     ft_recipe = ["--epochs", str(args.ft_epochs), "--mixup", "0.2", "--lr-rest", "1e-4", "--lr-head", "2e-4",
                  "--lr-moe", "5e-4", "--warmup-epochs", "0.2"]
     variants = FULL if args.full else REDUCED
+    held = open_dataset(args.data, image_size=args.image_size, split="eval", seed=0)
     runs: dict[str, dict[int, str]] = {}
     k_of: dict[str, int] = {}
     conversions: dict[str, list[str]] = {}
     for seed in args.seeds:
         s = ["--seed", str(seed)]
-        dense_dir = out / f"dense-s{seed}"
+        dense_dir = out / f"dense-e{args.dense_epochs}-s{seed}"
         _run(train_main, ["--model", "mobilevitv2_050", "--init", args.init, "--out", str(dense_dir), *common,
                           *dense_recipe, *s])
         dense_ck = dense_dir / "best.safetensors"
         runs.setdefault("dense", {})[seed] = str(dense_dir)
-        extra = out / f"dense-extra-s{seed}"
+        gate_path = dense_dir / "gate.json"  # the gate first: it decides whether the MoE rows can mean anything
+        if not gate_path.exists():
+            print(f"gate: seed {seed}", flush=True)
+            gate_path.write_text(json.dumps(gate(load_checkpoint(dense_ck), held)))
+        extra = out / f"dense-e{args.dense_epochs}-extra{args.ft_epochs}-s{seed}"
         _run(train_main, ["--model", str(dense_ck), "--out", str(extra), *common, *ft_recipe, *s])
         runs.setdefault("dense + extra epochs", {})[seed] = str(extra)
         dense = load_checkpoint(dense_ck)
@@ -125,7 +130,7 @@ def main() -> int:
             name = f"MoE-{experts} [{layers}]"
             k = hidden_within_budget(dense, tuple(int(i) for i in layers.split(",")), experts)
             k_of[name] = k
-            tag = f"moe{experts}-L{layers.replace(',', '-')}-K{k}-s{seed}"
+            tag = f"moe{experts}-L{layers.replace(',', '-')}-K{k}-e{args.dense_epochs}-ft{args.ft_epochs}-s{seed}"
             conv = out / f"{tag}.safetensors"
             if not (conv.exists() and conv.with_suffix(".report.json").exists()):
                 _run(convert_main, ["--dense", str(dense_ck), "--data", args.data, "--layers", layers, "--experts",
@@ -136,14 +141,7 @@ def main() -> int:
             runs.setdefault(name, {})[seed] = str(out / f"{tag}-ft")
             conversions.setdefault(name, []).append(str(conv.with_suffix(".report.json")))
 
-    # the gate, on every dense model
-    held = open_dataset(args.data, image_size=args.image_size, split="eval", seed=0)
-    gates = []
-    for seed, d in runs["dense"].items():
-        path = out / f"gate-s{seed}.json"
-        if not path.exists():
-            path.write_text(json.dumps(gate(load_checkpoint(Path(d) / "best.safetensors"), held)))
-        gates.append(json.loads(path.read_text()))
+    gates = [json.loads((Path(d) / "gate.json").read_text()) for d in runs["dense"].values()]
     gate_rows = [{"layer": i, **interval([g["rows"][i + 1]["drop_points"] for g in gates])} for i in range(9)]
 
     rows = []

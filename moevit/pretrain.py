@@ -8,8 +8,8 @@ night, with blanks; frames are rendered on access, so the corpus costs no memory
 species (supervised). Augmentation on top of the generator's own variety: random resized crop, brightness /
 contrast jitter, random grey, horizontal flip, MixUp and label smoothing.
 
-    python -m moevit.pretrain --out runs/pretrain --weights weights/pretrain-mobilevitv2_050-96.safetensors \\
-        --image-size 96 --budget-min 40
+    python -m moevit.pretrain --out runs/pretrain --weights weights/pretrain-mobilevitv2_050-64.safetensors \\
+        --image-size 64 --classes 64 --per-class 185 --epochs 1
 
 ``--budget-min`` times a few training steps first and sizes the corpus (one epoch = every image once) to fit the
 budget; ``--per-class`` fixes it instead (the recipe JSON written beside the weights records both, so a rerun
@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="mobilevitv2_050")
     ap.add_argument("--out", default="runs/pretrain", help="run folder (resumed when it holds a run)")
-    ap.add_argument("--weights", default="weights/pretrain-mobilevitv2_050-96.safetensors")
-    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--weights", default="weights/pretrain-mobilevitv2_050-64.safetensors")
+    ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--classes", type=int, default=64, help="random species in the corpus (plus blank)")
     ap.add_argument("--per-class", type=int, default=None, help="images per species (default: from --budget-min)")
     ap.add_argument("--budget-min", type=float, default=40.0, help="wall-clock minutes of training to size for")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1)
