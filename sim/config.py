@@ -199,6 +199,9 @@ class Settings:
     confidence_threshold: float = 0.5
     low_confidence_share: float = 0.5
     battery_soc: float = 1.0
+    # (start_s, bandwidth_mbps, latency_ms), ascending: from start_s on, every link of the coordinator carries these
+    # figures (a message takes the figures of the moment it starts); empty: the topology's, all run long
+    link_schedule: tuple[tuple[float, float, float], ...] = ()
 
     def wire_bytes(self, stats: Any) -> float | list[float]:
         """Bytes per token number of ``wire``: the measured figure, else the codec's nominal one per MoE layer."""
@@ -397,6 +400,18 @@ def _parse_settings(d: Any, file: str, key: str) -> Settings:
             out[k] = _num(v, file, kk, lo_open=True, hi=1.0)
         elif k == "deadline_s":
             out[k] = _num(v, file, kk, lo_open=True)
+        elif k == "link_schedule":  # [{from_s, bandwidth_mbps, latency_ms}, ...], ascending
+            steps = []
+            for i, step in enumerate(_list(v, file, kk)):
+                sk = f"{kk}[{i}]"
+                _keys(_mapping(step, file, sk), file, sk, ("from_s", "bandwidth_mbps", "latency_ms"),
+                      required=("from_s", "bandwidth_mbps", "latency_ms"))
+                steps.append((_num(step["from_s"], file, f"{sk}.from_s"),
+                              _num(step["bandwidth_mbps"], file, f"{sk}.bandwidth_mbps", lo_open=True),
+                              _num(step["latency_ms"], file, f"{sk}.latency_ms")))
+                if i and steps[-1][0] <= steps[-2][0]:
+                    raise SimConfigError(file, f"{sk}.from_s", "steps must be in ascending from_s order")
+            out[k] = tuple(steps)
         else:
             out[k] = _num(v, file, kk)
     return Settings(**out)

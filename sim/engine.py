@@ -318,7 +318,7 @@ class _Channel:
     """
 
     __slots__ = ("rate", "lat", "loss", "duty", "packet", "outages", "rng", "free_at", "airtime_s", "bits",
-                 "payload")
+                 "payload", "schedule")
 
     def __init__(self, link: Link, packet_bytes: int, outages: _Windows, rng: np.random.Generator) -> None:
         self.rate = link.bandwidth_mbps * 1e6
@@ -332,10 +332,20 @@ class _Channel:
         self.airtime_s = 0.0
         self.bits = 0.0  # on air, retransmissions included
         self.payload = 0  # bytes handed to the link
+        self.schedule: Sequence[tuple[float, float, float]] = ()  # Settings.link_schedule
+
+    def figures_at(self, t: float) -> tuple[float, float]:
+        """(bit/s, one-way latency s) at time ``t`` under the link schedule."""
+        for start, mbps, ms in reversed(self.schedule):
+            if t >= start:
+                return mbps * 1e6, ms / 1e3
+        return self.rate, self.lat
 
     def send(self, now: float, nbytes: int) -> float:
         """Queue a message at ``now``; returns when its last bit arrives at the far end."""
         self.payload += nbytes
+        if self.schedule:
+            self.rate, self.lat = self.figures_at(now if now > self.free_at else self.free_at)
         full, rest = divmod(nbytes, self.packet)
         npk = full + (1 if rest else 0)
         off = 1.0 / self.duty - 1.0
@@ -439,6 +449,8 @@ class ScenarioResult:
     latencies_s: list[float] = field(default_factory=list)
     error: str | None = None
     strategy_images: dict[str, int] = field(default_factory=dict)  # adaptive: images per strategy chosen
+    arrivals_s: list[float] = field(default_factory=list)  # arrival of each completed image, as latencies_s
+    image_strategies: list[str] = field(default_factory=list)  # adaptive: each completed image's strategy
 
     def row(self) -> dict[str, Any]:
         """A flat row for the CSV: parameters, figures, and per-site / per-link columns ``name:site``."""
@@ -552,6 +564,7 @@ class _Run:
                 else st.packet_bytes
             self.up[j] = _Channel(link, pk, outages, np.random.default_rng([sc.seed, 3, j, 0]))
             self.dn[j] = _Channel(link, pk, outages, np.random.default_rng([sc.seed, 3, j, 1]))
+            self.up[j].schedule = self.dn[j].schedule = st.link_schedule
         # Where each expert's patches go: the coordinator's own copy when it has one, else the first replica (what
         # coordinator.runtime.SplitRuntime does).
         placement = world.placements[sc.topology]
@@ -682,6 +695,10 @@ class _Run:
         for j, name in enumerate(self.sites):
             link = self.links[j]
             if j != self.c and link is not None:
+                if st_sched := self.st.link_schedule:  # the figures of the moment (the simulator knows them exactly)
+                    mbps, ms = next(((m, d) for t0, m, d in reversed(st_sched) if now >= t0),
+                                    (link.bandwidth_mbps, link.latency_ms))
+                    link = dataclasses.replace(link, bandwidth_mbps=mbps, latency_ms=ms)
                 links[name] = dataclasses.replace(LinkEstimate.from_link(link), up=not self.seen_down[j].contains(now))
         costs = predict(topo, self.pol_placement, self.pol_routing, links, self.pol_figures,
                         offload_site=None if self.offload_site is None else self.sites[self.offload_site])
@@ -948,6 +965,9 @@ class _Run:
             res.wait_mean_s = float(np.mean([im.start - im.arrival for im in done]))
             res.service_mean_s = float(np.mean([im.finish - im.start for im in done]))
             res.latencies_s = [float(v) for v in lat]
+            res.arrivals_s = [float(im.arrival) for im in done]
+            if self.adaptive:
+                res.image_strategies = [im.strategy for im in done]
         res.throughput_hz = len(done) / horizon
         per = max(n, 1)
         total_bytes = 0

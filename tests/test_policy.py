@@ -149,6 +149,12 @@ def test_the_simulator_runs_adaptive_with_the_same_policy():
     res = run_scenario(world_for(slow, stats), scenario("adaptive", images=6, failures=down, settings=Settings(
         rpc_overhead_bytes=0, image_bytes=5000, result_bytes=100)))
     assert res.strategy_images == {"offload-image": 3, "local": 3}
+    # the link schedule instead: from 2.5 s the link carries 1 kbit/s (the 5000-B image would take 40 s): local
+    sched = Settings(rpc_overhead_bytes=0, image_bytes=5000, result_bytes=100,
+                     link_schedule=((0.0, 1.0, 10.0), (2.5, 0.001, 10.0)))
+    res = run_scenario(world_for(slow, stats), scenario("adaptive", images=6, settings=sched))
+    assert res.strategy_images == {"offload-image": 3, "local": 3}
+    assert res.image_strategies[:3] == ["offload-image"] * 3
 
 
 def _as_dict(topo):
