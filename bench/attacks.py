@@ -519,9 +519,14 @@ def attack_flood(address: str, pid: int, *, requests: int = 16, mib: int = 48) -
 
 
 def classify_flood(args: argparse.Namespace) -> dict[str, Any]:
+    """``--rounds`` floods one after another on one server: whether its RSS keeps growing or levels off."""
     with tempfile.TemporaryDirectory() as tmp, ClassifyDeployment(Path(tmp)) as dep:
         time.sleep(1.0)
-        return attack_flood(dep.address, dep.proc.pid)
+        rounds = []
+        for _ in range(args.rounds):
+            rounds.append(attack_flood(dep.address, dep.proc.pid))
+            time.sleep(2.0)
+        return {**rounds[0], "rounds": rounds, "rss_after_last_mb": round(rss_mb(dep.proc.pid), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,7 +231,9 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             try:
                 decoded.append((i, load_image(data, self.image_size)))
             except UnreadableImageError as e:
-                outcomes[i] = e
+                # without its traceback: that holds this frame, whose ``outcomes`` holds the error, a cycle that
+                # kept the batch's images (up to the 64 MiB message cap each) until a full garbage collection
+                outcomes[i] = e.with_traceback(None)
         if decoded:
             res = self.runtime.classify(torch.stack([x for _, x in decoded]))
             probs = self.runtime.calibration.probs(res.logits)  # moe-calibrate's temperature
@@ -254,7 +256,8 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             try:
                 outcomes = await loop.run_in_executor(self.pool, self._run_batch, [data for data, _ in items])
             except Exception as e:  # a failed batch fails its requests; the server keeps serving
-                outcomes = [e if isinstance(e, SiteError) else SiteError("coordinator", str(e))] * len(items)
+                failure = e.with_traceback(None) if isinstance(e, SiteError) else SiteError("coordinator", str(e))
+                outcomes = [failure] * len(items)  # no traceback: it would hold this frame and the batch's images
             self._answered_at = loop.time()
             self._last_forward_s = self._answered_at - t0
             self._last_size, self._returned = len(items), 0
