@@ -314,6 +314,9 @@ class StrategyRuntime:
             per_layer[layer] = per_layer.get(layer, 0.0) + n
         expert = sum(n * self.figures.expert_flops_per_token.get(layer, 0.0) for layer, n in per_layer.items())
         figures = ModelFigures(**{**self.figures.__dict__, "trunk_flops": max(0.0, self.figures.trunk_flops - expert)})
+        for name, client in self.primary.clients.items():  # the health watch saw it go: no strategy may count on it
+            if not client.up:
+                self.links.down(name)
         costs = predict(self.primary.topology, self.primary.placement, routing, self.links.estimates(), figures,
                         offload_site=self.offload.site if self.offload is not None else None)
         if self.local is None and costs["local"].feasible:
