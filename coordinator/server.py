@@ -102,7 +102,8 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
 
     async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
         t0 = time.perf_counter()
-        size = len(request.image)
+        image = request.image  # each read of a bytes field copies it: once, not once per use
+        size = len(image)
         problem, code = None, grpc.StatusCode.OK
         if not size:
             problem, code = "ClassifyRequest.image is empty", grpc.StatusCode.INVALID_ARGUMENT
@@ -115,7 +116,7 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             self.admitted += 1
             self.queued_bytes += size
             try:
-                probs, degraded = await self._answer(request.image, context)
+                probs, degraded = await self._answer(image, context)
             except UnreadableImageError as e:
                 problem, code = f"image {clip(request.name)} is unreadable: {e}", grpc.StatusCode.INVALID_ARGUMENT
                 if self.on_unreadable is not None:
@@ -133,6 +134,7 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             finally:
                 self.admitted -= 1
                 self.queued_bytes -= size
+        del image
         if problem is not None:
             # not context.abort(): its traceback would keep the request (and its image) alive until a full GC
             context.set_code(code)
