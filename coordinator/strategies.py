@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,7 @@ class OffloadClient:
         self.stub = expert_pb2_grpc.ClassifierServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.calls = self.failures = self.bytes_sent = self.bytes_received = 0
+        self.server_s: float | None = None  # EWMA of the site's own time per image (its reported latency_ms)
 
     def health(self, timeout: float = 1.0) -> str:
         try:
@@ -221,6 +222,7 @@ class OffloadClient:
             self.bytes_received += got
             if estimator is not None:
                 estimator.call(self.site, sent + got, seconds, server_s=resp.latency_ms / 1e3)
+            self.server_s = _ewma(self.server_s, resp.latency_ms / 1e3)
             for p in resp.top:
                 if p.index < self.num_classes:
                     logits[i, p.index] = self.temperature * float(torch.log(torch.tensor(max(p.probability, 1e-30))))
@@ -272,6 +274,7 @@ class StrategyRuntime:
         self.decisions: dict[str, int] = {}
         self.fallbacks = 0
         self._routing: dict[tuple[int, int], float] = {}
+        self.local_s: float | None = None  # EWMA of a whole-model forward here, per image
         self._routed_images = 0
         opts = primary.topology.adaptive
         sites = sorted(set(primary.clients) | ({offload.site} if offload is not None else set()))
@@ -317,11 +320,28 @@ class StrategyRuntime:
         for name, client in self.primary.clients.items():  # the health watch saw it go: no strategy may count on it
             if not client.up:
                 self.links.down(name)
-        costs = predict(self.primary.topology, self.primary.placement, routing, self.links.estimates(), figures,
+        costs = predict(self._measured_topology(), self.primary.placement, routing, self.links.estimates(), figures,
                         offload_site=self.offload.site if self.offload is not None else None)
         if self.local is None and costs["local"].feasible:
             costs["local"] = StrategyCost(float("inf"), float("inf"), float("inf"), False, "no local copy")
         return costs
+
+    def _measured_topology(self) -> Topology:
+        """The topology with the speeds measured so far: the coordinator's gflops from its whole-model forwards
+        (local), the offload site's from the time its server reports per image; the topology's until measured."""
+        topo = self.primary.topology
+        assert self.figures is not None
+        whole = self.figures.trunk_flops  # the whole model's FLOPs per image (see _figures)
+        speeds = {}
+        if self.local_s is not None:
+            speeds[topo.coordinator] = whole / self.local_s / 1e9
+        if self.offload is not None and self.offload.server_s is not None:
+            speeds[self.offload.site] = whole / self.offload.server_s / 1e9
+        if not speeds:
+            return topo
+        sites = {n: replace(s, device=replace(s.device, gflops=speeds[n])) if n in speeds else s
+                 for n, s in topo.sites.items()}
+        return replace(topo, sites=sites)
 
     def _run(self, strategy: str, x: torch.Tensor) -> BatchResult:
         if strategy == "offload-image":
@@ -334,6 +354,8 @@ class StrategyRuntime:
         traffic = {n: (c.traffic.calls, c.traffic.bytes_sent + c.traffic.bytes_received)
                    for n, c in rt.clients.items()}
         out = rt.classify(x)
+        if rt is self.local:
+            self.local_s = _ewma(self.local_s, out.seconds / len(x))
         self._observe_routing(rt, before, len(x))
         for name, c in rt.clients.items():  # each call's time: a throughput sample of its link
             calls0, bytes0 = traffic[name]
