@@ -115,6 +115,10 @@ class LinkEstimator:
         with self.lock:
             lk = self.links[site]
             lk.rtt_s, lk.up = _ewma(lk.rtt_s, seconds), True
+            if probe and lk.throughput_bps is not None:
+                # a probe carries no payload: an idle link's throughput drifts back toward the topology's figure, so a
+                # link that was slow gets tried again (and measured by real calls) once it answers probes for a while
+                lk.throughput_bps = _ewma(lk.throughput_bps, lk.nominal.throughput_bps)
             lk.probes += probe
             lk.samples += not probe
 

@@ -63,8 +63,12 @@ def test_link_estimates_are_moving_averages_of_calls_and_probes(tmp_path):
     est.call("north", 1000, 0.002 + 0.001)  # 8,000 bits in 1 ms past the round trip: 8 Mbit/s
     e = est.estimates()["north"]
     assert e.rtt_s == pytest.approx(0.002) and e.throughput_bps == pytest.approx(8e6)
+    est.call("north", 1000, 0.002 + 0.008)  # 1 Mbit/s: 0.8 * 8 + 0.2 * 1
+    assert est.estimates()["north"].throughput_bps == pytest.approx(6.6e6)
     est.rtt("north", 0.012, probe=True)  # EWMA, weight 0.2: 0.8 * 2 ms + 0.2 * 12 ms
     assert est.estimates()["north"].rtt_s == pytest.approx(0.004)
+    # an idle link's probe carries no payload: its throughput drifts back toward the topology's 8 Mbit/s
+    assert est.estimates()["north"].throughput_bps == pytest.approx(0.8 * 6.6e6 + 0.2 * 8e6)
     est.down("north")
     assert not est.estimates()["north"].up and est.summary()["north"]["probes"] == 2
 
