@@ -118,7 +118,8 @@ class LinkEstimator:
             if probe and lk.throughput_bps is not None:
                 # a probe carries no payload: an idle link's throughput drifts back toward the topology's figure, so a
                 # link that was slow gets tried again (and measured by real calls) once it answers probes for a while
-                lk.throughput_bps = _ewma(lk.throughput_bps, lk.nominal.throughput_bps)
+                # (geometrically: a fifth of the way in log terms, so 20 kbit/s toward 20 Mbit/s is 80 kbit/s, not 4 M)
+                lk.throughput_bps = lk.throughput_bps ** (1 - EWMA_ALPHA) * lk.nominal.throughput_bps ** EWMA_ALPHA
             lk.probes += probe
             lk.samples += not probe
 
@@ -129,10 +130,18 @@ class LinkEstimator:
             rtt = lk.rtt_s if lk.rtt_s is not None else 0.0
             transfer = seconds - rtt - server_s
             if transfer > MIN_TRANSFER_S and nbytes > 0:
-                lk.throughput_bps = _ewma(lk.throughput_bps, 8 * nbytes / transfer)
+                # in log terms: a rate that drops 100-fold shows after two or three calls, not ten
+                sample = 8 * nbytes / transfer
+                lk.throughput_bps = (sample if lk.throughput_bps is None
+                                     else lk.throughput_bps ** (1 - EWMA_ALPHA) * sample ** EWMA_ALPHA)
             if lk.rtt_s is None:  # no probe yet: the whole call bounds the round trip from above
                 lk.rtt_s = max(0.0, seconds - server_s)
             lk.samples += 1
+
+    def busy(self, site: str) -> None:
+        """A call to ``site`` starts: the link is in use, not idle (no probe until it has been idle a while)."""
+        with self.lock:
+            self.links[site].last_used = time.monotonic()
 
     def down(self, site: str) -> None:
         with self.lock:
@@ -211,6 +220,8 @@ class OffloadClient:
             req = expert_pb2.ClassifyRequest(image=encode_png(x[i]), name=f"offload-{self.calls}",
                                              top_k=self.num_classes)
             t0 = time.perf_counter()
+            if estimator is not None:
+                estimator.busy(self.site)
             try:
                 resp = self.stub.Classify(req, timeout=self.deadline_s, metadata=self.metadata)
             except grpc.RpcError as e:
@@ -321,6 +332,9 @@ class StrategyRuntime:
             per_layer[layer] = per_layer.get(layer, 0.0) + n
         expert = sum(n * self.figures.expert_flops_per_token.get(layer, 0.0) for layer, n in per_layer.items())
         figures = ModelFigures(**{**self.figures.__dict__, "trunk_flops": max(0.0, self.figures.trunk_flops - expert)})
+        if self.offload is not None and self.offload.calls:  # the images' real size on the wire, once sent
+            figures = replace(figures, image_bytes=self.offload.bytes_sent / self.offload.calls,
+                              answer_bytes=self.offload.bytes_received / self.offload.calls)
         for name, client in self.primary.clients.items():  # the health watch saw it go: no strategy may count on it
             if not client.up:
                 self.links.down(name)
@@ -428,15 +442,26 @@ class StrategyRuntime:
                     break
                 time.sleep(0.1)
         if self.strategy == "adaptive" and self.figures is not None and not self._routed_images:
-            # one blank image through the split path: the policy's first routing figures, the streams warmed up
-            rt = self.primary
-            saved = dict(rt.context.tokens)
-            try:
-                self._run("split", torch.zeros(1, 3, self.figures_size, self.figures_size))
-            except SiteError as e:
-                log.warning("adaptive: warm-up through split failed: %s", e)
-            rt.context.tokens.clear()
-            rt.context.tokens.update(saved)
+            # two blank images through each strategy: the policy's first routing figures and measured speeds (the
+            # second of each counts: a first forward or call is slow), the streams warmed up
+            blank = torch.zeros(1, 3, self.figures_size, self.figures_size)
+            for strategy in ("split", "local", "offload-image"):
+                if (strategy == "local" and self.local is None) or (strategy == "offload-image" and (
+                        self.offload is None or not self.links.links[self.offload.site].up)):
+                    continue
+                rt = self.local if strategy == "local" else self.primary
+                saved = dict(rt.context.tokens)
+                try:
+                    for _ in range(2):
+                        if strategy == "local":
+                            self.local_s = None
+                        elif strategy == "offload-image" and self.offload is not None:
+                            self.offload.server_s = None
+                        self._run(strategy, blank)
+                except SiteError as e:
+                    log.warning("adaptive: warm-up through %s failed: %s", strategy, e)
+                rt.context.tokens.clear()
+                rt.context.tokens.update(saved)
         self.start()
         return infos
 

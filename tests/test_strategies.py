@@ -63,12 +63,13 @@ def test_link_estimates_are_moving_averages_of_calls_and_probes(tmp_path):
     est.call("north", 1000, 0.002 + 0.001)  # 8,000 bits in 1 ms past the round trip: 8 Mbit/s
     e = est.estimates()["north"]
     assert e.rtt_s == pytest.approx(0.002) and e.throughput_bps == pytest.approx(8e6)
-    est.call("north", 1000, 0.002 + 0.008)  # 1 Mbit/s: 0.8 * 8 + 0.2 * 1
-    assert est.estimates()["north"].throughput_bps == pytest.approx(6.6e6)
+    est.call("north", 1000, 0.002 + 0.008)  # 1 Mbit/s, averaged in log terms: 8^0.8 * 1^0.2 = 5.28 Mbit/s
+    slow = 8e6 ** 0.8 * 1e6 ** 0.2
+    assert est.estimates()["north"].throughput_bps == pytest.approx(slow)
     est.rtt("north", 0.012, probe=True)  # EWMA, weight 0.2: 0.8 * 2 ms + 0.2 * 12 ms
     assert est.estimates()["north"].rtt_s == pytest.approx(0.004)
     # an idle link's probe carries no payload: its throughput drifts back toward the topology's 8 Mbit/s
-    assert est.estimates()["north"].throughput_bps == pytest.approx(0.8 * 6.6e6 + 0.2 * 8e6)
+    assert est.estimates()["north"].throughput_bps == pytest.approx(slow ** 0.8 * 8e6 ** 0.2)
     est.down("north")
     assert not est.estimates()["north"].up and est.summary()["north"]["probes"] == 2
 
@@ -113,13 +114,15 @@ def test_strategies_that_cannot_run_are_refused_at_start_in_one_line(tmp_path, m
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_adaptive_leaves_offload_when_its_site_stops_answering(tmp_path, model_path):
-    # a slow camera: offload-image to north is predicted cheapest; every expert on the camera, so split needs no
-    # worker and adaptive's alternatives are local and split
-    slow = {"cam": {"device": {"gflops": 0.01, "memory_mb": 256, "active_w": 3, "idle_w": 1}},
-            "north": {"device": {"gflops": 50, "memory_mb": 256, "active_w": 3, "idle_w": 1}}}
+    # objective energy, a camera drawing 500 W while it computes and a 0.1 W hub: offload-image to north is cheapest
+    # whatever the speeds measured on this machine; every expert on the camera, so split needs no worker and
+    # adaptive's alternatives are local and split
+    hungry = {"cam": {"device": {"gflops": 5, "memory_mb": 256, "active_w": 500, "idle_w": 1}},
+              "north": {"device": {"gflops": 50, "memory_mb": 256, "active_w": 0.1, "idle_w": 0.1}}}
     placement = {layer: {"cam": list(range(6))} for layer in LAYERS}
-    topo = _topology(tmp_path, model_path, "adaptive", site_extra=slow, placement=placement,
-                     extra={"offload": {"site": "north"}, "adaptive": {"consecutive": 1, "probe_interval_s": 60}})
+    topo = _topology(tmp_path, model_path, "adaptive", site_extra=hungry, placement=placement,
+                     extra={"offload": {"site": "north"}, "adaptive": {"objective": "energy", "consecutive": 1,
+                                                                       "probe_interval_s": 60}})
     rt = open_runtime(load_topology(topo))
     server = ensure_classify_server(str(topo), "north", rt.offload.address, check=rt.offload.health, threads=1)
     try:
