@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.attacks import (  # noqa: E402
+from moevit.sim.attacks import (  # noqa: E402
     CHANNEL_OPTIONS,
     ClassifyDeployment,
     attack_watches,
@@ -58,6 +58,7 @@ from bench.attacks import (  # noqa: E402
     refused_requests,
     rss_mb,
 )
+
 from moevit_rpc.tensors import tensor_to_proto  # noqa: E402
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc  # noqa: E402
 

@@ -1,14 +1,13 @@
 """Issue 21: attacks on real processes over loopback, each asserting the bound it must stay within.
 
-The payloads and measurements live in ``bench/attacks.py`` (which prints the same figures for the closing note);
+The payloads and measurements live in ``sim/attacks.py`` (``bench/attacks.py`` prints the same figures as JSON);
 ``bench/soak_attacks.py`` mixes them into normal traffic.
 """
 
 from __future__ import annotations
 
 import pytest
-
-from bench.attacks import (
+from moevit.sim.attacks import (
     ClassifyDeployment,
     attack_bomb,
     attack_flood,

@@ -102,10 +102,6 @@ def _is_cli(module: str) -> bool:
 
 NETWORK_MAY_NOT = ("grpc", "ray", "moevit.coordinator", "moevit.worker", "moevit.partition", "moevit.sim")
 
-# Known debt, named so it cannot grow unnoticed: issue 21's attack payloads and measurements were written into
-# bench/attacks.py while the restructuring ran; they belong in the library (as the soak moved to sim/soak.py).
-BENCH_TESTS_IMPORT_FOR_NOW = ("bench.attacks",)
-
 
 @functools.cache
 def _console_scripts() -> frozenset[str]:
@@ -137,7 +133,7 @@ def _layering_violations() -> list[str]:
                 bad.append(f"{rel}: a library module imports the command-line module {imp}")
             if _under(name, "bench") and _under(imp, "tests"):
                 bad.append(f"{rel}: a benchmark imports the tests ({imp}); use moevit.coordinator.local")
-            if _under(name, "tests") and _under(imp, "bench") and not _under(imp, *BENCH_TESTS_IMPORT_FOR_NOW):
+            if _under(name, "tests") and _under(imp, "bench"):
                 bad.append(f"{rel}: a test imports a benchmark script ({imp}); move what it needs into the library")
     return bad
 

@@ -20,9 +20,9 @@ import torch
 from moevit.coordinator import fieldmeta
 from moevit.coordinator import results as res
 from moevit.coordinator.local import free_port, wait_serving, write_topology
+from moevit.sim.attacks import small_model, stop
 from PIL import Image
 
-from bench.attacks import small_model, stop
 from moevit.data import load_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
