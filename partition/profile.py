@@ -21,6 +21,7 @@ Torch is imported here (it runs the model); the cost model and the partitioner n
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from moevit.analysis import ClassAffinity
 from moevit.checkpoint import model_fingerprint
+from moevit.data import UnreadableImageError
 from moevit.flops import count_macs
 from moevit.mobilevitv2 import MobileViTV2, build_model
 from moevit.moe.routing import record_routing
@@ -40,6 +42,27 @@ from moevit.moe.routing import record_routing
 __all__ = ["PIXELS_PER_PATCH", "profile_model", "select_images"]
 
 PIXELS_PER_PATCH = 4  # MobileViTV2 unfolds 2x2 patches
+
+
+
+log = logging.getLogger(__name__)
+
+
+def _readable(dataset: Any, indices: Sequence[int], unreadable: list[str]) -> list[tuple[torch.Tensor, int]]:
+    """The items at ``indices`` that decode, each its own image: a folder dataset's ``__getitem__`` would put the
+    next readable image in an unreadable one's place and count it twice. Each unreadable file is logged once and
+    appended to ``unreadable``."""
+    load = getattr(dataset, "load", None)
+    if load is None:  # in-memory datasets (digits, synthetic, scenes) have nothing to fail
+        return [dataset[k] for k in indices]
+    out = []
+    for k in indices:
+        try:
+            out.append(load(k))
+        except UnreadableImageError as err:
+            log.warning("unreadable, not profiled: %s", err)
+            unreadable.append(str(err))
+    return out
 
 
 def select_images(n: int, images: int | None, seed: int) -> list[int]:
@@ -117,13 +140,16 @@ def profile_model(
     pairs = list(zip(layer_ids[:-1], layer_ids[1:], strict=True))
     coact = {(a, b): np.zeros((moe[a].num_experts, moe[b].num_experts)) for a, b in pairs}
     class_images = np.zeros(n_cls, dtype=np.int64)
+    unreadable: list[str] = []
     stack = ExitStack()  # the routing recorder's hooks, removed in the finally below
     try:
         rec = stack.enter_context(record_routing(model))
         starts = range(0, len(chosen), batch_size)
         bar = tqdm(starts, desc="profiling", unit="batch", disable=not progress, leave=False)
         for start in bar:
-            items = [dataset[k] for k in chosen[start:start + batch_size]]
+            items = _readable(dataset, chosen[start:start + batch_size], unreadable)
+            if not items:
+                continue
             x = torch.stack([it[0] for it in items])
             labels = torch.tensor([int(it[1]) for it in items])
             if labels.min() < 0 or labels.max() >= n_cls:
@@ -158,7 +184,9 @@ def profile_model(
             hd.remove()
         model.train(was_training)
 
-    n = len(chosen)
+    n = len(chosen) - len(unreadable)
+    if n == 0:
+        raise ValueError(f"none of the {len(chosen)} chosen images could be read: {unreadable[0]}")
     P = PIXELS_PER_PATCH
     out_layers: list[dict[str, Any]] = []
     expert_macs = 0

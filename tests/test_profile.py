@@ -200,3 +200,23 @@ def test_cli_profile_then_partition(tmp_path, capsys):
     rc = profile_main(["--model", str(dense), "--data", DATA, "--out", str(out)])
     _, err = capsys.readouterr()
     assert rc == 2 and "no MoE layers" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unreadable_file_is_left_out_never_replaced_by_another_image(tmp_path):
+    """A folder with a corrupt file: the stats count each readable image once (issue 22: a folder dataset's
+    ``__getitem__`` puts the next readable image in an unreadable one's place, which would count it twice)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (tmp_path / c).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    data = open_dataset(f"folder:{tmp_path}", image_size=64, split="train")
+    broken = [i for i, item in enumerate(data.items) if "broken" in str(item)]
+    assert len(broken) == 1, "the seeded split should keep the broken file in train"
+    labels = [int(data.load(i)[1]) for i in range(len(data)) if i not in broken]
+    stats = profile_model(tiny_model(), data, batch_size=4, count_dense=False)
+    assert stats["images"] == len(data) - 1
+    assert stats["class_images"] == np.bincount(labels, minlength=3).tolist()
