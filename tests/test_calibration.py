@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -153,9 +152,11 @@ class _FakeRuntime:
         self.logits, self.calibration, self.fingerprint = logits, calibration, "fp"
 
     def classify(self, x):
+        from moevit.coordinator.runtime import BatchResult
+
         n = len(x)
-        return SimpleNamespace(logits=self.logits[:n], degraded=torch.zeros(n, dtype=torch.bool), failures=[],
-                               seconds=0.01)
+        return BatchResult(logits=self.logits[:n], degraded=torch.zeros(n, dtype=torch.bool), failures=[],
+                           seconds=0.01)
 
 
 def test_the_batch_run_applies_the_temperature_and_the_blank_threshold():
