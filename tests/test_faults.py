@@ -122,7 +122,8 @@ def test_kill9_with_200_in_flight_then_rejoin(cluster):
     _ensure_all_up(cluster)
     rt = _runtime(cluster, "kill.yaml", fallback="skip", rpc={"deadline_s": 5.0})
     loop = LoopThread()
-    server = loop.run(start_server(rt, "127.0.0.1:0", image_size=SIZE, max_batch=1))
+    # a queue sized for the 200 concurrent requests (the default of 32 answers the rest RESOURCE_EXHAUSTED)
+    server = loop.run(start_server(rt, "127.0.0.1:0", image_size=SIZE, max_batch=1, max_queue=256))
     try:
         with grpc.insecure_channel(server.address) as ch:
             stub = expert_pb2_grpc.ClassifierServiceStub(ch)
