@@ -77,7 +77,11 @@ def test_agreement_does_not_fall_as_k_grows(trained_dense):
         cfg = ConvertConfig(moe=moevit.MoEConfig(layers=(8,), num_experts=4, expert_hidden=k), images_per_class=16)
         moe, _ = convert(dense, open_at, list(open_at(32).targets), cfg)
         agreements.append(_agreement(dense, moe, held_out))
-    assert agreements == sorted(agreements), agreements
+    # more units bring the experts closer to the dense MLP: on 18 held-out images one image near a decision boundary
+    # may still flip either way between two widths (the training fixture is not bit-reproducible across thread
+    # counts), two may not
+    one_image = 1.0 / len(held_out)
+    assert all(b >= a - one_image - 1e-6 for a, b in zip(agreements, agreements[1:], strict=False)), agreements
     assert agreements[-1] == 1.0  # full width with the residual correction is exact
 
 
