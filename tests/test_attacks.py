@@ -92,9 +92,9 @@ def test_a_legitimate_request_does_not_wait_behind_decoding_bombs(classify_serve
 
 @pytest.mark.slow
 def test_classify_server_bounds_its_queue_and_counts_unreadable_images(classify_server):
-    """Item 6 and serve-mode metrics: 16 concurrent 48 MiB junk requests get RESOURCE_EXHAUSTED beyond the queue's
-    128 MiB (the rest INVALID_ARGUMENT: not images) and a legitimate request is answered after; every unreadable
-    image is counted in moevit_coordinator_images_total{outcome="unreadable"}."""
+    """Item 6 and serve-mode metrics: 16 concurrent 48 MiB junk requests are all refused (RESOURCE_EXHAUSTED beyond
+    the queue's 128 MiB, INVALID_ARGUMENT for those decoded: not images) and a legitimate request is answered after;
+    every unreadable image is counted in moevit_coordinator_images_total{outcome="unreadable"}."""
     import re
     import urllib.request
 
@@ -104,7 +104,10 @@ def test_classify_server_bounds_its_queue_and_counts_unreadable_images(classify_
 
     before = unreadable()
     result = attack_flood(classify_server.address, classify_server.proc.pid)
-    assert "RESOURCE_EXHAUSTED" in result["codes"], result
+    # every junk request is refused; whether some meet the queue's bound (RESOURCE_EXHAUSTED) depends on how many
+    # overlap, which a fast machine may never reach: the bound itself is tested deterministically in
+    # tests/test_server_batching.py::test_requests_beyond_the_queue_get_resource_exhausted_and_the_server_serves_on
+    assert result["codes"] and set(result["codes"]) <= {"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"}, result
     assert result["legit_after"]["code"] == "OK", result
     refused_as_unreadable = unreadable() - before
     assert 1 <= refused_as_unreadable < 16, (refused_as_unreadable, result)

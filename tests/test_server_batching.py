@@ -131,3 +131,23 @@ def test_bad_batching_flags_are_one_line_errors(capsys, flag, value, words):
     assert cli.main(["--topology", str(sites), "--serve", "127.0.0.1:0", flag, value]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+async def test_requests_beyond_the_queue_get_resource_exhausted_and_the_server_serves_on():
+    """Issue 21 item 6, deterministically: with a slow forward the admitted requests wait for it, so of 48 sent at
+    once the servicer admits its queue (32 by default) and answers the rest RESOURCE_EXHAUSTED at once, naming the
+    bound; the admitted ones are answered and the server takes new requests after."""
+    running, channel, stub = await _server(max_wait_ms=2.0, forward_s=1.0)
+    image = _png(32, 0)
+    try:
+        await stub.Classify(expert_pb2.ClassifyRequest(image=image), timeout=30)
+        calls = [stub.Classify(expert_pb2.ClassifyRequest(image=image), timeout=120) for _ in range(48)]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+        assert all(a.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for a in refused), refused[:1]
+        assert len(refused) == 48 - server_mod.DEFAULT_MAX_QUEUE, len(refused)
+        assert "server busy" in refused[0].details()
+        assert (await stub.Classify(expert_pb2.ClassifyRequest(image=image), timeout=30)).top[0].label == "b"
+    finally:
+        await channel.close()
+        await running.stop(0)
