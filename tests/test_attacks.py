@@ -113,4 +113,4 @@ def test_classify_server_bounds_its_queue_and_counts_unreadable_images(classify_
     assert result["codes"] and set(result["codes"]) <= {"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"}, result
     assert result["legit_after"]["code"] == "OK", result
     refused_as_unreadable = unreadable() - before
-    assert 1 <= refused_as_unreadable < 16, (refused_as_unreadable, result)
+    assert 1 <= refused_as_unreadable <= 16, (refused_as_unreadable, result)  # the decoded ones, each counted
