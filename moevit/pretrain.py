@@ -63,8 +63,11 @@ class SceneAugment:
         return f"SceneAugment(scale={self.scale}, jitter={self.jitter}, grey={self.grey})"
 
 
-def corpus_spec(classes: int, per_class: int, size: int, seed: int) -> str:
-    return f"scenes:classes={classes},per_class={per_class},size={size},zoo=1,seed={seed},split_seed={seed},lazy=1"
+def corpus_spec(classes: int, per_class: int, size: int, seed: int, render_workers: int = 0) -> str:
+    """The corpus's data spec: rendered on access (``render_workers`` 0, no memory) or up front in that many
+    processes and kept in memory (uint8; much faster per epoch, since a burst's background is drawn once)."""
+    how = "lazy=1" if render_workers <= 0 else f"workers={render_workers}"
+    return f"scenes:classes={classes},per_class={per_class},size={size},zoo=1,seed={seed},split_seed={seed},{how}"
 
 
 def _probe(args: argparse.Namespace, cfg: TrainConfig) -> float:
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--render-workers", type=int, default=0,
+                    help="render the corpus up front in N processes and keep it in memory (0: render on access)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         args.per_class = max(20, int(total / ((args.classes + 1) * 0.8)))  # the train split is 80 % of the corpus
         print(f"probe: {probe:.1f} training images/s -> {args.per_class} images per species "
               f"for {args.budget_min:g} min", flush=True)
-    spec = corpus_spec(args.classes, args.per_class, args.image_size, args.seed)
+    spec = corpus_spec(args.classes, args.per_class, args.image_size, args.seed, args.render_workers)
     out.mkdir(parents=True, exist_ok=True)
     recipe = {"command": "python -m moevit.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
               "corpus": spec, "per_class": args.per_class, "image_size": args.image_size, "arch": args.arch,

@@ -608,12 +608,29 @@ def render(spec: SceneSpec, frame: Frame) -> np.ndarray:
     return out
 
 
-def generate(spec: SceneSpec) -> tuple[np.ndarray, list[Frame]]:
-    """All frames: uint8 [N, size, size, 3] and their :class:`Frame` records (same order)."""
+def _render_chunk(spec: SceneSpec, frames: list[Frame]) -> np.ndarray:
+    return np.stack([render(spec, f) for f in frames])
+
+
+def generate(spec: SceneSpec, workers: int = 1) -> tuple[np.ndarray, list[Frame]]:
+    """All frames: uint8 [N, size, size, 3] and their :class:`Frame` records (same order). ``workers`` > 1 renders
+    in that many processes (the same pixels: every frame is a pure function of the spec and its record)."""
     frames = burst_layout(spec)
     images = np.empty((len(frames), spec.size, spec.size, 3), np.uint8)
-    for i, f in enumerate(frames):
-        images[i] = render(spec, f)
+    if workers <= 1 or len(frames) < 256:
+        for i, f in enumerate(frames):
+            images[i] = render(spec, f)
+        return images, frames
+    import concurrent.futures
+    import multiprocessing
+
+    # contiguous chunks keep a burst's frames together, so each process reuses the burst's background
+    step = max(64, len(frames) // (workers * 8))
+    starts = range(0, len(frames), step)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for start, chunk in zip(starts, pool.map(_render_chunk, [spec] * len(starts),
+                                                 [frames[s:s + step] for s in starts]), strict=True):
+            images[start:start + len(chunk)] = chunk
     return images, frames
 
 
@@ -629,9 +646,9 @@ def with_size(spec: SceneSpec, size: int) -> SceneSpec:
 # ------------------------------------------------------------------------------------------- the dataset spec
 
 SPEC_DEFAULTS: dict[str, Any] = {"classes": 10, "per_class": 200, "size": 128, "blank": None, "seed": 0,
-                                 "split_seed": None, "zoo": 0, "night": 0.35, "lazy": 0}
+                                 "split_seed": None, "zoo": 0, "night": 0.35, "lazy": 0, "workers": 1}
 SPEC_FORM = ("scenes or scenes:classes=10,per_class=200,size=128,blank=0.5,seed=0,split_seed=0,zoo=0,night=0.35,"
-             "lazy=0")
+             "lazy=0,workers=1")
 
 
 @dataclass(frozen=True)
@@ -641,6 +658,7 @@ class ScenesOptions:
     scene: SceneSpec
     split_seed: int | None = None  # None: the caller's seed; set: every command splits the same way
     lazy: bool = False
+    workers: int = 1  # processes that render the frames up front (how, not what: the pixels are the same)
 
     def __str__(self) -> str:
         s = self.scene
@@ -656,6 +674,8 @@ class ScenesOptions:
             parts.append(f"night={s.night:g}")
         if self.lazy:
             parts.append("lazy=1")
+        if self.workers != 1:
+            parts.append(f"workers={self.workers}")
         return "scenes:" + ",".join(parts)
 
 
@@ -685,12 +705,15 @@ def parse_options(spec: str, arg: str) -> ScenesOptions:
                           blank=opts["blank"], seed=opts["seed"], zoo=opts["zoo"], night=opts["night"])
     except ValueError as err:
         raise ValueError(f"data spec {spec!r}: {err}") from None
-    return ScenesOptions(scene=scene, split_seed=opts["split_seed"], lazy=bool(opts["lazy"]))
+    if opts["workers"] < 1:
+        raise ValueError(f"data spec {spec!r}: scenes option workers must be >= 1")
+    return ScenesOptions(scene=scene, split_seed=opts["split_seed"], lazy=bool(opts["lazy"]),
+                         workers=opts["workers"])
 
 
 @functools.lru_cache(maxsize=2)
-def _generated(scene: SceneSpec) -> tuple[np.ndarray, tuple[Frame, ...]]:
-    images, frames = generate(scene)
+def _generated(scene: SceneSpec, workers: int = 1) -> tuple[np.ndarray, tuple[Frame, ...]]:
+    images, frames = generate(scene, workers)
     images.flags.writeable = False
     return images, tuple(frames)
 
@@ -736,7 +759,7 @@ def open_scenes(options: ScenesOptions, data_spec: Any, *, image_size: int, spli
                                   transform=transform)
     if options.lazy:
         return LazySceneDataset(scene=scene, items=[frames[i] for i in chosen], **common)
-    images, _ = _generated(scene)
+    images, _ = _generated(scene, options.workers)
     return SceneArrayDataset(images=images, items=chosen, **common)
 
 

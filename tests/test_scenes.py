@@ -27,6 +27,16 @@ def test_same_spec_same_pixels_and_another_seed_differs():
     assert np.array_equal(render(spec, fa[5]), a[5])
 
 
+@pytest.mark.slow
+def test_rendering_in_several_processes_gives_the_same_pixels():
+    spec = SceneSpec(classes=4, per_class=60, size=32, seed=2)
+    one, frames = generate(spec)
+    assert len(frames) >= 256  # the size from which generate() uses processes
+    two, frames2 = generate(spec, workers=2)
+    assert frames2 == frames and np.array_equal(one, two)
+    assert str(parse_spec("scenes:per_class=20,workers=2")).endswith("workers=2")
+
+
 def test_class_balance_and_blank_share():
     spec = SceneSpec(classes=4, per_class=17, size=32)
     counts = {}
@@ -68,7 +78,7 @@ def test_spec_parsing_and_errors():
     assert str(parse_spec(str(spec))) == str(spec)
     for bad, msg in [("scenes:colour=3", "unknown scenes option"), ("scenes:classes=x", "not an integer"),
                      ("scenes:blank=1.5", "blank"), ("scenes:size", "not key=value"),
-                     ("scenes:seed=1,seed=2", "given twice")]:
+                     ("scenes:seed=1,seed=2", "given twice"), ("scenes:workers=0", "workers must be >= 1")]:
         with pytest.raises(ValueError, match=msg):
             parse_spec(bad)
 
