@@ -33,6 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from moevit.coordinator import results as res
+from moevit.coordinator.corrections import DEFAULT_LIMIT as DEFAULT_RESCORE_LIMIT
+from moevit.coordinator.corrections import DEFAULT_MAX_AGE_S as DEFAULT_RESCORE_MAX_AGE_S
+from moevit.coordinator.corrections import RescoreQueue, utc_now
 from moevit.coordinator.fieldmeta import DEFAULT_SEQUENCE_GAP_S, read_image_meta
 from moevit.coordinator.launcher import LaunchError, ensure_classify_server, ensure_workers
 from moevit.coordinator.runtime import CoordinatorError, SplitRuntime
@@ -146,6 +149,16 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--mqtt-key", metavar="PEM", help="client key for mutual TLS")
     up.add_argument("--mqtt-wait", type=float, default=10.0, metavar="S", help="at the end, wait up to S seconds "
                     "for the broker to acknowledge what is queued (the rest stays in the outbox; default 10)")
+    rs = ap.add_argument_group("re-scoring degraded results once their sites are back (docs/reliability.md)")
+    rs.add_argument("--no-rescore", dest="rescore", action="store_false", help="keep degraded results as they are")
+    rs.add_argument("--rescore-limit", type=int, default=DEFAULT_RESCORE_LIMIT, metavar="N", help="at most N "
+                    f"degraded images wait for their sites (the oldest leave first; default {DEFAULT_RESCORE_LIMIT})")
+    rs.add_argument("--rescore-max-age", type=float, default=DEFAULT_RESCORE_MAX_AGE_S, metavar="S",
+                    help="a degraded image whose sites are not back S seconds after it was classified stays "
+                    f"degraded (default {DEFAULT_RESCORE_MAX_AGE_S:g}: a day)")
+    rs.add_argument("--rescore-wait", type=float, default=0.0, metavar="S", help="at the end, wait up to S seconds "
+                    "for the sites of degraded images to come back (default 0: the next run with the same --out "
+                    "re-scores them)")
     return ap
 
 
@@ -170,14 +183,20 @@ def _open_uplink(args: argparse.Namespace) -> Any:
 def _publish_events(uplink: Any, records: list[dict[str, Any]], runtime: SplitRuntime, job: BatchJob,
                     labels: list[str], taxa: list[Taxon] | None) -> None:
     """Queue the run's event summaries, then wait up to --mqtt-wait for the broker's acknowledgements."""
-    from moevit.coordinator.events import events_from_megadetector
+    from moevit.coordinator.corrections import revise_events
 
     descriptions = res.descriptions_for(labels, taxa)
-    doc = res.build_megadetector(records, labels=labels, fingerprint=runtime.fingerprint,
-                                 descriptions=descriptions, gap_s=job.sequence_gap)
-    # the camera's deployment is the coordinator's site of sites.yaml (where this camera stands)
-    events = events_from_megadetector(doc, deployment=runtime.local_site)
-    queued = uplink.events(events, doc["classification_categories"], descriptions or None)
+
+    def build(recs: list[Any]) -> dict[str, Any]:
+        return res.build_megadetector(recs, labels=labels, fingerprint=runtime.fingerprint,
+                                      descriptions=descriptions, gap_s=job.sequence_gap)
+
+    # the camera's deployment is the coordinator's site of sites.yaml (where this camera stands); an event whose
+    # label a correction changed is a new revision. The run's corrections are queued again (known ids are no-ops):
+    # one written to the results just before a kill still goes out.
+    events = revise_events(records, build, deployment=runtime.local_site)
+    uplink.corrections([r for r in records if r.get("revision")], res.sequence_group)
+    queued = uplink.events(events, build([])["classification_categories"], descriptions or None)
     done = uplink.flush(job.mqtt_wait)
     counts = uplink.outbox.counts()
     print(f"uplink: {len(events)} event summaries ({queued} new) for {uplink.cfg.host}:{uplink.cfg.port}; "
@@ -236,6 +255,10 @@ class BatchJob:
     batch_size: int = 1
     max_megapixels: float = MAX_IMAGE_PIXELS / 1e6  # larger images are refused from their header
     mqtt_wait: float = 10.0  # seconds the uplink may wait for the broker at the end
+    rescore: bool = True  # degraded images are classified again once their sites are back (corrections.py)
+    rescore_limit: int = DEFAULT_RESCORE_LIMIT
+    rescore_max_age: float = DEFAULT_RESCORE_MAX_AGE_S
+    rescore_wait: float = 0.0  # seconds to wait at the end for the sites of degraded images
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, image_size: int) -> BatchJob:
@@ -309,6 +332,7 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
             out = runtime.classify(torch.stack([x for _, x, _ in good]))
             latencies += [out.seconds * 1e3] * len(good)
             probs = runtime.calibration.probs(out.logits)  # moe-calibrate's temperature (1 when not calibrated)
+            degraded_at = utc_now()
             blank = runtime.calibration.is_blank(probs)
             has_blank = runtime.calibration.blank_class is not None
             finite = torch.isfinite(probs).all(dim=1)
@@ -324,6 +348,9 @@ def _classify(runtime: SplitRuntime, batch: list[_Item], labels: list[str], fail
                 rec.confidence = res.round_p(top.values[0])
                 rec.top5 = [[int(i), res.round_p(p)] for p, i in zip(top.values, top.indices, strict=True)]
                 rec.degraded = bool(out.degraded[j])
+                if rec.degraded:  # what it lacked, and when: it is re-scored once those sites are back
+                    rec.degraded_sites = list(out.missing[j]) if j < len(out.missing) else []
+                    rec.degraded_at = degraded_at
                 rec.extra.update({"strategy": out.strategy, **out.extra})
                 if has_blank:
                     rec.blank = bool(blank[j])
@@ -379,6 +406,11 @@ def run_batch(runtime: SplitRuntime, job: BatchJob, *, metrics: Any = None,
             "classify (--restart discards them)")
     reused = {n: r for n, r in previous.items() if n in names}
     todo = [it for it in items if it.name not in reused]
+    # degraded images of this input (earlier runs' too) wait here for their sites; corrected: file -> correction
+    queue = RescoreQueue(job.rescore_limit, job.rescore_max_age) if job.rescore else None
+    corrected: dict[str, dict[str, Any]] = {}
+    for r in reused.values() if queue is not None else ():
+        queue.add(r)
     if reused:
         say(f"resuming {out}: {len(reused)} of {len(items)} images already done by model {runtime.fingerprint}; "
             f"classifying the other {len(todo)}")
@@ -401,6 +433,11 @@ def run_batch(runtime: SplitRuntime, job: BatchJob, *, metrics: Any = None,
                 log.append(records)
             if uplink is not None and uplink.cfg.per_image:
                 uplink.images(records, res.sequence_group)  # into the outbox; sent in the background
+            if queue is not None:
+                for rec in records:
+                    queue.add(rec, hold=True)
+                _rescore(runtime, queue, items, labels, job, corrected, log=log, uplink=uplink, metrics=metrics,
+                         write=bar.write, limit=job.batch_size)
             for rec in records:
                 new[rec["file"]] = rec
                 if metrics is not None and rec.get("error_kind") == "unreadable":
@@ -415,20 +452,80 @@ def run_batch(runtime: SplitRuntime, job: BatchJob, *, metrics: Any = None,
                               + ("  [degraded]" if rec["degraded"] else ""))
                     shown += 1
             bar.update(len(batch))
+        if queue is not None and len(queue):
+            _rescore_until(runtime, queue, items, labels, job, corrected, log=log, uplink=uplink, metrics=metrics,
+                           write=bar.write, say=say)
     finally:
         bar.close()
         if log is not None:
             log.close()
     elapsed = time.perf_counter() - t_start
-    ordered = [reused.get(it.name) or new[it.name] for it in items]
+    ordered = [corrected.get(it.name) or reused.get(it.name) or new[it.name] for it in items]
     if out is not None:
         _write_results(out, ordered + list(carried.values()), runtime, job, size, labels, taxa)
     if failed_shown > 10:
         say(f"{failed_shown - 10} more failed images not shown" + (f"; every one is in {out}" if out else ""))
-    summary = _summary(runtime, ordered, reused, new, latencies, failures, elapsed, out, degraded_by)
+    summary = _summary(runtime, ordered, reused, new, latencies, failures, elapsed, out, degraded_by,
+                       queue.report() if queue is not None else None)
     if uplink is not None:
         _publish_events(uplink, ordered, runtime, job, labels, taxa)
     return summary
+
+
+def _rescore(runtime: SplitRuntime, queue: RescoreQueue, items: list[_Item], labels: list[str], job: BatchJob,
+             corrected: dict[str, dict[str, Any]], *, log: Any, uplink: Any, metrics: Any,
+             write: Callable[[str], None], limit: int | None = None) -> int:
+    """Classify again (the full path: ``runtime.classify``) the queued degraded images whose sites' health watches
+    say SERVING, at most ``limit``; each one no longer degraded becomes a correction, written to the log (fsync)
+    before it goes to the outbox. Returns how many were tried."""
+    from moevit.coordinator.corrections import correct
+
+    clients = getattr(runtime, "clients", None) or {}
+    ready = queue.ready(lambda site: site not in clients or clients[site].up, limit)
+    by_name = {it.name: it for it in items} if ready else {}
+    for batch in _batches([w for w in ready if w.file in by_name], job.batch_size):
+        fixes = []
+        for w, rec in zip(batch, _classify(runtime, [by_name[w.file] for w in batch], labels, {}, []), strict=True):
+            if rec.get("error_kind") == "unreadable":
+                queue.give_up(w.file, str(rec["error"]))
+            elif "error" in rec or rec.get("degraded"):
+                queue.still_degraded(w.file, rec.get("degraded_sites") or ())
+            else:
+                fixes.append(correct(w.record, rec))
+                queue.done(w.file)
+        if not fixes:
+            continue
+        if log is not None:
+            log.append(fixes)
+        if uplink is not None:
+            uplink.corrections(fixes, res.sequence_group)
+        if metrics is not None:
+            metrics.images.labels("corrected").inc(len(fixes))
+        for fix in fixes:
+            corrected[fix["file"]] = fix
+            if len(corrected) <= 10:
+                was = fix["corrects"]
+                write(f"  {fix['file']}: re-scored: {fix['label']} {fix['confidence']:.2f} (was {was.get('label')} "
+                      f"{was.get('confidence', 0):.2f}, degraded: {', '.join(was.get('degraded_sites') or []) or '?'}"
+                      " was down)")
+    for w in ready:
+        if w.file not in by_name and w.file in queue:
+            queue.give_up(w.file, "not in this run's input")
+    return len(ready)
+
+
+def _rescore_until(runtime: SplitRuntime, queue: RescoreQueue, items: list[_Item], labels: list[str], job: BatchJob,
+                   corrected: dict[str, dict[str, Any]], *, say: Callable[[str], None], **kw: Any) -> None:
+    """The end of the run: re-score what is ready now, then wait up to ``job.rescore_wait`` seconds for the
+    sites of the rest."""
+    deadline = time.monotonic() + job.rescore_wait
+    _rescore(runtime, queue, items, labels, job, corrected, **kw)
+    if len(queue) and job.rescore_wait > 0:
+        say(f"waiting up to {job.rescore_wait:g} s for site(s) {', '.join(queue.waiting_for()) or '(unknown)'} "
+            f"to re-score {len(queue)} degraded image(s) (--rescore-wait)")
+    while len(queue) and time.monotonic() < deadline:
+        if not _rescore(runtime, queue, items, labels, job, corrected, **kw):
+            time.sleep(0.2)
 
 
 def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRuntime, job: BatchJob,
@@ -454,7 +551,7 @@ def _write_results(out: Path, records: list[dict[str, Any]], runtime: SplitRunti
 
 def _summary(runtime: SplitRuntime, records: list[dict[str, Any]], reused: dict[str, Any], new: dict[str, Any],
              latencies: list[float], failures: dict[str, int], elapsed: float, out: Path | None,
-             degraded_by: dict[str, int] | None = None) -> dict[str, Any]:
+             degraded_by: dict[str, int] | None = None, rescore: dict[str, Any] | None = None) -> dict[str, Any]:
     ok = [r for r in records if "error" not in r]
     n_new_ok = sum(1 for r in new.values() if "error" not in r)
     labelled = [r for r in ok if "true" in r]
@@ -477,6 +574,7 @@ def _summary(runtime: SplitRuntime, records: list[dict[str, Any]], reused: dict[
         "tokens_per_expert": {f"{layer}:{e}": v for (layer, e), v in sorted(runtime.context.tokens.items())},
         "failures": failures,
         "degraded_by": degraded_by or {},
+        "rescore": rescore,
         "fallback": runtime.policy.fallback,
         "rpc": runtime.counters.as_dict(),
         **({"strategies": runtime.strategy_summary()} if hasattr(runtime, "strategy_summary") else {}),
@@ -521,6 +619,11 @@ def _print_summary(s: dict[str, Any], runtime: SplitRuntime) -> None:
           f"under fallback {s['fallback']!r}")
     for f, count in s["degraded_by"].items():
         p(f"degraded ({count} images, classified under fallback {s['fallback']!r}): {f}")
+    if s.get("rescore"):
+        from moevit.coordinator.corrections import summary_lines
+
+        for line in summary_lines(s["rescore"]):
+            p(line)
     for line in strategy_lines(s["strategies"]) if "strategies" in s else ():
         p(line)
     for f, count in s["failures"].items():

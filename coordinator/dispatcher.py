@@ -96,6 +96,7 @@ class ForwardContext:
         self._local.batch_size = batch_size
         self._local.degraded = torch.zeros(batch_size, dtype=torch.bool)
         self._local.failures = []
+        self._local.missing = [set() for _ in range(batch_size)]
         self._local.num_tokens = 0
 
     @property
@@ -114,6 +115,12 @@ class ForwardContext:
             self._local.failures = []
         return self._local.failures
 
+    def missing_sites(self) -> list[list[str]]:
+        """Per image of the current forward: the sites whose experts it needed and no replica served (sorted; empty
+        for an image that is not degraded). A degraded image is re-scored once these are back
+        (:mod:`moevit.coordinator.corrections`)."""
+        return [sorted(s) for s in getattr(self._local, "missing", [])]
+
     @property
     def num_tokens(self) -> int:
         """Patches (all images) entering the current layer of this thread's forward."""
@@ -127,17 +134,24 @@ class ForwardContext:
         with self._lock:
             self.tokens[(layer, expert)] += n
 
-    def mark(self, plan: DispatchPlan, positions: list[int], num_tokens: int) -> None:
-        """Images owning the patches of the experts at ``positions`` of ``plan`` are degraded."""
+    def mark(self, plan: DispatchPlan, positions: list[int], num_tokens: int,
+             sites: Mapping[int, Sequence[str]] | None = None) -> None:
+        """Images owning the patches of the experts at ``positions`` of ``plan`` are degraded; ``sites``: position ->
+        the sites holding that expert, recorded per image (:meth:`missing_sites`)."""
         batch = self.batch_size
         if batch == 0:
             raise RuntimeError("ForwardContext.begin(batch_size) was not called before the forward: run the split "
                                "model through SplitRuntime.classify, not model(x)")
         per_image = max(1, num_tokens // max(1, batch))
         slices = plan.slices()
+        missing = getattr(self._local, "missing", None)
         for pos in positions:
             sl = plan.order_S[slices[pos]] // plan.top_k
-            self.degraded[(sl // per_image).clamp_max(batch - 1)] = True
+            images = (sl // per_image).clamp_max(batch - 1)
+            self.degraded[images] = True
+            if sites and missing is not None and pos in sites:
+                for i in images.unique().tolist():
+                    missing[i].update(sites[pos])
 
 
 class RemoteDispatcher(Dispatcher):
@@ -261,7 +275,9 @@ class RemoteDispatcher(Dispatcher):
         positions = sorted(errors)
         for msg in dict.fromkeys(str(err) for err in errors.values()):
             self.context.failures.append(msg)
-        self.context.mark(plan, positions, self.context.num_tokens)
+        # the sites holding each lost expert: the image is re-scored when they are back (corrections.py)
+        held = {pos: [s for s in self.replicas.get(plan.experts[pos], ()) if s != self.local_site] for pos in positions}
+        self.context.mark(plan, positions, self.context.num_tokens, held)
         self.counters.add(fallback_tokens=sum(len(chunks[p]) for p in positions))
         if self.policy.fallback == "local":
             for pos in positions:

@@ -40,6 +40,7 @@ from moevit.data import SSW60_TAXA_COLUMNS, Taxon
 from moevit.kinds import BLANK, HUMAN, VEHICLE, class_kinds
 
 __all__ = [
+    "CORRECTION_KEYS",
     "DETECTION_CATEGORIES",
     "FORMAT_VERSION",
     "RECORD_KEYS",
@@ -72,12 +73,17 @@ PARTIAL_SUFFIX = ".partial.jsonl"
 DETECTOR = "none: whole-image classifier (no detector; one whole-image detection per image)"
 
 
+#: record keys of degraded images and their corrections, written to MegaDetector output as ``moevit_<key>``
+CORRECTION_KEYS = ("degraded_sites", "degraded_at", "revision", "corrects")
+
+
 class ResultsError(ValueError):
     """Results that cannot be used as asked (another model, not a results file); the message says what to do."""
 
 
 #: the keys a record starts with, in this order (those it has); its field metadata follows, then ``blank``
-RECORD_KEYS = ("file", "model", "prediction", "label", "confidence", "top5", "degraded", "true", "error", "error_kind")
+RECORD_KEYS = ("file", "model", "prediction", "label", "confidence", "top5", "degraded", "degraded_sites",
+               "degraded_at", "true", "error", "error_kind", "revision", "corrects")
 
 
 @dataclass
@@ -87,7 +93,9 @@ class ImageRecord:
     field metadata: datetime, time_source, time_flags, exif_datetime, camera; and any key this version does not
     know, kept as read), then ``blank`` when the model has a blank class. A classified image has prediction, label,
     confidence, top5 ([[class, p], ...]) and degraded; a failed one has error and error_kind (``unreadable`` or
-    ``site``)."""
+    ``site``). A degraded one adds degraded_sites (the sites it lacked) and degraded_at (UTC, ISO 8601); a
+    correction (the image re-scored once those sites were back, :mod:`moevit.coordinator.corrections`) has
+    revision (1, 2, ...) and corrects (the classification it replaces)."""
 
     file: str
     model: str
@@ -101,6 +109,10 @@ class ImageRecord:
     error_kind: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     blank: bool | None = None
+    degraded_sites: list[str] | None = None
+    degraded_at: str | None = None
+    revision: int | None = None
+    corrects: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k in RECORD_KEYS if (v := getattr(self, k)) is not None}
@@ -314,6 +326,9 @@ def records_from_megadetector(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                 rec.blank = bool(im["moevit_blank"])
             if "moevit_true" in im:
                 rec.true = im["moevit_true"]
+            for key in CORRECTION_KEYS:
+                if f"moevit_{key}" in im:
+                    setattr(rec, key, im[f"moevit_{key}"])
         for key in ("datetime", "time_source", "time_flags", "exif_datetime", "camera"):
             src = key if key == "datetime" else f"moevit_{key}"
             if src in im:
@@ -457,6 +472,9 @@ def build_megadetector(records: Sequence[Mapping[str, Any]], *, labels: Sequence
             if label is not None:
                 im["moevit_sequence_classification"] = [str(label[0]), round_p(label[1])]
             im["moevit_degraded"] = bool(r.get("degraded", False))
+            for key in CORRECTION_KEYS:  # what the fallback lacked, and a re-scored image's revision and original
+                if key in r:
+                    im[f"moevit_{key}"] = r[key]
             if "true" in r:
                 im["moevit_true"] = r["true"]
         if "datetime" in r:

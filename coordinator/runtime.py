@@ -42,6 +42,8 @@ class BatchResult:
     seconds: float
     strategy: str = "split"  # what served the batch (moevit.coordinator.strategies); split for a bare SplitRuntime
     extra: dict[str, Any] = field(default_factory=dict)  # added to each image's record (the policy's choice)
+    # per image: the sites whose experts no replica served (empty when not degraded, or unknown: offload-image)
+    missing: list[list[str]] = field(default_factory=list)
 
 
 class SplitRuntime:
@@ -211,7 +213,7 @@ class SplitRuntime:
         t0 = time.perf_counter()
         logits = self.camera(x)
         return BatchResult(logits, self.context.degraded.clone(), list(self.context.failures),
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, missing=self.context.missing_sites())
 
     def traffic(self) -> dict[str, dict[str, Any]]:
         out = {}

@@ -11,7 +11,8 @@ The client connects in the background and never blocks the caller: with the brok
 goes on and the messages wait in the outbox (for the next run if this one ends first).
 
 Topics: ``<prefix>/events/<camera>`` (event summaries, JSON), ``<prefix>/images/<camera>`` (per-image records,
-JSON, with ``--mqtt-images``). The default prefix is ``moevit``.
+JSON, with ``--mqtt-images``), ``<prefix>/corrections/<camera>`` (degraded images re-scored once their sites were
+back, :mod:`moevit.coordinator.corrections`). The default prefix is ``moevit``.
 """
 
 from __future__ import annotations
@@ -179,6 +180,24 @@ class Uplink:
             mid = hashlib.sha256(f"{r.get('model')}|{r['file']}".encode()).hexdigest()[:16] + "-img"
             msgs.append(Message(mid, f"{self.cfg.prefix}/images/{_topic_part(camera_of(r))}",
                                 json.dumps({"type": "image", "id": mid, **r}, separators=(",", ":")).encode()))
+        return self.put(msgs)
+
+    def corrections(self, records: Sequence[Mapping[str, Any]],
+                    camera_of: Callable[[Mapping[str, Any]], str]) -> int:
+        """Queue corrections (records with ``revision``, :mod:`moevit.coordinator.corrections`) on
+        ``<prefix>/corrections/<camera>``; id ``<image key>-img-r<revision>``, so a consumer drops duplicates and
+        replaces the image's lower revision."""
+        from moevit.coordinator.corrections import image_key
+
+        msgs = []
+        for r in records:
+            if not r.get("revision"):
+                continue
+            key = image_key(str(r.get("model")), r["file"])
+            mid = f"{key}-img-r{int(r['revision'])}"
+            msgs.append(Message(mid, f"{self.cfg.prefix}/corrections/{_topic_part(camera_of(r))}",
+                                json.dumps({"type": "correction", "id": mid, "image": key, **r},
+                                           separators=(",", ":")).encode()))
         return self.put(msgs)
 
     # ------------------------------------------------------------------------------------------------ callbacks
