@@ -223,3 +223,70 @@ def test_broker_restart_and_kill_9_of_the_publisher_lose_nothing(tmp_path):
             pub.kill()
         consumer.close()
         broker.stop()
+
+
+@needs_broker
+def test_tls_and_credentials_to_a_broker_that_requires_both(tmp_path):
+    """mqtts:// with a CA, a client certificate and a user whose password comes from a file, against a mosquitto
+    that accepts nothing else: the messages are delivered (and a TLS subscriber receives them); a wrong password is
+    refused by the broker without blocking or losing anything (the messages wait in the outbox)."""
+    import getpass
+
+    import paho.mqtt.client as mqtt
+
+    from moevit_rpc.security import make_ca, make_site_cert
+
+    ca, ca_key = make_ca("broker test CA")
+    files = {}
+    for name, (cert, key) in {"broker": make_site_cert(ca, ca_key, "broker", ["127.0.0.1"]),
+                              "cam01": make_site_cert(ca, ca_key, "cam01", ["127.0.0.1"])}.items():
+        (tmp_path / f"{name}.pem").write_bytes(cert)
+        (tmp_path / f"{name}.key").write_bytes(key)
+        files[name] = (str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"))
+    (tmp_path / "ca.pem").write_bytes(ca)
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(passwd).exists():
+        pytest.skip("mosquitto_passwd is not installed (it comes with the mosquitto package)")
+    subprocess.run([passwd, "-b", "-c", str(tmp_path / "passwd"), "cam01", "s3cret pass"], check=True,
+                   capture_output=True)
+    port = free_port()
+    broker = Broker(tmp_path, port)
+    broker.conf.write_text(f"listener {port} 127.0.0.1\ncafile {tmp_path}/ca.pem\ncertfile {files['broker'][0]}\n"
+                           f"keyfile {files['broker'][1]}\nrequire_certificate true\nallow_anonymous false\n"
+                           f"password_file {tmp_path}/passwd\npersistence false\nlog_dest none\n"
+                           # run as root, mosquitto drops to its own user, who cannot read the test's private folder
+                           f"user {getpass.getuser()}\n")
+    broker.start()
+    got: list[str] = []
+    sub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="tls-consumer")
+    sub.username_pw_set("cam01", "s3cret pass")
+    sub.tls_set(ca_certs=str(tmp_path / "ca.pem"), certfile=files["cam01"][0], keyfile=files["cam01"][1])
+    subscribed = threading.Event()
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe("t/#", qos=1)
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.on_message = lambda c, u, msg: got.append(json.loads(msg.payload)["id"])
+    sub.connect_async("127.0.0.1", port)
+    sub.loop_start()
+    url = f"mqtts://cam01@127.0.0.1:{port}/t"
+    tls = {"ca": str(tmp_path / "ca.pem"), "cert": files["cam01"][0], "key": files["cam01"][1]}
+    bad = Uplink(parse_mqtt_url(url, password="wrong", **tls), Outbox(tmp_path / "bad.sqlite")).start()
+    good = Uplink(parse_mqtt_url(url, password="s3cret pass", **tls), Outbox(tmp_path / "good.sqlite")).start()
+    try:
+        assert subscribed.wait(15), "the TLS subscriber could not connect"
+        t0 = time.perf_counter()
+        bad.put(_messages(3))
+        good.put(_messages(5, 100))
+        assert time.perf_counter() - t0 < 1.0
+        assert good.flush(20) and good.outbox.counts() == {"pending": 0, "delivered": 5}
+        deadline = time.monotonic() + 10
+        while len(set(got)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(got) == {m.id for m in _messages(5, 100)}
+        assert not bad.flush(1.0), "refused: the wrong password delivers nothing"
+        assert bad.outbox.counts() == {"pending": 3, "delivered": 0} and bad.connects == 0
+    finally:
+        for up in (bad, good):
+            up.close()
+        sub.disconnect()
+        sub.loop_stop()
+        broker.stop()
