@@ -44,6 +44,7 @@ from moevit.coordinator.strategies import open_runtime, strategy_lines
 from moevit.deploy.topology import Topology, load_topology
 from tqdm import tqdm
 
+from moevit.cli.common import add_onnx_camera_args, onnx_camera_config
 from moevit.cli.runner import USAGE_ERRORS, run_cli
 from moevit.data import (
     IMAGE_EXTENSIONS,
@@ -81,26 +82,16 @@ def _parser() -> argparse.ArgumentParser:
                     "scientific names (default with --data ssw60:PATH: its taxa.csv)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--max-megapixels", type=float, default=MAX_IMAGE_PIXELS / 1e6, metavar="MP",
-                    help=f"images declaring more pixels are refused from their header, before decoding (default "
-                    f"{MAX_IMAGE_PIXELS / 1e6:g}: admits 48 MP trail-camera images; at most "
-                    f"{MAX_IMAGE_PIXELS_CEILING / 1e6:g})")
+                    help=f"images declaring more pixels are refused from their header, before decoding, in batch "
+                    f"runs and by --serve (default {MAX_IMAGE_PIXELS / 1e6:g}: admits 48 MP trail-camera images; at "
+                    f"most {MAX_IMAGE_PIXELS_CEILING / 1e6:g})")
     ap.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
     ap.add_argument("--wire", choices=CODEC_NAMES, default=None, metavar="CODEC",
                     help="token codec on every link, replacing the topology's rpc.codec (default: the topology's, "
                     f"fp16 unless set; one of {', '.join(CODEC_NAMES)})")
-    cam = ap.add_argument_group("camera side on onnxruntime (docs/onnx.md)")
-    cam.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                     help="what runs the camera side (trunk and routers): torch (default) or onnxruntime, the model "
-                     "exported to ONNX once per model and image size; experts run where the placement puts them "
-                     "either way (a worker's own backend is moe-worker --backend)")
-    cam.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                     help="with --backend onnx: float32 graphs, or int8 (static quantisation; needs --calibrate)")
-    cam.add_argument("--calibrate", metavar="SPEC", help="with --precision int8: dataset spec whose train split "
-                     "calibrates the int8 ranges (e.g. digits)")
-    cam.add_argument("--calibrate-images", type=int, default=64, metavar="N",
-                     help="images of --calibrate used (evenly spaced; default 64)")
-    cam.add_argument("--onnx-cache", metavar="DIR",
-                     help="folder of the exported graphs (default: <model>.onnx-cache/ beside the model)")
+    add_onnx_camera_args(ap.add_argument_group("camera side on onnxruntime (docs/onnx.md)"),
+                         runs="the camera side (trunk and routers; experts run where the placement puts them either "
+                         "way: a worker's own backend is moe-worker --backend)")
     skip = ap.add_argument_group("background skipping: remote patches kept off the wire (moevit.moe.skip)")
     skip.add_argument("--skip-threshold", type=float, default=0.0, metavar="P",
                       help="patches whose top-1 router probability is under P stay off the wire (default 0: none)")
@@ -646,22 +637,6 @@ def _classify_security(topology: Topology) -> tuple[grpc.ServerCredentials | Non
     return server_credentials(site.tls.ca, site.tls.cert, site.tls.key), token
 
 
-def _onnx_config(args: argparse.Namespace, topology: Topology) -> Any:
-    """The camera side's onnxruntime settings from the flags (None: torch runs it)."""
-    if args.backend != "onnx":
-        if args.precision != "fp32" or args.calibrate:
-            raise CoordinatorError("--precision int8 and --calibrate need --backend onnx")
-        return None
-    from moevit.onnx_camera import OnnxCameraConfig
-
-    if args.calibrate:
-        open_dataset(args.calibrate, image_size=8, split="train")  # a bad spec fails before the model loads
-    model = Path(args.model or topology.model or "model")
-    cache = Path(args.onnx_cache) if args.onnx_cache else model.with_name(model.name + ".onnx-cache")
-    return OnnxCameraConfig(cache_dir=cache, precision=args.precision, threads=args.threads or 1,
-                            calibrate=args.calibrate, calibrate_images=args.calibrate_images)
-
-
 def _threads(given: int | None, runtime: SplitRuntime, *, started: bool) -> int:
     """Torch threads of the coordinator: ``--threads``, else 1 beside workers it started, else the cores left
     after one per worker site on this machine (started by hand or not): OpenMP threads that outnumber the cores
@@ -747,9 +722,9 @@ def _run(args: argparse.Namespace) -> int:
         skip_rules = rules_from_options(threshold=args.skip_threshold, action=args.skip_action,
                                         match=args.skip_match, capacity=args.skip_capacity,
                                         analysis=args.skip_background)
+        onnx = onnx_camera_config(args, args.model or topology.model or "model")
         runtime = open_runtime(topology, model_path=args.model, wire=args.wire, skip=skip_rules,
-                                             deadline_s=args.deadline, onnx=_onnx_config(args, topology),
-                                             image_size=args.image_size)
+                               deadline_s=args.deadline, onnx=onnx, image_size=args.image_size)
         if runtime.camera is not runtime.model:
             print(f"moe-coordinator: {runtime.camera.describe()}", file=sys.stderr)
         metrics = None
@@ -791,7 +766,7 @@ def _run(args: argparse.Namespace) -> int:
             unreadable = None if metrics is None else metrics.images.labels("unreadable").inc
             asyncio.run(serve(runtime, args.serve, image_size=size, max_batch=args.max_batch,
                               max_wait_ms=args.max_wait_ms, credentials=credentials, token=token,
-                              on_unreadable=unreadable))
+                              on_unreadable=unreadable, max_pixels=int(args.max_megapixels * 1e6)))
             return 0
         uplink = _open_uplink(args)
         summary = run_batch(runtime, job, metrics=metrics, sources=sources, uplink=uplink)

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2
 from moevit.coordinator.runtime import SplitRuntime
 from moevit.coordinator.sites import SiteError
 
-from moevit.data import UnreadableImageError, load_image
+from moevit.data import MAX_IMAGE_PIXELS, UnreadableImageError, load_image
 from moevit_rpc.channels import channel_options
 from moevit_rpc.messages import clip
 from moevit_rpc.security import TokenAuthInterceptor
@@ -74,8 +74,9 @@ def _heavy(image: bytes) -> bool:
 class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
     def __init__(self, runtime: SplitRuntime, *, image_size: int, max_batch: int = 8, max_wait_ms: float = 2.0,
                  max_queue: int = DEFAULT_MAX_QUEUE, max_queued_mb: float = DEFAULT_MAX_QUEUED_MB,
-                 on_unreadable: Callable[[], None] | None = None) -> None:
+                 on_unreadable: Callable[[], None] | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.runtime, self.image_size, self.max_batch, self.max_wait = runtime, image_size, max_batch, max_wait_ms
+        self.max_pixels = max_pixels  # an image declaring more is refused from its header (--max-megapixels)
         self.max_queue, self.max_queued_bytes = max_queue, int(max_queued_mb * (1 << 20))
         self.on_unreadable = on_unreadable
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -161,7 +162,7 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             gave_up = threading.Event()
 
             def decode() -> torch.Tensor | None:
-                return None if gave_up.is_set() else load_image(image, self.image_size)
+                return None if gave_up.is_set() else load_image(image, self.image_size, self.max_pixels)
 
             def finished(_: object) -> None:  # on the decode thread: a decode given up on still holds its thread
                 try:
@@ -231,7 +232,7 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
                 decoded.append((i, data))
                 continue
             try:
-                decoded.append((i, load_image(data, self.image_size)))
+                decoded.append((i, load_image(data, self.image_size, self.max_pixels)))
             except UnreadableImageError as e:
                 # without its traceback: that holds this frame, whose ``outcomes`` holds the error, a cycle that
                 # kept the batch's images (up to the 64 MiB message cap each) until a full garbage collection
@@ -292,16 +293,19 @@ async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, 
                        max_wait_ms: float = 2.0, credentials: grpc.ServerCredentials | None = None,
                        token: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                        max_queued_mb: float = DEFAULT_MAX_QUEUED_MB,
-                       on_unreadable: Callable[[], None] | None = None) -> ClassifyServer:
+                       on_unreadable: Callable[[], None] | None = None,
+                       max_pixels: int = MAX_IMAGE_PIXELS) -> ClassifyServer:
     """Bind ``address`` and serve Classify and grpc.health.v1 on it. ``credentials``
-    (:func:`moevit_rpc.security.server_credentials`): mutual TLS only; ``token``: required bearer token."""
+    (:func:`moevit_rpc.security.server_credentials`): mutual TLS only; ``token``: required bearer token;
+    ``max_pixels``: images declaring more are refused (INVALID_ARGUMENT) before they are decoded."""
     interceptors = [TokenAuthInterceptor(token)] if token else []
     # gRPC's own cap refuses calls beyond it before their messages are read: the admitted requests, the health
     # watches' budget (BoundedHealthServicer, 64) and room for calls about to be refused by the servicer
     server = grpc.aio.server(options=channel_options(), interceptors=interceptors,
                              maximum_concurrent_rpcs=2 * max_queue + 96)
     servicer = ClassifyServicer(runtime, image_size=image_size, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                max_queue=max_queue, max_queued_mb=max_queued_mb, on_unreadable=on_unreadable)
+                                max_queue=max_queue, max_queued_mb=max_queued_mb, on_unreadable=on_unreadable,
+                                max_pixels=max_pixels)
     add_service(server, servicer, expert_pb2.DESCRIPTOR.services_by_name["ClassifierService"])
     health_servicer = BoundedHealthServicer(token=token)
     add_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
@@ -328,11 +332,11 @@ async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, 
 async def serve(runtime: SplitRuntime, address: str, *, image_size: int, max_batch: int = 8,
                 max_wait_ms: float = 2.0, grace: float = 5.0, ready=None,
                 credentials: grpc.ServerCredentials | None = None, token: str | None = None,
-                on_unreadable: Callable[[], None] | None = None) -> None:
+                on_unreadable: Callable[[], None] | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Serve Classify (and grpc.health.v1) on ``address`` until SIGTERM/SIGINT (see :func:`start_server`)."""
     running = await start_server(runtime, address, image_size=image_size, max_batch=max_batch,
                                  max_wait_ms=max_wait_ms, credentials=credentials, token=token,
-                                 on_unreadable=on_unreadable)
+                                 on_unreadable=on_unreadable, max_pixels=max_pixels)
     if ready is not None:
         ready(running.address)
     stop = asyncio.Event()

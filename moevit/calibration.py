@@ -124,15 +124,27 @@ def write_calibration(path: str | Path, calibration: Calibration, out: str | Pat
 
 
 @torch.no_grad()
-def collect_logits(model: Any, data: Any, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every image of ``data`` (a dataset of (image, label)) under ``model`` (a callable)."""
+@torch.no_grad()
+def collect_logits(model: Any, data: Any, batch_size: int = 64, *, drop_unreadable: bool = False,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every image of ``data`` (a dataset of (image, label)) under ``model`` (a callable).
+
+    With ``drop_unreadable`` (a :class:`moevit.data.ImageDataset`) each image is decoded once and an unreadable one
+    is left out (listed in ``data.skipped``) instead of replaced by the next readable one, so the result may be
+    shorter than ``data``."""
+    from tqdm import tqdm
+
     if hasattr(model, "eval"):
         model.eval()
     zs, ys = [], []
-    for i in range(0, len(data), batch_size):
-        items = [data[j] for j in range(i, min(i + batch_size, len(data)))]
-        zs.append(torch.as_tensor(model(torch.stack([x for x, _ in items]))).float())
-        ys.append(torch.tensor([int(y) for _, y in items]))
+    for i in tqdm(range(0, len(data), batch_size), desc="eval", disable=not progress, leave=False):
+        idx = range(i, min(i + batch_size, len(data)))
+        items = data.readable(idx) if drop_unreadable else [data[j] for j in idx]
+        if items:
+            zs.append(torch.as_tensor(model(torch.stack([x for x, _ in items]))).float())
+            ys.append(torch.tensor([int(y) for _, y in items]))
+    if not zs:  # no image (or none readable)
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(zs), torch.cat(ys)
 
 

@@ -412,7 +412,16 @@ class ImageDataset(Dataset):
         index %= n
         # An unreadable item is replaced by the next readable one (wrapping), so the result is deterministic.
         for step in range(n):
-            i = (index + step) % n
+            got = self.readable([(index + step) % n])
+            if got:
+                return got[0]
+        raise RuntimeError(f"{self.describe()}: no readable image left ({len(self.skipped)} unreadable)")
+
+    def readable(self, indices: Iterable[int]) -> list[tuple[torch.Tensor, int]]:
+        """Items ``indices`` decoded once each, as ``self[i]`` gives them; an unreadable one is left out, never
+        replaced by another image, and listed in ``skipped`` (logged once). For one-pass evaluations (moe-eval)."""
+        out = []
+        for i in indices:
             if i in self._bad:
                 continue
             try:
@@ -423,8 +432,8 @@ class ImageDataset(Dataset):
             x = normalize(x)
             if self.transform is not None:
                 x = self.transform(x)
-            return x, self.targets[i]
-        raise RuntimeError(f"{self.describe()}: no readable image left ({len(self.skipped)} unreadable)")
+            out.append((x, self.targets[i]))
+        return out
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         """Item ``index`` itself, never a substitute: raises :class:`UnreadableImageError` naming the file.

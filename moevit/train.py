@@ -95,26 +95,31 @@ def evaluate(model: MobileViTV2, dataset: Dataset, *, batch_size: int = 64, num_
              progress: bool = False) -> dict[str, Any]:
     """top-1, top-5 and per-class accuracy (fractions) and the mean loss of ``model`` on ``dataset``."""
     model.eval()
-    n_cls = num_classes or model.config.num_classes
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    per_cls_hit = torch.zeros(n_cls)
-    per_cls_n = torch.zeros(n_cls)
     order = list(range(len(dataset)))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    zs, ys = [], []
     for idx in tqdm(batches, desc="eval", disable=not progress, leave=False):
         x, y = _collate(dataset, idx)
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit1 = top[:, 0] == y
-        correct1 += int(hit1.sum())
-        correct5 += int((top == y[:, None]).any(dim=1).sum())
-        total += len(y)
-        per_cls_n += torch.bincount(y, minlength=n_cls).float()
-        per_cls_hit += torch.bincount(y[hit1], minlength=n_cls).float()
+        zs.append(model(x))
+        ys.append(y)
+    n_cls = num_classes or model.config.num_classes
+    if not zs:
+        return scores(torch.zeros(0, n_cls), torch.zeros(0, dtype=torch.long), n_cls)
+    return scores(torch.cat(zs), torch.cat(ys), n_cls)
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """top-1, top-5 and per-class accuracy (fractions; a class without images: None) and the mean loss of
+    ``logits`` [N, C] against ``labels`` [N]."""
+    labels = labels.long()
+    total = len(labels)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit1 = top[:, 0] == labels
+    per_cls_n = torch.bincount(labels, minlength=num_classes).float()
+    per_cls_hit = torch.bincount(labels[hit1], minlength=num_classes).float()
     per_class = [float(h / n) if n else None for h, n in zip(per_cls_hit, per_cls_n, strict=True)]
-    return {"top1": correct1 / max(1, total), "top5": correct5 / max(1, total), "loss": loss_sum / max(1, total),
+    return {"top1": int(hit1.sum()) / max(1, total), "top5": int((top == labels[:, None]).any(dim=1).sum())
+            / max(1, total), "loss": float(F.cross_entropy(logits.float(), labels, reduction="sum")) / max(1, total),
             "per_class": per_class, "n": total}
 
 

@@ -99,6 +99,32 @@ def test_moe_eval_counts_only_what_it_evaluated_and_lists_what_it_skipped(model3
     assert text.stdout.count("unreadable, not evaluated:") == len(out["skipped"])
 
 
+def test_moe_eval_decodes_each_image_once(model3, tmp_path, monkeypatch, capsys):
+    """One pass: every file of the split is decoded once (it was twice: a check of every file, then the
+    evaluation), unreadable ones included; a calibrated model's ECE comes from the same pass."""
+    import shutil
+
+    import moevit.data
+    from moevit.calibration import Calibration, write_calibration
+    from moevit.cli.eval import main as eval_main
+
+    model = Path(shutil.copy(model3, tmp_path / "m.safetensors"))
+    write_calibration(model, Calibration(2.0, None, None, "val"))
+    data = f"folder:{_folder(tmp_path / 'three', 3, per_class=5, broken={0: 3, 2: 2})}"
+    decoded: list[str] = []
+    read = moevit.data._read_image
+
+    def counting(path, *args, **kw):
+        decoded.append(str(path))
+        return read(path, *args, **kw)
+
+    monkeypatch.setattr(moevit.data, "_read_image", counting)
+    assert eval_main(["--model", str(model), "--data", data, "--split", "train", "--json", "--batch-size", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["skipped"]) + out["n"] == 16 and out["skipped"] and "calibration" in out
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 16
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_data_mode_reports_unreadable_files_as_failed_and_never_substitutes(model3, tmp_path):

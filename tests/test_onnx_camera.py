@@ -238,3 +238,43 @@ def test_moe_eval_backend_onnx_reports_the_torch_top1(small, tmp_path):
     r = subprocess.run([sys.executable, "-m", "moevit.cli.eval", "--model", str(path), "--data", spec,
                         "--backend", "onnx", "--precision", "int8"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--calibrate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+ONNX_FLAGS = ("--backend", "--precision", "--calibrate", "--calibrate-images", "--onnx-cache")
+
+
+def _flags(parser) -> dict[str, tuple]:
+    """What each ONNX flag of ``parser`` is: its help, choices, default, type."""
+    return {a.option_strings[0]: (a.help, a.choices, a.default, a.type) for a in parser._actions
+            if a.option_strings and a.option_strings[0] in ONNX_FLAGS}
+
+
+def test_moe_eval_and_moe_coordinator_share_the_onnx_flags(tmp_path, capsys):
+    """One definition (moevit.cli.common.add_onnx_camera_args) serves both: the same flags and help, and the same
+    checks, made before the model loads (the model file here does not exist: the flag mistake is what is
+    reported)."""
+    from moevit.coordinator import cli as coordinator
+
+    from moevit.cli import eval as moe_eval
+
+    ev, co = _flags(moe_eval._parser()), _flags(coordinator._parser())
+    assert sorted(ev) == sorted(co) == sorted(ONNX_FLAGS)
+    assert {f: ev[f] for f in ONNX_FLAGS[1:]} == {f: co[f] for f in ONNX_FLAGS[1:]}
+    assert ev["--backend"][0].startswith("what runs the model: torch (default) or onnxruntime")
+    assert co["--backend"][0].startswith("what runs the camera side (trunk and routers;")
+    assert co["--backend"][0].endswith(ev["--backend"][0].split(": ", 1)[1])
+    assert ev["--backend"][1:] == co["--backend"][1:]
+    missing = str(tmp_path / "none.safetensors")
+    topo = write_topology(tmp_path, missing, {"cam": free_port()})
+    runs = {"moe-eval": lambda extra: moe_eval.main(["--model", missing, "--data", "digits", *extra]),
+            "moe-coordinator": lambda extra: coordinator.main(["--topology", str(topo), "--data", "digits",
+                                                               "--out", str(tmp_path / "r.jsonl"), *extra])}
+    for prog, run in runs.items():
+        for extra, words in ((["--precision", "int8"], "--precision int8 and --calibrate need --backend onnx"),
+                             (["--calibrate", "digits"], "--precision int8 and --calibrate need --backend onnx"),
+                             (["--backend", "onnx", "--precision", "int8"], "int8 needs calibration images"),
+                             (["--backend", "onnx", "--calibrate", "nosuch:x"], "nosuch"),
+                             (["--backend", "onnx", "--calibrate-images", "0"], "calibrate_images must be >= 1")):
+            assert run(extra) == 2, (prog, extra)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and words in err[0], (prog, extra, err)

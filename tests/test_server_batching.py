@@ -47,9 +47,9 @@ def _png(side: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-async def _server(max_wait_ms: float, forward_s: float = 0.0):
+async def _server(max_wait_ms: float, forward_s: float = 0.0, **kw):
     running = await start_server(_Runtime(forward_s), "127.0.0.1:0", image_size=32, max_batch=8,
-                                 max_wait_ms=max_wait_ms)
+                                 max_wait_ms=max_wait_ms, **kw)
     channel = grpc.aio.insecure_channel(running.address, options=channel_options())
     return running, channel, expert_pb2_grpc.ClassifierServiceStub(channel)
 
@@ -122,8 +122,27 @@ async def test_a_lone_client_is_never_held_back(long_return_wait):
         await running.stop(0)
 
 
+async def test_images_over_max_pixels_are_refused_from_their_header_and_the_server_serves_on():
+    """``--serve`` honours ``--max-megapixels`` as batch runs do (the 50 MP default was fixed before)."""
+    running, channel, stub = await _server(max_wait_ms=2.0, max_pixels=2_000)
+    try:
+        assert (await stub.Classify(expert_pb2.ClassifyRequest(image=_png(44, 0)), timeout=30)).top[0].label == "b"
+        for side in (45, 2000):  # 2,025 pixels; 4 MP, which goes to the decode threads (HEAVY_PIXELS)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Classify(expert_pb2.ClassifyRequest(image=_png(side, 1), name="big"), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (f"image 'big' is unreadable: the image declares {side}x{side} pixels, more than the 2,000-pixel "
+                    "limit (moe-coordinator --max-megapixels)") in refused.value.details()
+        assert (await stub.Classify(expert_pb2.ClassifyRequest(image=_png(44, 2)), timeout=30)).top[0].label == "b"
+    finally:
+        await channel.close()
+        await running.stop(0)
+
+
 @pytest.mark.parametrize(("flag", "value", "words"), [("--max-wait-ms", "-1", "--max-wait-ms must be >= 0"),
-                                                      ("--max-batch", "0", "--max-batch must be >= 1")])
+                                                      ("--max-batch", "0", "--max-batch must be >= 1"),
+                                                      ("--max-megapixels", "0", "--max-megapixels must be in (0, 100]"),
+                                                      ("--max-megapixels", "101", "must be in (0, 100], got 101")])
 def test_bad_batching_flags_are_one_line_errors(capsys, flag, value, words):
     from moevit.coordinator import cli
 

@@ -8,16 +8,20 @@ import json
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from moevit.calibration import collect_logits, evaluate_calibration, read_calibration
 from moevit.checkpoint import load_checkpoint
-from moevit.cli.common import run_cli, set_threads
+from moevit.cli.common import add_onnx_camera_args, onnx_camera_config, run_cli, set_threads
 from moevit.data import open_dataset
 from moevit.flops import count_macs, count_params
 from moevit.kinds import class_kinds
-from moevit.train import evaluate
+from moevit.train import scores
+
+if TYPE_CHECKING:
+    from moevit.onnx_camera import OnnxCameraConfig
 
 
 @torch.no_grad()
@@ -35,33 +39,25 @@ def latency_ms(model, image_size: int, repeats: int = 20) -> dict[str, float]:
     return {"p50": statistics.median(times), "p90": times[int(0.9 * (len(times) - 1))]}
 
 
-def _runner(args: argparse.Namespace, model: torch.nn.Module, size: int) -> torch.nn.Module:
-    """What computes the logits: the model (torch) or its ONNX graphs on onnxruntime."""
-    if args.backend != "onnx":
-        if args.precision != "fp32" or args.calibrate:
-            raise ValueError("--precision int8 and --calibrate need --backend onnx")
+def _runner(config: OnnxCameraConfig | None, model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """What computes the logits: the model (torch, ``config`` None) or its ONNX graphs on onnxruntime."""
+    if config is None:
         return model
-    from pathlib import Path
-
     from moevit.checkpoint import model_fingerprint
     from moevit.fuse import folded_copy
-    from moevit.onnx_camera import OnnxCamera, OnnxCameraConfig, OnnxCameraError
+    from moevit.onnx_camera import OnnxCamera, OnnxCameraError
 
-    cache = Path(args.onnx_cache) if args.onnx_cache else Path(args.model).with_name(Path(args.model).name
-                                                                                      + ".onnx-cache")
-    config = OnnxCameraConfig(cache_dir=cache, precision=args.precision, threads=args.threads or 1,
-                              calibrate=args.calibrate, calibrate_images=args.calibrate_images)
     try:
         return OnnxCamera(folded_copy(model), model_fingerprint(model), size, config)
     except OnnxCameraError as e:
         raise ValueError(str(e)) from None
 
 
-def _describe(args: argparse.Namespace) -> str:
-    return "torch" if args.backend != "onnx" else f"onnxruntime {args.precision}"
+def _describe(config: OnnxCameraConfig | None) -> str:
+    return "torch" if config is None else f"onnxruntime {config.precision}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moe-eval", description=__doc__)
     ap.add_argument("--model", required=True, help="a moevit .safetensors checkpoint")
     ap.add_argument("--data", required=True, help="dataset spec: digits | synthetic[:k=v,…] | folder:PATH | ssw60:PATH")
@@ -71,44 +67,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print one JSON object (fractions, not percents)")
-    ap.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="torch (default), or onnxruntime: "
-                    "the model, BatchNorms folded, exported to ONNX per model and image size (docs/onnx.md)")
-    ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                    help="with --backend onnx: float32 graphs, or int8 (static quantisation; needs --calibrate)")
-    ap.add_argument("--calibrate", metavar="SPEC", help="with --precision int8: dataset spec whose train split "
-                    "calibrates the int8 ranges")
-    ap.add_argument("--calibrate-images", type=int, default=64, metavar="N",
-                    help="images of --calibrate used (default 64)")
-    ap.add_argument("--onnx-cache", metavar="DIR",
-                    help="folder of the exported graphs (default: <model>.onnx-cache/ beside the model)")
-    args = ap.parse_args(argv)
+    add_onnx_camera_args(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     def body() -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.image_size is not None and not 8 <= args.image_size <= 2048:
             raise ValueError(f"--image-size must be 8-2048 pixels, got {args.image_size}")
+        onnx = onnx_camera_config(args, args.model)
         set_threads(args.threads)
         model = load_checkpoint(args.model)
         size = args.image_size or model.config.image_size
         data = open_dataset(args.data, image_size=size, split=args.split, seed=args.seed)
         data.check_classes(model.config.num_classes, args.model)
-        skipped = data.verify(drop=True)  # unreadable files are left out and listed, never replaced by others
-        if not len(data):
+        runner = _runner(onnx, model, size)
+        # one pass, each image decoded once: unreadable files are left out and listed, never replaced by others
+        z, y = collect_logits(runner, data, args.batch_size, drop_unreadable=True, progress=not args.json)
+        skipped = data.skipped
+        if not len(y):
             raise ValueError(f"{args.data} [{args.split}]: none of its {len(skipped)} images is readable")
-        runner = _runner(args, model, size)
-        res = evaluate(runner, data, batch_size=args.batch_size, num_classes=model.config.num_classes,
-                       progress=not args.json)
+        res = scores(z, y, model.config.num_classes)
         out = {"model": args.model, "data": args.data, "split": args.split, "image_size": size,
                "top1": res["top1"], "top5": res["top5"], "n": res["n"],
                "per_class": dict(zip(data.classes, res["per_class"], strict=True)),
                "params": count_params(model), "macs": count_macs(model, size),
-               "latency_ms": latency_ms(runner, size), "backend": _describe(args),
+               "latency_ms": latency_ms(runner, size), "backend": _describe(onnx),
                "skipped": [p for p, _ in skipped],
                "skipped_reasons": dict(skipped)}
         cal = read_calibration(args.model, model.config.labels)
         if cal.fitted_on is not None:  # stored by moe-calibrate: measure it on this split too
-            z, y = collect_logits(runner, data, args.batch_size)
             out["calibration"] = evaluate_calibration(cal, z, y, class_kinds(model.config.labels))
         if args.json:
             print(json.dumps(out))
