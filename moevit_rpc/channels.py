@@ -12,6 +12,7 @@ is needed (nor wanted: it would accept any certificate of the CA for any address
 :func:`check_tls_files` reads the three files once and names the file and the fix when they cannot work, since
 grpc only reports a failed handshake, as UNAVAILABLE, on every call. :func:`read_token` is the one rule for bearer
 token files: the worker, the coordinator's calls to workers and the Classify server all accept the same tokens.
+Both read through :func:`read_limited`, which caps what a wrong path (/dev/zero) can make them read.
 
 Nothing here imports grpc at module level: the worker's command line checks its files before grpc loads.
 """
@@ -29,19 +30,33 @@ if TYPE_CHECKING:  # grpc and the topology module stay unimported until a channe
 DEFAULT_MAX_MESSAGE_MB = 64.0
 # A token is one word (moe-certs --tokens writes 43 characters); anything much longer is the wrong file.
 MAX_TOKEN_BYTES = 4096
+# A PEM certificate chain or key is a few KB; the cap keeps a wrong path (/dev/zero, a disk image) from being read
+# whole into memory.
+MAX_PEM_BYTES = 1 << 20
 
 
-def channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
+def plain_channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
+    """The message-size caps and no proxy, without :func:`channel_options`' reconnect and keepalive settings: for
+    short-lived clients such as the attack payloads of ``moevit.sim.attacks``, whose pings every 2 s the Classify
+    server would answer with GOAWAY (it does not accept frequent pings as the workers do)."""
     cap = int(max_message_mb * 1024 * 1024)
     return [
         ("grpc.max_send_message_length", cap),
         ("grpc.max_receive_message_length", cap),
+        # field sites talk to each other directly: never route through an HTTP proxy from the environment
+        ("grpc.enable_http_proxy", 0),
+    ]
+
+
+def channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
+    """Options of every long-lived channel and server: :func:`plain_channel_options` plus fast reconnect and
+    keepalive pings."""
+    return [
+        *plain_channel_options(max_message_mb),
         # a worker that restarts should be found again within a second, not after gRPC's default 1-120 s backoff
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
-        # field sites talk to each other directly: never route through an HTTP proxy from the environment
-        ("grpc.enable_http_proxy", 0),
         # A link that silently stops forwarding leaves the TCP connection open; pings every 2 s answered within
         # 2 s notice it, fail the calls on it (so they go to another replica) and mark the site down. Workers
         # accept pings this often (worker/server.py).
@@ -66,10 +81,8 @@ def check_tls_files(tls: TLSFiles, *, now: dt.datetime | None = None) -> None:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
-    from moevit_rpc.security import read_limited as read  # at most 1 MiB: /dev/zero is refused, not read
-
     def certificate(path: Path, what: str) -> x509.Certificate:
-        data = read(path, what)
+        data = read_limited(path, what)  # at most 1 MiB: /dev/zero is refused, not read
         try:
             return x509.load_pem_x509_certificate(data)
         except ValueError:
@@ -77,7 +90,7 @@ def check_tls_files(tls: TLSFiles, *, now: dt.datetime | None = None) -> None:
 
     ca = certificate(tls.ca, "CA certificate")
     cert = certificate(tls.cert, "certificate")
-    key_pem = read(tls.key, "key")
+    key_pem = read_limited(tls.key, "key")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):  # TypeError: an encrypted key; gRPC cannot use one
@@ -101,19 +114,26 @@ def check_tls_files(tls: TLSFiles, *, now: dt.datetime | None = None) -> None:
                              "make new ones with moe-certs")
 
 
+def read_limited(path: str | Path, what: str, limit: int = MAX_PEM_BYTES, *,
+                 fix: str = "make one with moe-certs") -> bytes:
+    """The bytes of ``path``, at most ``limit``: the one bounded read of credential files (TLS files, tokens).
+    ValueError naming the file, ``what`` it should be and, when it is missing or too large, ``fix``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such {what} file ({fix})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit:,} bytes; not a {what} file ({fix})")
+    return data
+
+
 def read_token(path: str | Path) -> str:
     """The bearer token in ``path``: one word of printable ASCII (surrounding whitespace stripped), at most
     :data:`MAX_TOKEN_BYTES`. ValueError naming the file and the fix otherwise."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_TOKEN_BYTES + 1)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such token file") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the token file: {e.strerror or e}") from None
-    if len(raw) > MAX_TOKEN_BYTES:
-        raise ValueError(f"{path}: larger than {MAX_TOKEN_BYTES} bytes; not a token file (moe-certs --tokens "
-                         "makes one)")
+    raw = read_limited(path, "token", MAX_TOKEN_BYTES, fix="moe-certs --tokens makes one")
     try:
         token = raw.decode("utf-8").strip()
     except UnicodeDecodeError:

@@ -19,29 +19,12 @@ from typing import Any
 
 import grpc
 
+from moevit_rpc.channels import read_limited
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 # ------------------------------------------------------------------------------------------------ credentials
-
-
-# A PEM certificate chain or key is a few KB; the cap keeps a wrong path (/dev/zero, a disk image) from being read
-# whole into memory.
-MAX_PEM_BYTES = 1 << 20
-
-
-def read_limited(path: str | Path, what: str, limit: int = MAX_PEM_BYTES) -> bytes:
-    """The bytes of ``path``, at most ``limit``; ValueError naming the file (and ``what`` it should be) otherwise."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such {what} file (make one with moe-certs)") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
-    if len(data) > limit:
-        raise ValueError(f"{path}: larger than {limit:,} bytes; not a {what} file")
-    return data
 
 
 def _read(path: Path) -> bytes:

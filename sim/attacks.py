@@ -23,11 +23,12 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moevit_rpc.channels import plain_channel_options
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", 128 << 20), ("grpc.max_receive_message_length", 128 << 20),
-                   ("grpc.enable_http_proxy", 0)]
+# the attack clients' channels: room for payloads over the servers' 64 MiB cap, no proxy, no keepalive pings
+CHANNEL_OPTIONS = plain_channel_options(max_message_mb=128)
 
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, MB (from /proc)."""

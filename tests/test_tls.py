@@ -383,3 +383,46 @@ def test_one_token_rule_for_the_worker_and_the_coordinator(tmp_path, text):
         read_token(token_file)
     token_file.write_text("  s3cret-Token_1  \n", encoding="utf-8")
     assert site.token() == cli._read_token(token_file) == read_token(token_file) == "s3cret-Token_1"
+
+
+def test_token_and_tls_files_share_one_bounded_read(tmp_path):
+    """Token files (4 KiB) and TLS files (1 MiB) are read by one helper: at most the cap plus a byte, a missing or
+    oversized file named with what it should be and how to make one; and reading a token loads no grpc."""
+    import subprocess
+    import sys
+
+    from moevit_rpc.channels import read_token
+
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * ((1 << 20) + 1))
+    with pytest.raises(ValueError, match=r"big: larger than 4,096 bytes; not a token file \(moe-certs --tokens "
+                                         r"makes one\)$"):
+        read_token(big)
+    with pytest.raises(ValueError, match=r"nope: no such token file \(moe-certs --tokens makes one\)$"):
+        read_token(tmp_path / "nope")
+    tls = TLSFiles(big, big, big)
+    with pytest.raises(ValueError, match=r"big: larger than 1,048,576 bytes; not a CA certificate file \(make one "
+                                         r"with moe-certs\)$"):
+        check_tls_files(tls)
+    with pytest.raises(ValueError, match=r"nope: no such CA certificate file \(make one with moe-certs\)$"):
+        check_tls_files(TLSFiles(tmp_path / "nope", big, big))
+    with pytest.raises(ValueError, match=r"cannot read the token file: Is a directory$"):
+        read_token(tmp_path)
+    (tmp_path / "t").write_text("tok\n")
+    code = ("import sys; from moevit_rpc.channels import read_token; assert read_token(sys.argv[1]) == 'tok';"
+            "sys.exit(bool([m for m in sys.modules if m.split('.')[0] == 'grpc']))")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "t")]).returncode == 0
+
+
+def test_attack_clients_take_their_channel_options_from_moevit_rpc():
+    """One source for channel options: the attack clients (sim/attacks.py, bench/soak_attacks.py) use the plain
+    options of moevit_rpc.channels at 128 MiB, which every long-lived channel extends with reconnect and keepalive."""
+    from moevit.sim.attacks import CHANNEL_OPTIONS
+
+    from moevit_rpc.channels import channel_options, plain_channel_options
+
+    assert CHANNEL_OPTIONS == plain_channel_options(128)
+    assert dict(CHANNEL_OPTIONS) == {"grpc.max_send_message_length": 128 << 20,
+                                     "grpc.max_receive_message_length": 128 << 20, "grpc.enable_http_proxy": 0}
+    full = dict(channel_options())
+    assert dict(plain_channel_options()).items() <= full.items() and full["grpc.keepalive_time_ms"] == 2000
