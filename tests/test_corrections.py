@@ -7,9 +7,9 @@ its label; correction messages have idempotent ids.
 Then real runs. ``run_batch`` in this process, against a worker server on loopback: the worker is down while the
 images are classified (all degraded, naming the site), comes back during ``--rescore-wait``, and the corrections are
 appended to the ``.jsonl`` output; a ``.json`` output is corrected by the next run with the same ``--out``. Last, a
-real worker process killed with SIGKILL mid-run under ``moe-coordinator --mqtt``: it is restarted, and the
-corrections reach a real mosquitto. A deduplicating consumer sees each corrected record exactly once (a rerun
-publishes nothing again), and the results file holds each correction with the record it replaces.
+real worker process killed with SIGKILL mid-run under ``moe-coordinator --mqtt``: the run ends degraded, the worker
+is restarted, and the same command publishes the corrections to a real mosquitto. A deduplicating consumer sees each
+corrected record exactly once, and the results file holds each correction with the record it replaces.
 """
 
 from __future__ import annotations
@@ -308,11 +308,12 @@ def _jpeg(path: Path, when: datetime, colour) -> None:
 
 @pytest.mark.slow
 def test_a_killed_worker_comes_back_and_the_corrections_reach_the_broker_once(tmp_path):
-    """moe-coordinator --mqtt over 24 frames (4 bursts) with every expert on north (fallback skip); north is killed
-    with SIGKILL after the first few images and restarted once all are classified. During --rescore-wait the
-    coordinator sees north back, re-scores the degraded images and publishes their corrections to mosquitto. A
-    deduplicating consumer ends with each correction exactly once, equal to the results file's record, which keeps
-    the original in moevit_corrects; the events are the revised ones. The same command again publishes nothing."""
+    """moe-coordinator --mqtt over 24 frames (4 bursts) with every expert on north (fallback skip). north is killed
+    with SIGKILL after the first few images: the run ends with the rest degraded, and their event summaries go to
+    mosquitto flagged degraded. north is restarted and the same command runs again: it re-scores the degraded
+    images and publishes their corrections, plus a new revision of each event whose label changed. A deduplicating
+    consumer ends with each correction exactly once, equal to the results file's record, which keeps the original
+    in moevit_corrects; the outbox sent each message once."""
     from tests.test_uplink import MOSQUITTO, Broker, Consumer
 
     if MOSQUITTO is None:
@@ -345,7 +346,11 @@ def test_a_killed_worker_comes_back_and_the_corrections_reach_the_broker_once(tm
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topo), "--images",
            str(tmp_path / "images"), "--out", str(out), "--batch-size", "2", "--no-spawn", "--threads", "1",
-           "--mqtt", f"mqtt://127.0.0.1:{mqtt_port}/t", "--mqtt-wait", "30", "--rescore-wait", "120"]
+           "--mqtt", f"mqtt://127.0.0.1:{mqtt_port}/t", "--mqtt-wait", "30"]
+
+    def build(recs):
+        return res.build_megadetector(recs, labels=LABELS, fingerprint=recs[0]["model"])
+
     worker = start_worker(str(path), north)
     coord = None
     try:
@@ -358,50 +363,49 @@ def test_a_killed_worker_comes_back_and_the_corrections_reach_the_broker_once(tm
             time.sleep(0.01)
         worker.send_signal(signal.SIGKILL)  # mid-run
         worker.wait(timeout=10)
-        while len({r["file"] for r in res.read_jsonl(partial)[0]}) < 24:
-            assert coord.poll() is None, coord.communicate()[1][-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        worker = start_worker(str(path), north)  # back: the coordinator waits for it (--rescore-wait)
-        stdout, stderr = coord.communicate(timeout=240)
+        stdout, stderr = coord.communicate(timeout=180)
         assert coord.returncode == 0, stderr[-3000:]
+        first = {r["file"]: r for r in res.records_from_megadetector(json.loads(out.read_text()))}
+        degraded = sorted(f for f, r in first.items() if r["degraded"])
+        assert degraded and all(first[f]["degraded_sites"] == ["north"] for f in degraded)
+        assert f"still degraded: {len(degraded)} image(s) wait for site(s) north" in stdout
+        events_before = events_from_megadetector(build(list(first.values())), deployment="cam")
+        assert any(e.degraded for e in events_before)
+        assert consumer.wait_for(len(events_before)) == {e.message_id for e in events_before}
+
+        worker = start_worker(str(path), north)  # north is back: the same command corrects the degraded images
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"re-scored: {len(degraded)} degraded image(s)" in r.stdout
         doc = json.loads(out.read_text())
         check_megadetector(doc)
-        fixed = [im for im in doc["images"] if im.get("moevit_revision")]
-        assert fixed, "images classified while north was down were corrected"
-        assert not any(im["moevit_degraded"] for im in doc["images"])
-        for im in fixed:
-            assert im["moevit_revision"] == 1
-            assert im["moevit_corrects"]["degraded"] is True and im["moevit_corrects"]["degraded_sites"] == ["north"]
-        assert f"re-scored: {len(fixed)} degraded image(s)" in stdout
-        records = {r["file"]: r for r in res.records_from_megadetector(doc)}
-        want = {f"{image_key(r['model'], f)}-img-r1": r for f, r in records.items() if r.get("revision")}
-        events = revise_events(list(records.values()), lambda recs: res.build_megadetector(
-            recs, labels=LABELS, fingerprint=doc["info"]["classifier_metadata"]["version"]),
-            deployment="cam")
-        got = consumer.wait_for(len(want) + len(events), timeout=60)
-        assert got == set(want) | {e.message_id for e in events}
+        records = {rec["file"]: rec for rec in res.records_from_megadetector(doc)}
+        assert sorted(f for f, rec in records.items() if rec.get("revision")) == degraded
+        for f in degraded:  # the results file shows both: the correction, and the record it replaced
+            assert records[f]["revision"] == 1 and not records[f]["degraded"]
+            assert records[f]["corrects"] == {k: first[f][k] for k in records[f]["corrects"]}
+            assert records[f]["corrects"]["degraded"] is True
+        want = {f"{image_key(records[f]['model'], f)}-img-r1": records[f] for f in degraded}
+        events = revise_events(list(records.values()), build, deployment="cam")
+        revised = [e for e in events if e.revision]
+        expected = set(want) | {e.message_id for e in events_before} | {e.message_id for e in revised}
+        got = consumer.wait_for(len(expected), timeout=60)
+        assert got == expected
         for mid, rec in want.items():  # what the consumer keeps is the results file's corrected record
             body = payloads[mid]
             assert (body["type"], body["revision"]) == ("correction", 1)
             # (the per-image strategy is in the record, not in MegaDetector output)
             assert {k: v for k, v in body.items() if k not in ("type", "id", "image", "strategy")} == rec
-        assert all(not payloads[e.message_id]["degraded"] for e in events)
+        assert all(not payloads[e.message_id]["degraded"] for e in revised)
         with consumer.lock:
             raw = list(consumer.ids)
-        seen: dict[str, int] = {}
-        for mid in raw:
-            seen[mid] = seen.get(mid, 0) + 1
-        print(f"\n{len(fixed)} of 24 images corrected; {len(raw)} messages, {len(raw) - len(got)} raw duplicates; "
-              f"events revised: {sum(e.revision > 0 for e in events)} of {len(events)}")
+        print(f"\n{len(degraded)} of 24 images degraded and corrected; {len(raw)} messages, {len(raw) - len(got)} "
+              f"raw duplicates; events revised: {len(revised)} of {len(events)}")
 
-        # the same command again: everything done, nothing published twice
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "re-scored" not in r.stdout and "(0 new)" in r.stdout
-        time.sleep(1.0)
-        with consumer.lock:
-            assert len(consumer.ids) == len(raw), "nothing was sent again"
+        # each message was queued once, whatever each run queued again (a rerun: test_run_batch_rescores_...)
+        box = Outbox(f"{out}.outbox.sqlite")
+        assert box.counts() == {"pending": 0, "delivered": len(expected)}
+        box.close()
     finally:
         if coord is not None and coord.poll() is None:
             coord.kill()
