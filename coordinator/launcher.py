@@ -1,13 +1,12 @@
-"""The one-machine default: for a loopback site where nothing answers, start a local worker process, and stop it
-on exit. Lets ``moe-coordinator --topology examples/sites.yaml`` run the whole distributed system on one machine.
-The processes are started and waited for by :mod:`moevit.coordinator.local`, the harness the tests and benchmarks use.
+"""The one-machine default: for a loopback site where nothing answers, start a local worker process (or, for
+offload-image, the site's whole-model Classify server), and stop it on exit. Lets ``moe-coordinator --topology
+examples/sites.yaml`` run the whole distributed system on one machine. The processes are started, waited for and
+stopped by :mod:`moevit.coordinator.local`, the harness the tests and benchmarks use.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moevit.coordinator.local import LaunchError, spawn_worker, wait_serving
+from moevit.coordinator.local import (
+    LaunchError,
+    coordinator_command,
+    spawn,
+    spawn_worker,
+    stop_processes,
+    wait_serving,
+)
 from moevit.coordinator.sites import SiteClient
 
 from moevit_rpc.channels import is_loopback
@@ -34,16 +40,7 @@ class LocalWorkers:
     def stop(self, grace: float = 5.0) -> None:
         # a worker that ended before it was asked to is the one whose log a user needs; one slow to exit is not
         crashed = any(p.poll() not in (None, 0) for p in self.procs.values())
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values(), grace)
         self.procs.clear()
         if self.logdir is not None:
             if not crashed:
@@ -91,16 +88,13 @@ def ensure_classify_server(topology_path: str, site: str, address: str, *, check
     if check(0.5) != "UNREACHABLE" or not is_loopback(host):
         return started
     try:
-        args = [sys.executable, "-m", "moevit.coordinator.cli", "--topology", topology_path, "--serve", address,
-                "--as-site", site, "--strategy", "local", "--no-spawn", "--threads", str(threads)]
+        args = ["--topology", topology_path, "--serve", address, "--as-site", site, "--strategy", "local",
+                "--no-spawn", "--threads", str(threads)]
         if model:
             args += ["--model", model]
         logf = started.logdir / f"{site}-classify.log"
         started.logs[site] = logf
-        with open(logf, "wb") as out:  # the child holds it from here on
-            started.procs[site] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL,
-                                                   env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        started.procs[site] = spawn(coordinator_command(*args), log=logf)
         log(f"started the whole model's Classify server for {site} at {address} (log {logf})")
         wait_serving(address, started.procs[site], startup_s, check=lambda: check(0.5),
                      what=f"Classify server for {site}")

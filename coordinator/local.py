@@ -1,5 +1,5 @@
-"""A deployment on this machine: worker processes on loopback ports, started, waited for until SERVING and stopped;
-free ports; topology files; small seeded MoE models.
+"""A deployment on this machine: worker processes (and whole-model Classify servers) on loopback ports, started,
+waited for until SERVING and stopped; free ports; topology files; small seeded MoE models.
 
 The one harness behind ``moe-coordinator``'s local workers (:mod:`moevit.coordinator.launcher`), the emulation
 (``moe-sim --emulate``), the tests that run real processes and the benchmarks. Everything here runs real
@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -24,12 +24,15 @@ if TYPE_CHECKING:
 __all__ = [
     "DEVICE",
     "LaunchError",
+    "coordinator_command",
     "free_port",
     "replicated_placement",
     "small_moe_model",
+    "spawn",
     "spawn_worker",
     "start_worker",
     "stop_process",
+    "stop_processes",
     "wait_serving",
     "worker_command",
     "write_topology",
@@ -55,18 +58,31 @@ def worker_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "moevit.worker.cli", *args]
 
 
+def coordinator_command(*args: str) -> list[str]:
+    """The ``moe-coordinator`` command line with ``args``, run by this interpreter (e.g. a whole-model Classify
+    server: ``--serve ADDR --as-site SITE --strategy local``)."""
+    return [sys.executable, "-m", "moevit.coordinator.cli", *args]
+
+
 def spawn_worker(args: Sequence[str], *, log: str | os.PathLike[str] | IO[bytes] | None = None,
                  env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> subprocess.Popen:
-    """Start ``moe-worker args`` without waiting. Its stdout and stderr go to ``log`` (a path or an open binary
-    file; None: an anonymous temporary file, never a pipe nobody reads, which would block a chatty worker once it
-    filled). OpenMP waits passively: a worker sharing cores with the coordinator must not spin between calls."""
+    """Start ``moe-worker args`` without waiting (see :func:`spawn`)."""
+    return spawn(worker_command(*args), log=log, env=env, cwd=cwd)
+
+
+def spawn(command: Sequence[str], *, log: str | os.PathLike[str] | IO[bytes] | None = None,
+          env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> subprocess.Popen:
+    """Start ``command`` (:func:`worker_command`, :func:`coordinator_command`) without waiting. Its stdout and
+    stderr go to ``log`` (a path or an open binary file; None: an anonymous temporary file, never a pipe nobody
+    reads, which would block a chatty process once it filled). OpenMP waits passively: a process sharing cores
+    with the coordinator must not spin between calls."""
     if log is None:
         out: Any = tempfile.TemporaryFile()
     elif isinstance(log, (str, os.PathLike)):
-        out = open(log, "wb")  # the child holds it from here on
+        out = open(log, "w+b")  # the child holds it from here on; readable, for log_tail()
     else:
         out = log
-    proc = subprocess.Popen(worker_command(*args), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}, cwd=cwd)
     proc.log = out  # type: ignore[attr-defined]  # for log_tail() when it fails
     return proc
@@ -92,7 +108,9 @@ def health_status(address: str, timeout: float = 0.5) -> str:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    from moevit_rpc.channels import plain_channel_options
+
+    with grpc.insecure_channel(address, options=plain_channel_options()) as channel:
         try:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
         except grpc.RpcError:
@@ -137,14 +155,24 @@ def start_worker(args: Sequence[str], address: str, *, log: str | os.PathLike[st
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
     """SIGTERM, then SIGKILL after ``timeout`` s; returns the exit code."""
-    if proc.poll() is None:
-        proc.terminate()
+    return stop_processes([proc], timeout)[0]
+
+
+def stop_processes(procs: Iterable[subprocess.Popen], timeout: float = 10.0) -> list[int]:
+    """SIGTERM to every process still running, all at once, then SIGKILL to those not gone ``timeout`` s later
+    (one deadline for all); returns their exit codes."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
         try:
-            proc.wait(timeout=timeout)
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+            p.kill()
+            p.wait()
+    return [p.returncode for p in procs]
 
 
 def write_topology(tmp: str | os.PathLike[str], model_path: str | os.PathLike[str] | None, ports: Mapping[str, int],
