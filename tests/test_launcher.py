@@ -12,6 +12,7 @@ from moevit.coordinator.launcher import LaunchError, LocalWorkers, ensure_classi
 from moevit.coordinator.local import free_port, health_status, log_tail, spawn, write_topology
 
 
+@pytest.mark.slow  # a moe-coordinator process loading torch
 def test_a_classify_server_that_fails_to_start_is_named_with_its_log(tmp_path, monkeypatch):
     import tempfile
 

@@ -99,6 +99,7 @@ def test_moe_eval_counts_only_what_it_evaluated_and_lists_what_it_skipped(model3
     assert text.stdout.count("unreadable, not evaluated:") == len(out["skipped"])
 
 
+@pytest.mark.slow  # a few seconds on an idle machine; minutes beside a training run
 def test_moe_eval_decodes_each_image_once(model3, tmp_path, monkeypatch, capsys):
     """One pass: every file of the split is decoded once (it was twice: a check of every file, then the
     evaluation), unreadable ones included; a calibrated model's ECE comes from the same pass."""
@@ -119,7 +120,8 @@ def test_moe_eval_decodes_each_image_once(model3, tmp_path, monkeypatch, capsys)
         return read(path, *args, **kw)
 
     monkeypatch.setattr(moevit.data, "_read_image", counting)
-    assert eval_main(["--model", str(model), "--data", data, "--split", "train", "--json", "--batch-size", "4"]) == 0
+    assert eval_main(["--model", str(model), "--data", data, "--split", "train", "--json", "--batch-size", "4",
+                      "--threads", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["skipped"]) + out["n"] == 16 and out["skipped"] and "calibration" in out
     assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 16
