@@ -13,8 +13,10 @@ again after a crash or kill skips the images already done by the same model (a `
 Each image's EXIF capture time and camera are recorded and images are grouped into sequences
 (``--sequence-gap``). ``--metrics-port`` serves Prometheus metrics. A checkpoint calibrated by ``moe-calibrate``
 gets its temperature applied and, with a ``blank`` class, its blank threshold (blank images: ``detections: []``).
-``--mqtt URL`` publishes one summary per sequence through a durable outbox (``coordinator/uplink.py``). Output
-fields, the resume rule and metric names: docs/outputs.md.
+``--mqtt URL`` publishes one summary per sequence through a durable outbox (``coordinator/uplink.py``). Degraded
+images (a fallback computed part of them) are classified again once their sites are back, between batches, at the
+end (``--rescore-wait``) or by the next run with the same ``--out``, and written and published as corrections
+(``coordinator/corrections.py``). Output fields, the resume rule and metric names: docs/outputs.md.
 """
 
 from __future__ import annotations

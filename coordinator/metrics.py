@@ -112,12 +112,13 @@ class CoordinatorMetrics:
         self.latency = Histogram("moevit_coordinator_request_seconds", "Latency of one classify call (a batch)",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("moevit_coordinator_images", "Images by outcome: ok, degraded, failed (site), "
-                              "unreadable, reused (from a previous run's results)", ["outcome"], registry=r)
+                              "unreadable, reused (from a previous run's results), corrected (degraded, re-scored "
+                              "once their sites were back)", ["outcome"], registry=r)
         self.degraded = Counter("moevit_coordinator_degraded_images", "Images classified with a fallback "
                                 "(an expert computed locally or skipped)", registry=r)
         for outcome in ("ok", "degraded", "failed"):
             self.requests.labels(outcome)
-        for outcome in ("ok", "degraded", "failed", "unreadable", "reused"):
+        for outcome in ("ok", "degraded", "failed", "unreadable", "reused", "corrected"):
             self.images.labels(outcome)
         self._collector: _RuntimeCollector | None = None
 

@@ -255,9 +255,13 @@ def test_run_batch_rescores_degraded_images_once_the_worker_is_back(tmp_path, ca
         done = threading.Event()
         helper = threading.Thread(target=restart_when_classified, daemon=True)
         helper.start()
+        from moevit.coordinator.metrics import CoordinatorMetrics
+
+        metrics = CoordinatorMetrics()
+        metrics.instrument(runtime)
         try:
             s = run_batch(runtime, BatchJob(image_size=SIZE, images=str(root), out=str(out), batch_size=3,
-                                            rescore_wait=60))
+                                            rescore_wait=60), metrics=metrics)
         finally:
             done.set()
             helper.join(30)
@@ -270,6 +274,7 @@ def test_run_batch_rescores_degraded_images_once_the_worker_is_back(tmp_path, ca
             assert r["revision"] == 1 and not r["degraded"] and r["corrects"]["degraded"] is True
             assert r["prediction"] == want[r["file"]], "the correction is the fault-free split answer"
         assert (s["degraded"], s["rescore"]["corrected"], s["rescore"]["waiting"]) == (0, 6, 0)
+        assert metrics.registry.get_sample_value("moevit_coordinator_images_total", {"outcome": "corrected"}) == 6
         assert "re-scored: 6 degraded image(s)" in capsys.readouterr().out
 
         # .json: north down for the run, back for the next one with the same --out
