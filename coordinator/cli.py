@@ -702,6 +702,11 @@ def _run(args: argparse.Namespace) -> int:
             raise CoordinatorError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
         if not args.sequence_gap >= 0:
             raise CoordinatorError(f"--sequence-gap must be >= 0 seconds, got {args.sequence_gap}")
+        if args.rescore_limit < 0:
+            raise CoordinatorError(f"--rescore-limit must be >= 0, got {args.rescore_limit}")
+        for flag, value in (("--rescore-max-age", args.rescore_max_age), ("--rescore-wait", args.rescore_wait)):
+            if not value >= 0:
+                raise CoordinatorError(f"{flag} must be >= 0 seconds, got {value}")
         if args.out and Path(args.out).is_dir():
             raise CoordinatorError(f"--out {args.out} is a folder; give a file name ending in .json or .jsonl")
         if args.out and not args.serve:  # held until the run ends: a second run on the same --out is refused

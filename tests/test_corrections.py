@@ -195,6 +195,19 @@ def test_corrections_go_to_the_outbox_under_idempotent_ids(tmp_path):
     up.outbox.close()
 
 
+@pytest.mark.parametrize(("flag", "value", "words"), [("--rescore-limit", "-1", "--rescore-limit must be >= 0"),
+                                                      ("--rescore-max-age", "-5", "--rescore-max-age must be >= 0"),
+                                                      ("--rescore-wait", "nan", "--rescore-wait must be >= 0")])
+def test_bad_rescore_flags_are_one_line_errors(tmp_path, capsys, flag, value, words):
+    from moevit.coordinator import cli
+
+    (tmp_path / "img").mkdir()
+    sites = Path(__file__).resolve().parents[1] / "examples" / "sites.yaml"
+    assert cli.main(["--topology", str(sites), "--images", str(tmp_path / "img"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------------- run_batch in this process
 
 
