@@ -22,8 +22,8 @@ Attacks, one at a time from ``random.Random(--seed)``, ``--gap`` seconds apart (
 
 Measured: per attack kind how often it ran and the status codes it got; normal requests sent, answered OK,
 failed (by code), wrong, over their deadline, latency p50/p99/max; RSS of the worker and the coordinator every 0.5 s
-with a linear slope (MB/min) over the second half of the run; tracebacks in the two processes' logs. Writes one JSON
-file (``bench/common.py``'s write_result).
+with a linear slope (MB/min) over the second half of the run, and once settled after the last attack; tracebacks in
+the two processes' logs (the first three, excerpted). Writes one JSON file (``bench/common.py``'s write_result).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from moevit.sim.attacks import (  # noqa: E402
     progressive_bomb,
     refused_requests,
     rss_mb,
+    settled_rss_mb,
 )
 
 from moevit_rpc.tensors import tensor_to_proto  # noqa: E402
@@ -201,6 +202,9 @@ def run_soak(duration: float, seed: int, clients: int, images: int, deadline: fl
             stop.set()
             for t in threads:
                 t.join(deadline + 5)
+            # after the last attack, once each process stopped freeing (and trimming) what the attacks left: a 36 MP
+            # decode given up on still runs for seconds on a loaded machine, holding ~0.6 GB until it ends
+            settled = {name: settled_rss_mb(pid, every_s=2.0, timeout_s=60.0) for name, pid in pids.items()}
         logs = {"worker": (dep.tmp / "worker.log").read_text(), "coordinator": dep.log.read_text()}
     lat = sorted(normal.pop("latency"))
     out: dict[str, Any] = {
@@ -211,8 +215,10 @@ def run_soak(duration: float, seed: int, clients: int, images: int, deadline: fl
                                            "max": round(lat[-1], 4)}},
         "attacks": {"runs": attacker.runs, "codes": attacker.codes},
         "schedule": schedule,
-        "rss_mb": {name: _rss_summary(samples) for name, samples in rss.items()},
+        "rss_mb": {name: {**_rss_summary(samples), "settled_after": settled[name]} for name, samples in rss.items()},
         "tracebacks_in_logs": {name: text.count("Traceback") for name, text in logs.items()},
+        "traceback_excerpts": {name: [t[:1500] for t in text.split("Traceback")[1:4]] for name, text in logs.items()
+                               if "Traceback" in text},
     }
     return out
 

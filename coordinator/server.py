@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import torch
@@ -28,6 +29,7 @@ from moevit.coordinator.sites import SiteError
 
 from moevit.data import MAX_IMAGE_PIXELS, UnreadableImageError, load_image
 from moevit_rpc.channels import channel_options
+from moevit_rpc.memory import HeapTrimmer
 from moevit_rpc.messages import clip
 from moevit_rpc.security import TokenAuthInterceptor
 from moevit_rpc.serving import BoundedHealthServicer, add_service
@@ -52,8 +54,19 @@ HEAVY_DECODES = 2
 DECODE_DEADLINE_S = 10.0
 
 
+_E = TypeVar("_E", bound=BaseException)
+
+
 class _Busy(Exception):
     """A request refused by the server's bounds (RESOURCE_EXHAUSTED)."""
+
+
+def _detached(e: _E) -> _E:
+    """``e`` without its traceback and the exceptions it was raised from, to be kept as a value. Their tracebacks'
+    frames link back (``f_back``) to the frame keeping ``e``, whose images they hold: a reference cycle that kept a
+    flood's 48 MiB requests until a full garbage collection (hundreds of MB, docs/reliability.md)."""
+    e.__cause__ = e.__context__ = None
+    return e.with_traceback(None)
 
 
 def _heavy(image: bytes) -> bool:
@@ -117,21 +130,20 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             self.admitted += 1
             self.queued_bytes += size
             try:
-                probs, degraded = await self._answer(image, context)
-            except UnreadableImageError as e:
-                problem, code = f"image {clip(request.name)} is unreadable: {e}", grpc.StatusCode.INVALID_ARGUMENT
-                if self.on_unreadable is not None:
-                    self.on_unreadable()
-            except SiteError as e:
-                problem, code = str(e), grpc.StatusCode.UNAVAILABLE
+                outcome = await self._answer(image, context)
+                if isinstance(outcome, Exception):
+                    # the batcher's failure is a value, not raised here: raising it would put this frame (and the
+                    # request) in its traceback and the traceback in the exception, a cycle until a full GC
+                    failure, outcome = outcome, None
+                    problem, code = self._problem(failure, request.name)
+                else:
+                    probs, degraded = outcome
             except _Busy as e:
                 self.refused_busy += 1
                 problem, code = str(e), grpc.StatusCode.RESOURCE_EXHAUSTED
             except TimeoutError:
                 problem, code = (f"image {clip(request.name)} not decoded within {DECODE_DEADLINE_S:g} s",
                                  grpc.StatusCode.DEADLINE_EXCEEDED)
-            except FloatingPointError as e:
-                problem, code = str(e), grpc.StatusCode.INTERNAL
             finally:
                 self.admitted -= 1
                 self.queued_bytes -= size
@@ -151,8 +163,20 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             degraded=bool(degraded), model_fingerprint=self.runtime.fingerprint,
             latency_ms=(time.perf_counter() - t0) * 1e3, name=request.name)
 
-    async def _answer(self, image: bytes, context: grpc.aio.ServicerContext) -> tuple[torch.Tensor, bool]:
-        """Queue one image for the batcher (decoded first on the decode threads when it is heavy) and wait."""
+    def _problem(self, failure: Exception, name: str) -> tuple[str, grpc.StatusCode]:
+        """The status of a request the batcher failed (an unreadable image, a site, a non-finite output)."""
+        if isinstance(failure, UnreadableImageError):
+            if self.on_unreadable is not None:
+                self.on_unreadable()
+            return f"image {clip(name)} is unreadable: {failure}", grpc.StatusCode.INVALID_ARGUMENT
+        if isinstance(failure, FloatingPointError):
+            return str(failure), grpc.StatusCode.INTERNAL
+        return str(failure), grpc.StatusCode.UNAVAILABLE
+
+    async def _answer(self, image: bytes, context: grpc.aio.ServicerContext
+                      ) -> tuple[torch.Tensor, bool] | Exception:
+        """Queue one image for the batcher (decoded first on the decode threads when it is heavy) and wait: the
+        (probabilities, degraded) of the image, or the batcher's failure as a value."""
         loop = asyncio.get_running_loop()
         item: bytes | torch.Tensor = image
         if _heavy(image):
@@ -180,6 +204,8 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             except (TimeoutError, asyncio.CancelledError):
                 gave_up.set()  # not started yet: never decoded; started: finishes on its thread, result dropped
                 raise
+            except UnreadableImageError as e:  # as a value, without the tracebacks that hold this frame's image
+                return _detached(e)
         fut = loop.create_future()
         self._returned += 1
         self.queue.put_nowait((item, fut))
@@ -234,9 +260,9 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             try:
                 decoded.append((i, load_image(data, self.image_size, self.max_pixels)))
             except UnreadableImageError as e:
-                # without its traceback: that holds this frame, whose ``outcomes`` holds the error, a cycle that
-                # kept the batch's images (up to the 64 MiB message cap each) until a full garbage collection
-                outcomes[i] = e.with_traceback(None)
+                # without its traceback and cause: they hold this frame, whose ``outcomes`` holds the error, a cycle
+                # that kept the batch's images (up to the 64 MiB message cap each) until a full garbage collection
+                outcomes[i] = _detached(e)
         if decoded:
             res = self.runtime.classify(torch.stack([x for _, x in decoded]))
             probs = self.runtime.calibration.probs(res.logits)  # moe-calibrate's temperature
@@ -259,17 +285,14 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
             try:
                 outcomes = await loop.run_in_executor(self.pool, self._run_batch, [data for data, _ in items])
             except Exception as e:  # a failed batch fails its requests; the server keeps serving
-                failure = e.with_traceback(None) if isinstance(e, SiteError) else SiteError("coordinator", str(e))
+                failure = _detached(e) if isinstance(e, SiteError) else SiteError("coordinator", str(e))
                 outcomes = [failure] * len(items)  # no traceback: it would hold this frame and the batch's images
             self._answered_at = loop.time()
             self._last_forward_s = self._answered_at - t0
             self._last_size, self._returned = len(items), 0
             for (_, fut), outcome in zip(items, outcomes, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    fut.set_exception(outcome)
-                else:
+                if not fut.done():
+                    # failures too as results: a future raising them would tie each to its waiter's frames
                     fut.set_result(outcome)
 
 
@@ -281,12 +304,14 @@ class ClassifyServer:
     servicer: ClassifyServicer
     health: BoundedHealthServicer
     address: str
+    trimmer: HeapTrimmer
 
     async def stop(self, grace: float | None = 5.0) -> None:
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         self.servicer.close()
+        self.trimmer.stop()
 
 
 async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, max_batch: int = 8,
@@ -306,7 +331,9 @@ async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, 
     servicer = ClassifyServicer(runtime, image_size=image_size, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                 max_queue=max_queue, max_queued_mb=max_queued_mb, on_unreadable=on_unreadable,
                                 max_pixels=max_pixels)
-    add_service(server, servicer, expert_pb2.DESCRIPTOR.services_by_name["ClassifierService"])
+    # large requests, refused or not, leave free heap in glibc's arenas that it keeps: trimmed after them
+    trimmer = HeapTrimmer()
+    add_service(server, servicer, expert_pb2.DESCRIPTOR.services_by_name["ClassifierService"], on_bytes=trimmer.note)
     health_servicer = BoundedHealthServicer(token=token)
     add_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
     try:
@@ -319,6 +346,7 @@ async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, 
         raise OSError(f"cannot listen on {address}")
     await server.start()
     servicer.start()
+    trimmer.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     bound = f"{address.rsplit(':', 1)[0]}:{port}"
@@ -326,7 +354,7 @@ async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, 
                 "on" if credentials is not None else "off", "on" if token else "off")
     if token and credentials is None:
         log.warning("a bearer token without TLS travels in clear text: anyone on the link can read and reuse it")
-    return ClassifyServer(server, servicer, health_servicer, bound)
+    return ClassifyServer(server, servicer, health_servicer, bound, trimmer)
 
 
 async def serve(runtime: SplitRuntime, address: str, *, image_size: int, max_batch: int = 8,

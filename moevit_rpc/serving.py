@@ -54,10 +54,13 @@ class Refused:
 Screen = Callable[[bytes], "Refused | None"]
 
 
-def _parser(message_class: Any, screen: Screen | None = None) -> Callable[[bytes], Any]:
+def _parser(message_class: Any, screen: Screen | None = None,
+            on_bytes: Callable[[int], None] | None = None) -> Callable[[bytes], Any]:
     name = message_class.DESCRIPTOR.full_name
 
     def parse(data: bytes) -> Any:
+        if on_bytes is not None:
+            on_bytes(len(data))
         if screen is not None:
             refused = screen(data)
             if refused is not None:
@@ -95,7 +98,7 @@ def _unimplemented(name: str) -> Callable[[Any, Any], Awaitable[Any]]:
 
 
 def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor,
-                screens: dict[str, Screen] | None = None) -> None:
+                screens: dict[str, Screen] | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
     """Register every method of ``service`` on ``server``, implemented by ``servicer``'s method of the same name.
 
     Coroutine methods with one request (unary-unary, and unary-stream written with ``context.write`` such as
@@ -108,7 +111,8 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescript
     ``screens`` (method name -> function of the request's bytes) refuse requests before they are parsed: parsing
     runs on the event loop, and a message of millions of entries takes it for a second or more. A screen returns
     a :class:`Refused` (answered with its status by methods with one request, seen by stream methods among their
-    requests) or None to parse as usual.
+    requests) or None to parse as usual. ``on_bytes`` is called with the size of every request received (before the
+    screen), e.g. :meth:`moevit_rpc.memory.HeapTrimmer.note`.
     """
     handlers = {}
     for method in service.methods:
@@ -119,14 +123,15 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescript
             raise NotImplementedError(f"{service.full_name}.{method.name}: stream-unary methods are not supported")
         if method.client_streaming:  # stream-stream: the servicer sees each Undecodable among its requests
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                impl, request_deserializer=_parser(request_class, (screens or {}).get(method.name)),
+                impl, request_deserializer=_parser(request_class, (screens or {}).get(method.name), on_bytes),
                 response_serializer=serialize)
             continue
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handler = (_refusing_undecodable(impl, method.full_name) if inspect.iscoroutinefunction(impl)
                    else _unimplemented(method.full_name))
         handlers[method.name] = make(handler,
-                                     request_deserializer=_parser(request_class, (screens or {}).get(method.name)),
+                                     request_deserializer=_parser(request_class, (screens or {}).get(method.name),
+                                                                  on_bytes),
                                      response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

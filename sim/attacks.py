@@ -39,6 +39,21 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def settled_rss_mb(pid: int, *, every_s: float = 1.0, within_mb: float = 2.0, timeout_s: float = 10.0) -> float:
+    """The RSS of a process once it has stopped falling (two samples ``every_s`` apart within ``within_mb``), at
+    most ``timeout_s`` from now: what a burst of requests left behind, after the server freed and trimmed what it
+    could (its trimmer ticks every 0.5 s, later on a loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    last = rss_mb(pid)
+    while time.monotonic() < deadline:
+        time.sleep(every_s)
+        now = rss_mb(pid)
+        if abs(now - last) <= within_mb:
+            return round(now, 1)
+        last = now
+    return round(last, 1)
+
+
 class HealthProbe:
     """Health.Check every ``every_s`` from a process of its own (so the attacker's own work, e.g. serialising
     large requests, does not slow the probe down); :attr:`worst_s` is the slowest answer once it stopped (a check
@@ -203,8 +218,7 @@ def attack_refused(address: str, pid: int, fingerprint: str, *, layer: int, dim:
             out["codes"]["stream"] = sorted({grpc.StatusCode.OK.name if not a.error_code else
                                              next(c.name for c in grpc.StatusCode if c.value[0] == a.error_code)
                                              for a in answers})
-        time.sleep(0.5)
-    out["rss_end_mb"] = round(rss_mb(pid), 1)
+    out["rss_end_mb"] = settled_rss_mb(pid)
     out["rss_growth_mb"] = round(out["rss_end_mb"] - out["rss_start_mb"], 1)
     if "rss_warm_mb" in out:
         out["rss_growth_after_warm_mb"] = round(out["rss_end_mb"] - out["rss_warm_mb"], 1)
@@ -410,10 +424,9 @@ def attack_flood(address: str, pid: int, *, requests: int = 16, mib: int = 48) -
         t.join(130)
     done.set()
     sampler.join()
-    time.sleep(0.5)
     out["codes"] = sorted({box[0][0] for _, box in calls if box})
     out["rss_peak_mb"] = round(max(peak), 1)
-    out["rss_end_mb"] = round(rss_mb(pid), 1)
+    out["rss_end_mb"] = settled_rss_mb(pid)
     code, seconds = classify(address, png((64, 64), 2))
     out["legit_after"] = {"code": code, "s": round(seconds, 3)}
     return out

@@ -20,7 +20,7 @@ import torch
 from moevit.coordinator import fieldmeta
 from moevit.coordinator import results as res
 from moevit.coordinator.local import free_port, wait_serving, write_topology
-from moevit.sim.attacks import small_model, stop
+from moevit.sim.attacks import small_model, start_worker, stop
 from PIL import Image
 
 from moevit.data import load_image
@@ -266,3 +266,59 @@ def test_moe_certs_keeps_an_existing_ca_and_never_writes_through_a_symlink(model
     assert r.returncode == 2 and "already holds a CA" in r.stderr and "--replace-ca" in r.stderr
     assert (out / "ca.pem").read_bytes() == ca
     assert certs("--replace-ca").returncode == 0 and (out / "ca.pem").read_bytes() != ca
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["nan", "wide"])
+def test_a_lying_worker_beside_an_honest_replica_leaves_the_results_to_the_honest_one(model, tmp_path, mode):
+    """Item 5 end to end: a batch run (``moe-coordinator --data``) over a lying worker ("liar": NaN, or a column too
+    many) and an honest replica ("w") of the same experts, with fallback ``fail``. The liar comes first in the
+    placement's order, so it is called; each of its answers is a site failure retried on the honest replica. The
+    run's results equal a run on the honest worker alone: nothing degraded or failed, the same accuracy, the same
+    predictions and confidences, in strict JSON."""
+    path, _ = model
+    honest, honest_address = start_worker(path, "8:0-1,5:2-3")
+    liar_address = f"127.0.0.1:{free_port()}"
+    liar = subprocess.Popen([sys.executable, "-c", LYING_WORKER, str(path), liar_address, mode], cwd=REPO_ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data = "synthetic:classes=5,per_class=10,size=64"
+
+    def run(name: str, placement: dict) -> tuple[subprocess.CompletedProcess, dict]:
+        ports = {"cam": free_port(), **{site: 0 for site in placement[8] if site != "cam"}}
+        addresses = {"w": honest_address, "liar": liar_address}
+        topology = write_topology(tmp_path, path, ports, name=f"{name}.yaml", placement=placement,
+                                  addresses={s: addresses[s] for s in ports if s != "cam"})
+        out = tmp_path / name / "results.json"
+        r = subprocess.run([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topology), "--data",
+                            data, "--split", "train", "--out", str(out), "--no-spawn", "--threads", "1",
+                            "--image-size", "64", "--batch-size", "4"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+        def strict(constant: str) -> None:
+            raise AssertionError(f"{out} holds {constant}: not strict JSON")
+
+        return r, json.loads(out.read_text(), parse_constant=strict)
+
+    try:
+        wait_serving(liar_address, liar, timeout=120)
+        alone, expected = run("honest", {8: {"cam": [2, 3], "w": [0, 1]}, 5: {"cam": [0, 1], "w": [2, 3]}})
+        both, got = run("lying", {8: {"cam": [2, 3], "liar": [0, 1], "w": [0, 1]},
+                                  5: {"cam": [0, 1], "liar": [2, 3], "w": [2, 3]}})
+    finally:
+        stop(liar)
+        stop(honest)
+    summary = [line for line in both.stdout.splitlines() if " images: " in line]
+    assert summary == [line for line in alone.stdout.splitlines() if " images: " in line], both.stdout
+    assert summary[0].endswith("classified (0 degraded), 0 failed"), both.stdout
+    accuracy = [line for line in both.stdout.splitlines() if line.startswith("accuracy ")]
+    assert accuracy and accuracy == [line for line in alone.stdout.splitlines() if line.startswith("accuracy ")]
+    liar_calls = next(int(line.split()[2]) for line in both.stdout.splitlines() if line.startswith("liar "))
+    retried = next(int(line.split(", ")[1].split()[0]) for line in both.stdout.splitlines()
+                   if line.startswith("rpc: "))
+    assert liar_calls >= 1 and retried >= 1, both.stdout  # the liar was asked, and its answers went elsewhere
+    assert len(got["images"]) == len(expected["images"]) == 40
+    for a, b in zip(got["images"], expected["images"], strict=True):
+        assert a["file"] == b["file"] and not a.get("degraded") and "error" not in a, a
+        assert [d["category"] for d in a["detections"]] == [d["category"] for d in b["detections"]], (a, b)
+        assert np.allclose([d["conf"] for d in a["detections"]], [d["conf"] for d in b["detections"]], atol=1e-5)

@@ -24,6 +24,7 @@ from moevit.worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertS
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.config import ModelConfig
 from moevit.moe.experts import ExpertBank
+from moevit_rpc.memory import HeapTrimmer
 from moevit_rpc.security import TokenAuthInterceptor
 from moevit_rpc.serving import BoundedHealthServicer, add_service
 from moevit_rpc.v1 import expert_pb2
@@ -140,6 +141,8 @@ class WorkerServer:
                                         check_finite=check_finite, executor=self._executor, max_queue=max_queue)
         # watches bounded (64, 8 without the token): they cannot take the 256 RPC slots from expert calls
         self._health = BoundedHealthServicer(token=token)
+        # large requests, refused or not, leave free heap in glibc's arenas that it keeps: trimmed after them
+        self._trimmer = HeapTrimmer()
         self._server: grpc.aio.Server | None = None
         self._stopping = False
 
@@ -165,7 +168,7 @@ class WorkerServer:
         # not grpcio's generated add_ExpertServiceServicer_to_server: bytes that do not parse get INVALID_ARGUMENT
         screen = wire_screen(self._servicer.hosted, self.fingerprint)  # large requests refused before parsing
         add_service(server, self._servicer, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"],
-                    screens={"RunExperts": screen, "RunExpertsStream": screen})
+                    screens={"RunExperts": screen, "RunExpertsStream": screen}, on_bytes=self._trimmer.note)
         add_service(server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         try:
             # TLS configured -> only a TLS port: a plaintext port beside it would let a client skip the check
@@ -177,6 +180,7 @@ class WorkerServer:
             raise OSError(f"cannot listen on {self.address}: the address is in use or not local to this machine")
         await server.start()
         self._server, self.port = server, port
+        self._trimmer.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         hosted = " ".join(f"{layer}:{list(experts)}" for layer, experts in sorted(self.backend.hosted.items()))
@@ -209,6 +213,7 @@ class WorkerServer:
             await asyncio.sleep(max(0.0, min(ANSWER_LINGER_S, deadline - loop.time())))
         await self._server.stop(max(0.0, deadline - loop.time()))
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._trimmer.stop()
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:
