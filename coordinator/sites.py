@@ -44,15 +44,21 @@ class Traffic:
     tokens: int = 0
     # the latest RPC times only: one float per call kept for the life of a process would grow without bound
     rpc_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RPC_MS_KEPT))
+    # per call too, as rpc_ms: the worker's reported compute time and the call's bytes both ways, so the link's
+    # throughput is estimated from the time on the wire, not the experts' compute (coordinator/strategies.py)
+    server_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RPC_MS_KEPT))
+    call_bytes: deque[int] = field(default_factory=lambda: deque(maxlen=RPC_MS_KEPT))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, sent: int, received: int, tokens: int, ms: float) -> None:
+    def add(self, sent: int, received: int, tokens: int, ms: float, server_ms: float = 0.0) -> None:
         with self.lock:
             self.calls += 1
             self.bytes_sent += sent
             self.bytes_received += received
             self.tokens += tokens
             self.rpc_ms.append(ms)
+            self.server_ms.append(server_ms)
+            self.call_bytes.append(sent + received)
 
 
 class PendingCall:
@@ -94,7 +100,8 @@ class PendingCall:
             raise SiteError(c.name, f"{code.name}: {details}", code) from None
         except concurrent.futures.CancelledError:  # cancelled, or close() before the call started
             raise SiteError(c.name, "CANCELLED: the call was cancelled", grpc.StatusCode.CANCELLED) from None
-        c.traffic.add(self.sent, resp.ByteSize(), sum(self.counts), (time.perf_counter() - self.t0) * 1e3)
+        c.traffic.add(self.sent, resp.ByteSize(), sum(self.counts), (time.perf_counter() - self.t0) * 1e3,
+                      max(0.0, resp.compute_ms))
         try:
             return self._outputs(resp)
         except ValueError as e:  # the worker broke the protocol: its answer cannot be used

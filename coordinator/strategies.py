@@ -49,6 +49,27 @@ from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 log = logging.getLogger("moevit.coordinator")
 
 EWMA_ALPHA = 0.2  # weight of a new sample: about the last 5-10 calls matter
+# a throughput sample STEP_FACTOR times above or below the estimate is a changed link, not noise: it replaces the
+# estimate (STEP_ALPHA 1: a 20-fold drop shows after one call, where 0.2 in log terms took four or five; a lone
+# outlier is undone by the next call, and the policy's hysteresis does not switch on one decision)
+STEP_FACTOR, STEP_ALPHA = 4.0, 1.0
+# an idle link's probe: PROBE_PAIRS health checks (the fastest is its round trip: load on the machine only adds time);
+# then, when that round trip moved RTT_CHANGE-fold since the link's throughput was last measured (a fade that slows
+# the rate also lengthens each exchange) or PAD_INTERVAL_S after the last pad, as many checks carrying a pad of random
+# binary metadata (sent as is, PAD_FRAMING bytes of header on top, measured through sim/linkproxy.py): the pad's time
+# on the wire is a throughput sample of a link no call uses. The pad is sized to PROBE_AIRTIME_S at the link's
+# topology rate (PROBE_PAD_MIN..PROBE_PAD_MAX bytes: far under gRPC's 8 KiB metadata limit): large enough to show over
+# the noise of a loaded machine at the good rate, sent rarely because on a faded link it costs airtime and energy.
+PROBE_PAD_MIN, PROBE_PAD_MAX, PAD_FRAMING, PROBE_AIRTIME_S, PROBE_PAIRS = 512, 4096, 82, 0.01, 2
+RTT_CHANGE, PAD_INTERVAL_S = 2.0, 10.0
+SPEED_PROBE_S = 5.0  # an idle offload site's compute speed is measured this often (a blank image)
+MIN_PROBE_TRANSFER_S = 1e-3  # a pad's time below this reads as "at least this fast"
+CLASSIFY_FRAMING = 20  # a ClassifyRequest's bytes beside its PNG (name, top_k)
+
+
+def pad_bytes(throughput_bps: float) -> int:
+    """The probe pad for a link estimated at ``throughput_bps``."""
+    return int(min(PROBE_PAD_MAX, max(PROBE_PAD_MIN, throughput_bps * PROBE_AIRTIME_S / 8)))
 MIN_TRANSFER_S = 50e-6  # below this a call's transfer time is noise: its throughput sample is not taken
 FLOPS_PER_MAC = 2
 # bytes per number of each token codec on the wire, for the policy's token size (scales and headers aside)
@@ -85,10 +106,20 @@ class _Link:
     up: bool = True
     last_used: float = 0.0
     last_probe: float = 0.0
+    last_pad: float = 0.0
+    rtt_at_sample: float | None = None  # the round trip when the throughput was last measured
 
 
 def _ewma(old: float | None, new: float) -> float:
     return new if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * new
+
+
+def _log_ewma(old: float | None, new: float) -> float:
+    """Throughput's moving average in log terms; a step change (STEP_FACTOR) weighs STEP_ALPHA."""
+    if old is None:
+        return new
+    a = STEP_ALPHA if max(new / old, old / new) >= STEP_FACTOR else EWMA_ALPHA
+    return old ** (1 - a) * new ** a
 
 
 @dataclass
@@ -111,15 +142,20 @@ class LinkEstimator:
             out.links[s] = _Link(nominal)
         return out
 
-    def rtt(self, site: str, seconds: float, probe: bool = False) -> None:
+    def rtt(self, site: str, seconds: float, probe: bool = False, padded_s: float | None = None,
+            pad: int = PROBE_PAD_MAX) -> None:
+        """A round trip of an empty call; a probe's ``padded_s``: the same with a ``pad`` of bytes more up."""
         with self.lock:
             lk = self.links[site]
             lk.rtt_s, lk.up = _ewma(lk.rtt_s, seconds), True
-            if probe and lk.throughput_bps is not None:
-                # a probe carries no payload: an idle link's throughput drifts back toward the topology's figure, so a
-                # link that was slow gets tried again (and measured by real calls) once it answers probes for a while
-                # (geometrically: a fifth of the way in log terms, so 20 kbit/s toward 20 Mbit/s is 80 kbit/s, not 4 M)
-                lk.throughput_bps = lk.throughput_bps ** (1 - EWMA_ALPHA) * lk.nominal.throughput_bps ** EWMA_ALPHA
+            if padded_s is not None:
+                # the pad's time on the wire: a throughput sample of an idle link (so a strategy not in use is
+                # judged on its link as it is now, not as it was when last used); a pad faster than the clock's noise
+                # reads as the topology's figure at most
+                transfer = max(padded_s - seconds, MIN_PROBE_TRANSFER_S)
+                sample = min(8 * (pad + PAD_FRAMING) / transfer, lk.nominal.throughput_bps)
+                lk.throughput_bps = _log_ewma(lk.throughput_bps, sample)
+                lk.rtt_at_sample = seconds
             lk.probes += probe
             lk.samples += not probe
 
@@ -131,9 +167,8 @@ class LinkEstimator:
             transfer = seconds - rtt - server_s
             if transfer > MIN_TRANSFER_S and nbytes > 0:
                 # in log terms: a rate that drops 100-fold shows after two or three calls, not ten
-                sample = 8 * nbytes / transfer
-                lk.throughput_bps = (sample if lk.throughput_bps is None
-                                     else lk.throughput_bps ** (1 - EWMA_ALPHA) * sample ** EWMA_ALPHA)
+                lk.throughput_bps = _log_ewma(lk.throughput_bps, 8 * nbytes / transfer)
+                lk.rtt_at_sample = lk.rtt_s
             if lk.rtt_s is None:  # no probe yet: the whole call bounds the round trip from above
                 lk.rtt_s = max(0.0, seconds - server_s)
             lk.samples += 1
@@ -162,12 +197,30 @@ class LinkEstimator:
                         "measured": self.links[s].rtt_s is not None} for s, e in est.items()}
 
 
-class _Prober(threading.Thread):
-    """Probes each link idle for ``interval`` s with a health check, at most once per ``interval`` per link."""
+def padded_check(health_stub: Any, timeout: float, pad: int, metadata: Any = None) -> float | None:
+    """Seconds of one health Check carrying ``pad`` bytes of random binary metadata; None when it fails."""
+    import os
 
-    def __init__(self, estimator: LinkEstimator, checks: dict[str, Any], interval: float) -> None:
+    md = [*(metadata or ()), ("x-moevit-probe-bin", os.urandom(pad))]
+    t0 = time.perf_counter()
+    try:
+        health_stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout, metadata=md)
+    except grpc.RpcError:
+        return None
+    return time.perf_counter() - t0
+
+
+class _Prober(threading.Thread):
+    """Probes each link idle for ``interval`` s, at most once per ``interval`` per link: PROBE_PAIRS pairs of a
+    health check and a padded one (:func:`padded_check`) give its round trip and throughput."""
+
+    def __init__(self, estimator: LinkEstimator, checks: dict[str, Any], interval: float,
+                 padded: dict[str, Any] | None = None) -> None:
         super().__init__(daemon=True, name="link-prober")
         self.estimator, self.checks, self.interval = estimator, checks, interval
+        self.padded = padded or {}  # site -> (timeout, pad) -> seconds of a padded check, or None
+        self.speed: tuple[str, Any] | None = None  # (site, (timeout) -> its time for a blank image, or None)
+        self.last_speed = 0.0
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -178,12 +231,31 @@ class _Prober(threading.Thread):
                 if now - max(lk.last_used, lk.last_probe) < self.interval:
                     continue
                 lk.last_probe = now
-                t0 = time.perf_counter()
-                ok = check(min(1.0, self.interval)) == "SERVING"
-                if ok:
-                    self.estimator.rtt(site, time.perf_counter() - t0, probe=True)
-                else:
+                timeout = min(1.0, self.interval)
+                bare: list[float] = []
+                for _ in range(PROBE_PAIRS if site in self.padded else 1):
+                    t0 = time.perf_counter()
+                    if check(timeout) != "SERVING":
+                        break
+                    bare.append(time.perf_counter() - t0)
+                if not bare:
                     self.estimator.down(site)
+                    continue
+                rtt, ref = min(bare), lk.rtt_at_sample
+                padded: list[float] = []
+                pad = pad_bytes(lk.nominal.throughput_bps)
+                changed = ref is None or ref <= 0 or max(rtt / ref, ref / rtt) >= RTT_CHANGE
+                if site in self.padded and (changed or now - lk.last_pad >= PAD_INTERVAL_S):
+                    lk.last_pad = now
+                    for _ in range(PROBE_PAIRS):
+                        if (p := self.padded[site](timeout, pad)) is not None:
+                            padded.append(p)
+                self.estimator.rtt(site, rtt, probe=True, padded_s=min(padded) if padded else None, pad=pad)
+                if self.speed is not None and self.speed[0] == site and now - self.last_speed >= SPEED_PROBE_S:
+                    # a strategy not in use would keep the speed its site had when last used: a blank image, one
+                    # per SPEED_PROBE_S, measures it now (off the images' path; ~150 bytes on the link)
+                    self.last_speed = now
+                    self.speed[1](max(1.0, 4 * self.interval))
 
 
 # ---------------------------------------------------------------------------------------------- offload client
@@ -204,6 +276,8 @@ class OffloadClient:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.calls = self.failures = self.bytes_sent = self.bytes_received = 0
         self.server_s: float | None = None  # EWMA of the site's own time per image (its reported latency_ms)
+        self.last_call_s = self.last_server_s = 0.0  # the last call: its time here, the site's reported time
+        self._blank: tuple[int, bytes] | None = None  # speed_probe's image
 
     def health(self, timeout: float = 1.0) -> str:
         try:
@@ -211,6 +285,20 @@ class OffloadClient:
         except grpc.RpcError:
             return "UNREACHABLE"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def speed_probe(self, size: int, timeout: float) -> float | None:
+        """The site's time for one blank image (its reported latency), kept as its speed (``server_s``) so a site
+        adaptive has not sent to for a while is judged on its speed now; the image and call counters are not touched
+        (a blank PNG is a tenth of a real one's bytes). None when the call fails."""
+        if self._blank is None or self._blank[0] != size:
+            self._blank = (size, encode_png(torch.zeros(3, size, size)))
+        try:
+            resp = self.stub.Classify(expert_pb2.ClassifyRequest(image=self._blank[1], name="speed-probe", top_k=1),
+                                      timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError:
+            return None
+        self.server_s = _ewma(self.server_s, resp.latency_ms / 1e3)
+        return resp.latency_ms / 1e3
 
     def classify(self, x: torch.Tensor, estimator: LinkEstimator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and degraded flags [B] of a batch, one Classify call per image; SiteError when it fails."""
@@ -238,6 +326,7 @@ class OffloadClient:
             if estimator is not None:
                 estimator.call(self.site, sent + got, seconds, server_s=resp.latency_ms / 1e3)
             self.server_s = _ewma(self.server_s, resp.latency_ms / 1e3)
+            self.last_call_s, self.last_server_s = seconds, resp.latency_ms / 1e3
             for p in resp.top:
                 if p.index < self.num_classes:
                     logits[i, p.index] = self.temperature * float(torch.log(torch.tensor(max(p.probability, 1e-30))))
@@ -290,6 +379,10 @@ class StrategyRuntime:
         self.fallbacks = 0
         self._routing: dict[tuple[int, int], float] = {}
         self.local_s: float | None = None  # EWMA of a whole-model forward here, per image
+        self.split_gflops: float | None = None  # EWMA of the camera's speed in split forwards
+        self.site_gflops: dict[str, float] = {}  # EWMA of each worker's speed, from its reported compute time
+        self._offload_warm = (0, 0, 0)  # offload calls, bytes sent and received by the warm-up
+        self._first_png: float | None = None  # the first real image's PNG size, until offload has sent one
         self._routed_images = 0
         opts = primary.topology.adaptive
         sites = sorted(set(primary.clients) | ({offload.site} if offload is not None else set()))
@@ -297,10 +390,17 @@ class StrategyRuntime:
         self._prober: _Prober | None = None
         # every strategy keeps its links' estimates fresh (the summary and metrics show them); adaptive decides on them
         checks: dict[str, Any] = {name: c.health for name, c in primary.clients.items()}
+        padded: dict[str, Any] = {name: (lambda t, n, c=c: padded_check(c.health_stub, t, n, c.metadata))
+                                  for name, c in primary.clients.items()}
         if offload is not None and offload.site not in checks:
             checks[offload.site] = offload.health
+            padded[offload.site] = lambda t, n, o=offload: padded_check(o.health_stub, t, n, o.metadata)
         if checks:
-            self._prober = _Prober(self.links, checks, opts.probe_interval_s)
+            self._prober = _Prober(self.links, checks, opts.probe_interval_s,
+                                   padded if strategy == "adaptive" else None)
+            if strategy == "adaptive" and offload is not None:
+                # the offload site's speed, measured while adaptive sends it nothing (compute_probe)
+                self._prober.speed = (offload.site, lambda t, o=offload: o.speed_probe(self.figures_size, t))
 
     def __getattr__(self, name: str) -> Any:  # everything else is the wrapped runtime's
         if name == "primary":
@@ -332,9 +432,14 @@ class StrategyRuntime:
             per_layer[layer] = per_layer.get(layer, 0.0) + n
         expert = sum(n * self.figures.expert_flops_per_token.get(layer, 0.0) for layer, n in per_layer.items())
         figures = ModelFigures(**{**self.figures.__dict__, "trunk_flops": max(0.0, self.figures.trunk_flops - expert)})
-        if self.offload is not None and self.offload.calls:  # the images' real size on the wire, once sent
-            figures = replace(figures, image_bytes=self.offload.bytes_sent / self.offload.calls,
-                              answer_bytes=self.offload.bytes_received / self.offload.calls)
+        o = self.offload
+        if o is not None and self._first_png is not None and o.calls <= self._offload_warm[0]:
+            figures = replace(figures, image_bytes=self._first_png)  # no real image sent yet: the first one's PNG
+        if o is not None and o.calls > self._offload_warm[0]:  # the images' real size on the wire, once sent
+            # (the warm-up's blank images are left out: a blank PNG is a tenth of a real one)
+            k, sent, got = o.calls - self._offload_warm[0], o.bytes_sent - self._offload_warm[1], \
+                o.bytes_received - self._offload_warm[2]
+            figures = replace(figures, image_bytes=sent / k, answer_bytes=got / k)
         for name, client in self.primary.clients.items():  # the health watch saw it go: no strategy may count on it
             if not client.up:
                 self.links.down(name)
@@ -346,13 +451,16 @@ class StrategyRuntime:
 
     def _measured_topology(self) -> Topology:
         """The topology with the speeds measured so far: the coordinator's gflops from its whole-model forwards
-        (local), the offload site's from the time its server reports per image; the topology's until measured."""
+        (local), else from its own share of split forwards; each worker's from the compute time it reports; the
+        offload site's from the time its server reports per image; the topology's until measured."""
         topo = self.primary.topology
         assert self.figures is not None
         whole = self.figures.trunk_flops  # the whole model's FLOPs per image (see _figures)
-        speeds = {}
+        speeds = dict(self.site_gflops)
         if self.local_s is not None:
             speeds[topo.coordinator] = whole / self.local_s / 1e9
+        elif self.split_gflops is not None:
+            speeds[topo.coordinator] = self.split_gflops
         if self.offload is not None and self.offload.server_s is not None:
             speeds[self.offload.site] = whole / self.offload.server_s / 1e9
         if not speeds:
@@ -375,14 +483,51 @@ class StrategyRuntime:
         if rt is self.local:
             self.local_s = _ewma(self.local_s, out.seconds / len(x))
         self._observe_routing(rt, before, len(x))
-        for name, c in rt.clients.items():  # each call's time: a throughput sample of its link
-            calls0, bytes0 = traffic[name]
+        waited: dict[str, float] = {}
+        for name, c in rt.clients.items():  # each call's time less the worker's compute: a throughput sample
+            calls0, _ = traffic[name]
             dn = c.traffic.calls - calls0
             if dn > 0:
-                per_call = (c.traffic.bytes_sent + c.traffic.bytes_received - bytes0) / dn
-                for ms in list(c.traffic.rpc_ms)[-dn:]:
-                    self.links.call(name, int(per_call), ms / 1e3)
+                with c.traffic.lock:
+                    calls = list(zip(list(c.traffic.rpc_ms)[-dn:], list(c.traffic.server_ms)[-dn:],
+                                     list(c.traffic.call_bytes)[-dn:], strict=True))
+                for ms, server_ms, nbytes in calls:
+                    self.links.call(name, nbytes, ms / 1e3, server_s=server_ms / 1e3)
+                waited[name] = sum(ms for ms, _, _ in calls) / 1e3
+                if self.figures is not None and (server := sum(s for _, s, _ in calls) / 1e3) > 0:
+                    flops = self._site_flops(rt, before, name)
+                    if flops > 0:
+                        self.site_gflops[name] = _ewma(self.site_gflops.get(name), flops / server / 1e9)
+        if rt is self.primary and self.figures is not None:
+            # the camera's own compute in a split forward: its time less the longest wait on one site (the layers
+            # call their sites one after another; sites of one layer at once): its measured speed when local does
+            # not run here (the topology's gflops describe field hardware)
+            own = out.seconds - max(waited.values(), default=0.0)
+            flops = self._site_flops(rt, before, rt.local_site, trunk=True)
+            if own > MIN_TRANSFER_S and flops > 0:
+                self.split_gflops = _ewma(self.split_gflops, flops / own / 1e9)
         return out
+
+    def _site_flops(self, rt: SplitRuntime, before: dict[tuple[int, int], int], site: str,
+                    trunk: bool = False) -> float:
+        """FLOPs ``site`` ran in the forward just done: the experts' tokens it was sent (counted since ``before``),
+        plus the trunk when ``trunk``."""
+        assert self.figures is not None
+        flops = 0.0
+        routed = 0.0
+        for (layer, e), n in rt.context.tokens.items():
+            delta = n - before.get((layer, e), 0)
+            if delta <= 0:
+                continue
+            fpt = self.figures.expert_flops_per_token.get(layer, 0.0)
+            routed += delta * fpt
+            replicas = rt.placement.sites_for(layer, e)
+            chosen = rt.local_site if rt.local_site in replicas else replicas[0]
+            if chosen == site:
+                flops += delta * fpt
+        if trunk:  # figures.trunk_flops is the whole model's (trunk + one expert per routed token)
+            flops += max(0.0, self.figures.trunk_flops - routed)
+        return flops
 
     def classify(self, x: torch.Tensor) -> BatchResult:
         if self.strategy != "adaptive":
@@ -392,6 +537,9 @@ class StrategyRuntime:
             return out
         t0 = time.perf_counter()
         tried: list[str] = []
+        if self.offload is not None and self._first_png is None:
+            # the 1.5 B/pixel guess can be 3x off; one PNG of a real image is not (a blank warm-up image is 10x off)
+            self._first_png = float(len(encode_png(x[0])) + CLASSIFY_FRAMING)
         while True:
             costs = self.predict()
             for s in tried:  # failed during this batch: not again for it
@@ -462,6 +610,8 @@ class StrategyRuntime:
                     log.warning("adaptive: warm-up through %s failed: %s", strategy, e)
                 rt.context.tokens.clear()
                 rt.context.tokens.update(saved)
+            if self.offload is not None:
+                self._offload_warm = (self.offload.calls, self.offload.bytes_sent, self.offload.bytes_received)
         self.start()
         return infos
 

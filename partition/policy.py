@@ -16,8 +16,10 @@ assumptions: links independent, compute at the device's ``gflops``, radio energy
   Infeasible when a site that has tokens to take is down.
 
 :func:`choose` keeps the current strategy unless another is predicted cheaper by more than ``margin`` (a
-fraction of the current one's cost) for ``consecutive`` decisions in a row; a current strategy that became
-infeasible (a site stopped answering) is left at once for the cheapest feasible one (a *fallback* decision).
+fraction of the current one's cost) for ``consecutive`` decisions in a row, or at most ``1 / CLEAR_GAP`` of it
+once (a gap that large is a changed link, not noise: waiting ``consecutive`` images on a link that fell 40-fold
+cost a phase's p95); a current strategy that became infeasible (a site stopped answering) is left at once for the
+cheapest feasible one (a *fallback* decision).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, replace
 from moevit.deploy.topology import DEFAULT_RX_NJ_PER_BIT, DEFAULT_TX_NJ_PER_BIT, Link, Placement, Topology
 
 FIXED = ("split", "local", "offload-image")
+CLEAR_GAP = 2.0  # another strategy predicted at most half the current one's cost: switch without waiting
 
 
 @dataclass(frozen=True)
@@ -211,11 +214,11 @@ def choose(costs: Mapping[str, StrategyCost], objective: str, state: PolicyState
     cur = feasible[state.current]
     if best != state.current and feasible[best].value(objective) < cur.value(objective) * (1.0 - margin):
         streak = state.streak + 1 if state.challenger == best else 1
-        if streak >= consecutive:
+        if streak >= consecutive or feasible[best].value(objective) * CLEAR_GAP <= cur.value(objective):
             return Decision(best, feasible[best], PolicyState(best), "switch")
         return Decision(state.current, cur, replace(state, challenger=best, streak=streak), "keep")
     return Decision(state.current, cur, PolicyState(state.current), "keep")
 
 
-__all__ = ["FIXED", "Decision", "LinkEstimate", "ModelFigures", "NoFeasibleStrategy", "PolicyState", "StrategyCost",
-           "choose", "predict"]
+__all__ = ["CLEAR_GAP", "FIXED", "Decision", "LinkEstimate", "ModelFigures", "NoFeasibleStrategy", "PolicyState",
+           "StrategyCost", "choose", "predict"]

@@ -5,6 +5,7 @@ coordinator and workers on loopback with shaped links (``--emulate``).
     moe-sim --topology sites.yaml --placement placement.yaml --stats stats.json --sweep sweep.yaml --out runs/sim
     moe-sim --topology sites.yaml --stats stats.json --address auto --out runs/sim      # on an existing Ray cluster
     moe-sim --emulate --topology sites.yaml --out runs/emu --images 40
+    moe-sim --emulate --topology sites.yaml --sweep schedule.yaml --out runs/emu   # strategies under a link schedule
 
 Every input is checked before anything runs; a mistake is one line on stderr, ``moe-sim: error: ...``, exit 2.
 The sweep format, the model and the outputs are described in docs/sim.md.
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--placement", help="placement.yaml from moe-partition (default: the topology's, or the default)")
     ap.add_argument("--stats", help="stats.json from moe-profile (default: profile the topology's model now)")
     ap.add_argument("--trace", help="routing trace (JSONL, docs/sim.md) to replay instead of sampling the stats")
-    ap.add_argument("--sweep", help="sweep.yaml (examples/sweep.yaml); default: a built-in sweep")
+    ap.add_argument("--sweep", help="sweep.yaml (examples/sweep.yaml); default: a built-in sweep. With --emulate: "
+                    "its settings.link_schedule, periodic arrival, images and strategies, run on the real system")
     ap.add_argument("--seeds", type=int, help="seeds 0..N-1 (overrides the sweep's)")
     ap.add_argument("--images", type=int, help="images per scenario (overrides the sweep's; --emulate: images "
                     "measured per strategy, default 30)")
@@ -108,6 +110,17 @@ def _simulate(args: argparse.Namespace) -> int:
 def _emulate(args: argparse.Namespace) -> int:
     from moevit.sim.emulate import EmulationOptions, emulate, format_report
 
+    if args.sweep is not None:  # a link schedule on the real system, strategies side by side, and the simulator
+        from moevit.sim.emulate_schedule import ScheduleOptions, emulate_schedule, format_schedule_report
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        record = emulate_schedule(ScheduleOptions(topology=args.topology, sweep=args.sweep, out=args.out,
+                                                  placement=args.placement, data=args.data, threads=args.threads),
+                                  log=lambda s: print(f"{PROG}: {s}", file=sys.stderr))
+        print(format_schedule_report(record))
+        print(f"wrote {Path(args.out) / 'emulation-schedule.json'}")
+        return 0
     if not args.bandwidth_mbps > 0:
         raise ValueError(f"--bandwidth-mbps must be > 0, got {args.bandwidth_mbps}")
     if args.threads < 1:

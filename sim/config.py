@@ -36,6 +36,7 @@ __all__ = [
     "FailureSet",
     "LinkCondition",
     "LinkOutage",
+    "LinkStep",
     "Scenario",
     "Settings",
     "SimConfigError",
@@ -45,6 +46,7 @@ __all__ = [
     "check_sites",
     "default_sweep",
     "expand",
+    "figures_at",
     "load_sweep",
     "parse_sweep",
 ]
@@ -165,6 +167,32 @@ class FailureSet:
 
 
 @dataclass(frozen=True)
+class LinkStep:
+    """One step of a link schedule: from ``from_s`` (sim time, or seconds since an emulated run started) the
+    coordinator's links to ``sites`` (None: every one) carry ``bandwidth_mbps`` with ``latency_ms`` one way, and,
+    when given, cost ``tx_nj_per_bit``/``rx_nj_per_bit`` (a radio that falls back to a slower rate at the same power
+    spends more energy per bit; None: the topology's figure)."""
+
+    from_s: float
+    bandwidth_mbps: float
+    latency_ms: float
+    sites: tuple[str, ...] | None = None
+    tx_nj_per_bit: float | None = None
+    rx_nj_per_bit: float | None = None
+
+    def applies(self, site: str) -> bool:
+        return self.sites is None or site in self.sites
+
+
+def figures_at(steps: Sequence[LinkStep], t: float) -> LinkStep | None:
+    """The step in effect at ``t`` among ``steps`` (one link's, ascending), None before the first."""
+    for s in reversed(steps):
+        if t >= s.from_s:
+            return s
+    return None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Figures shared by every scenario of a sweep (see docs/sim.md for each).
 
@@ -192,6 +220,13 @@ class Settings:
     result_bytes: int = 64
     rpc_overhead_bytes: int = 300
     rpc_overhead_s: float = 0.0
+    # offload-image: time per image at the offload site beyond the model's compute and rpc_overhead_s (the image's
+    # decode and resize, the Classify server's batching window), measured by the emulation's calibration run
+    offload_overhead_s: float = 0.0
+    # a measured machine's jitter: each image draws one of these factors (seeded) and every compute step of it, on
+    # every site, takes that many times its time (a loaded machine slows all its processes at once; the energy is
+    # the work's own, unscaled); empty: none
+    compute_jitter: tuple[float, ...] = ()
     packet_bytes: int = 1500
     concurrency: int = 1
     reconnect_s: float = 1.0
@@ -199,9 +234,19 @@ class Settings:
     confidence_threshold: float = 0.5
     low_confidence_share: float = 0.5
     battery_soc: float = 1.0
-    # (start_s, bandwidth_mbps, latency_ms), ascending: from start_s on, every link of the coordinator carries these
-    # figures (a message takes the figures of the moment it starts); empty: the topology's, all run long
-    link_schedule: tuple[tuple[float, float, float], ...] = ()
+    # LinkStep(from_s, bandwidth_mbps, latency_ms, sites, tx/rx_nj_per_bit), from_s ascending: from from_s on, the
+    # coordinator's links to ``sites`` (None: all of them) carry these figures (a message takes the figures of the
+    # moment it starts); empty: the topology's, all run long. A plain (from_s, bandwidth_mbps, latency_ms) tuple is
+    # a step for every link.
+    link_schedule: tuple[LinkStep, ...] = ()
+
+    def __post_init__(self) -> None:
+        steps = tuple(s if isinstance(s, LinkStep) else LinkStep(*s) for s in self.link_schedule)
+        object.__setattr__(self, "link_schedule", steps)
+
+    def schedule_for(self, site: str) -> tuple[LinkStep, ...]:
+        """The steps of ``link_schedule`` that apply to the coordinator's link to ``site``, in order."""
+        return tuple(s for s in self.link_schedule if s.sites is None or site in s.sites)
 
     def wire_bytes(self, stats: Any) -> float | list[float]:
         """Bytes per token number of ``wire``: the measured figure, else the codec's nominal one per MoE layer."""
@@ -371,6 +416,42 @@ def _parse_failures(d: Any, file: str, key: str) -> FailureSet:
     return FailureSet(_name(d["name"], file, f"{key}.name"), tuple(outages), tuple(downs))
 
 
+_STEP_KEYS = ("from_s", "bandwidth_mbps", "latency_ms", "sites", "tx_nj_per_bit", "rx_nj_per_bit")
+
+
+def _parse_schedule(v: Any, file: str, key: str) -> tuple[LinkStep, ...]:
+    """``[{from_s, bandwidth_mbps, latency_ms, sites?, tx_nj_per_bit?, rx_nj_per_bit?}, ...]``: from_s ascending
+    (steps for different sites may share a time, two for one link may not); site names are checked against the
+    topology later (:func:`check_sites`)."""
+    steps: list[LinkStep] = []
+    for i, step in enumerate(_list(v, file, key)):
+        sk = f"{key}[{i}]"
+        _keys(_mapping(step, file, sk), file, sk, _STEP_KEYS, required=("from_s", "bandwidth_mbps", "latency_ms"))
+        sites = None
+        if step.get("sites") is not None:
+            sites = tuple(_name(s, file, f"{sk}.sites[{j}]") for j, s in enumerate(_list(step["sites"], file,
+                                                                                          f"{sk}.sites")))
+            if len(set(sites)) != len(sites):
+                raise SimConfigError(file, f"{sk}.sites", "a site is listed twice")
+
+        def opt(k: str, step: Any = step, sk: str = sk) -> float | None:
+            return None if step.get(k) is None else _num(step[k], file, f"{sk}.{k}")
+
+        new = LinkStep(_num(step["from_s"], file, f"{sk}.from_s"),
+                       _num(step["bandwidth_mbps"], file, f"{sk}.bandwidth_mbps", lo_open=True),
+                       _num(step["latency_ms"], file, f"{sk}.latency_ms"), sites, opt("tx_nj_per_bit"),
+                       opt("rx_nj_per_bit"))
+        for prev in steps:
+            if new.from_s < prev.from_s:
+                raise SimConfigError(file, f"{sk}.from_s", f"steps must be in ascending from_s order ({new.from_s:g} "
+                                     f"after {prev.from_s:g})")
+            if new.from_s == prev.from_s and (new.sites is None or prev.sites is None
+                                              or set(new.sites) & set(prev.sites)):
+                raise SimConfigError(file, f"{sk}.from_s", f"two steps for one link at from_s {new.from_s:g}")
+        steps.append(new)
+    return tuple(steps)
+
+
 def _parse_settings(d: Any, file: str, key: str) -> Settings:
     d = _mapping(d, file, key)
     names = [f.name for f in dataclasses.fields(Settings)]
@@ -400,18 +481,10 @@ def _parse_settings(d: Any, file: str, key: str) -> Settings:
             out[k] = _num(v, file, kk, lo_open=True, hi=1.0)
         elif k == "deadline_s":
             out[k] = _num(v, file, kk, lo_open=True)
-        elif k == "link_schedule":  # [{from_s, bandwidth_mbps, latency_ms}, ...], ascending
-            steps = []
-            for i, step in enumerate(_list(v, file, kk)):
-                sk = f"{kk}[{i}]"
-                _keys(_mapping(step, file, sk), file, sk, ("from_s", "bandwidth_mbps", "latency_ms"),
-                      required=("from_s", "bandwidth_mbps", "latency_ms"))
-                steps.append((_num(step["from_s"], file, f"{sk}.from_s"),
-                              _num(step["bandwidth_mbps"], file, f"{sk}.bandwidth_mbps", lo_open=True),
-                              _num(step["latency_ms"], file, f"{sk}.latency_ms")))
-                if i and steps[-1][0] <= steps[-2][0]:
-                    raise SimConfigError(file, f"{sk}.from_s", "steps must be in ascending from_s order")
-            out[k] = tuple(steps)
+        elif k == "link_schedule":
+            out[k] = _parse_schedule(v, file, kk)
+        elif k == "compute_jitter":
+            out[k] = tuple(_num(x, file, f"{kk}[{i}]", lo_open=True) for i, x in enumerate(_list(v, file, kk)))
         else:
             out[k] = _num(v, file, kk)
     return Settings(**out)
@@ -526,6 +599,9 @@ def check_sites(sweep: SweepConfig, topologies: Mapping[str, Topology]) -> None:
                 c.apply(topo)
             except ValueError as e:
                 raise SimConfigError(sweep.source, f"conditions[{i}]", f"in topology {name!r}: {e}") from None
+        for i, step in enumerate(sweep.settings.link_schedule):
+            for j, s in enumerate(step.sites or ()):
+                known(name, topo, s, f"settings.link_schedule[{i}].sites[{j}]", remote_only=True)
         for i, f in enumerate(sweep.failures):
             for j, o in enumerate(f.link_outages):
                 known(name, topo, o.site, f"failures[{i}].link_outages[{j}].site", remote_only=True)

@@ -45,7 +45,7 @@ from moevit.deploy.topology import Device, Link, Placement, Topology
 from moevit.partition.costmodel import FLOPS_PER_MAC, MB, Stats, coefficients
 from moevit.partition.placement import background_experts
 from moevit.partition.policy import LinkEstimate, ModelFigures, PolicyState, choose, predict
-from moevit.sim.config import Arrival, FailureSet, Scenario, Settings
+from moevit.sim.config import Arrival, FailureSet, LinkStep, Scenario, Settings, figures_at
 from moevit.sim.trace import Trace
 
 __all__ = ["TRUNK_FRACTION_BEFORE", "Calibration", "ComputeModel", "EventQueue", "LinkResult", "Routing",
@@ -318,7 +318,7 @@ class _Channel:
     """
 
     __slots__ = ("rate", "lat", "loss", "duty", "packet", "outages", "rng", "free_at", "airtime_s", "bits",
-                 "payload", "schedule")
+                 "payload", "schedule", "link", "tx_nj", "rx_nj", "tx_j", "rx_j", "last_tx_j", "last_rx_j")
 
     def __init__(self, link: Link, packet_bytes: int, outages: _Windows, rng: np.random.Generator) -> None:
         self.rate = link.bandwidth_mbps * 1e6
@@ -332,20 +332,29 @@ class _Channel:
         self.airtime_s = 0.0
         self.bits = 0.0  # on air, retransmissions included
         self.payload = 0  # bytes handed to the link
-        self.schedule: Sequence[tuple[float, float, float]] = ()  # Settings.link_schedule
+        self.schedule: Sequence[LinkStep] = ()  # Settings.schedule_for(this link's site)
+        self.link = link
+        self.tx_nj, self.rx_nj = link.tx_nj_per_bit, link.rx_nj_per_bit
+        self.tx_j = self.rx_j = 0.0  # radio energy at the sending / receiving end, retransmissions included
+        self.last_tx_j = self.last_rx_j = 0.0  # of the last message sent
 
     def figures_at(self, t: float) -> tuple[float, float]:
         """(bit/s, one-way latency s) at time ``t`` under the link schedule."""
-        for start, mbps, ms in reversed(self.schedule):
-            if t >= start:
-                return mbps * 1e6, ms / 1e3
-        return self.rate, self.lat
+        step = figures_at(self.schedule, t)
+        if step is None:
+            return self.link.bandwidth_mbps * 1e6, self.link.latency_ms / 1e3
+        return step.bandwidth_mbps * 1e6, step.latency_ms / 1e3
 
     def send(self, now: float, nbytes: int) -> float:
         """Queue a message at ``now``; returns when its last bit arrives at the far end."""
         self.payload += nbytes
         if self.schedule:
-            self.rate, self.lat = self.figures_at(now if now > self.free_at else self.free_at)
+            at = now if now > self.free_at else self.free_at
+            self.rate, self.lat = self.figures_at(at)
+            step = figures_at(self.schedule, at)
+            self.tx_nj = self.link.tx_nj_per_bit if step is None or step.tx_nj_per_bit is None else step.tx_nj_per_bit
+            self.rx_nj = self.link.rx_nj_per_bit if step is None or step.rx_nj_per_bit is None else step.rx_nj_per_bit
+        bits0 = self.bits
         full, rest = divmod(nbytes, self.packet)
         npk = full + (1 if rest else 0)
         off = 1.0 / self.duty - 1.0
@@ -374,6 +383,10 @@ class _Channel:
             self.airtime_s += air
             self.bits += bits
         self.free_at = t + last_off
+        sent = self.bits - bits0
+        self.last_tx_j, self.last_rx_j = sent * self.tx_nj * 1e-9, sent * self.rx_nj * 1e-9
+        self.tx_j += self.last_tx_j
+        self.rx_j += self.last_rx_j
         return t + self.lat
 
 
@@ -451,6 +464,9 @@ class ScenarioResult:
     strategy_images: dict[str, int] = field(default_factory=dict)  # adaptive: images per strategy chosen
     arrivals_s: list[float] = field(default_factory=list)  # arrival of each completed image, as latencies_s
     image_strategies: list[str] = field(default_factory=list)  # adaptive: each completed image's strategy
+    # active energy (compute + radio) of each completed image, as latencies_s: the coordinator's site, all sites
+    image_camera_j: list[float] = field(default_factory=list)
+    image_energy_j: list[float] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         """A flat row for the CSV: parameters, figures, and per-site / per-link columns ``name:site``."""
@@ -480,7 +496,7 @@ class ScenarioResult:
 
 class _Image:
     __slots__ = ("i", "arrival", "start", "finish", "pending", "degraded", "failed", "reason", "deadline", "deferred",
-                 "strategy")
+                 "strategy", "camera_j", "energy_j", "slow")
 
     def __init__(self, i: int, arrival: float) -> None:
         self.i, self.arrival = i, arrival
@@ -493,6 +509,9 @@ class _Image:
         # layer's other parts are done
         self.deferred: list[tuple[int, float, str]] = []
         self.strategy = ""  # adaptive: what the policy chose for this image
+        self.camera_j = 0.0  # active energy (compute + radio) this image cost the coordinator's site
+        self.energy_j = 0.0  # ... and every site together
+        self.slow = 1.0  # Settings.compute_jitter: this image's compute takes this many times its time
 
 
 class _Rpc:
@@ -517,6 +536,7 @@ class _Run:
         base = world.topologies[sc.topology]
         self.topology = topo = sc.condition.apply(base)
         self.stats = stats = world.stats
+        self.calibration = world.calibration
         self.cm = cm = compute_model(topo, stats, wire_bytes=st.wire_bytes(stats), calibration=world.calibration,
                                       codec_s_per_value=st.codec_s_per_value)
         self.sites = cm.sites
@@ -529,6 +549,7 @@ class _Run:
         rng_arr = np.random.default_rng([sc.seed, 1])
         rng_route = np.random.default_rng([sc.seed, 2])
         self.arrivals = arrival_times(sc.arrival, sc.images, rng_arr)
+        self.jitter_rng = np.random.default_rng([sc.seed, 4])
         self.adaptive = sc.strategy == "adaptive"  # per image, moevit.partition.policy, as moe-coordinator does
         self.split = sc.strategy.startswith("split") or self.adaptive
         self.routing = None
@@ -549,6 +570,7 @@ class _Run:
         self.seen_down = [_Windows([(a, b) for a, b in w if a < b]) for w in seen]
         self.watched = any(w.spans for j, w in enumerate(self.seen_down) if j != self.c)
         self.cpus = [_Cpu() for _ in range(S)]
+        self.dev_active_w = [topo.sites[n].device.active_w for n in self.sites]
         self.up: list[_Channel | None] = [None] * S
         self.dn: list[_Channel | None] = [None] * S
         self.links: list[Link | None] = [None] * S
@@ -564,7 +586,7 @@ class _Run:
                 else st.packet_bytes
             self.up[j] = _Channel(link, pk, outages, np.random.default_rng([sc.seed, 3, j, 0]))
             self.dn[j] = _Channel(link, pk, outages, np.random.default_rng([sc.seed, 3, j, 1]))
-            self.up[j].schedule = self.dn[j].schedule = st.link_schedule
+            self.up[j].schedule = self.dn[j].schedule = st.schedule_for(name)
         # Where each expert's patches go: the coordinator's own copy when it has one, else the first replica (what
         # coordinator.runtime.SplitRuntime does).
         placement = world.placements[sc.topology]
@@ -687,6 +709,17 @@ class _Run:
         self.pol_figures = dataclasses.replace(self.pol_figures, trunk_flops=self.pol_figures.trunk_flops - routed)
         self.pol_placement = placement
         self.pol_state = PolicyState()
+        # the speeds the simulator computes at (a calibration replaces the topology's), as the coordinator measures
+        # them: its own from the trunk, a worker's from its experts, the offload site's from the whole model
+        self.pol_topology = self.topology
+        if self.calibration is not None:
+            whole = self.pol_figures.trunk_flops + routed
+            speed = {n: (self.calibration.trunk_gflops if j == self.c else
+                         whole / self.cm.offload_s[j] / 1e9 if j == self.offload_site else
+                         self.calibration.expert_gflops) for j, n in enumerate(self.sites)}
+            self.pol_topology = dataclasses.replace(self.topology, sites={
+                n: dataclasses.replace(s, device=dataclasses.replace(s.device, gflops=speed[n]))
+                for n, s in self.topology.sites.items()})
         self.strategy_images: dict[str, int] = {}
 
     def _decide(self) -> str:
@@ -695,12 +728,14 @@ class _Run:
         for j, name in enumerate(self.sites):
             link = self.links[j]
             if j != self.c and link is not None:
-                if st_sched := self.st.link_schedule:  # the figures of the moment (the simulator knows them exactly)
-                    mbps, ms = next(((m, d) for t0, m, d in reversed(st_sched) if now >= t0),
-                                    (link.bandwidth_mbps, link.latency_ms))
-                    link = dataclasses.replace(link, bandwidth_mbps=mbps, latency_ms=ms)
+                step = figures_at(self.st.schedule_for(name), now)
+                if step is not None:  # the figures of the moment (the simulator knows them exactly)
+                    link = dataclasses.replace(
+                        link, bandwidth_mbps=step.bandwidth_mbps, latency_ms=step.latency_ms,
+                        tx_nj_per_bit=link.tx_nj_per_bit if step.tx_nj_per_bit is None else step.tx_nj_per_bit,
+                        rx_nj_per_bit=link.rx_nj_per_bit if step.rx_nj_per_bit is None else step.rx_nj_per_bit)
                 links[name] = dataclasses.replace(LinkEstimate.from_link(link), up=not self.seen_down[j].contains(now))
-        costs = predict(topo, self.pol_placement, self.pol_routing, links, self.pol_figures,
+        costs = predict(self.pol_topology, self.pol_placement, self.pol_routing, links, self.pol_figures,
                         offload_site=None if self.offload_site is None else self.sites[self.offload_site])
         opts = topo.adaptive
         d = choose(costs, opts.objective, self.pol_state, margin=opts.margin, consecutive=opts.consecutive)
@@ -710,19 +745,21 @@ class _Run:
 
     def _begin(self, img: _Image) -> None:
         now, cm, strategy = self.q.now, self.cm, self.sc.strategy
-        cpu = self.cpus[self.c]
+        if self.st.compute_jitter:
+            img.slow = float(self.jitter_rng.choice(self.st.compute_jitter))
         if self.adaptive:
             strategy = img.strategy = self._decide()
         if strategy == "local-dense":
-            self.q.at(cpu.serve(now, cm.local_dense_s), self._finish, img)
+            self.q.at(self._serve(img, self.c, now, cm.local_dense_s), self._finish, img)
         elif strategy == "local-moe":
-            self.q.at(cpu.serve(now, cm.local_moe_s), self._finish, img)
+            self.q.at(self._serve(img, self.c, now, cm.local_moe_s), self._finish, img)
         elif strategy == "offload-image":
             j = self.offload_site
             img.pending = 1
-            self._send(img, -1, j, self.image_bytes, float(cm.offload_s[j]), self.st.result_bytes, cm.local_moe_s)
+            self._send(img, -1, j, self.image_bytes, float(cm.offload_s[j]) + self.st.offload_overhead_s,
+                       self.st.result_bytes, cm.local_moe_s)
         else:
-            self.q.at(cpu.serve(now, float(self.segments[0])), self._layer, img, 0)
+            self.q.at(self._serve(img, self.c, now, float(self.segments[0])), self._layer, img, 0)
 
     def _plan_layers(self) -> None:
         """Patches per site for every image and MoE layer, after the strategy's treatment of weak background
@@ -767,7 +804,7 @@ class _Run:
             img.pending += 1
             compute = n * patch_s[j]
             if j == c:
-                self.q.at(self.cpus[j].serve(now, compute), self._part_done, img, li)
+                self.q.at(self._serve(img, j, now, compute), self._part_done, img, li)
             else:
                 nbytes = int(round(n * pb))
                 self.sent_patches += int(n)
@@ -810,21 +847,38 @@ class _Run:
         now = self.q.now
         ov = self.st.rpc_overhead_bytes
         rpc = _Rpc(img, li, j, compute_s + self.st.rpc_overhead_s, bytes_back + ov, local_s, nbytes, patches, retry)
-        arrive = self.up[j].send(now, nbytes + ov)
+        up = self.up[j]
+        arrive = up.send(now, nbytes + ov)
+        self._radio(img, up.last_tx_j, up.last_rx_j)
         self.q.at(arrive, self._at_site, rpc)
         self.q.at(now + self.st.deadline_s if deadline is None else deadline, self._timeout, rpc)
+
+    def _serve(self, img: _Image, j: int, now: float, seconds: float) -> float:
+        """Site ``j``'s CPU takes ``seconds`` of ``img``'s work from ``now`` (after its queue); returns when done."""
+        e = seconds * self.dev_active_w[j]  # energy: the work itself (the machine's jitter is other jobs' time)
+        seconds *= img.slow
+        img.energy_j += e
+        if j == self.c:
+            img.camera_j += e
+        return self.cpus[j].serve(now, seconds)
+
+    def _radio(self, img: _Image, camera_j: float, site_j: float) -> None:
+        img.camera_j += camera_j
+        img.energy_j += camera_j + site_j
 
     def _at_site(self, rpc: _Rpc) -> None:
         now, j = self.q.now, rpc.site
         if self.unreachable[j].contains(now):
             return  # lost: the site is off (or not yet reconnected); the deadline will notice
-        end = self.cpus[j].serve(now, rpc.compute_s)
+        end = self._serve(rpc.img, j, now, rpc.compute_s)
         if self.down[j].overlaps(now, end):
             return  # the site died while the work was queued or running
         self.q.at(end, self._site_reply, rpc)
 
     def _site_reply(self, rpc: _Rpc) -> None:
-        arrive = self.dn[rpc.site].send(self.q.now, rpc.bytes_back)
+        dn = self.dn[rpc.site]
+        arrive = dn.send(self.q.now, rpc.bytes_back)
+        self._radio(rpc.img, dn.last_rx_j, dn.last_tx_j)
         self.q.at(arrive, self._reply, rpc)
 
     def _reply(self, rpc: _Rpc) -> None:
@@ -864,7 +918,7 @@ class _Run:
         img.pending += 1
         compute = patches * self.patch_s[li][where]
         if where == c:
-            self.q.at(self.cpus[c].serve(now, compute), self._part_done, img, li)
+            self.q.at(self._serve(img, c, now, compute), self._part_done, img, li)
         else:  # what is left of the layer's deadline, but at least a quarter of it (the coordinator's rule)
             nbytes = int(round(patches * self.patch_bytes[li]))
             self.sent_patches += int(patches)
@@ -892,14 +946,14 @@ class _Run:
             alt = self._nearest_other(rpc.site)
             if alt is not None:
                 img.degraded = True
-                self._send(img, rpc.li, alt, rpc.nbytes, float(self.cm.offload_s[alt]),
+                self._send(img, rpc.li, alt, rpc.nbytes, float(self.cm.offload_s[alt]) + self.st.offload_overhead_s,
                            rpc.bytes_back - self.st.rpc_overhead_bytes, rpc.local_s, rpc.patches, retry=True)
                 return
         if fb in ("fail", "nearest", "skip"):
             self._fail(img, f"{self.sites[rpc.site]} no reply within {self.st.deadline_s:g} s (fallback {fb})")
             return
         img.degraded = True
-        self.q.at(self.cpus[self.c].serve(self.q.now, rpc.local_s), self._part_done, img, rpc.li)
+        self.q.at(self._serve(img, self.c, self.q.now, rpc.local_s), self._part_done, img, rpc.li)
 
     def _nearest_other(self, missed: int) -> int | None:
         """offload-image's ``nearest``: the linked remote site other than ``missed`` with the lowest link latency
@@ -930,7 +984,7 @@ class _Run:
         if li < 0:  # offload-image: the label is back
             self._finish(img)
             return
-        end = self.cpus[self.c].serve(self.q.now, float(self.segments[li + 1]))
+        end = self._serve(img, self.c, self.q.now, float(self.segments[li + 1]))
         if li + 1 < len(self.site_of):
             self.q.at(end, self._layer, img, li + 1)
         else:
@@ -968,6 +1022,8 @@ class _Run:
             res.arrivals_s = [float(im.arrival) for im in done]
             if self.adaptive:
                 res.image_strategies = [im.strategy for im in done]
+            res.image_camera_j = [im.camera_j for im in done]
+            res.image_energy_j = [im.energy_j for im in done]
         res.throughput_hz = len(done) / horizon
         per = max(n, 1)
         total_bytes = 0
@@ -978,11 +1034,10 @@ class _Run:
                 continue
             b = up.payload + dn.payload
             total_bytes += b
-            # tx at the sender, rx at the receiver, per bit on air (retransmissions included)
-            e_up_tx, e_up_rx = up.bits * link.tx_nj_per_bit * 1e-9, up.bits * link.rx_nj_per_bit * 1e-9
-            e_dn_tx, e_dn_rx = dn.bits * link.tx_nj_per_bit * 1e-9, dn.bits * link.rx_nj_per_bit * 1e-9
-            radio[self.c] += e_up_tx + e_dn_rx
-            radio[j] += e_up_rx + e_dn_tx
+            # tx at the sender, rx at the receiver, per bit on air (retransmissions included), at the energy per bit
+            # of the moment (a link schedule may change it)
+            radio[self.c] += up.tx_j + dn.rx_j
+            radio[j] += up.rx_j + dn.tx_j
             res.links[name] = LinkResult(site=name, bytes_up=up.payload, bytes_down=dn.payload,
                                          bytes_per_image=b / per, bits_on_air=up.bits + dn.bits,
                                          utilisation_up=up.airtime_s / horizon, utilisation_down=dn.airtime_s / horizon)

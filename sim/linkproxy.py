@@ -23,6 +23,11 @@ through the proxy as one radio is shared:
   ``buffer_chunks`` chunks of up to 64 KiB wait per direction of a connection; beyond that the proxy stops
   reading, so TCP flow control pushes back on the sender as a slow link would.
 
+Schedules (``set_schedule([(from_s, bandwidth_mbps, latency_ms), ...], start=time.monotonic())``): the proxy
+changes its own shaping at ``start + from_s`` on its event loop, as :meth:`LinkProxy.set_shaping` would, so a run's
+links change mid-run without the driving code having to be there at the moment (``moe-sim --emulate`` with a
+``link_schedule``); ``step`` says which step is in effect.
+
 Counters (``bytes_up``, ``bytes_down``) count the TCP payload the proxy has *written* to the other side: what went
 over the link, excluding TCP/IP headers, including every protocol byte above TCP (HTTP/2 frames, gRPC headers).
 
@@ -178,6 +183,8 @@ class LinkProxy:
         self._conns: set[_Connection] = set()
         self._link_up: asyncio.Event | None = None
         self._is_up = True
+        self._timers: list[asyncio.TimerHandle] = []
+        self.step = -1  # the schedule's step in effect (-1: none yet, the shaping set by hand)
 
     # -- control ---------------------------------------------------------------------------------------------
     async def start(self) -> str:
@@ -195,6 +202,9 @@ class LinkProxy:
 
     async def stop(self) -> None:
         """Stop listening and reset every open connection."""
+        for h in self._timers:
+            h.cancel()
+        self._timers = []
         if self._server is None:
             return
         self._server.close()
@@ -232,6 +242,31 @@ class LinkProxy:
         """Change the link's shaping; applies to chunks read from now on (both directions)."""
         self._up_shaper.configure(bandwidth_mbps, latency_ms, burst_bytes)
         self._down_shaper.configure(bandwidth_mbps, latency_ms, burst_bytes)
+
+    def set_schedule(self, steps: list[tuple[float, float | None, float]], *, start: float | None = None) -> None:
+        """Change the shaping at ``start + from_s`` (``time.monotonic()`` seconds; None: now) to each step's
+        ``(bandwidth_mbps, latency_ms)``; replaces a schedule set before. Call on the proxy's loop, once started."""
+        loop = asyncio.get_running_loop()
+        prev = None
+        for i, (t, mbps, ms) in enumerate(steps):
+            if not (t >= 0 and (prev is None or t >= prev)):
+                raise ValueError(f"schedule step {i}: from_s must be >= 0 and ascending, got {t!r}")
+            if mbps is not None and not mbps > 0:
+                raise ValueError(f"schedule step {i}: bandwidth_mbps must be positive or None, got {mbps!r}")
+            if not ms >= 0:
+                raise ValueError(f"schedule step {i}: latency_ms must be >= 0, got {ms!r}")
+            prev = t
+        for h in self._timers:
+            h.cancel()
+        self._timers = []
+        t0 = loop.time() if start is None else start  # the default loop clock is time.monotonic()
+
+        def apply(i: int, mbps: float | None, ms: float) -> None:
+            self.set_shaping(bandwidth_mbps=mbps, latency_ms=ms)
+            self.step = i
+
+        for i, (t, mbps, ms) in enumerate(steps):
+            self._timers.append(loop.call_at(t0 + t, apply, i, mbps, ms))
 
     def reset_counters(self) -> None:
         self.bytes_up = self.bytes_down = 0
@@ -409,6 +444,15 @@ class ThreadedLinkProxy:
 
     def reset_counters(self) -> None:
         self._call(self.proxy.reset_counters)
+
+    def set_schedule(self, steps: list[tuple[float, float | None, float]], *, start: float | None = None) -> None:
+        """See :meth:`LinkProxy.set_schedule` (``start``: a ``time.monotonic()`` value, shared by several proxies
+        so their links change together)."""
+        self._call(lambda: self.proxy.set_schedule(steps, start=start))
+
+    @property
+    def step(self) -> int:
+        return self.proxy.step
 
     @property
     def address(self) -> str | None:

@@ -13,7 +13,7 @@ import torch
 import yaml
 from moevit.coordinator.launcher import ensure_classify_server
 from moevit.coordinator.local import free_port
-from moevit.coordinator.strategies import LinkCollector, LinkEstimator, open_runtime
+from moevit.coordinator.strategies import PAD_FRAMING, LinkCollector, LinkEstimator, open_runtime, pad_bytes
 from moevit.deploy.topology import load_topology
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -63,15 +63,33 @@ def test_link_estimates_are_moving_averages_of_calls_and_probes(tmp_path):
     est.call("north", 1000, 0.002 + 0.001)  # 8,000 bits in 1 ms past the round trip: 8 Mbit/s
     e = est.estimates()["north"]
     assert e.rtt_s == pytest.approx(0.002) and e.throughput_bps == pytest.approx(8e6)
-    est.call("north", 1000, 0.002 + 0.008)  # 1 Mbit/s, averaged in log terms: 8^0.8 * 1^0.2 = 5.28 Mbit/s
-    slow = 8e6 ** 0.8 * 1e6 ** 0.2
+    est.call("north", 1000, 0.002 + 0.002)  # 4 Mbit/s, averaged in log terms: 8^0.8 * 4^0.2 = 6.96 Mbit/s
+    slow = 8e6 ** 0.8 * 4e6 ** 0.2
     assert est.estimates()["north"].throughput_bps == pytest.approx(slow)
-    est.rtt("north", 0.012, probe=True)  # EWMA, weight 0.2: 0.8 * 2 ms + 0.2 * 12 ms
+    # a sample 4x or more off the estimate is a changed link: it replaces the estimate
+    est.call("north", 1000, 0.002 + 0.016)
+    slower = 0.5e6
+    assert est.estimates()["north"].throughput_bps == pytest.approx(slower)
+    # the worker's reported compute is not time on the wire: 1,000 bytes in 1 ms past rtt + 5 ms of compute
+    est2 = LinkEstimator.for_topology(topo, ["north"])
+    est2.rtt("north", 0.002, probe=True)
+    est2.call("north", 1000, 0.002 + 0.001 + 0.005, server_s=0.005)
+    assert est2.estimates()["north"].throughput_bps == pytest.approx(8e6)
+    est.rtt("north", 0.012, probe=True)  # EWMA, weight 0.2: 0.8 * 2 ms + 0.2 * 12 ms; no pad: throughput stays
     assert est.estimates()["north"].rtt_s == pytest.approx(0.004)
-    # an idle link's probe carries no payload: its throughput drifts back toward the topology's 8 Mbit/s
-    assert est.estimates()["north"].throughput_bps == pytest.approx(slow ** 0.8 * 8e6 ** 0.2)
+    assert est.estimates()["north"].throughput_bps == pytest.approx(slower)
+    # an idle link's padded probe measures it: a 1,000-byte pad (+ its framing) 8.7 ms after the bare check = 1 Mbit/s
+    pad_s = 8 * (1000 + PAD_FRAMING) / 1e6
+    est.rtt("north", 0.004, probe=True, padded_s=0.004 + pad_s, pad=1000)
+    assert est.estimates()["north"].throughput_bps == pytest.approx(slower ** 0.8 * 1e6 ** 0.2)
+    # the pad is sized to ~10 ms of the link at its estimated rate, within 512..4096 bytes
+    assert (pad_bytes(0.25e6), pad_bytes(2e6), pad_bytes(20e6)) == (512, 2500, 4096)
+    # a pad as fast as the clock's noise reads as the topology's figure at most, never faster
+    for _ in range(40):
+        est.rtt("north", 0.004, probe=True, padded_s=0.004, pad=4096)
+    assert est.estimates()["north"].throughput_bps == pytest.approx(8e6, rel=0.01)
     est.down("north")
-    assert not est.estimates()["north"].up and est.summary()["north"]["probes"] == 2
+    assert not est.estimates()["north"].up and est.summary()["north"]["probes"] == 43
 
 
 @pytest.mark.slow
