@@ -55,11 +55,12 @@ results-digits: $(STAMP)
 	$(BIN)/python bench/table1.py $(if $(GRID),--grid,)
 
 # Pretrain the trunk once on the procedurally generated corpus (moevit/pretrain.py): writes the weights kept in
-# weights/ and the recipe JSON beside them. PRETRAIN_ARGS overrides, e.g. PRETRAIN_ARGS="--image-size 128 --budget-min 60"
-PRETRAIN_ARGS ?= --image-size 64 --classes 64 --per-class 185 --epochs 1
+# weights/ and the recipe JSON beside them (about 55 min on 2 cores). PRETRAIN_ARGS overrides, e.g. a smaller run:
+# PRETRAIN_ARGS="--image-size 64 --per-class 185 --epochs 1"
+PRETRAIN_ARGS ?= --image-size 96 --classes 64 --per-class 600 --epochs 3 --threads 2 --render-workers 2
 pretrain: $(STAMP)
-	nice -n 5 $(BIN)/python -m moevit.pretrain --out runs/pretrain \
-		--weights weights/pretrain-mobilevitv2_050-64.safetensors $(PRETRAIN_ARGS)
+	nice -n 5 $(BIN)/python -m moevit.pretrain --out runs/pretrain96 \
+		--weights weights/pretrain-mobilevitv2_050-96.safetensors $(PRETRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

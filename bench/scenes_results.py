@@ -42,8 +42,8 @@ from moevit.convert import hidden_within_budget  # noqa: E402
 from moevit.data import open_dataset  # noqa: E402
 from moevit.flops import count_macs, count_params  # noqa: E402
 
-DATA = "scenes:classes=10,per_class=200,size=128,split_seed=0"
-INIT = "weights/pretrain-mobilevitv2_050-64.safetensors"
+DATA = "scenes:classes=10,per_class=400,size=128,split_seed=0,workers=2"
+INIT = "weights/pretrain-mobilevitv2_050-96.safetensors"
 REDUCED = [("8", 16)]
 FULL = [("8", 2), ("8", 8), ("8", 16), ("1,5,8", 8), ("1,3,5,7", 8), ("2,4,6,8", 8)]
 

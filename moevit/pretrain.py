@@ -4,12 +4,13 @@ scratch does not learn.
 
 The corpus is :mod:`moevit.scenes` with ``zoo=1``: species drawn at random from the trait space (body, head, ears,
 legs, tail, pattern, colours), never the benchmark's named species, on the same kinds of backgrounds, day and
-night, with blanks; frames are rendered on access, so the corpus costs no memory. Labels are the generator's
+night, with blanks; frames are rendered up front in ``--render-workers`` processes and kept in memory (uint8, 1 GB
+for the default corpus), or on access with ``--render-workers 0`` (no memory, 2-3x slower per epoch). Labels are the generator's
 species (supervised). Augmentation on top of the generator's own variety: random resized crop, brightness /
 contrast jitter, random grey, horizontal flip, MixUp and label smoothing.
 
-    python -m moevit.pretrain --out runs/pretrain --weights weights/pretrain-mobilevitv2_050-64.safetensors \\
-        --image-size 64 --classes 64 --per-class 185 --epochs 1
+    python -m moevit.pretrain --out runs/pretrain96 --weights weights/pretrain-mobilevitv2_050-96.safetensors \\
+        --image-size 96 --classes 64 --per-class 600 --epochs 3 --threads 2 --render-workers 2
 
 ``--budget-min`` times a few training steps first and sizes the corpus (one epoch = every image once) to fit the
 budget; ``--per-class`` fixes it instead (the recipe JSON written beside the weights records both, so a rerun
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="mobilevitv2_050")
     ap.add_argument("--out", default="runs/pretrain", help="run folder (resumed when it holds a run)")
-    ap.add_argument("--weights", default="weights/pretrain-mobilevitv2_050-64.safetensors")
-    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--weights", default="weights/pretrain-mobilevitv2_050-96.safetensors")
+    ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--classes", type=int, default=64, help="random species in the corpus (plus blank)")
     ap.add_argument("--per-class", type=int, default=None, help="images per species (default: from --budget-min)")
     ap.add_argument("--budget-min", type=float, default=40.0, help="wall-clock minutes of training to size for")
