@@ -4,10 +4,10 @@ scratch does not learn.
 
 The corpus is :mod:`moevit.scenes` with ``zoo=1``: species drawn at random from the trait space (body, head, ears,
 legs, tail, pattern, colours), never the benchmark's named species, on the same kinds of backgrounds, day and
-night, with blanks; frames are rendered up front in ``--render-workers`` processes and kept in memory (uint8, 1 GB
-for the default corpus), or on access with ``--render-workers 0`` (no memory, 2-3x slower per epoch). Labels are the generator's
-species (supervised). Augmentation on top of the generator's own variety: random resized crop, brightness /
-contrast jitter, random grey, horizontal flip, MixUp and label smoothing.
+night, with blanks; frames are rendered up front in ``--render-workers`` processes and kept in memory (uint8,
+1 GB for the default corpus), or on access with ``--render-workers 0`` (no memory, 2-3x slower per epoch). Labels
+are the generator's species (supervised). Augmentation on top of the generator's own variety: random resized
+crop, brightness / contrast jitter, random grey, horizontal flip, MixUp and label smoothing.
 
     python -m moevit.pretrain --out runs/pretrain96 --weights weights/pretrain-mobilevitv2_050-96.safetensors \\
         --image-size 96 --classes 64 --per-class 600 --epochs 3 --threads 2 --render-workers 2
