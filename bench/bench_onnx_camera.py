@@ -5,7 +5,8 @@
    onnxruntime int8 (static quantisation calibrated on synthetic images), interleaved rounds, medians. Each forward
    is the whole image in-process (experts run by the model's in-process dispatcher between the segments); the
    segments' own time is timed around their calls.
-2. the expert call at 64 tokens: the worker's torch backend vs its onnxruntime backend in fp32 and int8.
+2. the expert call at 64 tokens: the worker's torch backend vs its onnxruntime backend in fp32 and int8 (dynamic, the
+   default, and static calibrated on the expert's tokens).
 3. the whole-image latency split over loopback (3 torch workers, every expert remote, fp16 on the wire), batch 1,
    one camera thread, per camera backend (``--split``; the workers start on the same 2 cores).
 4. energy per image in the simulator (examples/sites.yaml, local-moe and split) with the camera's compute speed
@@ -39,23 +40,27 @@ BACKENDS = ("torch_fp32", "ort_fp32", "ort_int8")
 TARGETS = {"ort_int8_vs_torch": 0.5, "ort_fp32_vs_torch": 0.8, "expert_int8_vs_torch": 0.5}
 
 
-def _interleaved(fns: dict[str, Callable[[], float]], rounds: int, warmup: int = 2
-                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Round-robin (rotating start) timing of ``fns``; each returns the seconds its segments took -> (total ms,
-    segment ms) per name."""
+def _interleaved(fns: dict[str, Callable[[], float | tuple[float, float]]], rounds: int, warmup: int = 2
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """Round-robin (rotating start) timing of ``fns``; each returns the seconds its segments took, or (wall, CPU)
+    seconds of them -> (total ms, segment ms, segment CPU ms) per name. CPU time is the process's (all threads):
+    on a loaded machine it leaves out the time the process waited for a core, which wall time counts."""
     names = list(fns)
     total: dict[str, list[float]] = {n: [] for n in names}
     seg: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             s = fns[n]()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if r >= warmup:
                 total[n].append(dt * 1e3)
-                seg[n].append(s * 1e3)
-    return total, seg
+                wall_s, cpu_s = s if isinstance(s, tuple) else (s, dc)
+                seg[n].append(wall_s * 1e3)
+                cpu[n].append(cpu_s * 1e3)
+    return total, seg, cpu
 
 
 def bench_camera(model, fp: str, cache: Path, size: int, rounds: int, log: Callable[[str], None],
@@ -88,18 +93,19 @@ def bench_camera(model, fp: str, cache: Path, size: int, rounds: int, log: Calla
 
     def timed(runner: Callable[[Any, tuple], Any]) -> Callable[[Any], Callable[[], float]]:
         def make(x):
-            def call() -> float:
-                spent = [0.0]
+            def call() -> tuple[float, float]:
+                spent = [0.0, 0.0]
 
                 def seg_fn(seg, inputs):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     res = runner(seg, inputs)
                     spent[0] += time.perf_counter() - t0
+                    spent[1] += time.process_time() - c0
                     return res
 
                 with torch.inference_mode():
                     program.run(x, seg_fn)
-                return spent[0]
+                return spent[0], spent[1]
             return call
         return make
 
@@ -110,21 +116,27 @@ def bench_camera(model, fp: str, cache: Path, size: int, rounds: int, log: Calla
                "ort_fp32": timed(cams[("fp32", threads)].run_segment)(x),
                "ort_int8": timed(cams[("int8", threads)].run_segment)(x)}
         n = rounds if batch == 1 else max(3, rounds // 3)
-        total, seg = _interleaved(fns, n)
+        total, seg, cpu = _interleaved(fns, n)
         key = f"threads{threads}_batch{batch}"
         t_seg = {k: statistics.median(v) for k, v in seg.items()}
+        c_seg = {k: statistics.median(v) for k, v in cpu.items()}
         t_tot = {k: statistics.median(v) for k, v in total.items()}
         out["configs"][key] = {
             "threads": threads, "batch": batch, "rounds": n,
             "camera_side_ms": {k: summarize(v) for k, v in seg.items()},
             "whole_image_in_process_ms": {k: summarize(v) for k, v in total.items()},
             "ratio_camera_side_vs_torch": {k: round(t_seg[k] / t_seg["torch_fp32"], 4) for k in BACKENDS},
+            # process CPU time: robust to a loaded machine; comparable across backends at one thread only
+            # (onnxruntime's extra threads spin while they wait, torch's sleep: OMP_WAIT_POLICY=PASSIVE)
+            "camera_side_cpu_ms": {k: summarize(v) for k, v in cpu.items()},
+            "ratio_camera_side_cpu_vs_torch": {k: round(c_seg[k] / c_seg["torch_fp32"], 4) for k in BACKENDS},
             "ratio_whole_in_process_vs_torch": {k: round(t_tot[k] / t_tot["torch_fp32"], 4) for k in BACKENDS},
         }
         r = out["configs"][key]["ratio_camera_side_vs_torch"]
         log(f"{key}: camera side torch {t_seg['torch_fp32']:.1f} ms, ort fp32 {t_seg['ort_fp32']:.1f} ms "
             f"({r['ort_fp32']:.3f}x), ort int8 {t_seg['ort_int8']:.1f} ms ({r['ort_int8']:.3f}x); whole image in "
-            f"process {t_tot['torch_fp32']:.1f} / {t_tot['ort_fp32']:.1f} / {t_tot['ort_int8']:.1f} ms")
+            f"process {t_tot['torch_fp32']:.1f} / {t_tot['ort_fp32']:.1f} / {t_tot['ort_int8']:.1f} ms; CPU time of "
+            f"the camera side {c_seg['torch_fp32']:.1f} / {c_seg['ort_fp32']:.1f} / {c_seg['ort_int8']:.1f} ms")
     torch.set_num_threads(1)
     return out
 
@@ -145,8 +157,9 @@ def bench_expert(model, fp: str, cache: Path, rounds: int) -> dict[str, Any]:
     calib = {k: v for k, v in tokens.items() if k[0] == layer}
     backends = {"torch": TorchBackend(banks),
                 "ort_fp32": OnnxBackend(banks, fp, cache, threads=1),
-                "ort_int8": OnnxBackend(banks, fp, cache, threads=1, precision="int8", calibration=calib,
-                                        calibration_key=calibration_key("random-images-16", 16))}
+                "ort_int8": OnnxBackend(banks, fp, cache, threads=1, precision="int8"),  # dynamic, the default
+                "ort_int8_static": OnnxBackend(banks, fp, cache, threads=1, precision="int8", calibration=calib,
+                                               calibration_key=calibration_key("random-images-16", 16))}
     experts = [e for e in bank.expert_ids if (layer, e) in calib]
     # real tokens of each expert (its own calibration distribution), 64 rows
     xs = {e: calib[(layer, e)][:64].contiguous() if len(calib[(layer, e)]) >= 64
@@ -163,12 +176,16 @@ def bench_expert(model, fp: str, cache: Path, rounds: int) -> dict[str, Any]:
             return 0.0
         return run
 
-    total, _ = _interleaved({k: many(b) for k, b in backends.items()}, rounds)
+    total, _, cpu = _interleaved({k: many(b) for k, b in backends.items()}, rounds)
     us = {k: [t * 1e3 / calls for t in v] for k, v in total.items()}
     med = {k: statistics.median(v) for k, v in us.items()}
+    cpu_us = {k: [t * 1e3 / calls for t in v] for k, v in cpu.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_us.items()}
     return {"tokens": 64, "layer": layer, "dim": bank.dim, "hidden": bank.hidden, "threads": 1,
             "calls_per_sample": calls, "rounds": rounds, "us_per_call": {k: summarize(v) for k, v in us.items()},
             "ratio_vs_torch": {k: round(med[k] / med["torch"], 4) for k in med},
+            "cpu_us_per_call": {k: summarize(v) for k, v in cpu_us.items()},
+            "ratio_cpu_vs_torch": {k: round(cpu_med[k] / cpu_med["torch"], 4) for k in cpu_med},
             "max_abs_diff_vs_torch": diff}
 
 
@@ -204,7 +221,7 @@ def bench_split_latency(model_path: Path, fp_cache: Path, size: int, rounds: int
                     return 0.0
                 return run
 
-            total, _ = _interleaved({n: call(rt) for n, rt in runtimes.items()}, rounds)
+            total, _, _ = _interleaved({n: call(rt) for n, rt in runtimes.items()}, rounds)
         finally:
             for rt in runtimes.values():
                 rt.close()
@@ -311,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
                          "fp32_target_met": c["ort_fp32"] <= TARGETS["ort_fp32_vs_torch"],
                          "expert_int8_vs_torch": result["expert_call"]["ratio_vs_torch"]["ort_int8"],
                          "expert_target_met": result["expert_call"]["ratio_vs_torch"]["ort_int8"]
-                         <= TARGETS["expert_int8_vs_torch"]}
+                         <= TARGETS["expert_int8_vs_torch"],
+                         # the same ratios in CPU time (what a loaded machine leaves comparable; docs/onnx.md)
+                         "cpu_ort_int8_vs_torch_b1_t1": result["camera"]["configs"]["threads1_batch1"][
+                             "ratio_camera_side_cpu_vs_torch"]["ort_int8"],
+                         "cpu_expert_int8_vs_torch": result["expert_call"]["ratio_cpu_vs_torch"]["ort_int8"]}
     result["loadavg_after"] = load_average()
     path = write_result(args.out, result)
     log(f"verdict: {result['verdict']}\nwritten {path}")

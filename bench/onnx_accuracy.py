@@ -2,8 +2,9 @@
 
 For every model given: torch fp32 (BatchNorms folded, as the coordinator runs it), onnxruntime fp32, onnxruntime
 int8 camera side (calibrated on ``--calibrate-images`` images of the train split), and onnxruntime int8 camera side
-plus int8 experts (the worker's OnnxBackend, calibrated on the same images' expert tokens). Also the largest logit
-difference of onnxruntime fp32 from torch and each variant's top-1 agreement with torch fp32.
+plus int8 experts (the worker's OnnxBackend: its default dynamic int8, and static int8 calibrated on the same images'
+expert tokens). Also the largest logit difference of onnxruntime fp32 from torch and each variant's top-1 agreement
+with torch fp32.
 
 Run: ``nice -n 5 .venv/bin/python bench/onnx_accuracy.py --models runs/demo/moe.safetensors --data digits``
 (writes ``bench/results/onnx_accuracy.json``).
@@ -54,28 +55,34 @@ def evaluate_model(path: Path, data_spec: str, split: str, calibrate_images: int
     fp32 = OnnxCamera(folded, fp, size, OnnxCameraConfig(cache))
     int8 = OnnxCamera(folded, fp, size, OnnxCameraConfig(cache, precision="int8", calibrate=data_spec,
                                                          calibrate_images=calibrate_images))
-    tokens = expert_tokens(folded, calibration_images(data_spec, size, calibrate_images))
     banks = {i: layer.experts for i, layer in folded.moe_layers().items()}
-    experts = OnnxBackend(banks, fp, cache, precision="int8", calibration=tokens,
-                          calibration_key=calibration_key(data_spec, calibrate_images))
+    experts = OnnxBackend(banks, fp, cache, precision="int8")  # the worker's default: dynamic int8
+    tokens = expert_tokens(folded, calibration_images(data_spec, size, calibrate_images))
+    experts_static = OnnxBackend(banks, fp, cache, precision="int8", calibration=tokens,
+                                 calibration_key=calibration_key(data_spec, calibrate_images))
     log(f"{path}: graphs ready in {time.perf_counter() - t0:.0f} s")
 
     class Int8Experts(Dispatcher):
+        def __init__(self, backend) -> None:
+            self.backend = backend
+
         def compute(self, layer_id: int, plan: DispatchPlan) -> list[torch.Tensor]:
-            return experts.run_many(layer_id, list(zip(plan.experts, plan.chunks(), strict=True)))
+            return self.backend.run_many(layer_id, list(zip(plan.experts, plan.chunks(), strict=True)))
 
     def run(fn) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat([fn(b) for b in torch.split(x, 64)])
 
     logits = {"torch_fp32": run(folded), "ort_fp32": run(fp32), "ort_int8_camera": run(int8)}
-    for layer in folded.moe_layers().values():
-        layer.set_dispatcher(Int8Experts())
-    try:
-        logits["ort_int8_camera_and_experts"] = run(int8)
-    finally:
+    for name, backend in (("ort_int8_camera_and_experts", experts),
+                          ("ort_int8_camera_and_static_experts", experts_static)):
         for layer in folded.moe_layers().values():
-            layer.set_dispatcher(None)
+            layer.set_dispatcher(Int8Experts(backend))
+        try:
+            logits[name] = run(int8)
+        finally:
+            for layer in folded.moe_layers().values():
+                layer.set_dispatcher(None)
     ref = logits["torch_fp32"]
     out: dict[str, Any] = {"model": str(path), "fingerprint": fp, "images": len(y), "image_size": size,
                            "top1": {}, "agreement_with_torch_fp32": {}}

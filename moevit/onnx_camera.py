@@ -32,19 +32,24 @@ from torch import nn
 from moevit.deploy.files import atomic_path
 from moevit.segments import CameraProgram, Segment
 
-__all__ = ["GRAPH_VERSION", "INT8_OPS", "OnnxCamera", "OnnxCameraConfig", "OnnxCameraError", "calibration_images",
-           "calibration_key", "expert_tokens", "export_segment", "graph_key", "quantize_graph"]
+__all__ = ["GRAPH_VERSION", "INT8_OPS", "INT8_RECIPE", "OnnxCamera", "OnnxCameraConfig", "OnnxCameraError",
+           "calibration_images", "calibration_key", "expert_tokens", "export_segment", "graph_key", "quantize_graph",
+           "quantize_graph_dynamic", "slow_int8_convs"]
 
 log = logging.getLogger(__name__)
 
 #: bumped whenever the exported graphs change, so caches of an older version are not reused
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2
 DEFAULT_OPSET = 17
 PRECISIONS = ("fp32", "int8")
 #: op types quantised by default: convolutions and matrix products, and the elementwise ops between them (SiLU's
 #: Sigmoid and Mul, residual Adds), so activations stay int8 from one convolution to the next instead of being
-#: dequantised and quantised again around every float op; measured faster at 256 px (bench_onnx_camera.py)
+#: dequantised and quantised again around every float op (measured at 256 px, docs/onnx.md: SiLU in float cost
+#: 16 % more time). Quantising the attention's Split, Relu and the data movers too was about 4 % faster but lost
+#: 1.5 points of top-1 on digits (the query channel shares the Split's int8 scale with the keys and values).
 INT8_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul", "Sigmoid")
+#: bumped whenever quantize_graph's recipe changes (beyond the op types and format, which key the cache themselves)
+INT8_RECIPE = 2
 _META_FINGERPRINT = "moevit_fingerprint"
 _META_KEY = "moevit_camera_key"
 
@@ -169,12 +174,14 @@ class _Reader:
 
 def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], *,
                    exclude: Callable[[str], bool] | None = None, metadata: dict[str, str] | None = None,
-                   op_types: Sequence[str] = ("Conv", "MatMul", "Gemm"), fmt: str = "qoperator") -> Path:
+                   op_types: Sequence[str] = ("Conv", "MatMul", "Gemm"), fmt: str = "qoperator",
+                   keep_slow_convs: bool = True) -> Path:
     """Static int8 quantisation of the graph ``src`` into ``dst`` (atomically), calibrated on ``feeds``.
 
     ``fmt`` qoperator (QLinearConv etc.: int8 kernels end to end) or qdq (QuantizeLinear/DequantizeLinear pairs
     around float ops, fused by onnxruntime where it can); per-channel int8 weights, uint8 activations, min-max
-    calibration; only ``op_types`` are quantised; nodes for which ``exclude(name)`` holds stay float."""
+    calibration; only ``op_types`` are quantised; nodes for which ``exclude(name)`` holds stay float, and with
+    ``keep_slow_convs`` so do the convolutions without a fast int8 kernel and their SiLU (:func:`slow_int8_convs`)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -193,8 +200,10 @@ def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]],
         pre = Path(tmpdir) / "pre.onnx"
         out = Path(tmpdir) / "int8.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        nodes = [n.name for n in onnx.load(str(pre)).graph.node]
-        excluded = [n for n in nodes if exclude is not None and exclude(n)]
+        graph = onnx.load(str(pre)).graph
+        excluded = [n.name for n in graph.node if exclude is not None and exclude(n.name)]
+        if keep_slow_convs:
+            excluded += [n for n in slow_int8_convs(graph) if n not in excluded]
         quant_format = QuantFormat.QOperator if fmt == "qoperator" else QuantFormat.QDQ
         quantize_static(str(pre), str(out), Reader(feeds), quant_format=quant_format, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -208,6 +217,59 @@ def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]],
         with atomic_path(dst) as tmp:
             out.replace(tmp)
     return dst
+
+
+def quantize_graph_dynamic(src: Path, dst: Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Dynamic int8 quantisation of the graph ``src`` into ``dst`` (atomically): int8 weights per output channel,
+    each matrix product's input quantised on the fly from its own range (onnxruntime's DynamicQuantizeMatMul), so
+    no calibration data. For the experts: two matrix products on 64-ish tokens, where a call's fixed cost
+    dominates and one fused node per product beats the static graph's six (docs/onnx.md)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmpdir:
+        out = Path(tmpdir) / "int8.onnx"
+        quantize_dynamic(str(src), str(out), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
+        if metadata:
+            model = onnx.load(str(out))
+            _set_metadata(model, metadata)
+            onnx.save(model, str(out))
+        with atomic_path(dst) as tmp:
+            out.replace(tmp)
+    return dst
+
+
+def slow_int8_convs(graph: Any) -> list[str]:
+    """Names of the convolutions of ``graph`` that onnxruntime's int8 kernels run slower than float, and of the
+    SiLU (Sigmoid, Mul) on their output.
+
+    MLAS's fast int8 convolution (symmetric weights, NHWC, fused requantisation) needs the input channels of a
+    non-grouped convolution in multiples of 4; otherwise onnxruntime falls back to im2col and a plain int8 GEMM.
+    That is the stem (3 input channels, the image): in int8 it also needs the image quantised and moved to NHWC
+    (a 3-channel transpose), and measured 0.9 ms against 0.4 ms in float at 256 px."""
+    from onnx import numpy_helper
+
+    weights = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    out: list[str] = []
+    for node in graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        c_in = numpy_helper.to_array(weights[node.input[1]]).shape[1]
+        if group != 1 or c_in % 4 == 0:
+            continue
+        out.append(node.name)
+        act = consumers.get(node.output[0], [])
+        sig = [n for n in act if n.op_type == "Sigmoid"]
+        muls = [n for n in act if n.op_type == "Mul" and any(s.output[0] in n.input for s in sig)]
+        out += [n.name for n in sig + muls]
+    return out
 
 
 def calibration_key(spec: str, count: int) -> str:
@@ -256,9 +318,20 @@ def graph_key(fingerprint: str, image_size: int, index: int, num_segments: int, 
     key = f"{fingerprint}-camera-{image_size}px-s{index}of{num_segments}-g{GRAPH_VERSION}-op{config.opset}"
     if precision == "int8":
         calib = hashlib.sha256(f"{config.calibrate}|{config.calibrate_images}|train|{config.exclude_routers}|"
-                               f"{','.join(config.int8_ops)}|{config.int8_format}".encode())
+                               f"{','.join(config.int8_ops)}|{config.int8_format}|r{INT8_RECIPE}".encode())
         key += f"-int8-c{calib.hexdigest()[:10]}"
     return key
+
+
+#: onnxruntime's transpose optimiser merges the two cheap transposes of the token layout (moevit.segments) back
+#: into one 4-d transpose that onnxruntime moves element by element; with it off the graphs measured no slower
+#: elsewhere (the int8 layout change to NHWC cancels its own transposes)
+DISABLED_OPTIMIZERS = ("TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider")
+
+
+def _session(ort: Any, path: Path, options: Any) -> Any:
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
 def _session_options(ort: Any, threads: int) -> Any:
@@ -320,7 +393,7 @@ class OnnxCamera(nn.Module):
         if not path.exists():
             return None
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = _session(ort, path, options)
         except Exception as e:  # onnxruntime raises several types for bad files
             log.warning("rebuilding cached ONNX graph %s: onnxruntime cannot load it (%s)", path,
                         str(e).splitlines()[0][:200])
@@ -340,7 +413,7 @@ class OnnxCamera(nn.Module):
 
     def _open_new(self, ort: Any, path: Path, index: int, options: Any) -> Any:
         try:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return _session(ort, path, options)
         except Exception as e:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise OnnxCameraError(f"onnxruntime {ort.__version__} cannot run camera segment {index} ({path.name}, "

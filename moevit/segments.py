@@ -44,6 +44,58 @@ class _Grid:
         self.nh = self.nw = 0
 
 
+def _unfold(x: torch.Tensor, p: int, nh: int, nw: int) -> torch.Tensor:
+    """[B, C, nh*p, nw*p] -> [B, C, p*p, nh*nw]: pixel (i, j) of patch (h, w) at [.., i*p + j, h*nw + w]."""
+    B, C = x.shape[:2]
+    return x.reshape(B, C, nh, p, nw, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C, p * p, nh * nw)
+
+
+def _fold(x: torch.Tensor, p: int, nh: int, nw: int) -> torch.Tensor:
+    """The inverse of :func:`_unfold`: [B, C, p*p, nh*nw] -> [B, C, nh*p, nw*p]."""
+    B, C = x.shape[:2]
+    return x.reshape(B, C, p, p, nh, nw).permute(0, 1, 4, 2, 5, 3).reshape(B, C, nh * p, nw * p)
+
+
+# The unfold and fold as ONNX writes them. Exported as written they are 6-d Transposes, which onnxruntime moves
+# element by element: 0.4-1.9 ms each at 256 px, about an eighth of the camera side. SpaceToDepth + a 4-d
+# Transpose and DepthToSpace (CRD) move the same elements 3-6 times faster (bench/profile_onnx_camera.py). The
+# torch forward stays the reshape/permute above; the graphs are checked against it to 1e-4.
+class _UnfoldExport(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: int, C: int, N: int) -> torch.Tensor:  # noqa: N803
+        B, _, H, W = x.shape
+        return _unfold(x, p, H // p, W // p)
+
+    @staticmethod
+    def symbolic(g, x, p: int, C: int, N: int):  # noqa: N803
+        y = g.op("SpaceToDepth", x, blocksize_i=p)  # [B, p*p*C, nh, nw], channel (i*p + j)*C + c
+        shape = g.op("Constant", value_t=torch.tensor([-1, p * p, C, N], dtype=torch.int64))
+        return g.op("Transpose", g.op("Reshape", y, shape), perm_i=[0, 2, 1, 3])
+
+
+class _FoldExport(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: int, C: int, nh: int, nw: int) -> torch.Tensor:  # noqa: N803
+        return _fold(x, p, nh, nw)
+
+    @staticmethod
+    def symbolic(g, x, p: int, C: int, nh: int, nw: int):  # noqa: N803
+        shape = g.op("Constant", value_t=torch.tensor([-1, C * p * p, nh, nw], dtype=torch.int64))
+        return g.op("DepthToSpace", g.op("Reshape", x, shape), blocksize_i=p, mode_s="CRD")
+
+
+# [B, C, P, N] <-> [B*N, P, C] (the experts' tokens) as ONNX writes them: one 4-d Transpose (0, 3, 2, 1) is
+# moved element by element by onnxruntime (0.3-0.4 ms at 256 px); two transposes of the last two axes with a
+# reshape between take a tenth of that. The sessions turn onnxruntime's transpose optimiser off
+# (moevit.onnx_camera), which would merge them back into the slow one.
+def _bcpn_to_tpc(x: torch.Tensor, C: int, P: int, N: int) -> torch.Tensor:  # noqa: N803
+    return x.reshape(-1, C * P, N).transpose(1, 2).reshape(-1, C, P).transpose(1, 2)
+
+
+def _tpc_to_bcpn(y: torch.Tensor, C: int, P: int, N: int) -> torch.Tensor:  # noqa: N803
+    return y.transpose(1, 2).reshape(-1, N, C * P).transpose(1, 2).reshape(-1, C, P, N)
+
+
 class _BlockIn(nn.Module):
     """MobileVitV2Block up to its first transformer layer: local conv, 1x1 conv, unfold to [B, C, P, N]."""
 
@@ -62,7 +114,9 @@ class _BlockIn(nn.Module):
             x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=True)
         x = b.conv_1x1(b.conv_kxk(x))
         C = x.shape[1]
-        return x.reshape(B, C, nh, ph, nw, pw).permute(0, 1, 3, 5, 2, 4).reshape(B, C, ph * pw, nh * nw)
+        if torch.onnx.is_in_onnx_export():
+            return _UnfoldExport.apply(x, ph, int(C), int(nh * nw))
+        return _unfold(x, ph, nh, nw)
 
 
 class _BlockOut(nn.Module):
@@ -74,11 +128,14 @@ class _BlockOut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.block
-        ph = pw = b.patch_size
+        ph = b.patch_size
         nh, nw = self.grid.nh, self.grid.nw
         x = b.norm(x)
         B, C = x.shape[:2]
-        x = x.reshape(B, C, ph, pw, nh, nw).permute(0, 1, 4, 2, 5, 3).reshape(B, C, nh * ph, nw * pw)
+        if torch.onnx.is_in_onnx_export():
+            x = _FoldExport.apply(x, ph, int(C), int(nh), int(nw))
+        else:
+            x = _fold(x, ph, nh, nw)
         return b.conv_proj(x)
 
 
@@ -97,7 +154,10 @@ class _Route(nn.Module):
         z = z_hat * blk.norm2.weight[:, None, None] + blk.norm2.bias[:, None, None]
         expert_idx_TK, gates_TK, probs_TE = layer.route(z)
         B, C, P, N = z_hat.shape
-        x_TPC = z_hat.permute(0, 3, 2, 1).reshape(B * N, P, C)
+        if torch.onnx.is_in_onnx_export():
+            x_TPC = _bcpn_to_tpc(z_hat, int(C), int(P), int(N))
+        else:
+            x_TPC = z_hat.permute(0, 3, 2, 1).reshape(B * N, P, C)
         return x, x_TPC, expert_idx_TK, gates_TK, probs_TE
 
 
@@ -130,7 +190,10 @@ class Segment(nn.Module):
         else:
             h, y_TPC = inputs
             B, C, P, N = h.shape
-            x = h + y_TPC.reshape(B, N, P, C).permute(0, 3, 2, 1)  # the MoE layer's residual add
+            if torch.onnx.is_in_onnx_export():
+                x = h + _tpc_to_bcpn(y_TPC, int(C), int(P), int(N))
+            else:
+                x = h + y_TPC.reshape(B, N, P, C).permute(0, 3, 2, 1)  # the MoE layer's residual add
         for step in self.steps:
             x = step(x)
         return self.end(x) if self.end is not None else x

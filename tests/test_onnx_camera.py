@@ -186,14 +186,78 @@ def test_int8_experts_stay_close_to_float_on_their_calibration_tokens(small, tmp
     assert sorted(again.reused) == sorted(calib) and again.exported == []
 
 
-def test_int8_worker_flags_need_onnx_and_calibration(small, tmp_path):
+def test_int8_experts_without_calibration_are_dynamic_and_close_to_float(small, tmp_path):
+    """The worker's default int8: int8 weights, each call's tokens quantised from their own range (no calibration
+    data); measured faster and closer to float than the static graphs (docs/onnx.md)."""
+    import onnx
+    from moevit.worker.backends import OnnxBackend, TorchBackend
+
+    from moevit.onnx_camera import expert_tokens
+
+    folded = small["folded"]
+    tokens = {k: v for k, v in expert_tokens(folded, _images(8, seed=3)).items() if k[0] == 8}
+    bank = folded.moe_layers()[8].experts
+    banks = {8: bank.subset(list(bank.expert_ids))}
+    q, ref = OnnxBackend(banks, small["fp"], tmp_path, precision="int8"), TorchBackend(banks)
+    assert q.name == "onnxruntime-int8" and sorted(q.exported) == [(8, e) for e in sorted(bank.expert_ids)]
+    for (layer, e), x in tokens.items():
+        y, r = q.run(layer, e, x), ref.run(layer, e, x)
+        assert float((y - r).abs().max()) <= 0.05 * float(r.abs().max()) + 1e-3
+        assert float((y - r).abs().max()) > 0  # the int8 graph really ran
+        ops = {n.op_type for n in onnx.load(str(q.graph_path(layer, e, "int8"))).graph.node}
+        assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
+    again = OnnxBackend(banks, small["fp"], tmp_path, precision="int8")
+    assert sorted(again.reused) == sorted(q.exported) and again.exported == []
+
+
+def test_int8_worker_flags_need_onnx(small, tmp_path):
     path = save_checkpoint(small["model"], tmp_path / "moe.safetensors")
-    for extra in (["--precision", "int8"], ["--backend", "onnx", "--precision", "int8"]):
+    for extra, words in ((["--precision", "int8"], "--precision int8 needs --backend onnx"),
+                         (["--backend", "onnx", "--calibrate", "digits"], "--calibrate needs --backend onnx "
+                                                                           "--precision int8")):
         r = subprocess.run([sys.executable, "-m", "moevit.worker.cli", "--listen", f"127.0.0.1:{free_port()}",
                             "--model", str(path), "--experts", "all", *extra],
                            capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2 and "--precision int8 needs --backend onnx and --calibrate" in r.stderr
+        assert r.returncode == 2 and words in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_exported_graphs_move_patches_without_6d_transposes(small):
+    """The unfold/fold and the token layout are written as SpaceToDepth, DepthToSpace and transposes of at most
+    4 axes (onnxruntime moves a 6-d transpose element by element), and still match torch (the test above)."""
+    import onnx
+
+    cam = small["camera"]
+    ops: dict[str, int] = {}
+    for i in range(cam.num_segments):
+        for node in onnx.load(str(cam.graph_path(i))).graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            if node.op_type == "Transpose":
+                assert len(node.attribute[0].ints) <= 4, (i, node.name, list(node.attribute[0].ints))
+    assert ops.get("SpaceToDepth", 0) >= 1 and ops.get("DepthToSpace", 0) >= 1
+
+
+def test_int8_camera_keeps_the_stem_in_float_and_the_rest_int8(small, tmp_path):
+    """The stem convolution (3 input channels: no fast int8 kernel) and its SiLU stay float; the other
+    convolutions become QLinearConv. (Top-1 under int8 needs a trained model: the slow demo test below.)"""
+    import onnx
+
+    from moevit.onnx_camera import slow_int8_convs
+
+    cfg = OnnxCameraConfig(tmp_path, precision="int8", calibrate="synthetic:classes=3,per_class=4,size=32",
+                           calibrate_images=12)
+    cam = OnnxCamera(small["folded"], small["fp"], SIZE, cfg)
+    g0 = onnx.load(str(cam.graph_path(0))).graph
+    convs = [n for n in g0.node if n.op_type in ("Conv", "QLinearConv")]
+    assert convs[0].op_type == "Conv" and convs[0].input[0] == "image"
+    assert all(n.op_type == "QLinearConv" for n in convs[1:]) and len(convs) > 3
+    fp32_graph = onnx.load(str(cam.graph_path(0, "fp32"))).graph
+    slow = slow_int8_convs(fp32_graph)
+    assert len(slow) == 3 and {n.op_type for n in fp32_graph.node if n.name in slow} == {"Conv", "Sigmoid", "Mul"}
+    x = _images(4, seed=2)
+    with torch.no_grad():
+        got, ref = cam(x), small["folded"](x)
+    assert got.shape == ref.shape and bool(torch.isfinite(got).all()) and float((got - ref).abs().max()) > 0
 
 
 @pytest.mark.slow

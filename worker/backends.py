@@ -27,9 +27,10 @@ __all__ = ["ExpertBackend", "OnnxBackend", "TorchBackend", "expert_module", "exp
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+_OUTPUT_NAMES = ["y"]
 # Bumped whenever the exported graph changes, so caches written by an older worker are not reused.
 _GRAPH_VERSION = 1
-_INT8_VERSION = 2  # the int8 recipe (formats, op types) of moevit.onnx_camera.quantize_graph as called here
+_INT8_VERSION = 3  # the int8 recipes (formats, op types) of moevit.onnx_camera's quantisers as called here
 
 
 class ExpertBackend(ABC):
@@ -192,6 +193,9 @@ class OnnxBackend(ExpertBackend):
     wrong width is (re-)exported. ``exported`` and ``reused`` list the (layer, expert) pairs of each kind.
     ``threads`` sets onnxruntime's intra-op threads; nodes run sequentially (the graphs are a chain anyway).
     ``fold`` folds the norm affine and the correction into the linear layers (exact up to float32 rounding).
+    ``precision`` int8: with ``calibration`` (each expert's tokens) static quantisation calibrated on them;
+    without, dynamic quantisation (int8 weights, each call's tokens quantised from their own range), which is
+    faster at small token counts and closer to float (docs/onnx.md).
     """
 
     def __init__(self, banks: Mapping[int, ExpertBank], fingerprint: str, cache_dir: str | os.PathLike[str], *,
@@ -208,8 +212,6 @@ class OnnxBackend(ExpertBackend):
             raise ValueError(f"fingerprint {fingerprint!r} cannot key a cache file name")
         if precision not in ("fp32", "int8"):
             raise ValueError(f"precision must be fp32 or int8, got {precision!r}")
-        if precision == "int8" and calibration is None:
-            raise ValueError("int8 experts need calibration tokens (moe-worker --calibrate SPEC)")
         self.dims, self.hosted = _describe_banks(banks)
         self.name = "onnxruntime" if precision == "fp32" else "onnxruntime-int8"
         self.cache_dir = Path(cache_dir)
@@ -217,7 +219,8 @@ class OnnxBackend(ExpertBackend):
         self.threads = threads
         self.precision = precision
         self._variant = f"g{_GRAPH_VERSION}-{'folded' if fold else 'plain'}-op{opset}"
-        self._int8_variant = f"{self._variant}-int8q{_INT8_VERSION}-{calibration_key or 'c'}"
+        static = f"{self._variant}-int8q{_INT8_VERSION}-{calibration_key or 'c'}"
+        self._int8_variant = static if calibration is not None else f"{self._variant}-int8dyn{_INT8_VERSION}"
         self.exported: list[tuple[int, int]] = []
         self.reused: list[tuple[int, int]] = []
         try:
@@ -247,19 +250,25 @@ class OnnxBackend(ExpertBackend):
                 elif precision == "fp32":
                     self.reused.append((layer, expert))
                 if precision == "int8":
-                    assert calibration is not None
                     session = self._int8_session(ort, options, layer, expert, path, calibration)
                 self._sessions[(layer, expert)] = session
 
     def _int8_session(self, ort: Any, options: Any, layer: int, expert: int, fp32_path: Path,
-                      calibration: Mapping[tuple[int, int], torch.Tensor]) -> Any:
-        """The expert's statically quantised graph (cached beside the float one), calibrated on its own tokens."""
-        from moevit.onnx_camera import INT8_OPS, quantize_graph
+                      calibration: Mapping[tuple[int, int], torch.Tensor] | None) -> Any:
+        """The expert's int8 graph (cached beside the float one): dynamic, or static calibrated on its own tokens."""
+        from moevit.onnx_camera import INT8_OPS, quantize_graph, quantize_graph_dynamic
 
         path = self.graph_path(layer, expert, "int8")
         session = self._open(ort, path, options, self.dims[layer]) if path.exists() else None
         if session is not None:
             self.reused.append((layer, expert))
+            return session
+        if calibration is None:
+            quantize_graph_dynamic(fp32_path, path)
+            session = self._open(ort, path, options, self.dims[layer])
+            if session is None:
+                raise RuntimeError(f"onnxruntime cannot load the int8 graph just written to {path}")
+            self.exported.append((layer, expert))
             return session
         tokens = calibration.get((layer, expert))
         if tokens is None or len(tokens) == 0:
@@ -301,7 +310,7 @@ class OnnxBackend(ExpertBackend):
         except KeyError:
             raise KeyError(f"expert {expert} of layer {layer} is not hosted by this backend") from None
         # At 64 tokens a call takes ~20 us, so the usual case (a decoded float32 CPU tensor) skips every copy.
-        if x_nC.requires_grad or x_nC.dtype != torch.float32 or x_nC.device.type != "cpu" or not x_nC.is_contiguous():
+        if x_nC.requires_grad or x_nC.dtype != torch.float32 or not x_nC.is_cpu or not x_nC.is_contiguous():
             x_nC = x_nC.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        (y,) = session.run(None, {"x": x_nC.numpy()})
+        (y,) = session.run(_OUTPUT_NAMES, {"x": x_nC.numpy()})  # named: run(None) lists them on every call
         return torch.from_numpy(y)

@@ -88,9 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--onnx-cache", metavar="DIR",
                      help="folder for exported ONNX graphs (default: <model>.onnx-cache/ beside the model)")
     run.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="with --backend onnx: float32 "
-                     "expert graphs, or int8 (static quantisation calibrated on --calibrate; docs/onnx.md)")
-    run.add_argument("--calibrate", metavar="SPEC", help="with --precision int8: dataset spec whose train split's "
-                     "images, classified in-process, give each expert's calibration tokens")
+                     "expert graphs, or int8 (int8 weights; each call's tokens quantised on the fly, or with "
+                     "--calibrate statically; docs/onnx.md)")
+    run.add_argument("--calibrate", metavar="SPEC", help="with --precision int8: static quantisation instead, "
+                     "calibrated on this dataset spec's train split (each expert on the tokens it receives when the "
+                     "model classifies those images in-process); slower and less close to float than the default")
     run.add_argument("--calibrate-images", type=int, default=64, metavar="N",
                      help="images of --calibrate used (default 64)")
     run.add_argument("--threads", type=int, metavar="N", help="torch / onnxruntime intra-op threads (default 1: "
@@ -240,8 +242,10 @@ def _serve(args: argparse.Namespace) -> int:
     tls, token = _security(args, plan)
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
-    if args.precision == "int8" and (args.backend != "onnx" or not args.calibrate):
-        raise CliError("--precision int8 needs --backend onnx and --calibrate SPEC (the images that calibrate it)")
+    if args.precision == "int8" and args.backend != "onnx":
+        raise CliError("--precision int8 needs --backend onnx")
+    if args.calibrate and args.precision != "int8":
+        raise CliError("--calibrate needs --backend onnx --precision int8")
     if args.calibrate_images < 1:
         raise CliError(f"--calibrate-images must be >= 1, got {args.calibrate_images}")
     if not args.max_message_mb > 0:
@@ -281,7 +285,7 @@ def _serve(args: argparse.Namespace) -> int:
     backend: ExpertBackend
     if args.backend == "onnx":
         cache = Path(args.onnx_cache) if args.onnx_cache else model.with_name(model.name + ".onnx-cache")
-        calibration, key = _expert_calibration(args, model) if args.precision == "int8" else (None, "")
+        calibration, key = _expert_calibration(args, model) if args.calibrate else (None, "")
         backend = OnnxBackend(banks, fingerprint, cache, threads=args.threads or 1, precision=args.precision,
                               calibration=calibration, calibration_key=key)
         log.info("onnx graphs in %s: %d exported, %d reused", cache, len(backend.exported), len(backend.reused))
