@@ -49,10 +49,11 @@ from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 log = logging.getLogger("moevit.coordinator")
 
 EWMA_ALPHA = 0.2  # weight of a new sample: about the last 5-10 calls matter
-# a throughput sample STEP_FACTOR times above or below the estimate is a changed link, not noise: it replaces the
-# estimate (STEP_ALPHA 1: a 20-fold drop shows after one call, where 0.2 in log terms took four or five; a lone
-# outlier is undone by the next call, and the policy's hysteresis does not switch on one decision)
-STEP_FACTOR, STEP_ALPHA = 4.0, 1.0
+# two throughput samples in a row STEP_FACTOR times above (or both below) the estimate are a changed link, not noise:
+# the second replaces the estimate (a 20-fold drop shows after two calls, where 0.2 in log terms took four or five);
+# one such sample alone weighs EWMA_ALPHA (on a loaded machine one call in twenty is 5-10x slow: replacing the
+# estimate on it made adaptive switch on every hiccup)
+STEP_FACTOR = 4.0
 # an idle link's probe: PROBE_PAIRS health checks (the fastest is its round trip: load on the machine only adds time);
 # then, when that round trip moved RTT_CHANGE-fold since the link's throughput was last measured (a fade that slows
 # the rate also lengthens each exchange) or PAD_INTERVAL_S after the last pad, as many checks carrying a pad of random
@@ -108,18 +109,30 @@ class _Link:
     last_probe: float = 0.0
     last_pad: float = 0.0
     rtt_at_sample: float | None = None  # the round trip when the throughput was last measured
+    step_way: int = 0  # the last sample was STEP_FACTOR above (1) or below (-1) the estimate
 
 
 def _ewma(old: float | None, new: float) -> float:
     return new if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * new
 
 
-def _log_ewma(old: float | None, new: float) -> float:
-    """Throughput's moving average in log terms; a step change (STEP_FACTOR) weighs STEP_ALPHA."""
+def _throughput(lk: _Link, sample: float) -> None:
+    """Take a throughput sample into ``lk``: its moving average in log terms, or the sample itself when it is the
+    second in a row STEP_FACTOR off the same way (a changed link)."""
+    old = lk.throughput_bps
     if old is None:
-        return new
-    a = STEP_ALPHA if max(new / old, old / new) >= STEP_FACTOR else EWMA_ALPHA
-    return old ** (1 - a) * new ** a
+        lk.throughput_bps = sample
+        return
+    ratio = sample / old
+    if max(ratio, 1 / ratio) >= STEP_FACTOR:
+        way = 1 if ratio > 1 else -1
+        if lk.step_way == way:
+            lk.throughput_bps, lk.step_way = sample, 0
+            return
+        lk.step_way = way
+    else:
+        lk.step_way = 0
+    lk.throughput_bps = old ** (1 - EWMA_ALPHA) * sample ** EWMA_ALPHA
 
 
 @dataclass
@@ -154,7 +167,7 @@ class LinkEstimator:
                 # reads as the topology's figure at most
                 transfer = max(padded_s - seconds, MIN_PROBE_TRANSFER_S)
                 sample = min(8 * (pad + PAD_FRAMING) / transfer, lk.nominal.throughput_bps)
-                lk.throughput_bps = _log_ewma(lk.throughput_bps, sample)
+                _throughput(lk, sample)
                 lk.rtt_at_sample = seconds
             lk.probes += probe
             lk.samples += not probe
@@ -167,7 +180,7 @@ class LinkEstimator:
             transfer = seconds - rtt - server_s
             if transfer > MIN_TRANSFER_S and nbytes > 0:
                 # in log terms: a rate that drops 100-fold shows after two or three calls, not ten
-                lk.throughput_bps = _log_ewma(lk.throughput_bps, 8 * nbytes / transfer)
+                _throughput(lk, 8 * nbytes / transfer)
                 lk.rtt_at_sample = lk.rtt_s
             if lk.rtt_s is None:  # no probe yet: the whole call bounds the round trip from above
                 lk.rtt_s = max(0.0, seconds - server_s)

@@ -223,10 +223,9 @@ class Settings:
     # offload-image: time per image at the offload site beyond the model's compute and rpc_overhead_s (the image's
     # decode and resize, the Classify server's batching window), measured by the emulation's calibration run
     offload_overhead_s: float = 0.0
-    # a measured machine's jitter: each image draws one of these factors (seeded) and every compute step of it, on
-    # every site, takes that many times its time (a loaded machine slows all its processes at once; the energy is
-    # the work's own, unscaled); empty: none
-    compute_jitter: tuple[float, ...] = ()
+    # a measured machine's load: each image draws one of these delays (s, seeded) and starts that much later, as if
+    # the coordinator's process waited that long for a core (other jobs' turns; no energy); empty: none
+    load_delay_s: tuple[float, ...] = ()
     packet_bytes: int = 1500
     concurrency: int = 1
     reconnect_s: float = 1.0
@@ -483,8 +482,8 @@ def _parse_settings(d: Any, file: str, key: str) -> Settings:
             out[k] = _num(v, file, kk, lo_open=True)
         elif k == "link_schedule":
             out[k] = _parse_schedule(v, file, kk)
-        elif k == "compute_jitter":
-            out[k] = tuple(_num(x, file, f"{kk}[{i}]", lo_open=True) for i, x in enumerate(_list(v, file, kk)))
+        elif k == "load_delay_s":
+            out[k] = tuple(_num(x, file, f"{kk}[{i}]") for i, x in enumerate(_list(v, file, kk)))
         else:
             out[k] = _num(v, file, kk)
     return Settings(**out)

@@ -13,8 +13,8 @@ Method (docs/sim.md, "Emulation with a link schedule"):
    the compute speeds (``sim.emulate.calibrate``: the model timed back to back, then scaled to its time between
    split calls), the protocol's bytes and time per remote layer (split calls on those images, against the
    simulator's own prediction of them), the offload path's extra time per image (offload-image calls, likewise),
-   the PNG and answer sizes, the machine's jitter (each forward's time over the median: the simulator draws one
-   factor per image); the routing statistics are profiled on those images too. Written to
+   the PNG and answer sizes, the machine's load (how much longer than the median each forward took: the simulator
+   draws one such wait per image); the routing statistics are profiled on those images too. Written to
    ``calibration.json`` before the measured run starts; nothing measured later changes it.
 3. **The measured run.** The proxies follow the schedule on their own clocks (``set_schedule``), all from one start
    time; images arrive as the sweep's periodic arrival says (slot i at ``i / rate_hz``); in each slot every strategy
@@ -420,11 +420,11 @@ def _calibration_run(runtimes: dict[str, Any], cal_images: list[Any], timed_mode
         res = _simulate(world, "split", len(cal_images), Settings(rpc_overhead_bytes=ovh_bytes))
         layers = _remote_layers(stats, cal_trace, placement, topology.coordinator)
         ovh_s = max(0.0, (statistics.median(t_split) - statistics.median(res.latencies_s)) / max(layers, 1e-9))
-    # the machine's jitter as the calibration run saw it: each forward's time over their median (the simulator draws
-    # one per image: Settings.compute_jitter)
+    # the machine's load as the calibration run saw it: how much longer than the median each forward took (a wait for
+    # a core: additive, not a factor on the work; the simulator draws one per image: Settings.load_delay_s)
     med = statistics.median(t_local)
     extra: dict[str, Any] = {"rpc_overhead_bytes": ovh_bytes, "rpc_overhead_s": ovh_s,
-                             "compute_jitter": tuple(round(t / med, 4) for t in t_local)}
+                             "load_delay_s": tuple(round(max(0.0, t - med), 5) for t in t_local)}
     rec: dict[str, Any] = {"images": len(cal_images), "rounds": CAL_ROUNDS, "calibration": dataclasses.asdict(calib),
                            "split_median_ms": statistics.median(t_split) * 1e3 if t_split else None,
                            "local_between_calls_median_ms": statistics.median(t_local) * 1e3}
@@ -440,8 +440,8 @@ def _calibration_run(runtimes: dict[str, Any], cal_images: list[Any], timed_mode
     rec["settings"] = extra
     log(f"calibration ({len(cal_images)} other images): trunk {calib.trunk_gflops:.2f} GFLOP/s, experts "
         f"{calib.expert_gflops:.2f} GFLOP/s; " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()
-                                                          if k != "compute_jitter")
-        + f"; forward time p95/p50 {float(np.percentile(extra['compute_jitter'], 95)):.2f}")
+                                                          if k != "load_delay_s")
+        + f"; load delay p95 {float(np.percentile(extra['load_delay_s'], 95)) * 1e3:.1f} ms")
     return {"calibration": calib, "settings": extra, "record": rec}
 
 

@@ -496,7 +496,7 @@ class ScenarioResult:
 
 class _Image:
     __slots__ = ("i", "arrival", "start", "finish", "pending", "degraded", "failed", "reason", "deadline", "deferred",
-                 "strategy", "camera_j", "energy_j", "slow")
+                 "strategy", "camera_j", "energy_j", "waited")
 
     def __init__(self, i: int, arrival: float) -> None:
         self.i, self.arrival = i, arrival
@@ -511,7 +511,7 @@ class _Image:
         self.strategy = ""  # adaptive: what the policy chose for this image
         self.camera_j = 0.0  # active energy (compute + radio) this image cost the coordinator's site
         self.energy_j = 0.0  # ... and every site together
-        self.slow = 1.0  # Settings.compute_jitter: this image's compute takes this many times its time
+        self.waited = False  # Settings.load_delay_s drawn for it already
 
 
 class _Rpc:
@@ -745,8 +745,12 @@ class _Run:
 
     def _begin(self, img: _Image) -> None:
         now, cm, strategy = self.q.now, self.cm, self.sc.strategy
-        if self.st.compute_jitter:
-            img.slow = float(self.jitter_rng.choice(self.st.compute_jitter))
+        if self.st.load_delay_s and not img.waited:
+            img.waited = True
+            d = float(self.jitter_rng.choice(self.st.load_delay_s))
+            if d > 0:  # Settings.load_delay_s: the coordinator's process waits for a core first
+                self.q.at(now + d, self._begin, img)
+                return
         if self.adaptive:
             strategy = img.strategy = self._decide()
         if strategy == "local-dense":
@@ -855,8 +859,7 @@ class _Run:
 
     def _serve(self, img: _Image, j: int, now: float, seconds: float) -> float:
         """Site ``j``'s CPU takes ``seconds`` of ``img``'s work from ``now`` (after its queue); returns when done."""
-        e = seconds * self.dev_active_w[j]  # energy: the work itself (the machine's jitter is other jobs' time)
-        seconds *= img.slow
+        e = seconds * self.dev_active_w[j]
         img.energy_j += e
         if j == self.c:
             img.camera_j += e

@@ -209,3 +209,23 @@ def test_emulation_under_a_schedule_runs_every_strategy_for_real(tmp_path, capsy
     # the simulator ran the same scenario, and its error is reported both ways
     assert set(slow["sim_error"]["split"]) == {"p50_sim_vs_emu", "p95_sim_vs_emu", "p50_emu_vs_sim", "p95_emu_vs_sim"}
     assert "whole run" in text and "adaptive" in text
+
+
+def test_load_delay_delays_images_without_energy():
+    """Settings.load_delay_s: each image draws one wait (seeded) before it starts; its energy is unchanged."""
+    topo = _topology()
+    stats = parse_stats(synthetic_stats(layers=(1, 5, 8), num_experts=4, num_classes=3, image_size=64, seed=0), "<s>")
+    placement = Placement({(layer, e): ("relay",) for layer in (1, 5, 8) for e in range(4)})
+    world = World(topologies={"t": topo}, placements={"t": placement}, stats=stats)
+
+    def run(delays):
+        sweep = parse_sweep({"strategies": ["split"], "images": 40, "arrivals": [{"kind": "periodic", "interval_s": 2}],
+                             "settings": {"load_delay_s": delays}}, "sweep.yaml")
+        return run_scenario(world, expand(sweep, ["t"])[0])
+
+    base, loaded = run([0.0]), run([0.0, 0.5])
+    extra = [b - a for a, b in zip(base.latencies_s, loaded.latencies_s, strict=True)]
+    assert {round(x, 6) for x in extra} == {0.0, 0.5} and 5 < sum(x > 0 for x in extra) < 35
+    assert loaded.image_energy_j == pytest.approx(base.image_energy_j)
+    with pytest.raises(ConfigError, match=r"load_delay_s\[1\]"):
+        parse_sweep({"settings": {"load_delay_s": [0.1, -1]}}, "sweep.yaml")
