@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-split", action="store_true", help="skip the split-over-loopback latency (3 workers)")
     ap.add_argument("--configs", default="1x1,1x8,2x1,2x8", help="THREADSxBATCH camera configurations timed "
                     "(default all four; 1x1 is the target's)")
+    ap.add_argument("--expert-only", action="store_true", help="only the expert call at 64 tokens")
     ap.add_argument("--camera-only", action="store_true", help="only the camera-side timing (no expert call, "
                     "energy or split)")
     ap.add_argument("--out", default="bench/results/onnx_camera.json")
@@ -302,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "onnx-cache"
         configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+        if args.expert_only:
+            result["expert_call"] = bench_expert(folded, fp, cache, args.rounds)
+            e = result["expert_call"]
+            log(f"expert call, 64 tokens, of torch: wall {e['ratio_vs_torch']}, CPU {e['ratio_cpu_vs_torch']} "
+                f"({ {k: round(v['p50'], 1) for k, v in e['cpu_us_per_call'].items()} } us CPU)")
+            result["loadavg_after"] = load_average()
+            log(f"written {write_result(args.out, result)}")
+            return 0
         result["camera"] = bench_camera(folded, fp, cache, IMAGE_SIZE, args.rounds, log, configs)
         if args.camera_only:
             result["loadavg_after"] = load_average()
