@@ -87,7 +87,9 @@ def _heavy(image: bytes) -> bool:
 class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
     def __init__(self, runtime: SplitRuntime, *, image_size: int, max_batch: int = 8, max_wait_ms: float = 2.0,
                  max_queue: int = DEFAULT_MAX_QUEUE, max_queued_mb: float = DEFAULT_MAX_QUEUED_MB,
-                 on_unreadable: Callable[[], None] | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+                 on_unreadable: Callable[[], None] | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                 on_done: Callable[[int], None] | None = None) -> None:
+        self.on_done = on_done  # with each request's size once it is answered (HeapTrimmer.note)
         self.runtime, self.image_size, self.max_batch, self.max_wait = runtime, image_size, max_batch, max_wait_ms
         self.max_pixels = max_pixels  # an image declaring more is refused from its header (--max-megapixels)
         self.max_queue, self.max_queued_bytes = max_queue, int(max_queued_mb * (1 << 20))
@@ -148,6 +150,8 @@ class ClassifyServicer(expert_pb2_grpc.ClassifierServiceServicer):
                 self.admitted -= 1
                 self.queued_bytes -= size
         del image
+        if self.on_done is not None:  # a queued request is freed now, possibly seconds after it arrived
+            self.on_done(size)
         if problem is not None:
             # not context.abort(): its traceback would keep the request (and its image) alive until a full GC
             context.set_code(code)
@@ -328,11 +332,11 @@ async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, 
     # watches' budget (BoundedHealthServicer, 64) and room for calls about to be refused by the servicer
     server = grpc.aio.server(options=channel_options(), interceptors=interceptors,
                              maximum_concurrent_rpcs=2 * max_queue + 96)
-    servicer = ClassifyServicer(runtime, image_size=image_size, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                max_queue=max_queue, max_queued_mb=max_queued_mb, on_unreadable=on_unreadable,
-                                max_pixels=max_pixels)
     # large requests, refused or not, leave free heap in glibc's arenas that it keeps: trimmed after them
     trimmer = HeapTrimmer()
+    servicer = ClassifyServicer(runtime, image_size=image_size, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                max_queue=max_queue, max_queued_mb=max_queued_mb, on_unreadable=on_unreadable,
+                                max_pixels=max_pixels, on_done=trimmer.note)
     add_service(server, servicer, expert_pb2.DESCRIPTOR.services_by_name["ClassifierService"], on_bytes=trimmer.note)
     health_servicer = BoundedHealthServicer(token=token)
     add_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])

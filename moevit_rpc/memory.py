@@ -6,7 +6,8 @@ the system only from an arena's top. Measured on the Classify server (``bench/at
 MiB junk requests): after two floods 134 MB of free heap stayed resident (RSS 264 -> 416 MB, still rising with
 each flood), and ``malloc_trim(0)`` brought it back to 286 MB. Neither a fixed mmap threshold (256 KiB) nor two
 arenas (``M_ARENA_MAX``) changed it: the slices are small. So servers call :meth:`HeapTrimmer.note` for every
-request of :data:`LARGE_BYTES` or more, and the trimmer calls ``malloc_trim(0)`` on a thread of its own once
+request of :data:`LARGE_BYTES` or more (when it arrives; the Classify server, whose requests may wait in its queue
+for seconds, also when it is answered), and the trimmer calls ``malloc_trim(0)`` on a thread of its own once
 they have stopped for :data:`QUIET_S` (gRPC frees a message after its handler returns), and once more
 :data:`SETTLE_S` after the last one (an admitted request is freed only once computed); smaller requests never cause
 a trim. Not while large requests keep coming: each reuses the heap the previous one freed, and a trim holds each

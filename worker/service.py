@@ -506,7 +506,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - only a caller that is gone is let through, see below
-            if not (context.cancelled() or context.done()):
+            # gRPC fails a write's batch (cygrpc's ExecuteBatchError) on a call that has ended, which the context
+            # may not show yet: seen as a traceback in 2 of 4 attack soaks, a caller cancelling mid-answer
+            if not (context.cancelled() or context.done() or type(e).__name__ == "ExecuteBatchError"):
                 raise
             log.info("RunExpertsStream request_id=%s: the caller went away while its answer was written (%s)",
                      clip(response.request_id), type(e).__name__)
