@@ -90,6 +90,8 @@ def main() -> int:
     ap.add_argument("--dense-epochs", type=int, default=6)
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--full", action="store_true", help="Table 1 (E = 2, 8, 16 at [8]) and Table 2's layer sets")
+    ap.add_argument("--variants", nargs="+", metavar="LAYERS:E", default=None,
+                    help="MoE rows instead of the reduced or full grid, e.g. 8:16 2:16 (MoE-16 at [8] and at [2])")
     ap.add_argument("--images-per-class", type=int, default=32, help="conversion sample per class")
     ap.add_argument("--latency-reps", type=int, default=30, help="0: skip the latency column")
     ap.add_argument("--threads", type=int, default=1)
@@ -107,6 +109,12 @@ def main() -> int:
     ft_recipe = ["--epochs", str(args.ft_epochs), "--mixup", "0.2", "--lr-rest", "1e-4", "--lr-head", "2e-4",
                  "--lr-moe", "5e-4", "--warmup-epochs", "0.2"]
     variants = FULL if args.full else REDUCED
+    if args.variants:
+        try:
+            variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants]
+            [int(i) for layers, _ in variants for i in layers.split(",")]
+        except (IndexError, ValueError):
+            ap.error(f"--variants {' '.join(args.variants)}: each must be LAYERS:E, e.g. 8:16 or 1,5,8:8")
     held = open_dataset(args.data, image_size=args.image_size, split="eval", seed=0)
     runs: dict[str, dict[int, str]] = {}
     k_of: dict[str, int] = {}
