@@ -28,7 +28,7 @@ from moevit.coordinator.runtime import SplitRuntime
 from moevit.coordinator.sites import SiteError
 
 from moevit.data import MAX_IMAGE_PIXELS, UnreadableImageError, load_image
-from moevit_rpc.channels import channel_options
+from moevit_rpc.channels import accept_keepalive_options, channel_options
 from moevit_rpc.memory import HeapTrimmer
 from moevit_rpc.messages import clip
 from moevit_rpc.security import TokenAuthInterceptor
@@ -330,7 +330,8 @@ async def start_server(runtime: SplitRuntime, address: str, *, image_size: int, 
     interceptors = [TokenAuthInterceptor(token)] if token else []
     # gRPC's own cap refuses calls beyond it before their messages are read: the admitted requests, the health
     # watches' budget (BoundedHealthServicer, 64) and room for calls about to be refused by the servicer
-    server = grpc.aio.server(options=channel_options(), interceptors=interceptors,
+    # callers (offload-image, adaptive probes) keep their channels with keepalive pings: accept them, as workers do
+    server = grpc.aio.server(options=[*channel_options(), *accept_keepalive_options()], interceptors=interceptors,
                              maximum_concurrent_rpcs=2 * max_queue + 96)
     # large requests, refused or not, leave free heap in glibc's arenas that it keeps: trimmed after them
     trimmer = HeapTrimmer()

@@ -48,6 +48,17 @@ def plain_channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> lis
     ]
 
 
+def accept_keepalive_options() -> list[tuple[str, Any]]:
+    """Server options that accept the keepalive pings of :func:`channel_options` (every 2 s, with or without
+    calls): gRPC's defaults answer pings more often than every 5 minutes with GOAWAY "too_many_pings", which
+    drops every idle client's connection a few seconds after its last call."""
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
 def channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
     """Options of every long-lived channel and server: :func:`plain_channel_options` plus fast reconnect and
     keepalive pings."""

@@ -170,3 +170,17 @@ async def test_requests_beyond_the_queue_get_resource_exhausted_and_the_server_s
     finally:
         await channel.close()
         await running.stop(0)
+
+
+@pytest.mark.slow
+async def test_an_idle_client_keeps_its_connection_through_its_keepalive_pings():
+    # channel_options() pings every 2 s; a server on gRPC's defaults answers the third ping of an idle connection
+    # with GOAWAY "too_many_pings" and the channel falls back to IDLE (what offload-image callers saw after ~6 s)
+    running, channel, stub = await _server(max_wait_ms=1.0)
+    try:
+        await stub.Classify(expert_pb2.ClassifyRequest(image=_png(40, 0)), timeout=30)
+        await asyncio.sleep(9.0)
+        assert channel.get_state() == grpc.ChannelConnectivity.READY
+    finally:
+        await channel.close()
+        await running.stop(0)

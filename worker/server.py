@@ -24,6 +24,7 @@ from moevit.worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertS
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.config import ModelConfig
 from moevit.moe.experts import ExpertBank
+from moevit_rpc.channels import accept_keepalive_options
 from moevit_rpc.memory import HeapTrimmer
 from moevit_rpc.security import TokenAuthInterceptor
 from moevit_rpc.serving import BoundedHealthServicer, add_service
@@ -155,10 +156,8 @@ class WorkerServer:
             # silently take half the connections. Refuse instead.
             ("grpc.so_reuseport", 0),
             # Coordinators send keepalive pings every couple of seconds to notice a link that silently stopped
-            # forwarding; accept them (gRPC's default would answer frequent pings with GOAWAY "too_many_pings").
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
-            ("grpc.http2.max_ping_strikes", 0),
+            # forwarding; accept them
+            *accept_keepalive_options(),
         ]
         interceptors = [TokenAuthInterceptor(self.token)] if self.token else []
         # Every RPC beyond the cap (health watches and Info included) gets RESOURCE_EXHAUSTED from gRPC itself:
