@@ -225,6 +225,9 @@ class CameraProgram(nn.Module):
         steps.append(model.head)
         segments.append(Segment(len(segments), steps, None))
         self.segments = nn.ModuleList(segments)
+        # new modules start in training mode; the ONNX exporter restores a segment's mode recursively after export,
+        # so a segment left in training mode would switch the shared model's dropout (and BatchNorms) on
+        self.train(model.training)
 
     @property
     def layers(self) -> list[MoELayer]:

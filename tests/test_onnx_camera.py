@@ -81,6 +81,22 @@ def test_onnx_fp32_matches_torch_with_the_same_routing(small):
         cam(_images(1, 48))
 
 
+def test_export_leaves_a_model_with_dropout_in_eval_mode(tmp_path):
+    # a model trained with classifier dropout (moe-train --dropout): exporting its segments once switched the shared
+    # modules to training mode, so torch ran with dropout on and onnxruntime differed from it by ~0.25 per logit
+    model = small_moe_model((8,), num_experts=2, calib_size=SIZE)
+    model.head.drop.p = 0.5
+    folded = folded_copy(model)
+    x = _images(4, seed=3)
+    with torch.no_grad():
+        before = folded(x)
+    cam = OnnxCamera(folded, model_fingerprint(model), SIZE, OnnxCameraConfig(tmp_path))
+    assert cam.exported and not any(m.training for m in folded.modules())
+    with torch.no_grad():
+        assert torch.equal(folded(x), before)
+        assert float((cam(x) - before).abs().max()) < 1e-4
+
+
 def test_the_cache_is_reused_and_another_models_graph_is_rebuilt(small, caplog):
     again = OnnxCamera(small["folded"], small["fp"], SIZE, OnnxCameraConfig(small["cache"]))
     assert again.reused == [0, 1, 2, 3] and again.exported == []
