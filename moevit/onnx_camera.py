@@ -210,12 +210,7 @@ def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]],
                         op_types_to_quantize=list(op_types), nodes_to_exclude=excluded,
                         calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"CalibTensorRangeSymmetric": False})
-        if metadata:
-            model = onnx.load(str(out))
-            _set_metadata(model, metadata)
-            onnx.save(model, str(out))
-        with atomic_path(dst) as tmp:
-            out.replace(tmp)
+        _finish(out, dst, metadata)
     return dst
 
 
@@ -224,7 +219,6 @@ def quantize_graph_dynamic(src: Path, dst: Path, *, metadata: dict[str, str] | N
     each matrix product's input quantised on the fly from its own range (onnxruntime's DynamicQuantizeMatMul), so
     no calibration data. For the experts: two matrix products on 64-ish tokens, where a call's fixed cost
     dominates and one fused node per product beats the static graph's six (docs/onnx.md)."""
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -232,13 +226,20 @@ def quantize_graph_dynamic(src: Path, dst: Path, *, metadata: dict[str, str] | N
         out = Path(tmpdir) / "int8.onnx"
         quantize_dynamic(str(src), str(out), per_channel=True, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
-        if metadata:
-            model = onnx.load(str(out))
-            _set_metadata(model, metadata)
-            onnx.save(model, str(out))
-        with atomic_path(dst) as tmp:
-            out.replace(tmp)
+        _finish(out, dst, metadata)
     return dst
+
+
+def _finish(out: Path, dst: Path, metadata: dict[str, str] | None) -> None:
+    """Stamp a quantised graph ``out`` with ``metadata`` and move it into place as ``dst`` atomically."""
+    import onnx
+
+    if metadata:
+        model = onnx.load(str(out))
+        _set_metadata(model, metadata)
+        onnx.save(model, str(out))
+    with atomic_path(dst) as tmp:
+        out.replace(tmp)
 
 
 def slow_int8_convs(graph: Any) -> list[str]:

@@ -381,23 +381,21 @@ def attack_bomb(address: str, *, bombs: int = 2, cancelled: int = 8) -> dict[str
     PNGs (6000x6000, flat) whose callers gave up after 0.1 s: how long the legitimate request waits each time."""
     legit = png((64, 64), 1)
     out: dict[str, Any] = {"legit_alone_s": round(classify(address, legit)[1], 3)}
-    bomb = progressive_bomb()
-    threads = [in_background(lambda: classify(address, bomb, timeout=60)) for _ in range(bombs)]
-    time.sleep(0.3)
-    code, seconds = classify(address, legit)
-    out["legit_behind_bombs"] = {"code": code, "s": round(seconds, 3)}
-    for t, _ in threads:
-        t.join(70)
-    out["bomb_answers"] = [box[0] and (box[0][0], round(box[0][1], 3)) for _, box in threads]
+
+    def behind(bomb: bytes) -> tuple[dict[str, Any], list[Any]]:
+        """The legitimate request 0.3 s after ``bombs`` copies of ``bomb``, and the bombs' answers."""
+        threads = [in_background(lambda: classify(address, bomb, timeout=60)) for _ in range(bombs)]
+        time.sleep(0.3)
+        code, seconds = classify(address, legit)
+        for t, _ in threads:
+            t.join(70)
+        return {"code": code, "s": round(seconds, 3)}, [box[0] and (box[0][0], round(box[0][1], 3))
+                                                        for _, box in threads]
+
+    out["legit_behind_bombs"], out["bomb_answers"] = behind(progressive_bomb())
     # within the scan limits (56 scans of 4 MP): decoded, on the decode threads
-    bomb = progressive_bomb(extra_scans=50)
-    threads = [in_background(lambda: classify(address, bomb, timeout=60)) for _ in range(bombs)]
-    time.sleep(0.3)
-    code, seconds = classify(address, legit)
-    out["legit_behind_bombs_within_limits"] = {"code": code, "s": round(seconds, 3)}
-    for t, _ in threads:
-        t.join(70)
-    out["bomb_within_limits_answers"] = [box[0] and (box[0][0], round(box[0][1], 3)) for _, box in threads]
+    out["legit_behind_bombs_within_limits"], out["bomb_within_limits_answers"] = behind(
+        progressive_bomb(extra_scans=50))
     big = png((6000, 6000))
     cancelled_calls = [in_background(lambda: classify(address, big, timeout=0.1)) for _ in range(cancelled)]
     for t, _ in cancelled_calls:

@@ -206,6 +206,29 @@ def _simulate(world: World, strategy: str, n: int, settings: Settings) -> Any:
     return run_scenario(world, sc)
 
 
+def _emulation_inputs(opts: Any, topology: Any, model_path: Any) -> tuple[str, Any, Any, Placement]:
+    """What an emulation runs on (``opts`` has ``data``, ``topology`` and ``placement``): the image spec, the model
+    as checkpointed (profile and traces: its fingerprint), its folded copy (timings: the trunk as the coordinator
+    runs it) and the placement, checked against the topology."""
+    from moevit.sim.inputs import default_data
+
+    from moevit.checkpoint import load_checkpoint
+    from moevit.fuse import folded_copy
+
+    data = opts.data or default_data(model_path)
+    if data is None:
+        raise SimConfigError(opts.topology, "model", f"--emulate needs images for {model_path}: pass --data SPEC")
+    local_model = load_checkpoint(model_path).eval()
+    timed_model = folded_copy(local_model)
+    layout = {i: m.num_experts for i, m in local_model.moe_layers().items()}
+    if opts.placement is not None:
+        placement: Placement = load_placement(opts.placement, known_sites=topology.sites, sites_from=opts.topology)
+        validate_placement(placement, topology, layout)
+    else:
+        placement = topology.resolve_placement(layout)
+    return data, local_model, timed_model, placement
+
+
 def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> EmulationReport:
     """Run the check; see the module docstring."""
     if opts.images < 2:
@@ -217,28 +240,16 @@ def emulate(opts: EmulationOptions, *, log: Callable[[str], None] = print) -> Em
     import torch
     from moevit.coordinator.runtime import SplitRuntime
     from moevit.partition.profile import profile_model, select_images
-    from moevit.sim.inputs import default_data
     from moevit.sim.linkproxy import ThreadedLinkProxy
     from moevit.sim.trace import record_trace
 
     from moevit.checkpoint import load_checkpoint
     from moevit.data import open_dataset
-    from moevit.fuse import folded_copy
 
     torch.set_num_threads(opts.threads)
     model_path = topology.model
-    data = opts.data or default_data(model_path)
-    if data is None:
-        raise SimConfigError(opts.topology, "model", f"--emulate needs images for {model_path}: pass --data SPEC")
-    local_model = load_checkpoint(model_path).eval()  # profile and traces: the checkpoint's fingerprint
-    timed_model = folded_copy(local_model)  # timings: the trunk as the coordinator runs it (BatchNorms folded)
+    data, local_model, timed_model, placement = _emulation_inputs(opts, topology, model_path)
     split_model = load_checkpoint(model_path)
-    layout = {i: m.num_experts for i, m in local_model.moe_layers().items()}
-    if opts.placement is not None:
-        placement: Placement = load_placement(opts.placement, known_sites=topology.sites, sites_from=opts.topology)
-        validate_placement(placement, topology, layout)
-    else:
-        placement = topology.resolve_placement(layout)
     remote = sorted(set(placement.sites()) - {topology.coordinator})
     dataset = open_dataset(data, image_size=local_model.config.image_size, split="eval", seed=0)
     n = min(opts.images, len(dataset))

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from moevit.deploy.topology import OffloadOptions, Placement, load_placement, load_topology, validate_placement
+from moevit.deploy.topology import OffloadOptions, Placement, load_topology
 from moevit.partition.costmodel import parse_stats
 from moevit.sim.config import LinkStep, Settings, SimConfigError, check_sites, figures_at, load_sweep
 from moevit.sim.engine import World, best_connected, run_scenario
@@ -156,6 +156,7 @@ def emulate_schedule(opts: ScheduleOptions, *, log: Callable[[str], None] = prin
     from moevit.coordinator.strategies import model_mb, open_runtime
     from moevit.partition.profile import profile_model, select_images
     from moevit.sim.emulate import (
+        _emulation_inputs,
         _remote_layers_per_image,
         _scaled,
         _simulate,
@@ -164,30 +165,17 @@ def emulate_schedule(opts: ScheduleOptions, *, log: Callable[[str], None] = prin
         _trace,
         calibrate,
     )
-    from moevit.sim.inputs import default_data
     from moevit.sim.linkproxy import ThreadedLinkProxy
     from moevit.sim.trace import record_trace, write_trace
 
-    from moevit.checkpoint import load_checkpoint
     from moevit.data import open_dataset
-    from moevit.fuse import folded_copy
 
     torch.set_num_threads(opts.threads)
     schedule = sweep.settings.link_schedule
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     model_path = topology.model
-    data = opts.data or default_data(model_path)
-    if data is None:
-        raise SimConfigError(opts.topology, "model", f"--emulate needs images for {model_path}: pass --data SPEC")
-    local_model = load_checkpoint(model_path).eval()
-    timed_model = folded_copy(local_model)
-    layout = {i: m.num_experts for i, m in local_model.moe_layers().items()}
-    if opts.placement is not None:
-        placement: Placement = load_placement(opts.placement, known_sites=topology.sites, sites_from=opts.topology)
-        validate_placement(placement, topology, layout)
-    else:
-        placement = topology.resolve_placement(layout)
+    data, local_model, timed_model, placement = _emulation_inputs(opts, topology, model_path)
     need_mb = model_mb(local_model)
     cam = topology.site(topology.coordinator)
     not_run: dict[str, str] = {}
