@@ -7,16 +7,22 @@ the cheapest of those by :func:`moevit.partition.policy.choose`, on link estimat
 knows (every attribute it does not define is the wrapped runtime's) and stamps each :class:`BatchResult` with the
 strategy that served it. :class:`LinkEstimator` keeps each link's round-trip time and throughput as moving averages
 (EWMA) of the coordinator's own calls and probes links idle for ``adaptive.probe_interval_s`` with a health check,
-at most once per interval each.
+at most once per interval each. Under ``adaptive`` the same prober thread also runs a *strategy probe* of each
+strategy the policy has not used for ``adaptive.strategy_probe_s``: split runs the last image through the workers
+(the camera's and the workers' speeds, the relay links' throughput), offload-image sends the offload site a blank
+image (its speed); otherwise a strategy's estimates would stay those of when it was last used. A probe holds the
+runtime's forward lock, as every image does: it starts only when no image is running, and an image that arrives
+meanwhile waits for it (counted, with the probes, in the summary and the metrics).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +69,6 @@ STEP_FACTOR = 4.0
 # the noise of a loaded machine at the good rate, sent rarely because on a faded link it costs airtime and energy.
 PROBE_PAD_MIN, PROBE_PAD_MAX, PAD_FRAMING, PROBE_AIRTIME_S, PROBE_PAIRS = 512, 4096, 82, 0.01, 2
 RTT_CHANGE, PAD_INTERVAL_S = 2.0, 10.0
-SPEED_PROBE_S = 5.0  # an idle offload site's compute speed is measured this often (a blank image)
 MIN_PROBE_TRANSFER_S = 1e-3  # a pad's time below this reads as "at least this fast"
 CLASSIFY_FRAMING = 20  # a ClassifyRequest's bytes beside its PNG (name, top_k)
 
@@ -223,52 +228,113 @@ def padded_check(health_stub: Any, timeout: float, pad: int, metadata: Any = Non
     return time.perf_counter() - t0
 
 
+@dataclass
+class StrategyProbe:
+    """One strategy's probe: ``run(timeout)`` measures it once (bytes it moved; None when it could not run). Due
+    when the strategy has not run for the prober's ``strategy_interval`` (``last``: monotonic time of its last image
+    or probe); skipped while a link in ``sites`` is down. ``exclusive``: it runs a forward of this runtime (split):
+    only while no image runs, holding the forward lock; otherwise (offload-image's blank image, computed at the
+    offload site) beside the images."""
+
+    strategy: str
+    sites: tuple[str, ...]
+    run: Callable[[float], int | None]
+    exclusive: bool = True
+    last: float = 0.0
+    count: int = 0  # probes that ran
+    seconds: float = 0.0  # their wall time (the forward lock held)
+    cpu_s: float = 0.0  # this process's CPU time in them (the prober thread's)
+    bytes: int = 0  # what they moved on the links (payload)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"probes": self.count, "seconds": round(self.seconds, 4), "cpu_s": round(self.cpu_s, 4),
+                "bytes": self.bytes}
+
+
 class _Prober(threading.Thread):
     """Probes each link idle for ``interval`` s, at most once per ``interval`` per link: PROBE_PAIRS pairs of a
-    health check and a padded one (:func:`padded_check`) give its round trip and throughput."""
+    health check and a padded one (:func:`padded_check`) give its round trip and throughput. Then each strategy
+    probe that is due (:class:`StrategyProbe`), when ``gate`` is free (:meth:`StrategyRuntime.hold_probes` holds it)
+    and, for an exclusive one, ``forward`` (the runtime's forward lock): never waiting for an image."""
 
     def __init__(self, estimator: LinkEstimator, checks: dict[str, Any], interval: float,
                  padded: dict[str, Any] | None = None) -> None:
         super().__init__(daemon=True, name="link-prober")
         self.estimator, self.checks, self.interval = estimator, checks, interval
         self.padded = padded or {}  # site -> (timeout, pad) -> seconds of a padded check, or None
-        self.speed: tuple[str, Any] | None = None  # (site, (timeout) -> its time for a blank image, or None)
-        self.last_speed = 0.0
+        self.strategies: list[StrategyProbe] = []
+        self.strategy_interval = 0.0  # 0: no strategy probes
+        self.forward: Any = None  # the runtime's forward lock
+        self.gate = threading.Lock()  # held by each strategy probe, and by whoever holds the probes off
+        self.probing = False  # a strategy probe holds the forward lock now
         self.stop_event = threading.Event()
 
     def run(self) -> None:
         while not self.stop_event.wait(min(0.2, self.interval)):
+            self._links()
+            self._strategies()
+
+    def _strategies(self) -> None:
+        if not self.strategy_interval or self.forward is None:
+            return
+        for p in self.strategies:
             now = time.monotonic()
-            for site, check in self.checks.items():
-                lk = self.estimator.links[site]
-                if now - max(lk.last_used, lk.last_probe) < self.interval:
-                    continue
-                lk.last_probe = now
-                timeout = min(1.0, self.interval)
-                bare: list[float] = []
-                for _ in range(PROBE_PAIRS if site in self.padded else 1):
-                    t0 = time.perf_counter()
-                    if check(timeout) != "SERVING":
-                        break
-                    bare.append(time.perf_counter() - t0)
-                if not bare:
-                    self.estimator.down(site)
-                    continue
-                rtt, ref = min(bare), lk.rtt_at_sample
-                padded: list[float] = []
-                pad = pad_bytes(lk.nominal.throughput_bps)
-                changed = ref is None or ref <= 0 or max(rtt / ref, ref / rtt) >= RTT_CHANGE
-                if site in self.padded and (changed or now - lk.last_pad >= PAD_INTERVAL_S):
-                    lk.last_pad = now
-                    for _ in range(PROBE_PAIRS):
-                        if (p := self.padded[site](timeout, pad)) is not None:
-                            padded.append(p)
-                self.estimator.rtt(site, rtt, probe=True, padded_s=min(padded) if padded else None, pad=pad)
-                if self.speed is not None and self.speed[0] == site and now - self.last_speed >= SPEED_PROBE_S:
-                    # a strategy not in use would keep the speed its site had when last used: a blank image, one
-                    # per SPEED_PROBE_S, measures it now (off the images' path; ~150 bytes on the link)
-                    self.last_speed = now
-                    self.speed[1](max(1.0, 4 * self.interval))
+            if self.stop_event.is_set() or now - p.last < self.strategy_interval:
+                continue
+            if any(not self.estimator.links[s].up for s in p.sites if s in self.estimator.links):
+                continue  # the health probes above bring it back; a probe would wait out a deadline
+            if not self.gate.acquire(blocking=False):
+                return  # probes are held off (hold_probes): try at the next tick
+            if p.exclusive and not self.forward.acquire(blocking=False):
+                self.gate.release()
+                return  # an image is running (it may be this strategy's): try at the next tick
+            self.probing = p.exclusive
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                moved = p.run(max(1.0, 4 * self.interval))
+            except Exception as e:  # a probe must never end the prober: the next one tries again
+                log.warning("strategy probe of %s failed: %s", p.strategy, e)
+                moved = None
+            finally:
+                self.probing = False
+                p.last = time.monotonic()
+                if p.exclusive:
+                    self.forward.release()
+                self.gate.release()
+            if moved is not None:
+                p.count += 1
+                p.seconds += time.perf_counter() - t0
+                p.cpu_s += time.thread_time() - c0
+                p.bytes += moved
+
+    def _links(self) -> None:
+        """One pass over the links (see the class docstring)."""
+        now = time.monotonic()
+        for site, check in self.checks.items():
+            lk = self.estimator.links[site]
+            if now - max(lk.last_used, lk.last_probe) < self.interval:
+                continue
+            lk.last_probe = now
+            timeout = min(1.0, self.interval)
+            bare: list[float] = []
+            for _ in range(PROBE_PAIRS if site in self.padded else 1):
+                t0 = time.perf_counter()
+                if check(timeout) != "SERVING":
+                    break
+                bare.append(time.perf_counter() - t0)
+            if not bare:
+                self.estimator.down(site)
+                continue
+            rtt, ref = min(bare), lk.rtt_at_sample
+            padded: list[float] = []
+            pad = pad_bytes(lk.nominal.throughput_bps)
+            changed = ref is None or ref <= 0 or max(rtt / ref, ref / rtt) >= RTT_CHANGE
+            if site in self.padded and (changed or now - lk.last_pad >= PAD_INTERVAL_S):
+                lk.last_pad = now
+                for _ in range(PROBE_PAIRS):
+                    if (p := self.padded[site](timeout, pad)) is not None:
+                        padded.append(p)
+            self.estimator.rtt(site, rtt, probe=True, padded_s=min(padded) if padded else None, pad=pad)
 
 
 # ---------------------------------------------------------------------------------------------- offload client
@@ -299,19 +365,19 @@ class OffloadClient:
             return "UNREACHABLE"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
-    def speed_probe(self, size: int, timeout: float) -> float | None:
+    def speed_probe(self, size: int, timeout: float) -> int | None:
         """The site's time for one blank image (its reported latency), kept as its speed (``server_s``) so a site
         adaptive has not sent to for a while is judged on its speed now; the image and call counters are not touched
-        (a blank PNG is a tenth of a real one's bytes). None when the call fails."""
+        (a blank PNG is a tenth of a real one's bytes). The bytes it moved; None when the call fails."""
         if self._blank is None or self._blank[0] != size:
             self._blank = (size, encode_png(torch.zeros(3, size, size)))
+        req = expert_pb2.ClassifyRequest(image=self._blank[1], name="speed-probe", top_k=1)
         try:
-            resp = self.stub.Classify(expert_pb2.ClassifyRequest(image=self._blank[1], name="speed-probe", top_k=1),
-                                      timeout=timeout, metadata=self.metadata)
+            resp = self.stub.Classify(req, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError:
             return None
         self.server_s = _ewma(self.server_s, resp.latency_ms / 1e3)
-        return resp.latency_ms / 1e3
+        return req.ByteSize() + resp.ByteSize()
 
     def classify(self, x: torch.Tensor, estimator: LinkEstimator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and degraded flags [B] of a batch, one Classify call per image; SiteError when it fails."""
@@ -393,10 +459,17 @@ class StrategyRuntime:
         self._routing: dict[tuple[int, int], float] = {}
         self.local_s: float | None = None  # EWMA of a whole-model forward here, per image
         self.split_gflops: float | None = None  # EWMA of the camera's speed in split forwards
+        self._camera_at = {"local": 0.0, "split": 0.0}  # when each last measured the camera's speed
         self.site_gflops: dict[str, float] = {}  # EWMA of each worker's speed, from its reported compute time
         self._offload_warm = (0, 0, 0)  # offload calls, bytes sent and received by the warm-up
         self._first_png: float | None = None  # the first real image's PNG size, until offload has sent one
         self._routed_images = 0
+        # one forward at a time: the images' (from any thread) and split's probe share the runtime's dispatch
+        # context, its clients' call records and the speed estimates read back from them
+        self._forward = threading.Lock()
+        self._probe_image: torch.Tensor | None = None  # the last image adaptive classified: split's probe runs it
+        self.probe_waits, self.probe_wait_s = 0, 0.0  # images that waited behind a strategy probe, and how long
+        self.strategy_probes: dict[str, StrategyProbe] = {}
         opts = primary.topology.adaptive
         sites = sorted(set(primary.clients) | ({offload.site} if offload is not None else set()))
         self.links = LinkEstimator.for_topology(primary.topology, sites)
@@ -411,9 +484,17 @@ class StrategyRuntime:
         if checks:
             self._prober = _Prober(self.links, checks, opts.probe_interval_s,
                                    padded if strategy == "adaptive" else None)
-            if strategy == "adaptive" and offload is not None:
-                # the offload site's speed, measured while adaptive sends it nothing (compute_probe)
-                self._prober.speed = (offload.site, lambda t, o=offload: o.speed_probe(self.figures_size, t))
+            self._prober.forward, self._prober.strategy_interval = self._forward, opts.strategy_probe_s
+        if strategy == "adaptive" and self._prober is not None:
+            # the strategies adaptive is not using keep their estimates of when they last ran unless measured now
+            if primary.clients:
+                self.strategy_probes["split"] = StrategyProbe("split", tuple(sorted(primary.clients)),
+                                                              self._probe_split)
+            if offload is not None:
+                self.strategy_probes["offload-image"] = StrategyProbe(
+                    "offload-image", (offload.site,), lambda t, o=offload: o.speed_probe(self.figures_size, t),
+                    exclusive=False)
+            self._prober.strategies = list(self.strategy_probes.values())
 
     def __getattr__(self, name: str) -> Any:  # everything else is the wrapped runtime's
         if name == "primary":
@@ -421,9 +502,42 @@ class StrategyRuntime:
         return getattr(self.primary, name)
 
     def start(self) -> None:
-        """Begin probing idle links (adaptive)."""
+        """Begin probing idle links (and, under adaptive, unused strategies)."""
         if self._prober is not None and not self._prober.is_alive():
             self._prober.start()
+
+    @contextlib.contextmanager
+    def hold_probes(self) -> Iterator[None]:
+        """No strategy probe starts while in this block (one in progress is waited for): the emulation holds them
+        off while other strategies' images run on the same machine."""
+        if self._prober is None:
+            yield
+            return
+        with self._prober.gate:
+            yield
+
+    def _probe_split(self, timeout: float) -> int | None:
+        """Split's probe (the caller holds the forward lock): the last image through the workers, measuring what a
+        split image measures (the camera's and workers' speeds, the links' throughput); the routing statistics and
+        per-expert token counts leave it out (the image was counted when it was classified). Bytes it moved."""
+        x = self._probe_image
+        if x is None:
+            return None
+        rt = self.primary
+        tokens, skips = dict(rt.context.tokens), {k: replace(w.counts) for k, w in rt.skippers.items()}
+        moved0 = sum(c.traffic.bytes_sent + c.traffic.bytes_received for c in rt.clients.values())
+        try:
+            self._run("split", x, observe=False)
+        except SiteError as e:  # as an image would: the policy leaves split until the site's health is back
+            if e.site in self.links.links:
+                self.links.down(e.site)
+            log.warning("adaptive: split probe failed: %s", e)
+        finally:
+            rt.context.tokens.clear()
+            rt.context.tokens.update(tokens)
+            for k, w in rt.skippers.items():
+                w.counts = skips[k]
+        return sum(c.traffic.bytes_sent + c.traffic.bytes_received for c in rt.clients.values()) - moved0
 
     # routing statistics: tokens per image per (layer, expert), from the forwards that routed
     def _observe_routing(self, rt: SplitRuntime, before: dict[tuple[int, int], int], images: int) -> None:
@@ -470,7 +584,10 @@ class StrategyRuntime:
         assert self.figures is not None
         whole = self.figures.trunk_flops  # the whole model's FLOPs per image (see _figures)
         speeds = dict(self.site_gflops)
-        if self.local_s is not None:
+        # the camera's speed from whichever measured it last (one CPU: a local figure from before a busy spell is
+        # as stale for split as for local)
+        if self.local_s is not None and (self.split_gflops is None or
+                                         self._camera_at["local"] >= self._camera_at["split"]):
             speeds[topo.coordinator] = whole / self.local_s / 1e9
         elif self.split_gflops is not None:
             speeds[topo.coordinator] = self.split_gflops
@@ -482,7 +599,10 @@ class StrategyRuntime:
                  for n, s in topo.sites.items()}
         return replace(topo, sites=sites)
 
-    def _run(self, strategy: str, x: torch.Tensor) -> BatchResult:
+    def _run(self, strategy: str, x: torch.Tensor, observe: bool = True) -> BatchResult:
+        """``x`` through ``strategy``, its measurements taken (``observe``: its routing too; a probe's is not)."""
+        if strategy in self.strategy_probes:
+            self.strategy_probes[strategy].last = time.monotonic()
         if strategy == "offload-image":
             assert self.offload is not None
             t0 = time.perf_counter()
@@ -495,7 +615,9 @@ class StrategyRuntime:
         out = rt.classify(x)
         if rt is self.local:
             self.local_s = _ewma(self.local_s, out.seconds / len(x))
-        self._observe_routing(rt, before, len(x))
+            self._camera_at["local"] = time.monotonic()
+        if observe:
+            self._observe_routing(rt, before, len(x))
         waited: dict[str, float] = {}
         for name, c in rt.clients.items():  # each call's time less the worker's compute: a throughput sample
             calls0, _ = traffic[name]
@@ -519,6 +641,7 @@ class StrategyRuntime:
             flops = self._site_flops(rt, before, rt.local_site, trunk=True)
             if own > MIN_TRANSFER_S and flops > 0:
                 self.split_gflops = _ewma(self.split_gflops, flops / own / 1e9)
+                self._camera_at["split"] = time.monotonic()
         return out
 
     def _site_flops(self, rt: SplitRuntime, before: dict[tuple[int, int], int], site: str,
@@ -549,6 +672,19 @@ class StrategyRuntime:
             self.counts[self.strategy] = self.counts.get(self.strategy, 0) + len(x)
             return out
         t0 = time.perf_counter()
+        if not self._forward.acquire(blocking=False):
+            behind = self._prober is not None and self._prober.probing
+            self._forward.acquire()
+            if behind:  # what a probe cost this image (it counts in the image's time)
+                self.probe_waits += 1
+                self.probe_wait_s += time.perf_counter() - t0
+        try:
+            return self._adaptive(x, t0)
+        finally:
+            self._forward.release()
+
+    def _adaptive(self, x: torch.Tensor, t0: float) -> BatchResult:
+        self._probe_image = x[:1].detach().clone()
         tried: list[str] = []
         if self.offload is not None and self._first_png is None:
             # the 1.5 B/pixel guess can be 3x off; one PNG of a real image is not (a blank warm-up image is 10x off)
@@ -616,6 +752,9 @@ class StrategyRuntime:
                     for _ in range(2):
                         if strategy == "local":
                             self.local_s = None
+                        elif strategy == "split":  # the first forward's speeds would weigh 0.8 after the second
+                            self.split_gflops = None
+                            self.site_gflops.clear()
                         elif strategy == "offload-image" and self.offload is not None:
                             self.offload.server_s = None
                         self._run(strategy, blank)
@@ -656,12 +795,16 @@ class StrategyRuntime:
         if self.strategy == "adaptive":
             s.update(decisions=dict(self.decisions), fallback_images=self.fallbacks,
                      objective=self.primary.topology.adaptive.objective,
-                     predicted_now={k: v.as_dict() for k, v in self.predict().items()})
+                     predicted_now={k: v.as_dict() for k, v in self.predict().items()},
+                     strategy_probes={k: p.as_dict() for k, p in self.strategy_probes.items()},
+                     probe_waits={"images": self.probe_waits, "seconds": round(self.probe_wait_s, 4)})
         return s
 
     def close(self) -> None:
         if self._prober is not None:
             self._prober.stop_event.set()
+            if self._prober.is_alive():  # a probe in flight finishes (within its deadline) before the channels close
+                self._prober.join(timeout=self.primary.policy.deadline_s + 1.0)
         if self.offload is not None:
             self.offload.close()
         if self.local is not None:
@@ -767,6 +910,19 @@ class LinkCollector:
         for k, v in sorted(rt.counts.items()):
             images.add_metric([k], v)
         yield from (rtt, thr, up, probes, images)
+        if rt.strategy_probes:  # adaptive
+            sp = CounterMetricFamily("moevit_coordinator_strategy_probes", "Probes of strategies adaptive is not "
+                                     "using (one image through each, to keep its estimates current)",
+                                     labels=["strategy"])
+            sb = CounterMetricFamily("moevit_coordinator_strategy_probe_bytes", "Bytes the strategy probes moved on "
+                                     "the links", labels=["strategy"])
+            for k, p in sorted(rt.strategy_probes.items()):
+                sp.add_metric([k], p.count)
+                sb.add_metric([k], p.bytes)
+            waits = CounterMetricFamily("moevit_coordinator_strategy_probe_wait_seconds", "Time images waited for a "
+                                        "strategy probe to finish")
+            waits.add_metric([], rt.probe_wait_s)
+            yield from (sp, sb, waits)
 
 
 def strategy_lines(s: dict[str, Any]) -> Iterator[str]:
@@ -780,6 +936,11 @@ def strategy_lines(s: dict[str, Any]) -> Iterator[str]:
                "predicted now: " + ", ".join(f"{k} {v['latency_s'] * 1e3:.1f} ms/{v['energy_j']:.3f} J/"
                                             f"{v['bytes']:.0f} B" if v.get("feasible", True) else f"{k} infeasible"
                                             for k, v in s["predicted_now"].items()))
+    if s.get("strategy_probes"):
+        w, probes = s["probe_waits"], s["strategy_probes"].items()
+        yield ("strategy probes (unused strategies, one image each): " + ", ".join(
+            f"{k} {p['probes']} ({p['seconds']:.2f} s, {p['bytes'] / 1e3:.1f} kB)" for k, p in probes)
+            + f"; {w['images']} image(s) waited {w['seconds']:.3f} s behind one")
     for site, e in s["links"].items():
         yield (f"link {site}: rtt {e['rtt_ms']:.2f} ms, throughput {e['throughput_mbps']:.2f} Mbit/s "
                f"({'measured' if e['measured'] else 'topology figures'}: {e['samples']} calls, {e['probes']} probes)"

@@ -90,7 +90,8 @@ _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
 _TOP_KEYS = {"required": ("coordinator", "sites"),
              "optional": ("model", "links", "placement", "fallback", "rpc", "strategy", "offload", "adaptive")}
 _OFFLOAD_KEYS = {"required": (), "optional": ("site", "address")}
-_ADAPTIVE_KEYS = {"required": (), "optional": ("objective", "margin", "consecutive", "probe_interval_s")}
+_ADAPTIVE_KEYS = {"required": (), "optional": ("objective", "margin", "consecutive", "probe_interval_s",
+                                                 "strategy_probe_s")}
 _SITE_KEYS = {"required": ("address", "device"), "optional": ("tls", "token_file", "rpc")}
 _SITE_RPC_KEYS = {"required": (), "optional": ("codec",)}
 _TLS_KEYS = {"required": ("ca", "cert", "key"), "optional": ()}
@@ -407,12 +408,14 @@ class OffloadOptions:
 class AdaptiveOptions:
     """``adaptive:``: what the policy minimises, and its hysteresis: switch only when another strategy is predicted
     cheaper by more than ``margin`` (a fraction) for ``consecutive`` decisions in a row; idle links are probed at
-    most once per ``probe_interval_s``."""
+    most once per ``probe_interval_s``; a strategy adaptive has not used for ``strategy_probe_s`` is run once on
+    the last image (0: never) so its speeds are those of now."""
 
     objective: str = "latency"
     margin: float = 0.1
     consecutive: int = 3
     probe_interval_s: float = 2.0
+    strategy_probe_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -903,7 +906,9 @@ def parse_topology(
             objective=one_of(a.get("objective", "latency"), file, "adaptive.objective", OBJECTIVES),
             margin=_number(a.get("margin", 0.1), file, "adaptive.margin", "non-negative"),
             consecutive=integer(a.get("consecutive", 3), file, "adaptive.consecutive", lo=1),
-            probe_interval_s=_number(a.get("probe_interval_s", 2.0), file, "adaptive.probe_interval_s", "positive"))
+            probe_interval_s=_number(a.get("probe_interval_s", 2.0), file, "adaptive.probe_interval_s", "positive"),
+            strategy_probe_s=_number(a.get("strategy_probe_s", 5.0), file, "adaptive.strategy_probe_s",
+                                     "non-negative"))
 
     raw_placement = d.get("placement")
     placement: Placement | None = None
