@@ -33,6 +33,7 @@ Method (docs/sim.md, "Emulation with a link schedule"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -253,9 +254,10 @@ def emulate_schedule(opts: ScheduleOptions, *, log: Callable[[str], None] = prin
             rt.check_workers(wait_s=30.0)
 
         # ---- 2. the calibration run: other images, before the measured run, its figures frozen
-        cal = _calibration_run(runtimes, cal_images, timed_model, local_model, stats, topology, placement,
-                               proxies, calibrate, _scaled, _simulate, _timed_forward, _remote_layers_per_image,
-                               _trace, record_trace, log)
+        with _probes_held(runtimes):  # adaptive's strategy probes would share the cores with the timed forwards
+            cal = _calibration_run(runtimes, cal_images, timed_model, local_model, stats, topology, placement,
+                                   proxies, calibrate, _scaled, _simulate, _timed_forward, _remote_layers_per_image,
+                                   _trace, record_trace, log)
         (out / "calibration.json").write_text(json.dumps(cal["record"], indent=1) + "\n", encoding="utf-8")
 
         # ---- 3. the measured run
@@ -275,8 +277,11 @@ def emulate_schedule(opts: ScheduleOptions, *, log: Callable[[str], None] = prin
                 late += 1
             k = i % len(strategies)
             for s in strategies[k:] + strategies[:k]:
-                rows[s].append(_one(runtimes[s], s, x, i, time.monotonic() - start, proxies[s], topology,
-                                    schedule))
+                # a strategy probe (adaptive's) runs between slots or in adaptive's own turn, never on the cores
+                # while another strategy's image is timed: on a camera nothing else would be running
+                with _probes_held(runtimes, but=s):
+                    rows[s].append(_one(runtimes[s], s, x, i, time.monotonic() - start, proxies[s], topology,
+                                        schedule))
         log(f"measured {n} slots x {len(strategies)} strategies; {late} slot(s) started late")
         # what went over each strategy's links outside its images' calls: probes (and health watches)
         outside = {s: {name: p.bytes_up + p.bytes_down - sum(r["bytes"][name] for r in rows[s])
@@ -305,8 +310,24 @@ def emulate_schedule(opts: ScheduleOptions, *, log: Callable[[str], None] = prin
     record = _record(opts, topology, sweep, strategies, not_run, rows, sim, phases, cal, summaries, late, rate,
                      dataset.describe(), n)
     record["bytes_outside_images"] = outside
+    # adaptive's strategy probes ran on the prober thread: their camera CPU is not in any image's busy time
+    cam_w = topology.site(topology.coordinator).device.active_w
+    record["strategy_probes"] = {
+        s: {"by_strategy": summ["strategy_probes"], "camera_cpu_j_per_image": cam_w * sum(
+            p["cpu_s"] for p in summ["strategy_probes"].values()) / max(1, n), "waits": summ["probe_waits"]}
+        for s, summ in summaries.items() if summ.get("strategy_probes")}
     (out / "emulation-schedule.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record
+
+
+@contextlib.contextmanager
+def _probes_held(runtimes: dict[str, Any], but: str | None = None) -> Any:
+    """No strategy probe of any runtime but ``but``'s starts in this block (StrategyRuntime.hold_probes)."""
+    with contextlib.ExitStack() as stack:
+        for s, rt in runtimes.items():
+            if s != but:
+                stack.enter_context(rt.hold_probes())
+        yield
 
 
 def _simulate_scenario(sweep: Any, strategy: str, n: int) -> Any:
@@ -563,6 +584,12 @@ def format_schedule_report(r: dict[str, Any]) -> str:
                          f"{d['adaptive_beats_every_fixed_p95']}, camera energy: "
                          f"{d['adaptive_beats_every_fixed_camera_energy']}, all-sites energy: "
                          f"{d['adaptive_beats_every_fixed_all_sites_energy']}")
+    for s, probes in r.get("strategy_probes", {}).items():
+        lines.append(f"{s}: strategy probes " + ", ".join(
+            f"{k} {p['probes']} ({p['bytes'] / 1e3:.1f} kB)" for k, p in probes["by_strategy"].items())
+            + f"; their camera CPU {probes['camera_cpu_j_per_image'] * 1e3:.2f} mJ per image "
+            f"(not in the table); {probes['waits']['images']} image(s) waited {probes['waits']['seconds']:.3f} s "
+            "behind one")
     if t.get("sim_adaptive_p95_error") is not None:
         lines.append(f"simulated vs emulated adaptive p95 over the run: {t['sim_adaptive_p95_error']:+.1%} "
                      "(target within 10 %)")

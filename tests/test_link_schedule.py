@@ -209,6 +209,10 @@ def test_emulation_under_a_schedule_runs_every_strategy_for_real(tmp_path, capsy
     # the simulator ran the same scenario, and its error is reported both ways
     assert set(slow["sim_error"]["split"]) == {"p50_sim_vs_emu", "p95_sim_vs_emu", "p50_emu_vs_sim", "p95_emu_vs_sim"}
     assert "whole run" in text and "adaptive" in text
+    # adaptive's strategy probes (held off while the others' images ran) are recorded apart, with their cost
+    probes = r["strategy_probes"]["adaptive"]
+    assert set(probes["by_strategy"]) == {"split", "offload-image"} and probes["camera_cpu_j_per_image"] >= 0
+    assert "adaptive: strategy probes split" in text
 
 
 def test_load_delay_delays_images_without_energy():
