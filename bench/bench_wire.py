@@ -105,21 +105,23 @@ class WireEmulator(Dispatcher):
         return outs
 
 
-def install(model, topology, codec: str, threshold: float, meter: Meter, keep_largest: bool = False) -> None:
+def install(model, topology, codec: str, threshold: float, meter: Meter, keep_largest: bool = False,
+            skip_layers: set[int] | None = None) -> None:
     placement = default_placement(topology, {i: m.num_experts for i, m in model.moe_layers().items()})
     local = topology.coordinator
     for layer_id, layer in model.moe_layers().items():
         site_of = {e: placement.sites_for(layer_id, e)[0] for e in range(layer.num_experts)}
         emu = WireEmulator(layer.experts, site_of, local, codec, meter, keep_largest=keep_largest)
         remote = [e for e, s in site_of.items() if s != local]
-        layer.set_dispatcher(SkippingDispatcher(emu, SkipRule(threshold=threshold), remote=remote)
-                             if threshold > 0 else emu)
+        skips = threshold > 0 and (skip_layers is None or layer_id in skip_layers)  # moe-coordinator --skip-layers
+        layer.set_dispatcher(SkippingDispatcher(emu, SkipRule(threshold=threshold), remote=remote) if skips else emu)
 
 
 @torch.no_grad()
-def evaluate(model, topology, data, codec: str, threshold: float, overhead: int, batch: int = 128):
+def evaluate(model, topology, data, codec: str, threshold: float, overhead: int, batch: int = 128,
+             skip_layers: set[int] | None = None):
     meter = Meter()
-    install(model, topology, codec, threshold, meter)
+    install(model, topology, codec, threshold, meter, skip_layers=skip_layers)
     correct, preds, n = 0, [], 0
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
     for x, y in loader:
@@ -211,11 +213,14 @@ def main() -> int:
     ap.add_argument("--bytes-images", type=int, default=24)
     ap.add_argument("--rpc-overhead", type=int, default=89)
     ap.add_argument("--cpu-rounds", type=int, default=200)
+    ap.add_argument("--skip-layers", type=int, nargs="+", default=None,
+                    help="apply the skip threshold only at these MoE layers (default: all)")
     ap.add_argument("--no-links", action="store_true")
     ap.add_argument("--out", default="bench/results/wire.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     topology = load_topology(args.topology)
+    skip_layers = None if args.skip_layers is None else set(args.skip_layers)
     t_start = time.perf_counter()
 
     # ---- accuracy and bytes at the models' size, every codec x threshold, per seed
@@ -228,7 +233,7 @@ def main() -> int:
         ref_pred = None
         for t in args.thresholds:
             for name in codecs.CODEC_NAMES:
-                top1, pred, bpi = evaluate(model, topology, data, name, t, args.rpc_overhead)
+                top1, pred, bpi = evaluate(model, topology, data, name, t, args.rpc_overhead, skip_layers=skip_layers)
                 if name == "fp32" and t == 0:
                     ref_pred = pred
                 per[f"{name}@{t:g}"] = {"codec": name, "threshold": t, "top1": top1, "bytes_per_image": bpi,
@@ -248,7 +253,7 @@ def main() -> int:
     for t in args.thresholds:
         for name in codecs.CODEC_NAMES:
             meter = Meter()
-            install(model, topology, name, t, meter, keep_largest=(name == "fp32" and t == 0))
+            install(model, topology, name, t, meter, keep_largest=(name == "fp32" and t == 0), skip_layers=skip_layers)
             per_image = []
             with torch.no_grad():
                 for x in xs:
@@ -296,7 +301,8 @@ def main() -> int:
                                               "codec_s_per_value": codec_s})])
     payload = {
         "command": " ".join(sys.argv), "models": args.models, "data": args.data, "image_size": args.image_size,
-        "thresholds": args.thresholds, "bytes_data": args.bytes_data, "jpeg_bytes_mean_256": statistics.mean(jpeg),
+        "thresholds": args.thresholds, "skip_layers": args.skip_layers, "bytes_data": args.bytes_data,
+        "jpeg_bytes_mean_256": statistics.mean(jpeg),
         "accuracy": acc, "bytes_256": bytes256, "summary": summary, "best": best,
         "cpu_ms_per_layer_per_site": cpu, "cpu_tokens_shape": tokens_largest, "links": links,
         "wall_s": time.perf_counter() - t_start, "machine": machine_info(),

@@ -107,6 +107,10 @@ class SplitRuntime:
         if isinstance(skip, SkipRule):  # one rule for every MoE layer
             skip = {layer_id: skip for layer_id in model.moe_layers()}
         self.skip = dict(skip or {})
+        if stray := sorted(set(self.skip) - set(model.moe_layers())):
+            self.close()
+            raise CoordinatorError(f"skip rules name layer(s) {', '.join(map(str, stray))}, which are not MoE layers "
+                                   f"of the model (its MoE layers: {', '.join(map(str, sorted(model.moe_layers())))})")
         self.skippers: dict[int, SkippingDispatcher] = {}
         for layer_id, layer in model.moe_layers().items():
             replicas = {e: placement.sites_for(layer_id, e) for e in range(layer.num_experts)}

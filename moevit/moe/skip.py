@@ -200,12 +200,14 @@ __all__ = ["ACTIONS", "MATCHES", "SkipCounts", "SkipRule", "SkippingDispatcher",
 
 
 def rules_from_options(*, threshold: float = 0.0, action: str = "residual", match: str = "any",
-                       capacity: int | None = None, analysis: str | None = None) -> SkipRule | dict[int, SkipRule]:
+                       capacity: int | None = None, analysis: str | None = None,
+                       layers: Collection[int] | None = None) -> SkipRule | dict[int, SkipRule]:
     """The rule of ``moe-coordinator --skip-*``: one for every MoE layer, or, with ``analysis`` (``moe-analyze``'s
-    ``analysis.json``), one per layer listed there with that layer's background experts. ValueError naming the
-    file when it cannot be read."""
+    ``analysis.json``), one per layer listed there with that layer's background experts; ``layers`` keeps the rule
+    to those MoE layers (the others send every patch). ValueError naming the file when it cannot be read."""
     if analysis is None:
-        return SkipRule(threshold=threshold, action=action, match=match, capacity=capacity)
+        rule = SkipRule(threshold=threshold, action=action, match=match, capacity=capacity)
+        return rule if layers is None else {layer: rule for layer in layers}
     import json
     from pathlib import Path
 
@@ -216,4 +218,5 @@ def rules_from_options(*, threshold: float = 0.0, action: str = "residual", matc
         raise ValueError(f"{analysis}: not a moe-analyze analysis.json with layers.<n>.background_experts ({e})") \
             from None
     return {layer: SkipRule(threshold=threshold, background=frozenset(bg), action=action, match=match,
-                            capacity=capacity) for layer, bg in background.items()}
+                            capacity=capacity) for layer, bg in background.items()
+            if layers is None or layer in layers}
