@@ -141,9 +141,9 @@ def jpeg_bytes(x: torch.Tensor, quality: int = 90) -> int:
     return buf.tell()
 
 
-def codec_cpu_ms(tokens: dict[int, torch.Tensor], rounds: int) -> dict[str, dict[str, float]]:
+def codec_cpu_ms(tokens: dict[int, torch.Tensor], rounds: int, names) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for name in codecs.CODEC_NAMES:
+    for name in names:
         out[name] = {}
         for layer, x in sorted(tokens.items()):
             def once(x=x, name=name):
@@ -215,12 +215,16 @@ def main() -> int:
     ap.add_argument("--cpu-rounds", type=int, default=200)
     ap.add_argument("--skip-layers", type=int, nargs="+", default=None,
                     help="apply the skip threshold only at these MoE layers (default: all)")
+    ap.add_argument("--codecs", nargs="+", default=list(codecs.CODEC_NAMES), choices=codecs.CODEC_NAMES,
+                    help="codecs to measure (default: all); fp32 at threshold 0, the reference, is always run")
     ap.add_argument("--no-links", action="store_true")
     ap.add_argument("--out", default="bench/results/wire.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     topology = load_topology(args.topology)
     skip_layers = None if args.skip_layers is None else set(args.skip_layers)
+    names = ["fp32", *(c for c in args.codecs if c != "fp32")]  # fp32 first: the reference of every difference
+    args.thresholds = sorted({0.0, *args.thresholds})  # 0 first, with fp32 the reference
     t_start = time.perf_counter()
 
     # ---- accuracy and bytes at the models' size, every codec x threshold, per seed
@@ -232,7 +236,7 @@ def main() -> int:
         per: dict[str, dict] = {}
         ref_pred = None
         for t in args.thresholds:
-            for name in codecs.CODEC_NAMES:
+            for name in names:
                 top1, pred, bpi = evaluate(model, topology, data, name, t, args.rpc_overhead, skip_layers=skip_layers)
                 if name == "fp32" and t == 0:
                     ref_pred = pred
@@ -251,7 +255,7 @@ def main() -> int:
     bytes256: dict[str, dict] = {}
     largest: dict[int, torch.Tensor] = {}
     for t in args.thresholds:
-        for name in codecs.CODEC_NAMES:
+        for name in names:
             meter = Meter()
             install(model, topology, name, t, meter, keep_largest=(name == "fp32" and t == 0), skip_layers=skip_layers)
             per_image = []
@@ -266,7 +270,7 @@ def main() -> int:
             bytes256[f"{name}@{t:g}"] = {"codec": name, "threshold": t, "bytes_per_image": statistics.mean(per_image),
                                          "ratio_to_jpeg_mean": statistics.mean(ratio),
                                          "ratio_to_jpeg_max": max(ratio)}
-    cpu = codec_cpu_ms(largest, args.cpu_rounds)
+    cpu = codec_cpu_ms(largest, args.cpu_rounds, names)
     tokens_largest = {str(k): list(v.shape) for k, v in largest.items()}
 
     # ---- summary: each codec x threshold, mean over seeds, paired difference to fp32@0
