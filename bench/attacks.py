@@ -1,6 +1,7 @@
 """Attacks of issue 21 against real processes on loopback, with the figure each one is judged by.
 
     .venv/bin/python bench/attacks.py worker-refused     # item 1: worker RSS and health latency under refused requests
+    .venv/bin/python bench/attacks.py worker-refused-cpu --rounds 10  # item 1: worker CPU per refused request
     .venv/bin/python bench/attacks.py health-watches     # item 3: idle Health.Watch streams vs RunExperts
     .venv/bin/python bench/attacks.py classify-bomb      # item 2: a legitimate Classify behind a progressive-JPEG bomb
     .venv/bin/python bench/attacks.py classify-flood     # item 6: Classify server RSS under 48 MiB junk requests
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -33,6 +35,7 @@ from moevit.sim.attacks import (  # noqa: E402
     attack_bomb,
     attack_flood,
     attack_refused,
+    attack_refused_cpu,
     attack_watches,
     in_background,
     rss_mb,
@@ -54,12 +57,36 @@ def worker_refused(args: argparse.Namespace) -> dict[str, Any]:
         proc, address = start_worker(model, "8:0-2")
         try:
             time.sleep(1.0)
+            load = [round(x, 2) for x in os.getloadavg()]
             result = attack_refused(address, proc.pid, fingerprint, layer=8, dim=dim, unhosted=3, rounds=args.rounds,
                                     stream=args.stream)
         finally:
             stop(proc)
+        # health latency is bound by the load: with a 2-core machine at load 12-21 the worker waits its turn
+        result["loadavg_start"], result["loadavg_end"] = load, [round(x, 2) for x in os.getloadavg()]
         result["model"] = {"arch": cfg.arch, "layer": 8, "dim": dim}
         return result
+
+
+def worker_refused_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    """The worker's CPU per refused request, by kind: refused from the message (no headers: an older client or
+    one that does not say what it sends), from the call's headers (moevit_rpc.headers: the message is never
+    received) and, on a worker with a token, for a caller without it. Process CPU time, fair under load."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, fingerprint = small_model(Path(tmp))
+        (Path(tmp) / "token").write_text("s3cret-token\n")
+        out: dict[str, Any] = {"loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+        for label, extra in (("no_token", ()), ("token", ("--token-file", str(Path(tmp) / "token")))):
+            proc, address = start_worker(model, "8:0-2", *extra)
+            try:
+                time.sleep(1.0)
+                out[label] = attack_refused_cpu(address, proc.pid, fingerprint, layer=8, dim=_layer_dim(model, 8),
+                                                unhosted=3, repeat=args.rounds,
+                                                token="s3cret-token" if extra else None)
+            finally:
+                stop(proc)
+        out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        return out
 
 
 def _layer_dim(model: Path, layer: int) -> int:
@@ -140,7 +167,8 @@ def classify_flood(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.rounds):
             rounds.append(attack_flood(dep.address, dep.proc.pid))
             time.sleep(2.0)
-        return {**rounds[0], "rounds": rounds, "rss_after_last_mb": round(rss_mb(dep.proc.pid), 1)}
+        return {**rounds[0], "rounds": rounds, "rss_after_last_mb": rounds[-1]["rss_end_mb"],
+                "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
 ATTACKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "worker-refused": worker_refused, "classify-bomb": classify_bomb, "classify-flood": classify_flood,
-    "health-watches": health_watches, "worker-admitted": worker_admitted}
+    "health-watches": health_watches, "worker-admitted": worker_admitted, "worker-refused-cpu": worker_refused_cpu}
 
 if __name__ == "__main__":
     raise SystemExit(main())

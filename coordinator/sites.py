@@ -18,6 +18,7 @@ from moevit.deploy.topology import TLSFiles
 
 from moevit_rpc.channels import DEFAULT_MAX_MESSAGE_MB, open_channel
 from moevit_rpc.codecs import LEGACY_IDS, parse_codec, wire_ids
+from moevit_rpc.headers import request_headers
 from moevit_rpc.security import token_metadata
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
@@ -182,6 +183,9 @@ class SiteClient:
         self.deadline_s = deadline_s
         self.channel = open_channel(address, tls=tls, max_message_mb=max_message_mb)
         self.metadata = token_metadata(token) or None
+        # expert calls also say which model (and unary ones which layer and experts) they are for, so that a worker
+        # refuses a mismatched call before receiving its tokens (moevit_rpc.headers)
+        self._stream_metadata = (*token_metadata(token), *request_headers(fingerprint))
         self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.traffic = Traffic()
@@ -261,14 +265,19 @@ class SiteClient:
                                    dim=dim)
         try:
             if cancellable:
-                rpc = self.stub.RunExperts.future(req, timeout=timeout, metadata=self.metadata)
+                rpc = self.stub.RunExperts.future(req, timeout=timeout, metadata=self._call_metadata(req))
                 fut: concurrent.futures.Future = concurrent.futures.Future()
                 rpc.add_done_callback(lambda r: _transfer(r, fut))
             else:
-                fut = self._calls.submit(self.stub.RunExperts, req, timeout=timeout, metadata=self.metadata)
+                fut = self._calls.submit(self.stub.RunExperts, req, timeout=timeout, metadata=self._call_metadata(req))
         except (RuntimeError, ValueError):  # submit after close(), or the channel is closed
             raise SiteError(self.name, "the client is closed", grpc.StatusCode.CANCELLED) from None
         return PendingCall(self, fut, req.ByteSize(), counts, t0, rpc, dim=dim)
+
+    def _call_metadata(self, req: expert_pb2.RunExpertsRequest) -> tuple[tuple[str, str], ...]:
+        """The token and the headers of a unary RunExperts call carrying ``req``."""
+        experts = req.packed.experts if req.HasField("packed") else [b.expert for b in req.batches]
+        return (*(self.metadata or ()), *request_headers(self.fingerprint, req.layer, experts))
 
     def _submit_on_stream(self, req: expert_pb2.RunExpertsRequest) -> concurrent.futures.Future | None:
         """The answer's future, on the open stream or a new one; None once the client is closed or streams are off."""
@@ -278,7 +287,7 @@ class SiteClient:
                     return None
                 if self._stream is None or self._stream.ended:
                     try:
-                        self._stream = ExpertStream(self.stub, name=self.name, metadata=self.metadata,
+                        self._stream = ExpertStream(self.stub, name=self.name, metadata=self._stream_metadata,
                                                     on_unimplemented=self._resend_unary)
                     except ValueError:  # the channel is closed
                         return None
@@ -294,7 +303,8 @@ class SiteClient:
             if fut.cancelled():
                 continue
             try:
-                call = self._calls.submit(self.stub.RunExperts, req, timeout=self.deadline_s, metadata=self.metadata)
+                call = self._calls.submit(self.stub.RunExperts, req, timeout=self.deadline_s,
+                                          metadata=self._call_metadata(req))
             except RuntimeError:  # closed meanwhile
                 fut.cancel()
                 continue

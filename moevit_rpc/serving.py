@@ -6,6 +6,9 @@ and log a traceback. :func:`add_service` registers the same methods (of the v1 s
 with a parser that turns such bytes into an :class:`Undecodable` instead; methods with one request then answer
 ``INVALID_ARGUMENT`` naming the message type, and stream methods see the :class:`Undecodable` as one of their
 requests (the servicer decides; the worker ends the stream with ``INVALID_ARGUMENT``).
+
+Requests can also be refused early: ``screens`` from a message's bytes before it is parsed, ``header_screens``
+from a call's metadata before its message is even received (:mod:`moevit_rpc.headers`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-__all__ = ["BoundedHealthServicer", "Refused", "Undecodable", "add_service"]
+__all__ = ["BoundedHealthServicer", "HeaderScreen", "Refused", "Undecodable", "add_service"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,9 @@ class Refused:
 
 
 Screen = Callable[[bytes], "Refused | None"]
+# A screen of a call's metadata (``context.invocation_metadata()``: (key, value) pairs), run before its message is
+# received
+HeaderScreen = Callable[[tuple], "Refused | None"]
 
 
 def _parser(message_class: Any, screen: Screen | None = None,
@@ -90,6 +96,38 @@ def _refusing_undecodable(method: Callable[[Any, Any], Awaitable[Any]], name: st
     return handler
 
 
+def _screening_headers(handler: Callable[[Any, Any], Awaitable[Any]], screen: HeaderScreen, name: str
+                       ) -> Callable[[Any, Any], Awaitable[Any]]:
+    """A method with one request, as a request-streaming handler that screens the call's metadata before it reads
+    the request: gRPC's unary handling receives the whole message (and copies it into one ``bytes`` on the event
+    loop) before any code of ours runs; a call refused here never has its message received."""
+
+    async def screened(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        refused = screen(context.invocation_metadata() or ())
+        if refused is not None:
+            log.info("%s refused from its headers (%s): %s", name, refused.code.name, refused.message)
+            await context.abort(refused.code, refused.message)
+        request = await context.read()  # the one message of a unary call, through the method's parser
+        if request is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: the call carried no request message")
+        return await handler(request, context)
+
+    return screened
+
+
+def _screening_stream_headers(method: Callable[[Any, Any], Awaitable[Any]], screen: HeaderScreen, name: str
+                              ) -> Callable[[Any, Any], Awaitable[Any]]:
+    @functools.wraps(method)
+    async def screened(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        refused = screen(context.invocation_metadata() or ())
+        if refused is not None:
+            log.info("%s refused from its headers (%s): %s", name, refused.code.name, refused.message)
+            await context.abort(refused.code, refused.message)
+        return await method(request_iterator, context)
+
+    return screened
+
+
 def _unimplemented(name: str) -> Callable[[Any, Any], Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this server")
@@ -98,7 +136,8 @@ def _unimplemented(name: str) -> Callable[[Any, Any], Awaitable[Any]]:
 
 
 def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor,
-                screens: dict[str, Screen] | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
+                screens: dict[str, Screen] | None = None, on_bytes: Callable[[int], None] | None = None,
+                header_screens: dict[str, HeaderScreen] | None = None) -> None:
     """Register every method of ``service`` on ``server``, implemented by ``servicer``'s method of the same name.
 
     Coroutine methods with one request (unary-unary, and unary-stream written with ``context.write`` such as
@@ -113,6 +152,11 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescript
     a :class:`Refused` (answered with its status by methods with one request, seen by stream methods among their
     requests) or None to parse as usual. ``on_bytes`` is called with the size of every request received (before the
     screen), e.g. :meth:`moevit_rpc.memory.HeapTrimmer.note`.
+
+    ``header_screens`` (method name -> function of the call's metadata) refuse a call from its headers, before its
+    message is received: a returned :class:`Refused` is answered with ``context.abort`` at once. A method with one
+    request is then registered request-streaming (the same bytes on the wire; its handler reads the one message
+    itself), since gRPC's unary handling receives the message before any of our code runs.
     """
     handlers = {}
     for method in service.methods:
@@ -121,18 +165,26 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: ServiceDescript
         impl = getattr(servicer, method.name)
         if method.client_streaming and not method.server_streaming:
             raise NotImplementedError(f"{service.full_name}.{method.name}: stream-unary methods are not supported")
+        parse = _parser(request_class, (screens or {}).get(method.name), on_bytes)
+        header_screen = (header_screens or {}).get(method.name)
         if method.client_streaming:  # stream-stream: the servicer sees each Undecodable among its requests
+            if header_screen is not None:
+                impl = _screening_stream_headers(impl, header_screen, method.full_name)
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                impl, request_deserializer=_parser(request_class, (screens or {}).get(method.name), on_bytes),
-                response_serializer=serialize)
+                impl, request_deserializer=parse, response_serializer=serialize)
             continue
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handler = (_refusing_undecodable(impl, method.full_name) if inspect.iscoroutinefunction(impl)
                    else _unimplemented(method.full_name))
-        handlers[method.name] = make(handler,
-                                     request_deserializer=_parser(request_class, (screens or {}).get(method.name),
-                                                                  on_bytes),
-                                     response_serializer=serialize)
+        if header_screen is not None:  # the message is read by the handler, after the headers passed
+            if method.server_streaming:
+                raise NotImplementedError(f"{method.full_name}: header screens of unary-stream methods are not "
+                                          "supported")
+            make, handler = grpc.stream_unary_rpc_method_handler, _screening_headers(handler, header_screen,
+                                                                                     method.full_name)
+        else:
+            make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(handler, request_deserializer=parse, response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,17 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moevit_rpc.channels import plain_channel_options
+from moevit_rpc.memory import SETTLE_S, TICK_S
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # the attack clients' channels: room for payloads over the servers' 64 MiB cap, no proxy, no keepalive pings
 CHANNEL_OPTIONS = plain_channel_options(max_message_mb=128)
+
+# How long after the last large request the servers' heap trims are done (moevit_rpc.memory: the second trim is
+# SETTLE_S after it, on TICK_S ticks), with room for a loaded machine
+SETTLED_WAIT_S = SETTLE_S + 2 * TICK_S + 2.5
+
 
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, MB (from /proc)."""
@@ -39,22 +46,22 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def settled_rss_mb(pid: int, *, wait_s: float = 7.0, every_s: float = 1.0, within_mb: float = 2.0,
-                   timeout_s: float = 20.0) -> float:
-    """The RSS of a process once it has stopped falling: after ``wait_s`` (the servers trim their heap 1 s and
-    again 5 s after the last large request, on 0.5 s ticks: moevit_rpc.memory; after a Classify flood it is the
-    second trim that gives the memory back), two samples ``every_s`` apart within ``within_mb``, at most
-    ``timeout_s`` from now. What a burst of requests left behind."""
+def settled_rss_mb(pid: int, *, wait_s: float = SETTLED_WAIT_S, every_s: float = 1.0, within_mb: float = 2.0,
+                   samples: int = 3, timeout_s: float = 30.0) -> float:
+    """The RSS of a process once its heap trims are done and it has stopped falling: call it when the last large
+    request was answered. It waits ``wait_s`` (by default past both of the servers' trims, 1 s and 5 s after the
+    last large request on 0.5 s ticks, plus 2.5 s for a loaded machine: moevit_rpc.memory; after a Classify flood it
+    is the second trim that gives the memory back), then for ``samples`` readings ``every_s`` apart within
+    ``within_mb``, at most ``timeout_s`` from now. A flat RSS alone is no sign: it is flat before a trim too."""
     deadline = time.monotonic() + timeout_s
     time.sleep(wait_s)
-    last = rss_mb(pid)
+    window = [rss_mb(pid)]
     while time.monotonic() < deadline:
         time.sleep(every_s)
-        now = rss_mb(pid)
-        if abs(now - last) <= within_mb:
-            return round(now, 1)
-        last = now
-    return round(last, 1)
+        window = [*window[-(samples - 1):], rss_mb(pid)]
+        if len(window) == samples and max(window) - min(window) <= within_mb:
+            break
+    return round(window[-1], 1)
 
 
 class HealthProbe:
@@ -227,6 +234,83 @@ def attack_refused(address: str, pid: int, fingerprint: str, *, layer: int, dim:
         out["rss_growth_after_warm_mb"] = round(out["rss_end_mb"] - out["rss_warm_mb"], 1)
     out["health_worst_s"] = round(probe.worst_s, 3)
     out["health_failures"] = probe.failures
+    return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU time of a process so far, all its threads, seconds (per-thread ``schedstat``, nanoseconds: the
+    clock-tick figures of ``/proc/PID/stat`` are too coarse for a few milliseconds). A thread that exits between two
+    readings takes its time with it; the servers' threads live as long as they do."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            pass
+    return total / 1e9
+
+
+def loop_cpu_s(pid: int) -> float:
+    """CPU time of a server process's main thread, where its asyncio event loop (and every handler, health checks
+    included) runs, seconds."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat", encoding="ascii") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def _headers_of(request: expert_pb2.RunExpertsRequest, token: str | None) -> tuple[tuple[str, str], ...]:
+    """The headers an honest client sends with ``request`` (its distinct experts, as a coordinator names each once)."""
+    from moevit_rpc.headers import request_headers
+    from moevit_rpc.security import token_metadata
+
+    named = request.packed.experts if request.HasField("packed") else [b.expert for b in request.batches]
+    distinct = list(dict.fromkeys(named[:1000]))
+    return (*token_metadata(token), *request_headers(request.model_fingerprint, request.layer, distinct))
+
+
+def attack_refused_cpu(address: str, pid: int, fingerprint: str, *, layer: int, dim: int, unhosted: int,
+                       repeat: int = 10, token: str | None = None, kinds: Collection[str] | None = None,
+                       pause_s: float = 2.5) -> dict[str, Any]:
+    """The worker's CPU time per refused request (milliseconds, all its threads), for each kind of
+    :func:`refused_requests`, sent ``repeat`` times in a row each way: ``body`` without headers (an older client,
+    or one that does not say what it sends: the message is received and refused from its bytes or once parsed) and
+    ``headers`` with the headers that say what the message says (:mod:`moevit_rpc.headers`: refused before the
+    message is received). With ``token`` (the worker's) both carry it, and ``no_token`` sends the requests without
+    it. ``*_loop_ms`` is the part of it on the event loop's thread, which health checks wait for. Each way is
+    warmed up with two requests and starts ``pause_s`` after the previous one (the heap trim 1 s after large
+    requests is not counted)."""
+    from moevit_rpc.security import token_metadata
+
+    requests = refused_requests(fingerprint, layer, dim, unhosted)
+    ways = {"body": lambda r: token_metadata(token) or None, "headers": lambda r: _headers_of(r, token)}
+    if token:
+        ways["no_token"] = lambda r: None
+    out: dict[str, Any] = {"repeat": repeat, "kinds": {}}
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        unary = ch.unary_unary("/moevit.rpc.v1.ExpertService/RunExperts")
+        for kind, request in requests.items():
+            if kinds is not None and kind not in kinds:
+                continue
+            data = request.SerializeToString()
+            row: dict[str, Any] = {"mib": round(len(data) / (1 << 20), 1)}
+            for way, metadata in ways.items():
+                md = metadata(request)
+                codes = set()
+                for i in range(2 + repeat):
+                    if i == 2:
+                        time.sleep(pause_s)
+                        cpu0, loop0 = process_cpu_s(pid), loop_cpu_s(pid)
+                    try:
+                        unary(data, timeout=60, metadata=md)
+                        codes.add("OK")
+                    except grpc.RpcError as e:
+                        codes.add(e.code().name)
+                time.sleep(0.3)  # the worker frees the last request after its caller has the answer
+                row[f"{way}_ms"] = round((process_cpu_s(pid) - cpu0) / repeat * 1e3, 2)
+                row[f"{way}_loop_ms"] = round((loop_cpu_s(pid) - loop0) / repeat * 1e3, 2)
+                row[f"{way}_codes"] = sorted(codes)
+            out["kinds"][kind] = row
+            print(f"{kind}: {row}", file=sys.stderr)
     return out
 
 
@@ -427,10 +511,11 @@ def attack_flood(address: str, pid: int, *, requests: int = 16, mib: int = 48) -
     sampler.join()
     out["codes"] = sorted({box[0][0] for _, box in calls if box})
     out["rss_peak_mb"] = round(max(peak), 1)
+    # before the next request, and after it: the batcher once held its last batch's images until the next request
+    # came (47-96 MB more before it than after)
+    out["rss_before_next_mb"] = settled_rss_mb(pid)
     code, seconds = classify(address, png((64, 64), 2))
     out["legit_after"] = {"code": code, "s": round(seconds, 3)}
-    # after the legitimate request: measured before it, the RSS stayed 47-70 MB higher until the server's next
-    # request (what that releases was not identified)
     out["rss_end_mb"] = settled_rss_mb(pid)
     return out
 

@@ -187,7 +187,7 @@ async def test_info_lists_exactly_the_hosted_experts(channel, reference):
     assert info.model_fingerprint == reference[1]
     assert [(hl.layer, list(hl.experts), hl.dim) for hl in info.layers] == [(5, [2], 96), (8, [0, 1], 128)]
     assert (info.arch, info.backend, info.site, info.version) == ("mobilevitv2_050_moe", "torch-cpu", "test-site", "v1")
-    assert set(info.features) == {"run_experts_stream", "packed_tokens"}
+    assert set(info.features) == {"run_experts_stream", "packed_tokens", "request_headers"}
 
 
 async def test_fp32_outputs_equal_the_in_process_experts(channel, reference):

@@ -19,7 +19,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 from moevit.worker.backends import ExpertBackend
-from moevit.worker.service import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ExpertServicer, wire_screen
+from moevit.worker.service import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_TOKENS,
+    ExpertServicer,
+    header_screen,
+    wire_screen,
+)
 
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.config import ModelConfig
@@ -166,8 +172,12 @@ class WorkerServer:
                                  maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         # not grpcio's generated add_ExpertServiceServicer_to_server: bytes that do not parse get INVALID_ARGUMENT
         screen = wire_screen(self._servicer.hosted, self.fingerprint)  # large requests refused before parsing
+        # and calls whose headers say they would be refused, before their messages are received (moevit_rpc.headers)
+        hosted, fp = self._servicer.hosted, self.fingerprint
         add_service(server, self._servicer, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"],
-                    screens={"RunExperts": screen, "RunExpertsStream": screen}, on_bytes=self._trimmer.note)
+                    screens={"RunExperts": screen, "RunExpertsStream": screen}, on_bytes=self._trimmer.note,
+                    header_screens={"RunExperts": header_screen(hosted, fp),
+                                    "RunExpertsStream": header_screen(hosted, fp, stream=True)})
         add_service(server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         try:
             # TLS configured -> only a TLS port: a plaintext port beside it would let a client skip the check

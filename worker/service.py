@@ -21,19 +21,21 @@ import torch
 from moevit.worker.backends import ExpertBackend
 
 from moevit_rpc.codecs import all_wire_ids
+from moevit_rpc.headers import EXPERTS, FINGERPRINT, LAYER
+from moevit_rpc.headers import FEATURE as HEADERS_FEATURE
 from moevit_rpc.messages import clip
 from moevit_rpc.serving import Refused, Undecodable
 from moevit_rpc.tensors import DTYPES, codec_of, proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 __all__ = ["DEFAULT_MAX_TOKENS", "PROTOCOL_VERSION", "ExpertServicer", "RequestError", "expert_rows",
-           "info_response", "validate_and_run"]
+           "header_screen", "info_response", "validate_and_run"]
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "v1"
 # Optional parts of v1 this worker implements (InfoResponse.features).
-FEATURES = ("run_experts_stream", "packed_tokens")
+FEATURES = ("run_experts_stream", "packed_tokens", HEADERS_FEATURE)
 # Pixel tokens per request: a batch of 64 images at layer 0-1 resolution (32x32 pixels at 256 px input) is 64K;
 # the cap bounds one request's memory and compute whatever the message size allows.
 DEFAULT_MAX_TOKENS = 1 << 18
@@ -74,6 +76,16 @@ def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def _fingerprint_mismatch(given: str, fingerprint: str) -> RequestError:
+    return RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"model fingerprint mismatch: the request is for model {clip(given)} but this worker serves "
+                        f"model {fingerprint!r}; load the same checkpoint on both ends")
+
+
+def _layer_not_hosted(layer: int, hosted: Mapping[int, Collection[int]]) -> RequestError:
+    return _invalid(f"layer {layer} is not hosted by this worker (hosted layers: {sorted(hosted)})")
+
+
 def _dtype_name(value: int) -> str:
     return expert_pb2.DType.Name(value) if value in expert_pb2.DType.values() else str(value)
 
@@ -99,12 +111,10 @@ def precheck(hosted: Mapping[int, Collection[int]], fingerprint: str, request: e
     fingerprint, layer, and more batches or packed experts than the layer has hosted experts (each may appear once),
     so a request of millions of entries is refused without walking them. Raises :class:`RequestError`."""
     if request.model_fingerprint != fingerprint:
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"model fingerprint mismatch: the request is for model {clip(request.model_fingerprint)} "
-                           f"but this worker serves model {fingerprint!r}; load the same checkpoint on both ends")
+        raise _fingerprint_mismatch(request.model_fingerprint, fingerprint)
     layer = request.layer
     if layer not in hosted:
-        raise _invalid(f"layer {layer} is not hosted by this worker (hosted layers: {sorted(hosted)})")
+        raise _layer_not_hosted(layer, hosted)
     n_hosted = len(hosted[layer])
     if request.HasField("packed"):
         named, what = len(request.packed.experts), "packed tokens name"
@@ -199,15 +209,11 @@ def wire_screen(hosted: Mapping[int, Collection[int]], fingerprint: str):
                     request_id = data[value[0]:value[0] + min(value[1], 200)].decode("utf-8", "replace")
                 elif number == 5 and kind == 2:
                     packed.append(value)
-            if fp.decode("utf-8", "replace") != fingerprint:
-                return Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"model fingerprint mismatch: the request is for model "
-                               f"{clip(fp.decode('utf-8', 'replace'))} but this worker serves model {fingerprint!r}; "
-                               "load the same checkpoint on both ends", request_id)
-            if layer not in hosted:
-                return Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"layer {layer} is not hosted by this worker (hosted layers: {sorted(hosted)})",
-                               request_id)
+            given = fp.decode("utf-8", "replace")
+            problem = (_fingerprint_mismatch(given, fingerprint) if given != fingerprint else
+                       _layer_not_hosted(layer, hosted) if layer not in hosted else None)
+            if problem is not None:
+                return Refused(problem.code, problem.message, request_id)
             cap = max(len(hosted[layer]), NAMED_SLACK)
             # a packed uint list of L bytes holds between L/10 and L entries: over 10 x cap bytes is over cap
             entries = {1: 0, 2: 0}
@@ -228,6 +234,60 @@ def wire_screen(hosted: Mapping[int, Collection[int]], fingerprint: str):
         return None
 
     return screen
+
+
+def header_screen(hosted: Mapping[int, Collection[int]], fingerprint: str, *, stream: bool = False):
+    """A header screen for :func:`moevit_rpc.serving.add_service`: refuses a ``RunExperts`` call (``stream``: a
+    ``RunExpertsStream`` call) from the headers its client sent (:mod:`moevit_rpc.headers`) before its message is
+    received: another model's fingerprint, a layer or an expert this worker does not host, an expert named twice,
+    more experts than the layer can take; with the status and message the message's own checks give. A call
+    without the headers (an older client) passes, and its message is checked as before; so is every message of a
+    call that passes."""
+    from moevit_rpc.serving import Refused
+
+    def screen(metadata: tuple) -> Refused | None:
+        given = {key: value for key, value in metadata if key.startswith("moevit-")}
+        if not given:
+            return None
+        try:
+            _check_headers(hosted, fingerprint, given, stream)
+        except RequestError as e:
+            return Refused(e.code, e.message)
+        return None
+
+    return screen
+
+
+def _check_headers(hosted: Mapping[int, Collection[int]], fingerprint: str, given: Mapping[str, Any],
+                   stream: bool) -> None:
+    """What :func:`header_screen` refuses, raised as :class:`RequestError`."""
+    given_fingerprint = given.get(FINGERPRINT)
+    if given_fingerprint is not None and given_fingerprint != fingerprint:
+        raise _fingerprint_mismatch(str(given_fingerprint), fingerprint)
+    if stream or LAYER not in given:  # a stream's messages name their own layers
+        return
+    text = str(given[LAYER])
+    try:
+        layer = int(text)
+    except ValueError:
+        raise _invalid(f"the {LAYER} header {clip(text)} is not a layer number") from None
+    if layer not in hosted:
+        raise _layer_not_hosted(layer, hosted)
+    text = given.get(EXPERTS)
+    if text is None:
+        return
+    text = str(text)
+    try:
+        experts = [int(e) for e in text.split(",")] if text else []
+    except ValueError:
+        raise _invalid(f"the {EXPERTS} header {clip(text)} is not a comma-separated list of expert ids") from None
+    if len(experts) > max(len(hosted[layer]), NAMED_SLACK):
+        raise _invalid(f"layer {layer}: the {EXPERTS} header names {len(experts)} experts but this worker hosts "
+                       f"{len(hosted[layer])} of layer {layer} (hosted: {sorted(hosted[layer])}) and each may appear "
+                       "once")
+    seen: set[int] = set()
+    for expert in experts:
+        _check_expert(expert, layer, hosted[layer], seen)
 
 
 def expert_rows(request: expert_pb2.RunExpertsRequest) -> list[tuple[int, int]]:
