@@ -1,4 +1,10 @@
-"""Shared fixtures. Tests use data the project generates, sklearn's bundled digits, or files they write."""
+"""Shared fixtures. Tests use data the project generates, sklearn's bundled digits, or files they write.
+
+The suite runs in one process (no pytest-xdist): on the 2 cores it is sized for, most of its time is real worker,
+coordinator and Classify-server processes starting and serving, which already use both cores, and many tests assert
+latency bounds (health within 0.5 s, an answer within 2 s) that a second test stream on the same cores would break.
+Time is saved instead by sharing processes that tests only call (module- and session-scoped fixtures), starting
+processes together and running independent command-line checks side by side."""
 
 from __future__ import annotations
 
@@ -54,6 +60,19 @@ def expert_model_path(tmp_path_factory):
 
     model = small_moe_model((5, 8), num_experts=4, calib_size=64)
     return save_checkpoint(model, tmp_path_factory.mktemp("experts") / "moe.safetensors")
+
+
+@pytest.fixture(scope="session")
+def expert_worker(expert_model_path):
+    """The address of a ``moe-worker`` process hosting every expert of ``expert_model_path``, shared by the transport
+    tests that only call it (tests/test_packed.py, tests/test_wire_codecs.py): one start-up (seconds of imports)
+    for the session instead of one per module and test."""
+    from tests.netutil import free_port, start_worker, stop
+
+    address = f"127.0.0.1:{free_port()}"
+    proc = start_worker(str(expert_model_path), address)
+    yield address
+    stop(proc)
 
 
 @pytest.fixture(scope="session")

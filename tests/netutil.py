@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,32 @@ from typing import Any
 from moevit.coordinator import local
 from moevit.coordinator.local import free_port, wait_serving
 
-__all__ = ["free_port", "in_process_worker", "site_client", "start_worker", "stop", "wait_serving"]
+__all__ = ["free_port", "in_process_worker", "site_client", "start_worker", "start_workers", "stop", "wait_serving"]
 
 
 def start_worker(model: str, address: str, experts: str = "all", *extra: str) -> subprocess.Popen:
-    """A ``moe-worker`` on ``address`` hosting ``experts`` of ``model`` with one thread, SERVING when returned."""
+    """A ``moe-worker`` on ``address`` hosting ``experts`` of ``model`` with one thread, SERVING when returned (within
+    120 s: 60 ran out on a machine at load 50, where a start-up takes minutes)."""
     return local.start_worker(["--listen", address, "--model", str(model), "--experts", experts, "--threads", "1",
-                               *extra], address, timeout=60)
+                               *extra], address, timeout=120)
+
+
+def start_workers(model: str, addresses: Mapping[str, str], experts: str = "all", *extra: str
+                  ) -> dict[str, subprocess.Popen]:
+    """:func:`start_worker` for every (name -> address) at once: all spawned, then each waited for, so their start-ups
+    (seconds of imports each) overlap instead of adding up; all stopped again when one does not come up."""
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, address in addresses.items():
+            procs[name] = local.spawn_worker(["--listen", address, "--model", str(model), "--experts", experts,
+                                              "--threads", "1", *extra])
+        deadline = time.monotonic() + 120 * len(procs)  # 120 s each, as start_worker gives one, sharing the cores
+        for name, address in addresses.items():
+            wait_serving(address, procs[name], timeout=max(1.0, deadline - time.monotonic()))
+    except BaseException:
+        local.stop_processes(procs.values())
+        raise
+    return procs
 
 
 def stop(proc: subprocess.Popen) -> None:

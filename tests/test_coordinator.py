@@ -18,7 +18,7 @@ import moevit
 from moevit.checkpoint import model_fingerprint, save_checkpoint
 from moevit.fuse import folded_copy
 from tests.deploy import small_moe_model, write_topology
-from tests.netutil import free_port, start_worker, stop
+from tests.netutil import free_port, start_worker, start_workers, stop
 
 LAYERS = (1, 5, 8)
 
@@ -42,7 +42,7 @@ def deployment(tmp_path_factory):
     path = save_checkpoint(model, tmp / "moe.safetensors")
     ports = {"cam": free_port(), "north": free_port(), "south": free_port()}
     topo = _topology(tmp, path, ports)
-    procs = {n: start_worker(str(path), f"127.0.0.1:{ports[n]}") for n in ("north", "south")}
+    procs = start_workers(str(path), {n: f"127.0.0.1:{ports[n]}" for n in ("north", "south")})
     yield {"tmp": tmp, "model": model, "path": path, "ports": ports, "topology": topo, "procs": procs}
     for p in procs.values():
         stop(p)

@@ -20,7 +20,7 @@ from moevit.worker.service import ExpertServicer
 
 from moevit_rpc.tensors import tensor_to_proto
 from moevit_rpc.v1 import expert_pb2
-from tests.netutil import free_port, in_process_worker, site_client, start_worker, stop
+from tests.netutil import in_process_worker, site_client
 
 LAYER, DIM = 8, 128
 
@@ -29,12 +29,10 @@ LAYER, DIM = 8, 128
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def worker(expert_model_path):
-    address = f"127.0.0.1:{free_port()}"
-    proc = start_worker(str(expert_model_path), address, "8:0-3")
-    yield address
-    stop(proc)
+@pytest.fixture
+def worker(expert_worker):
+    """A real worker process (the session's, hosting every expert; these tests call layer 8's 0-3)."""
+    return expert_worker
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])

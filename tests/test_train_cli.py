@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -45,7 +46,10 @@ def test_search_writes_a_table_and_a_reusable_best_config(tmp_path):
 
 @pytest.mark.slow
 def test_bad_flags_are_one_clear_line(tmp_path):
-    r = _run("moevit.cli.train", "--data", "nonsense:x", "--out", str(tmp_path / "x"))
+    with ThreadPoolExecutor(2) as pool:  # two independent processes, seconds of imports each: at once
+        train = pool.submit(_run, "moevit.cli.train", "--data", "nonsense:x", "--out", str(tmp_path / "x"))
+        ev = pool.submit(_run, "moevit.cli.eval", "--model", str(tmp_path / "missing.safetensors"), "--data", "digits")
+    r = train.result()
     assert r.returncode == 2 and "nonsense" in r.stderr and "Traceback" not in r.stderr
-    r = _run("moevit.cli.eval", "--model", str(tmp_path / "missing.safetensors"), "--data", "digits")
+    r = ev.result()
     assert r.returncode == 2 and "no such checkpoint" in r.stderr

@@ -20,7 +20,7 @@ import torch
 from moevit.coordinator import fieldmeta
 from moevit.coordinator import results as res
 from moevit.coordinator.local import free_port, wait_serving, write_topology
-from moevit.sim.attacks import small_model, start_worker, stop
+from moevit.sim.attacks import small_model, stop
 from PIL import Image
 
 from moevit.data import load_image
@@ -56,33 +56,47 @@ def model(tmp_path_factory):
     return small_model(tmp_path_factory.mktemp("untrusted"))
 
 
+@pytest.fixture(scope="module")
+def liars(model):
+    """mode -> address of a lying worker process ("nan", "wide"), started together and shared by the tests below:
+    a liar keeps no state between calls (it computes, then lies), so each test meets the same liar a fresh one is."""
+    path, _ = model
+    procs, addresses = [], {}
+    try:
+        for mode in ("nan", "wide"):
+            addresses[mode] = f"127.0.0.1:{free_port()}"
+            procs.append(subprocess.Popen([sys.executable, "-c", LYING_WORKER, str(path), addresses[mode], mode],
+                                          cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        for proc, address in zip(procs, addresses.values(), strict=True):
+            wait_serving(address, proc, timeout=120)
+        yield addresses
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["nan", "wide"])
-def test_a_lying_workers_answer_is_a_site_failure(model, mode):
+def test_a_lying_workers_answer_is_a_site_failure(model, liars, mode):
     """Item 5: a worker answering NaN (before: 0 degraded, 0 failed, "conf": NaN in the output) or one column too
     many (before: a RuntimeError traceback) gives SiteError INTERNAL, the failure the dispatcher sends to the next
     replica or the fallback, never outputs."""
     from moevit.coordinator.sites import SiteClient, SiteError
 
-    path, fingerprint = model
-    address = f"127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([sys.executable, "-c", LYING_WORKER, str(path), address, mode], cwd=REPO_ROOT,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_serving(address, proc, timeout=120)
-        for stream in (True, False):
-            client = SiteClient("liar", address, fingerprint=fingerprint, wire="fp32", watch=False, stream=stream)
-            try:
-                call = client.start(8, [(0, torch.randn(5, 128)), (2, torch.randn(3, 128))])
-                with pytest.raises(SiteError) as err:
-                    call.result()
-            finally:
-                client.close()
-            assert err.value.code == grpc.StatusCode.INTERNAL
-            assert ("NaN" if mode == "nan" else "shape [8, 129], expected [8, 128]") in str(err.value)
-            assert client.traffic.failures == 1
-    finally:
-        stop(proc)
+    _, fingerprint = model
+    address = liars[mode]
+    for stream in (True, False):
+        client = SiteClient("liar", address, fingerprint=fingerprint, wire="fp32", watch=False, stream=stream)
+        try:
+            call = client.start(8, [(0, torch.randn(5, 128)), (2, torch.randn(3, 128))])
+            with pytest.raises(SiteError) as err:
+                call.result()
+        finally:
+            client.close()
+        assert err.value.code == grpc.StatusCode.INTERNAL
+        assert ("NaN" if mode == "nan" else "shape [8, 129], expected [8, 128]") in str(err.value)
+        assert client.traffic.failures == 1
 
 
 def test_records_and_results_are_strict_json(tmp_path):
@@ -144,7 +158,7 @@ def field(model, tmp_path_factory):
     Image.fromarray(grey).save(images / "wide16.png")
     try:
         wait_serving(f"127.0.0.1:{ports['w']}", worker, timeout=120)
-        yield {"tmp": tmp, "topology": topology, "images": images}
+        yield {"tmp": tmp, "topology": topology, "images": images, "worker": f"127.0.0.1:{ports['w']}"}
     finally:
         stop(worker)
 
@@ -268,46 +282,49 @@ def test_moe_certs_keeps_an_existing_ca_and_never_writes_through_a_symlink(model
     assert certs("--replace-ca").returncode == 0 and (out / "ca.pem").read_bytes() != ca
 
 
+HONEST = {8: {"cam": [2, 3], "w": [0, 1]}, 5: {"cam": [0, 1], "w": [2, 3]}}
+
+
+def _placed_run(tmp: Path, model_path: Path, name: str, placement: dict, addresses: dict[str, str]
+                ) -> tuple[subprocess.CompletedProcess, dict]:
+    """A batch run (``moe-coordinator --data``, 40 images) with ``placement`` over the workers at ``addresses``;
+    (the finished process, its results.json read as strict JSON)."""
+    ports = {"cam": free_port(), **{site: 0 for site in placement[8] if site != "cam"}}
+    topology = write_topology(tmp, model_path, ports, name=f"{name}.yaml", placement=placement,
+                              addresses={s: addresses[s] for s in ports if s != "cam"})
+    out = tmp / name / "results.json"
+    r = subprocess.run([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topology), "--data",
+                        "synthetic:classes=5,per_class=10,size=64", "--split", "train", "--out", str(out),
+                        "--no-spawn", "--threads", "1", "--image-size", "64", "--batch-size", "4"], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{out} holds {constant}: not strict JSON")
+
+    return r, json.loads(out.read_text(), parse_constant=strict)
+
+
+@pytest.fixture(scope="module")
+def honest_alone(model, field, tmp_path_factory):
+    """The run on the honest worker alone (``field``'s worker: the same experts of the same model), which each
+    lying run below must equal; the same for both liars, so run once."""
+    return _placed_run(tmp_path_factory.mktemp("honest"), model[0], "honest", HONEST, {"w": field["worker"]})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["nan", "wide"])
-def test_a_lying_worker_beside_an_honest_replica_leaves_the_results_to_the_honest_one(model, tmp_path, mode):
+def test_a_lying_worker_beside_an_honest_replica_leaves_the_results_to_the_honest_one(model, field, liars,
+                                                                                      honest_alone, tmp_path, mode):
     """Item 5 end to end: a batch run (``moe-coordinator --data``) over a lying worker ("liar": NaN, or a column too
     many) and an honest replica ("w") of the same experts, with fallback ``fail``. The liar comes first in the
     placement's order, so it is called; each of its answers is a site failure retried on the honest replica. The
     run's results equal a run on the honest worker alone: nothing degraded or failed, the same accuracy, the same
     predictions and confidences, in strict JSON."""
-    path, _ = model
-    honest, honest_address = start_worker(path, "8:0-1,5:2-3")
-    liar_address = f"127.0.0.1:{free_port()}"
-    liar = subprocess.Popen([sys.executable, "-c", LYING_WORKER, str(path), liar_address, mode], cwd=REPO_ROOT,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    data = "synthetic:classes=5,per_class=10,size=64"
-
-    def run(name: str, placement: dict) -> tuple[subprocess.CompletedProcess, dict]:
-        ports = {"cam": free_port(), **{site: 0 for site in placement[8] if site != "cam"}}
-        addresses = {"w": honest_address, "liar": liar_address}
-        topology = write_topology(tmp_path, path, ports, name=f"{name}.yaml", placement=placement,
-                                  addresses={s: addresses[s] for s in ports if s != "cam"})
-        out = tmp_path / name / "results.json"
-        r = subprocess.run([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topology), "--data",
-                            data, "--split", "train", "--out", str(out), "--no-spawn", "--threads", "1",
-                            "--image-size", "64", "--batch-size", "4"], cwd=REPO_ROOT, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-
-        def strict(constant: str) -> None:
-            raise AssertionError(f"{out} holds {constant}: not strict JSON")
-
-        return r, json.loads(out.read_text(), parse_constant=strict)
-
-    try:
-        wait_serving(liar_address, liar, timeout=120)
-        alone, expected = run("honest", {8: {"cam": [2, 3], "w": [0, 1]}, 5: {"cam": [0, 1], "w": [2, 3]}})
-        both, got = run("lying", {8: {"cam": [2, 3], "liar": [0, 1], "w": [0, 1]},
-                                  5: {"cam": [0, 1], "liar": [2, 3], "w": [2, 3]}})
-    finally:
-        stop(liar)
-        stop(honest)
+    alone, expected = honest_alone
+    both, got = _placed_run(tmp_path, model[0], "lying", {8: {"cam": [2, 3], "liar": [0, 1], "w": [0, 1]},
+                                                          5: {"cam": [0, 1], "liar": [2, 3], "w": [2, 3]}},
+                            {"w": field["worker"], "liar": liars[mode]})
     summary = [line for line in both.stdout.splitlines() if " images: " in line]
     assert summary == [line for line in alone.stdout.splitlines() if " images: " in line], both.stdout
     assert summary[0].endswith("classified (0 degraded), 0 failed"), both.stdout

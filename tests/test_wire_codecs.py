@@ -5,6 +5,8 @@ rpc.codec per site in a split run."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from moevit.coordinator.runtime import CoordinatorError, SplitRuntime
@@ -14,7 +16,7 @@ from moevit.checkpoint import load_checkpoint
 from moevit.fuse import folded_copy
 from moevit_rpc.codecs import CODEC_NAMES
 from tests.deploy import write_topology
-from tests.netutil import free_port, in_process_worker, site_client, start_worker, stop
+from tests.netutil import free_port, in_process_worker, site_client
 
 LAYER, DIM = 8, 128
 # largest |error| of an expert output relative to the outputs' range, per base format: the input's quantisation
@@ -26,12 +28,11 @@ TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 3e-2, "int8": 5e-2, "int4": 0.5
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def worker(expert_model_path):
-    address = f"127.0.0.1:{free_port()}"
-    proc = start_worker(str(expert_model_path), address, "8:0-3")
-    yield address
-    stop(proc)
+@pytest.fixture
+def worker(expert_worker):
+    """A real worker process hosting every expert (the session's, see conftest.py), shared by the tests below (none
+    alters it: codecs and skip rules are the client's choice per call)."""
+    return expert_worker
 
 
 def test_every_codec_round_trips_through_a_worker_in_fewer_bytes(worker, layer8_reference):
@@ -95,29 +96,25 @@ def test_an_older_worker_keeps_fp16_and_is_refused_int8_naming_the_site(expert_m
             rt.close()
 
 
-def test_split_runs_with_quantised_links_in_fewer_bytes(expert_model_path, tmp_path):
+def test_split_runs_with_quantised_links_in_fewer_bytes(expert_model_path, worker, tmp_path):
     """rpc.codec per site in a whole split run: int8 keeps the logits close; int4 sends about a quarter of fp16's
     bytes (its accuracy on a trained model: bench/bench_wire.py; this random model's routing is too fragile)."""
-    address = f"127.0.0.1:{free_port()}"
-    proc = start_worker(str(expert_model_path), address)
+    address = worker
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = folded_copy(load_checkpoint(expert_model_path))(x)
     sent, logits = {}, {}
-    try:
-        for codec in ("fp16", "int8", "int4+zstd"):
-            rt = _runtime(tmp_path, expert_model_path, address, codec)
-            try:
-                rt.check_workers()
-                assert rt.clients["w"].wire == codec
-                logits[codec] = rt.classify(x).logits
-                # per token: a quantised answer can move patches across routing boundaries of this random model,
-                # which changes how many tokens later layers send (int8/fp16 in total bytes: 0.43 in one full run)
-                sent[codec] = rt.traffic()["w"]["bytes_sent"] / rt.traffic()["w"]["tokens"]
-            finally:
-                rt.close()
-    finally:
-        stop(proc)
+    for codec in ("fp16", "int8", "int4+zstd"):
+        rt = _runtime(tmp_path, expert_model_path, address, codec)
+        try:
+            rt.check_workers()
+            assert rt.clients["w"].wire == codec
+            logits[codec] = rt.classify(x).logits
+            # per token: a quantised answer can move patches across routing boundaries of this random model,
+            # which changes how many tokens later layers send (int8/fp16 in total bytes: 0.43 in one full run)
+            sent[codec] = rt.traffic()["w"]["bytes_sent"] / rt.traffic()["w"]["tokens"]
+        finally:
+            rt.close()
     # a quantised layer-5 answer can move a patch across a layer-8 routing boundary of this random model, which
     # changes that image's logits wholesale: most images stay within the bound
     close = (logits["int8"] - ref).abs().amax(dim=1) <= 0.05 * float(ref.abs().max())
@@ -127,40 +124,63 @@ def test_split_runs_with_quantised_links_in_fewer_bytes(expert_model_path, tmp_p
     assert sent["int4+zstd"] / sent["fp16"] < 0.35
 
 
-def test_skipped_patches_stay_off_the_wire_and_are_recorded(expert_model_path, tmp_path):
+def test_skipped_patches_stay_off_the_wire_and_are_recorded(expert_model_path, worker, tmp_path):
     """A skip rule in the coordinator: with every remote patch under the threshold nothing is sent; the local copy
     gives the unskipped logits, the residual path others; SplitRuntime.skipped() records the counts per layer."""
     from moevit.moe.skip import SkipRule
 
-    address = f"127.0.0.1:{free_port()}"
-    proc = start_worker(str(expert_model_path), address)
+    address = worker
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = folded_copy(load_checkpoint(expert_model_path))(x)
     topo = write_topology(tmp_path, expert_model_path, {"cam": free_port(), "w": 1}, addresses={"w": address})
-    try:
-        for action in ("local", "residual"):
-            rt = SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=SkipRule(threshold=1.0,
-                                                                                             action=action))
-            try:
-                rt.check_workers()
-                logits = rt.classify(x).logits
-                assert rt.traffic()["w"]["calls"] == 0
-                skipped = rt.skipped()
-                assert set(skipped) == {5, 8} and all(s["sent"] == 0 for s in skipped.values())
-                assert sum(s[f"offwire_{action}"] for s in skipped.values()) > 0
-                if action == "local":
-                    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
-                else:
-                    assert not torch.allclose(logits, ref, atol=1e-3)
-            finally:
-                rt.close()
-        rt = SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=SkipRule(threshold=0.0))
+    for action in ("local", "residual"):
+        rt = SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=SkipRule(threshold=1.0,
+                                                                                         action=action))
         try:
-            rt.check_workers()  # the worker's health must be known before its experts are called
-            rt.classify(x)
-            assert rt.traffic()["w"]["calls"] > 0 and rt.skipped() == {}  # an inactive rule wraps nothing
+            rt.check_workers()
+            logits = rt.classify(x).logits
+            assert rt.traffic()["w"]["calls"] == 0
+            skipped = rt.skipped()
+            assert set(skipped) == {5, 8} and all(s["sent"] == 0 for s in skipped.values())
+            assert sum(s[f"offwire_{action}"] for s in skipped.values()) > 0
+            if action == "local":
+                torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+            else:
+                assert not torch.allclose(logits, ref, atol=1e-3)
         finally:
             rt.close()
+    rt = SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=SkipRule(threshold=0.0))
+    try:
+        rt.check_workers()  # the worker's health must be known before its experts are called
+        rt.classify(x)
+        assert rt.traffic()["w"]["calls"] > 0 and rt.skipped() == {}  # an inactive rule wraps nothing
     finally:
-        stop(proc)
+        rt.close()
+
+
+def test_a_rule_for_some_layers_leaves_the_others_on_the_wire(expert_model_path, worker, tmp_path):
+    """``--skip-layers 8``: layer 8's remote patches stay off the wire, layer 5 sends all of its own; a rule naming a
+    layer that is not an MoE layer of the model is refused at start, naming it."""
+    from moevit.coordinator.cli import _layer_list
+
+    from moevit.moe.skip import rules_from_options
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    topo = write_topology(tmp_path, expert_model_path, {"cam": free_port(), "w": 1}, addresses={"w": worker})
+    rules = rules_from_options(threshold=1.0, layers=_layer_list("8"))
+    rt = SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=rules)
+    try:
+        rt.check_workers()
+        rt.classify(x)
+        skipped = rt.skipped()
+        assert set(skipped) == {8} and skipped[8]["sent"] == 0 and skipped[8]["offwire_residual"] > 0
+        assert rt.traffic()["w"]["calls"] > 0  # layer 5 still calls the worker
+    finally:
+        rt.close()
+    with pytest.raises(CoordinatorError, match=r"layer\(s\) 3, which are not MoE layers .*MoE layers: 5, 8"):
+        SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=rules_from_options(threshold=1.0,
+                                                                                          layers=(3, 8)))
+    for bad in ("x", "9", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="layer"):
+            _layer_list(bad)
