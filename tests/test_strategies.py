@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from moevit.checkpoint import save_checkpoint
 from tests.deploy import small_moe_model, write_topology
+from tests.netutil import start_workers, stop
 
 LAYERS = (1, 5, 8)
 DATA = "synthetic:classes=5,per_class=10,seed=1,size=64"
@@ -30,8 +32,8 @@ def model_path(tmp_path_factory):
     return save_checkpoint(small_moe_model(LAYERS, image_size=64), tmp / "moe.safetensors")
 
 
-def _topology(tmp, model_path, strategy, *, extra=None, site_extra=None, **kw):
-    ports = {"cam": free_port(), "north": free_port(), "south": free_port()}
+def _topology(tmp, model_path, strategy, *, extra=None, site_extra=None, ports=None, **kw):
+    ports = {"cam": free_port(), **(ports or {"north": free_port(), "south": free_port()})}
     path = write_topology(tmp, model_path, ports, name=f"{strategy}.yaml", rpc={"codec": "fp32"},
                           site_extra=site_extra, **kw)
     doc = yaml.safe_load(path.read_text())
@@ -95,14 +97,36 @@ def test_link_estimates_are_moving_averages_of_calls_and_probes(tmp_path):
     assert not est.estimates()["north"].up and est.summary()["north"]["probes"] == 42
 
 
+@pytest.fixture(scope="module")
+def workers(model_path):
+    """north and south worker processes (every expert), started together, on the ports the strategies' topologies
+    below give those sites: the runs share them (a worker keeps no state between calls). That moe-coordinator
+    starts the workers it finds missing is tested by
+    test_coordinator.py::test_cli_starts_local_workers_and_reports_a_corrupt_image."""
+    ports = {"north": free_port(), "south": free_port()}
+    procs = start_workers(str(model_path), {n: f"127.0.0.1:{p}" for n, p in ports.items()})
+    yield ports
+    for p in procs.values():
+        stop(p)
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_every_strategy_runs_for_real_and_names_itself(tmp_path, model_path):
+def test_every_strategy_runs_for_real_and_names_itself(tmp_path, model_path, workers):
+    def run(strategy):
+        topo = _topology(tmp_path, model_path, strategy, ports=workers)
+        out = tmp_path / f"{strategy}.jsonl"
+        return out, _coordinator("--topology", str(topo), "--data", DATA, "--limit", "8", "--threads", "1", "--out",
+                                 str(out))
+
+    # two runs at a time (their start-ups are seconds of imports on one core each); offload-image and adaptive each
+    # start the whole-model Classify server at the same address, so never together
+    with ThreadPoolExecutor(2) as pool:
+        runs = dict(zip(("split", "offload-image"), pool.map(run, ("split", "offload-image")), strict=True))
+        runs.update(zip(("local", "adaptive"), pool.map(run, ("local", "adaptive")), strict=True))
     preds = {}
     for strategy in ("split", "local", "offload-image", "adaptive"):
-        topo = _topology(tmp_path, model_path, strategy)
-        out = tmp_path / f"{strategy}.jsonl"
-        r = _coordinator("--topology", str(topo), "--data", DATA, "--limit", "8", "--threads", "1", "--out", str(out))
+        out, r = runs[strategy]
         assert r.returncode == 0, r.stderr[-2000:]
         recs = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(recs) == 8 and all("error" not in x for x in recs)
