@@ -31,7 +31,7 @@ from moevit.data import load_image
 from moevit.fuse import folded_copy
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 from tests.deploy import replicated_placement, small_moe_model, write_topology
-from tests.netutil import free_port, start_worker, stop, wait_serving
+from tests.netutil import free_port, start_worker, start_workers, stop, wait_serving
 
 LAYERS = (1, 5, 8)
 E = 6
@@ -78,7 +78,7 @@ def cluster(tmp_path_factory):
     model = small_moe_model(LAYERS, num_experts=E, calib_size=SIZE)
     path = save_checkpoint(model, tmp / "moe.safetensors")
     ports = {"cam": free_port(), **{w: free_port() for w in WORKERS}}
-    procs = {w: start_worker(str(path), f"127.0.0.1:{ports[w]}") for w in WORKERS}
+    procs = start_workers(str(path), {w: f"127.0.0.1:{ports[w]}" for w in WORKERS})
     images = [_png(i) for i in range(200)]
     x = torch.stack([load_image(b, SIZE) for b in images])
     ref = folded_copy(model)  # as the coordinator runs the trunk
