@@ -357,6 +357,9 @@ def bench_latency(dep: Deployment, ref, layers: tuple[int, ...], args, memory_fo
                 "split_3w_per_expert": dep.runtime("3w", memory_format=memory_format, packed=False),
                 # one call per layer: what the per-call cost weighs when the workers share a core
                 "split_layerwise": dep.runtime("layerwise", memory_format=memory_format)}
+    for codec in args.wires:  # the same 3w deployment with another token codec on every link (--wires)
+        if codec != "fp16":
+            runtimes[f"split_3w_{codec}"] = dep.runtime("3w", wire=codec, memory_format=memory_format)
     xs = [x[None].contiguous(memory_format=memory_format) for x in random_images(16, IMAGE_SIZE, seed=1)]
     try:
         fns = {name: cycling(rt.classify, xs) for name, rt in runtimes.items()}
@@ -846,6 +849,13 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
                          "measured": f"{rc:.3f} ({sc['p50']:.1f} / {i['p50']:.1f} ms); worker CPU per call "
                                      f"{cpu[config]:.2f} ms {label}, {cpu['split_3w']:.2f} ms {default}",
                          "target": "(info)", "holds": None})
+        for config in sorted(c for c in lat["vs_inprocess"] if c.startswith("split_3w_") and c not in
+                             ("split_3w_unary", "split_3w_per_expert")):  # --wires: another token codec
+            rc, sc = lat["vs_inprocess"][config]["ratio_of_medians"], lat["summary"][config]
+            rows.append({"figure": f"split (3 workers), {config.removeprefix('split_3w_')} on the wire instead of "
+                                   f"fp16, MoE {key}",
+                         "measured": f"{rc:.3f} ({sc['p50']:.1f} / {i['p50']:.1f} ms)", "target": "(info)",
+                         "holds": None})
     for key, tp in result["throughput"].items():
         r = tp["ratio_vs_model"]
         ips = tp["median_images_per_s"]
@@ -976,6 +986,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", default="latency,throughput,bytes,onnx,agreement",
                     help="comma-separated sections to run")
     ap.add_argument("--layers", default=None, help="layer sets, e.g. '8;1,3,5,7' (default both)")
+    ap.add_argument("--wires", nargs="+", default=["fp16"], metavar="CODEC",
+                    help="latency: also time the 3w deployment with these token codecs, e.g. int4+zstd (fp16 always)")
     ap.add_argument("--pool", nargs="+", metavar="JSON", help="run nothing: pool the paired throughput rounds of "
                     "these result files per layer set (median, bootstrap interval, share of rounds >= the target)")
     return ap
