@@ -173,6 +173,11 @@ def link_table(variants: list[tuple[str, dict]]) -> list[dict]:
     stats_path = work / "stats256.json"
     stats_path.write_text(json.dumps(synthetic_stats(layers=(1, 5, 8), num_experts=16, num_classes=8,
                                                      image_size=256)))
+    # the sites of examples/sites.yaml without its model file: the statistics are synthetic, of no model on disk
+    topology = yaml.safe_load(Path("examples/sites.yaml").read_text())
+    topology.pop("model", None)
+    topology_path = work / "sites-synthetic.yaml"
+    topology_path.write_text(yaml.safe_dump(topology))
     rows = []
     conditions = [
         {"name": "wifi-20M", "bandwidth_mbps": 20, "latency_ms": 4, "loss": 0.0},
@@ -190,7 +195,7 @@ def link_table(variants: list[tuple[str, dict]]) -> list[dict]:
         sweep_path.write_text(yaml.safe_dump({
             "conditions": conditions, "arrivals": arrivals, "seeds": 2, "images": 200,
             "strategies": ["offload-image", "split"], "settings": {**settings, "rpc_overhead_bytes": 89}}))
-        world, _, scenarios = prepare(SimOptions(topology="examples/sites.yaml", out=str(work), stats=str(stats_path),
+        world, _, scenarios = prepare(SimOptions(topology=str(topology_path), out=str(work), stats=str(stats_path),
                                                  sweep=str(sweep_path)), log=lambda s: None)
         for r in run_local(world, scenarios):
             row = r.row()
@@ -288,6 +293,16 @@ def main() -> int:
     ok = [s for s in summary if s["diff_points_mean"] >= -1.0]
     best = min(ok, key=lambda s: s["bytes_per_image_256"])
     best_codec = best["config"].split("@")[0]
+    payload = {
+        "command": " ".join(sys.argv), "models": args.models, "data": args.data, "image_size": args.image_size,
+        "thresholds": args.thresholds, "skip_layers": args.skip_layers, "bytes_data": args.bytes_data,
+        "jpeg_bytes_mean_256": statistics.mean(jpeg),
+        "accuracy": acc, "bytes_256": bytes256, "summary": summary, "best": best,
+        "cpu_ms_per_layer_per_site": cpu, "cpu_tokens_shape": tokens_largest, "links": [],
+        "wall_s": time.perf_counter() - t_start, "machine": machine_info(),
+    }
+    out = write_result(args.out, payload)  # written now too, so a failure in the link table loses nothing
+    plot(summary, Path(out).with_suffix(".png"))
     links = []
     if not args.no_links:
         # measured bytes per number of the best codec (threshold 0, all layers together) and its CPU per number
@@ -303,16 +318,8 @@ def main() -> int:
                                                  "codec_s_per_value": codec_s}),
                             (best["config"], {"wire": best_codec, "wire_bytes_per_value": eff_bpv,
                                               "codec_s_per_value": codec_s})])
-    payload = {
-        "command": " ".join(sys.argv), "models": args.models, "data": args.data, "image_size": args.image_size,
-        "thresholds": args.thresholds, "skip_layers": args.skip_layers, "bytes_data": args.bytes_data,
-        "jpeg_bytes_mean_256": statistics.mean(jpeg),
-        "accuracy": acc, "bytes_256": bytes256, "summary": summary, "best": best,
-        "cpu_ms_per_layer_per_site": cpu, "cpu_tokens_shape": tokens_largest, "links": links,
-        "wall_s": time.perf_counter() - t_start, "machine": machine_info(),
-    }
+    payload.update(links=links, wall_s=time.perf_counter() - t_start)
     out = write_result(args.out, payload)
-    plot(summary, Path(out).with_suffix(".png"))
     print(f"wrote {out}")
     return 0
 
