@@ -44,6 +44,7 @@ __all__ = [
     "SweepConfig",
     "TopologyVariant",
     "check_sites",
+    "check_skip_layers",
     "default_sweep",
     "expand",
     "figures_at",
@@ -208,8 +209,10 @@ class Settings:
     reconnect_s: after a site rejoins, how long until the coordinator's channel is back; detect_s: after a site goes
     down, how long until the coordinator's health watch sees it down (and routes around it); confidence_threshold: a
     patch whose top-1 router probability is below it is "low confidence"; low_confidence_share: the share of a
-    background expert's patches taken as low confidence when no trace gives the real count; battery_soc: state of
-    charge at the start (fraction of battery_wh).
+    background expert's patches taken as low confidence when no trace gives the real count; skip_layers: the MoE
+    layers where those patches are dropped or kept local (split-drop/local-background; None: every MoE layer; as
+    ``moe-coordinator --skip-layers``, decided by :func:`moevit.moe.skip.skip_layers`); battery_soc: state of charge
+    at the start (fraction of battery_wh).
     """
 
     wire: str = "fp16"
@@ -232,6 +235,7 @@ class Settings:
     detect_s: float = 0.2
     confidence_threshold: float = 0.5
     low_confidence_share: float = 0.5
+    skip_layers: tuple[int, ...] | None = None
     battery_soc: float = 1.0
     # LinkStep(from_s, bandwidth_mbps, latency_ms, sites, tx/rx_nj_per_bit), from_s ascending: from from_s on, the
     # coordinator's links to ``sites`` (None: all of them) carry these figures (a message takes the figures of the
@@ -484,9 +488,21 @@ def _parse_settings(d: Any, file: str, key: str) -> Settings:
             out[k] = _parse_schedule(v, file, kk)
         elif k == "load_delay_s":
             out[k] = tuple(_num(x, file, f"{kk}[{i}]") for i, x in enumerate(_list(v, file, kk)))
+        elif k == "skip_layers":
+            out[k] = None if v is None else _layer_ids(v, file, kk)
         else:
             out[k] = _num(v, file, kk)
     return Settings(**out)
+
+
+def _layer_ids(v: Any, file: str, key: str) -> tuple[int, ...]:
+    """A non-empty list of distinct MoE layer ids (whether each is an MoE layer of the stats is checked later, by
+    :func:`check_skip_layers`)."""
+    items = _list(v, file, key)
+    ids = [_int(x, file, f"{key}[{i}]", 0) for i, x in enumerate(items)]
+    if len(set(ids)) != len(ids):
+        raise SimConfigError(file, key, f"layer {next(i for i in ids if ids.count(i) > 1)} listed twice")
+    return tuple(sorted(ids))
 
 
 _TOP = ("topologies", "conditions", "arrivals", "failures", "strategies", "seeds", "images", "settings")
@@ -606,6 +622,16 @@ def check_sites(sweep: SweepConfig, topologies: Mapping[str, Topology]) -> None:
                 known(name, topo, o.site, f"failures[{i}].link_outages[{j}].site", remote_only=True)
             for j, o in enumerate(f.site_downs):
                 known(name, topo, o.site, f"failures[{i}].site_downs[{j}].site", remote_only=False)
+
+
+def check_skip_layers(sweep: SweepConfig, moe_layers: Iterable[int], what: str = "the stats") -> None:
+    """``settings.skip_layers`` names only MoE layers of ``moe_layers`` (those of the stats and trace)."""
+    from moevit.moe.skip import skip_layers
+
+    try:
+        skip_layers(sweep.settings.skip_layers, moe_layers)
+    except ValueError as e:
+        raise SimConfigError(sweep.source, "settings.skip_layers", f"{e} of {what}") from None
 
 
 def expand(sweep: SweepConfig, topology_names: Iterable[str]) -> list[Scenario]:

@@ -767,21 +767,27 @@ class _Run:
 
     def _plan_layers(self) -> None:
         """Patches per site for every image and MoE layer, after the strategy's treatment of weak background
-        patches; computed once, vectorised (the event handlers then only read Python lists)."""
+        patches (only at the layers of ``settings.skip_layers``); computed once, vectorised (the event handlers then
+        only read Python lists)."""
         assert self.routing is not None
         S = len(self.sites)
         self.per_site: list[list[list[float]]] = []
         self.counts: list[np.ndarray] = []  # per layer [n, E]: patches per expert that leave the coordinator's hands
+        from moevit.moe.skip import skip_layers
+
+        # the coordinator's --skip-layers rule: only these layers' weak background patches stay off the wire
+        skipping = skip_layers(self.st.skip_layers, self.stats.moe_layers())
         for li, site_of in enumerate(self.site_of):
             counts = self.routing.counts[li].astype(np.float64)
             onehot = np.zeros((len(site_of), S))
             onehot[np.arange(len(site_of)), site_of] = 1.0
             local_extra = np.zeros(len(counts))
-            if self.sc.strategy == "split-drop-background":
+            strategy = self.sc.strategy if self.stats.layers[li].layer in skipping else "split"
+            if strategy == "split-drop-background":
                 low = self.routing.low[li]
                 counts = counts - low  # dropped wherever their expert is: no bytes, no compute
                 self.dropped_patches += int(low.sum())
-            elif self.sc.strategy == "split-local-background":
+            elif strategy == "split-local-background":
                 moved = self.routing.low[li] * (site_of != self.c)[None, :]  # remote experts' weak patches stay home
                 counts = counts - moved
                 local_extra = moved.sum(axis=1)

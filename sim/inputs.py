@@ -23,7 +23,16 @@ from moevit.deploy.topology import (
     validate_placement,
 )
 from moevit.partition.costmodel import Stats, load_stats
-from moevit.sim.config import Scenario, SimConfigError, SweepConfig, check_sites, default_sweep, expand, load_sweep
+from moevit.sim.config import (
+    Scenario,
+    SimConfigError,
+    SweepConfig,
+    check_sites,
+    check_skip_layers,
+    default_sweep,
+    expand,
+    load_sweep,
+)
 from moevit.sim.engine import Calibration, World
 from moevit.sim.trace import Trace, check_trace, read_trace, record_trace, write_trace
 
@@ -144,6 +153,7 @@ def prepare(opts: SimOptions, *, log: Callable[[str], None] = print, calibration
             trace_path = str(tp)
     stats = load_stats(stats_path)
     check_fingerprint(base, stats, stats_path)
+    check_skip_layers(sweep, stats.moe_layers(), f"the stats {stats_path}")  # the trace's are checked equal below
     for topo in topologies.values():
         if topo is not base:
             check_fingerprint(topo, stats, stats_path)

@@ -195,8 +195,24 @@ def apply_skip(model: torch.nn.Module, rules: dict[int, SkipRule], *,
     return out
 
 
+def skip_layers(layers: Collection[int] | None, moe_layers: Iterable[int]) -> frozenset[int]:
+    """The MoE layers (of ``moe_layers``) where a skip rule applies: those in ``layers``, every one when ``layers``
+    is None (the default of ``moe-coordinator --skip-layers`` and of the simulator's ``settings.skip_layers``); at the
+    others every remote patch travels. The one answer to "may this layer's patches stay off the wire" that the
+    coordinator's rules, the simulator's drop/local-background strategies and the cost model share. ValueError naming
+    the layer(s) of ``layers`` that are not MoE layers."""
+    moe = frozenset(int(i) for i in moe_layers)
+    if layers is None:
+        return moe
+    chosen = frozenset(int(i) for i in layers)
+    if stray := sorted(chosen - moe):
+        raise ValueError(f"layer(s) {', '.join(map(str, stray))} not MoE layers (the MoE layers: "
+                         f"{', '.join(map(str, sorted(moe)))})")
+    return chosen
+
+
 __all__ = ["ACTIONS", "MATCHES", "SkipCounts", "SkipRule", "SkippingDispatcher", "apply_skip", "rules_from_options",
-           "subset_plan"]
+           "skip_layers", "subset_plan"]
 
 
 def rules_from_options(*, threshold: float = 0.0, action: str = "residual", match: str = "any",
@@ -212,8 +228,8 @@ def rules_from_options(*, threshold: float = 0.0, action: str = "residual", matc
     from pathlib import Path
 
     try:
-        layers = json.loads(Path(analysis).read_text())["layers"]
-        background = {int(k): [int(e) for e in v["background_experts"]] for k, v in layers.items()}
+        listed = json.loads(Path(analysis).read_text())["layers"]
+        background = {int(k): [int(e) for e in v["background_experts"]] for k, v in listed.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{analysis}: not a moe-analyze analysis.json with layers.<n>.background_experts ({e})") \
             from None
