@@ -48,6 +48,18 @@ REDUCED = [("8", 16)]
 FULL = [("8", 2), ("8", 8), ("8", 16), ("1,5,8", 8), ("1,3,5,7", 8), ("2,4,6,8", 8)]
 
 
+def dense_recipe(epochs: int) -> list[str]:
+    """moe-train options of the dense model (from the pretrained trunk)."""
+    return ["--epochs", str(epochs), "--mixup", "0.2", "--dropout", "0.1", "--lr-rest", "1e-3", "--lr-head", "2e-3",
+            "--warmup-epochs", "0.5"]
+
+
+def ft_recipe(epochs: int) -> list[str]:
+    """moe-train options of every fine-tuning: MoE models and the dense model's extra epochs (equal budgets)."""
+    return ["--epochs", str(epochs), "--mixup", "0.2", "--lr-rest", "1e-4", "--lr-head", "2e-4", "--lr-moe", "5e-4",
+            "--warmup-epochs", "0.2"]
+
+
 def _run(fn, argv: list[str]) -> None:
     print("$", fn.__module__.replace("moevit.cli.", "moe-"), " ".join(argv), flush=True)
     if fn(argv) != 0:
@@ -104,10 +116,8 @@ def main() -> int:
     size = str(args.image_size)
     common = ["--data", args.data, "--image-size", size, "--select", "val", "--threads", str(args.threads),
               "--no-progress"]
-    dense_recipe = ["--epochs", str(args.dense_epochs), "--mixup", "0.2", "--dropout", "0.1", "--lr-rest", "1e-3",
-                    "--lr-head", "2e-3", "--warmup-epochs", "0.5"]
-    ft_recipe = ["--epochs", str(args.ft_epochs), "--mixup", "0.2", "--lr-rest", "1e-4", "--lr-head", "2e-4",
-                 "--lr-moe", "5e-4", "--warmup-epochs", "0.2"]
+    dense_args = dense_recipe(args.dense_epochs)
+    ft_args = ft_recipe(args.ft_epochs)
     variants = FULL if args.full else REDUCED
     if args.variants:
         try:
@@ -123,7 +133,7 @@ def main() -> int:
         s = ["--seed", str(seed)]
         dense_dir = out / f"dense-e{args.dense_epochs}-s{seed}"
         _run(train_main, ["--model", "mobilevitv2_050", "--init", args.init, "--out", str(dense_dir), *common,
-                          *dense_recipe, *s])
+                          *dense_args, *s])
         dense_ck = dense_dir / "best.safetensors"
         runs.setdefault("dense", {})[seed] = str(dense_dir)
         gate_path = dense_dir / "gate.json"  # the gate first: it decides whether the MoE rows can mean anything
@@ -131,7 +141,7 @@ def main() -> int:
             print(f"gate: seed {seed}", flush=True)
             gate_path.write_text(json.dumps(gate(load_checkpoint(dense_ck), held)))
         extra = out / f"dense-e{args.dense_epochs}-extra{args.ft_epochs}-s{seed}"
-        _run(train_main, ["--model", str(dense_ck), "--out", str(extra), *common, *ft_recipe, *s])
+        _run(train_main, ["--model", str(dense_ck), "--out", str(extra), *common, *ft_args, *s])
         runs.setdefault("dense + extra epochs", {})[seed] = str(extra)
         dense = load_checkpoint(dense_ck)
         for layers, experts in variants:
@@ -145,7 +155,7 @@ def main() -> int:
                                     str(experts), "--hidden", str(k), "--images-per-class",
                                     str(args.images_per_class), "--seed", str(seed), "--threads", str(args.threads),
                                     "--out", str(conv), "--report", str(conv.with_suffix(".report.json"))])
-            _run(train_main, ["--model", str(conv), "--out", str(out / f"{tag}-ft"), *common, *ft_recipe, *s])
+            _run(train_main, ["--model", str(conv), "--out", str(out / f"{tag}-ft"), *common, *ft_args, *s])
             runs.setdefault(name, {})[seed] = str(out / f"{tag}-ft")
             conversions.setdefault(name, []).append(str(conv.with_suffix(".report.json")))
 
@@ -205,7 +215,7 @@ def main() -> int:
     results.with_suffix(".md").write_text(table + "\n")
     write_result(results.with_suffix(".json"), {
         "data": args.data, "image_size": args.image_size, "init": args.init, "seeds": args.seeds,
-        "dense_recipe": dense_recipe, "ft_recipe": ft_recipe, "rows": rows, "gate": gate_rows,
+        "dense_recipe": dense_args, "ft_recipe": ft_args, "rows": rows, "gate": gate_rows,
         "gate_runs": gates, "runs": runs, "threads": args.threads, "seconds": time.perf_counter() - t0})
     print(table)
     print(f"\n{time.perf_counter() - t0:.0f} s; {results.with_suffix('.md')}")

@@ -12,6 +12,7 @@ from typing import Any
 NUM_TRANSFORMER_LAYERS = 9
 CORRECTIONS = ("residual", "paper")
 GATES = ("renorm", "softmax")
+ROUTERS = ("cosine", "linear")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class MoEConfig:
     gate: ``renorm`` (softmax renormalised over the chosen top-k: a top-1 gate is exactly 1, its gradient
         still reaches the router) or ``softmax`` (the plain softmax probability, as in LIMoE).
     logit_scale: initial value of the learnable scale s on the cosine router logits.
+    router: ``cosine`` (the paper's: cosine to centroids set at conversion, times s) or ``linear`` (logits = W ·
+        minmax(z̄) + b, weights learned from a random start: the ablation's "linear router trained from scratch").
     """
 
     layers: tuple[int, ...] = (8,)
@@ -36,6 +39,7 @@ class MoEConfig:
     correction: str = "residual"
     gate: str = "renorm"
     logit_scale: float = 20.0
+    router: str = "cosine"
 
     def __post_init__(self) -> None:
         layers = tuple(sorted({int(i) for i in self.layers}))
@@ -55,10 +59,14 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.correction must be one of {CORRECTIONS}, got {self.correction!r}")
         if self.gate not in GATES:
             raise ValueError(f"MoEConfig.gate must be one of {GATES}, got {self.gate!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"MoEConfig.router must be one of {ROUTERS}, got {self.router!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        if self.router == "cosine":  # the default is left out: cosine models' files and fingerprints stay as before
+            del d["router"]
         return d
 
     @classmethod

@@ -10,6 +10,10 @@ For each chosen transformer layer, in forward order, through the model converted
    centroids are the cluster means;
 4. MoEfication: expert e keeps the K hidden units of the dense MLP most important on its cluster's pixel tokens,
    plus the correction term (``residual`` or ``paper``).
+
+Step 3 has alternatives for the initialisation ablation of issue 17 (``ConvertConfig.router_init``): k-means on the
+same patches, class-mean centroids, random patches as centroids; and ``MoEConfig.router = "linear"`` replaces the
+cosine router by a linear one learned from a random start, the experts still cut from the clusters.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from moevit.config import MoEConfig
 from moevit.layers import ConvMlp
 from moevit.mobilevitv2 import MobileViTV2
 from moevit.moe.layer import MoELayer
+from moevit.moe.router import LinearRouter
 from moevit.moefy import UNIT_SPLITS, balanced_neuron_groups, load_expert, moe_skeleton, unit_importance
+
+ROUTER_INITS = ("ward", "kmeans", "class-means", "random")
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,19 @@ class ConvertConfig:
     size_min: int | None = None  # None: 0.625 × the model's training size, up to a 32 px step
     size_max: int | None = None  # None: 1.25 × the model's training size, down to a 32 px step
     seed: int = 0
+    router_init: str = "ward"  # how patches are grouped into experts and centroids set: see ROUTER_INITS, cluster()
+
+    def __post_init__(self) -> None:
+        if self.units not in UNIT_SPLITS:
+            raise ValueError(f"units must be one of {UNIT_SPLITS}, got {self.units!r}")
+        if self.router_init not in ROUTER_INITS:
+            raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
+        for name in ("patches_per_class", "rounds", "images_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.size_min is not None and self.size_max is not None and not 32 <= self.size_min <= self.size_max:
+            raise ValueError(f"conversion sizes {self.size_min}-{self.size_max}: need 32 <= min <= max")
+
 
 
 def default_sizes(image_size: int) -> tuple[int, int]:
@@ -104,6 +124,59 @@ def ward_clusters(points: np.ndarray, n_clusters: int) -> np.ndarray:
     return np.array([order[int(r)] for r in raw])
 
 
+def kmeans_clusters(points: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """Labels 0..E-1 from k-means (scikit-learn, k-means++ with 4 seeded starts), relabelled by first appearance."""
+    from sklearn.cluster import KMeans
+
+    if len(np.unique(points, axis=0)) < n_clusters:
+        raise ValueError(f"{n_clusters} experts but only {len(np.unique(points, axis=0))} distinct representative "
+                         "patches to cluster; use fewer experts or more --patches-per-class / --images-per-class")
+    raw = KMeans(n_clusters=n_clusters, n_init=4, random_state=seed).fit(points.astype(np.float64)).labels_
+    _, first = np.unique(raw, return_index=True)
+    order = {int(raw[i]): rank for rank, i in enumerate(sorted(first))}
+    return np.array([order[int(r)] for r in raw])
+
+
+def class_mean_clusters(points: np.ndarray, classes: np.ndarray, n_clusters: int,
+                        seed: int) -> tuple[np.ndarray, list[list[int]]]:
+    """Experts from classes: labels 0..E-1 and the classes behind each expert.
+
+    E = C: one expert per class. E < C: the class means are grouped by Ward into E groups (similar classes share an
+    expert). E > C: each class gets ⌊E/C⌋ experts, the first E mod C classes one more, and a class with several
+    splits its representative patches among them by k-means. Each expert's centroid is then the mean of its
+    patches, i.e. the mean patch of its class group."""
+    present = sorted(int(c) for c in np.unique(classes))
+    n_cls = len(present)
+    labels = np.empty(len(points), dtype=np.int64)
+    if n_clusters <= n_cls:
+        means = np.stack([points[classes == c].mean(axis=0) for c in present])
+        group = ward_clusters(means, n_clusters) if n_clusters < n_cls else np.arange(n_cls)
+        for c, g in zip(present, group, strict=True):
+            labels[classes == c] = g
+        return labels, [[c for c, g in zip(present, group, strict=True) if g == e] for e in range(n_clusters)]
+    owners: list[list[int]] = []
+    for rank, c in enumerate(present):
+        share = n_clusters // n_cls + (1 if rank < n_clusters % n_cls else 0)
+        rows = np.flatnonzero(classes == c)
+        sub = np.zeros(len(rows), dtype=np.int64) if share == 1 else kmeans_clusters(points[rows], share, seed)
+        labels[rows] = len(owners) + sub
+        owners += [[c]] * share
+    return labels, owners
+
+
+def random_centroids(points: np.ndarray, n_clusters: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """E distinct representative patches drawn at random as centroids; labels = the nearest centroid by cosine (the
+    router's own choice), each drawn patch kept in its own cluster. Returns (labels, indices of the drawn patches)."""
+    if len(points) < n_clusters:
+        raise ValueError(f"{n_clusters} experts but only {len(points)} representative patches to draw centroids from; "
+                         "use fewer experts or more --patches-per-class / --images-per-class")
+    drawn = rng.choice(len(points), size=n_clusters, replace=False)
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True).clip(1e-12)
+    labels = (unit @ unit[drawn].T).argmax(axis=1)
+    labels[drawn] = np.arange(n_clusters)
+    return labels, drawn
+
+
 @dataclass
 class LayerSamples:
     """Representative patches of one layer: patch means [M, C], their pixel tokens [M, P, C], their classes."""
@@ -161,8 +234,14 @@ def collect_layer(model: MobileViTV2, layer: int, picks: list[tuple[int, int, in
 
 @torch.no_grad()
 def init_layer(moe_layer: MoELayer, dense_mlp: ConvMlp, block: torch.nn.Module, samples: LayerSamples,
-               moe: MoEConfig, units: str = "overlap-topk") -> dict[str, Any]:
+               moe: MoEConfig, units: str = "overlap-topk", router_init: str = "ward",
+               seed: int = 0) -> dict[str, Any]:
     """Steps 3–4 for one layer: scaler, Ward centroids, MoEfied experts. Returns the layer's report.
+
+    ``router_init`` (see :class:`ConvertConfig`) chooses how the scaled representative patches become E clusters
+    and centroids: ``ward`` (the paper's), ``kmeans``, ``class-means`` (:func:`class_mean_clusters`) or ``random``
+    (:func:`random_centroids`; the drawn patches themselves are the centroids). A ``linear`` router (``moe.router``)
+    gets only the scaler and seeded random weights; its experts still come from the clusters.
 
     ``units``: ``overlap-topk`` gives each expert the K units most important on its cluster's tokens (experts may
     share units); ``disjoint-balanced`` first partitions the units into E equal disjoint groups by balanced k-means
@@ -172,12 +251,29 @@ def init_layer(moe_layer: MoELayer, dense_mlp: ConvMlp, block: torch.nn.Module, 
     zbar = samples.zbar_MC
     lo, hi = zbar.min(dim=0).values, zbar.max(dim=0).values
     scaled = (zbar - lo) / (hi - lo).clamp_min(1e-6)
-    labels = ward_clusters(scaled.numpy(), moe.num_experts)
+    extra: dict[str, Any] = {}
+    drawn = None
+    if router_init == "ward":
+        labels = ward_clusters(scaled.numpy(), moe.num_experts)
+    elif router_init == "kmeans":
+        labels = kmeans_clusters(scaled.numpy(), moe.num_experts, seed)
+    elif router_init == "class-means":
+        labels, extra["expert_classes"] = class_mean_clusters(scaled.numpy(), samples.cls_M.numpy(),
+                                                              moe.num_experts, seed)
+    elif router_init == "random":
+        labels, drawn = random_centroids(scaled.numpy(), moe.num_experts,
+                                         np.random.default_rng([seed, moe_layer.layer_id]))
+        extra["drawn_patches"] = drawn.tolist()
+    else:
+        raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {router_init!r}")
     t_cluster = time.perf_counter() - t0
     router = moe_layer.router
     router.scale_min.copy_(lo)
     router.scale_max.copy_(hi)
-    router.logit_scale.fill_(moe.logit_scale)
+    if isinstance(router, LinearRouter):
+        router.reset(torch.Generator().manual_seed(seed * 100 + moe_layer.layer_id))
+    else:
+        router.logit_scale.fill_(moe.logit_scale)
     t1 = time.perf_counter()
     if units not in UNIT_SPLITS:
         raise ValueError(f"units must be one of {UNIT_SPLITS}, got {units!r}")
@@ -200,14 +296,17 @@ def init_layer(moe_layer: MoELayer, dense_mlp: ConvMlp, block: torch.nn.Module, 
     sizes = []
     for e, members in enumerate(members_of):
         sizes.append(len(members))
-        router.centroids[e].copy_(scaled[members].mean(dim=0))
+        # random: the drawn patch is the centroid; otherwise the cluster mean
+        at = members if drawn is None else torch.tensor([int(drawn[e])])
+        if not isinstance(router, LinearRouter):
+            router.centroids[e].copy_(scaled[at].mean(dim=0))
         load_expert(moe_layer.experts, e, block, dense_mlp, chosen[e].sort().values,
-                    centroid=zbar[members].mean(dim=0), correction=moe.correction)
+                    centroid=zbar[at].mean(dim=0), correction=moe.correction)
     sets = [set(c.tolist()) for c in chosen]
     pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
     jaccard = float(np.mean([len(a & b) / len(a | b) for a, b in pairs])) if pairs else 0.0
     return {"cluster_sizes": sizes, "representative_patches": len(zbar), "units": units,
-            "mean_unit_jaccard": jaccard,
+            "router_init": router_init, "router": moe.router, **extra, "mean_unit_jaccard": jaccard,
             "seconds": {"cluster": t_cluster, "moefy": time.perf_counter() - t1}}
 
 
@@ -245,9 +344,10 @@ def convert(dense: MobileViTV2, dataset_at: Callable[[int], Any], targets: list[
         t0 = time.perf_counter()
         samples = collect_layer(model, layer, picks, dataset_at, cfg)
         t_collect = time.perf_counter() - t0
-        on_stage(f"layer {layer}: Ward clustering + MoEfication")
+        on_stage(f"layer {layer}: {cfg.router_init} clustering + MoEfication")
         blk = dense_blocks[layer]
-        rep = init_layer(model.moe_layers()[layer], blk.mlp, blk, samples, cfg.moe, cfg.units)
+        rep = init_layer(model.moe_layers()[layer], blk.mlp, blk, samples, cfg.moe, cfg.units, cfg.router_init,
+                         cfg.seed)
         rep["seconds"] = {"collect": t_collect, **rep["seconds"]}
         rep["affinity_before"] = affinity_from_samples(model.moe_layers()[layer], samples, n_cls).tolist()
         report["layers"][str(layer)] = rep

@@ -74,7 +74,7 @@ class MobileViTV2(nn.Module):
                                  f"of transformer layer {i}")
             dim = blk.mlp.fc1.in_channels
             blk.mlp = MoELayer(dim, layer_id=i, num_experts=moe.num_experts, expert_hidden=moe.expert_hidden,
-                               top_k=moe.top_k, gate=moe.gate, logit_scale=moe.logit_scale,
+                               top_k=moe.top_k, gate=moe.gate, logit_scale=moe.logit_scale, router=moe.router,
                                alpha_init=0.0 if moe.correction == "paper" else 1.0)
 
     # -- forward ---------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import torch
 
 from moevit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from moevit.cli.common import StageBar, run_cli, set_threads
-from moevit.config import NUM_TRANSFORMER_LAYERS, MoEConfig
-from moevit.convert import ConvertConfig, conversion_fingerprint, convert
+from moevit.config import NUM_TRANSFORMER_LAYERS, ROUTERS, MoEConfig
+from moevit.convert import ROUTER_INITS, ConvertConfig, conversion_fingerprint, convert
 from moevit.data import open_dataset
 from moevit.flops import count_macs, count_params
 from moevit.moe.routing import record_routing
@@ -83,8 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--units", default="overlap-topk", choices=("overlap-topk", "disjoint-balanced"),
                     help="expert hidden units: the K most important per cluster, experts may overlap (default), or "
                          "MoEfication's disjoint equal groups by balanced k-means, K most important of each")
+    ap.add_argument("--router-init", default="ward", choices=ROUTER_INITS,
+                    help="how representative patches become experts and centroids: ward (the paper's, default), "
+                         "kmeans, class-means (E = C: one class each; E < C: classes grouped by Ward on their means; "
+                         "E > C: classes split by k-means), random (random patches as centroids, seeded)")
+    ap.add_argument("--router", default="cosine", choices=ROUTERS,
+                    help="cosine: cosine to the centroids x a learned scale (default); linear: a linear layer from a "
+                         "seeded random start, learned in fine-tuning (experts still from the clusters)")
     ap.add_argument("--sizes", default=None, metavar="MIN:MAX",
-                    help="random image sizes for clustering, 32 px steps (default: 0.625-1.25 x training size)")
+                    help="random image sizes for clustering, 32 px steps (default: 0.625-1.25 x training size); "
+                         "MIN = MAX samples at one size")
     ap.add_argument("--seed", type=int, default=0, help="seed of image sampling and of the held-out split")
     ap.add_argument("--out", required=True, help="output MoE checkpoint (.safetensors)")
     ap.add_argument("--report", default=None, help="report JSON (default: next to --out)")
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "--dense needs a dense checkpoint")
         moe_cfg = MoEConfig(layers=parse_layers(args.layers), num_experts=args.experts, expert_hidden=args.hidden,
                             top_k=args.top_k, correction=args.correction, gate=args.gate,
-                            logit_scale=args.logit_scale)
+                            logit_scale=args.logit_scale, router=args.router)
         for i in moe_cfg.layers:  # fail before any work when K does not fit a layer
             width = dense.transformer_layers()[i].mlp.fc1.out_channels
             if args.hidden > width:
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--sizes {args.sizes!r}: expected MIN:MAX, e.g. 160:320") from None
         cfg = ConvertConfig(moe=moe_cfg, patches_per_class=args.patches_per_class, rounds=args.rounds,
                             images_per_class=args.images_per_class, units=args.units, size_min=size_min,
-                            size_max=size_max, seed=args.seed)
+                            size_max=size_max, seed=args.seed, router_init=args.router_init)
         native = dense.config.image_size
         open_at = functools.lru_cache(maxsize=None)(
             lambda s: open_dataset(args.data, image_size=s, split="train", seed=args.seed))
@@ -133,12 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         cmp = compare(dense, moe, held_out)
         timings["evaluate"] = time.perf_counter() - t1
         stages("save")
-        out = save_checkpoint(moe, args.out)
+        options = {k: v for k, v in cfg.__dict__.items() if k != "moe"}
+        out = save_checkpoint(moe, args.out, extra={"conversion": json.dumps(
+            {"router_init": cfg.router_init, "router": moe_cfg.router, "units": cfg.units,
+             "sizes": layer_report["sizes"], "patches_per_class": cfg.patches_per_class, "rounds": cfg.rounds,
+             "seed": cfg.seed})})
         stages.close()
         report = {
             "dense": args.dense, "data": args.data, "out": str(out),
             "moe": moe_cfg.to_dict(),
-            "options": {k: v for k, v in cfg.__dict__.items() if k != "moe"},
+            "options": options, "router_init": cfg.router_init, "router": moe_cfg.router,
             **cmp,
             # moe-analyze --report refuses the report for a model of another conversion
             "conversion_fingerprint": conversion_fingerprint(moe),
@@ -153,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         rpath.parent.mkdir(parents=True, exist_ok=True)
         rpath.write_text(json.dumps(report, indent=2))
         print(f"converted {args.dense} -> {out}: MoE-{args.experts} (K={args.hidden}) at layers "
-              f"{list(moe_cfg.layers)}, {args.correction} correction, {args.gate} gate")
+              f"{list(moe_cfg.layers)}, {args.correction} correction, {args.gate} gate, {args.router_init} init, "
+              f"{args.router} router, {args.units} units")
         print(f"agreement with dense (top-1): {cmp['agreement_top1']:.4f}   top-1 dense {cmp['top1_dense']:.4f}   "
               f"MoE before fine-tuning {cmp['top1_moe_before_finetune']:.4f}   ({cmp['eval_images']} held-out)")
         print(f"parameters {report['params']['dense']:,} -> {report['params']['moe']:,}   MACs/image "

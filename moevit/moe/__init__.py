@@ -9,8 +9,8 @@ Shape-suffix legend used in this package:
 from moevit.moe.dispatcher import Dispatcher, DispatchPlan, LocalDispatcher
 from moevit.moe.experts import ExpertBank
 from moevit.moe.layer import MoELayer, Routing, RoutingTap
-from moevit.moe.router import CosineRouter
+from moevit.moe.router import CosineRouter, LinearRouter
 from moevit.moe.routing import RoutingRecord, record_routing
 
-__all__ = ["CosineRouter", "DispatchPlan", "Dispatcher", "ExpertBank", "LocalDispatcher", "MoELayer", "Routing",
-           "RoutingRecord", "RoutingTap", "record_routing"]
+__all__ = ["CosineRouter", "DispatchPlan", "Dispatcher", "ExpertBank", "LinearRouter", "LocalDispatcher", "MoELayer",
+           "Routing", "RoutingRecord", "RoutingTap", "record_routing"]

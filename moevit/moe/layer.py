@@ -13,7 +13,7 @@ from torch import nn
 
 from moevit.moe.dispatcher import Dispatcher, LocalDispatcher
 from moevit.moe.experts import ExpertBank
-from moevit.moe.router import CosineRouter
+from moevit.moe.router import CosineRouter, LinearRouter
 
 
 @dataclass
@@ -39,13 +39,15 @@ class MoELayer(nn.Module):
     """Router + experts + a swappable dispatcher. ``layer_id`` is the transformer layer index (0–8)."""
 
     def __init__(self, dim: int, *, layer_id: int, num_experts: int, expert_hidden: int, top_k: int = 1,
-                 gate: str = "renorm", logit_scale: float = 20.0, alpha_init: float = 1.0) -> None:
+                 gate: str = "renorm", logit_scale: float = 20.0, alpha_init: float = 1.0,
+                 router: str = "cosine") -> None:
         super().__init__()
         self.layer_id = layer_id
         self.num_experts = num_experts
         self.top_k = top_k
         self.gate = gate
-        self.router = CosineRouter(dim, num_experts, logit_scale=logit_scale)
+        self.router: CosineRouter | LinearRouter = (LinearRouter(dim, num_experts) if router == "linear" else
+                                                    CosineRouter(dim, num_experts, logit_scale=logit_scale))
         self.experts = ExpertBank(dim, expert_hidden, num_experts, alpha_init=alpha_init)
         self.dispatcher: Dispatcher = LocalDispatcher(self.experts)
         self.tap = RoutingTap()
