@@ -23,6 +23,7 @@ from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.fuse import fold_batchnorm
 from moevit.mobilevitv2 import MobileViTV2
 from moevit.moe.skip import SkippingDispatcher, SkipRule
+from moevit.offwire import skip_layers
 
 if TYPE_CHECKING:
     from moevit.onnx_camera import OnnxCameraConfig
@@ -107,10 +108,14 @@ class SplitRuntime:
         if isinstance(skip, SkipRule):  # one rule for every MoE layer
             skip = {layer_id: skip for layer_id in model.moe_layers()}
         self.skip = dict(skip or {})
-        if stray := sorted(set(self.skip) - set(model.moe_layers())):
+        try:  # the layers a rule may apply at, decided as the simulator and the cost model decide them
+            skip_layers(self.skip, model.moe_layers())
+        except ValueError:
+            stray = sorted(set(self.skip) - set(model.moe_layers()))
             self.close()
             raise CoordinatorError(f"skip rules name layer(s) {', '.join(map(str, stray))}, which are not MoE layers "
-                                   f"of the model (its MoE layers: {', '.join(map(str, sorted(model.moe_layers())))})")
+                                   f"of the model (its MoE layers: {', '.join(map(str, sorted(model.moe_layers())))})"
+                                   ) from None
         self.skippers: dict[int, SkippingDispatcher] = {}
         for layer_id, layer in model.moe_layers().items():
             replicas = {e: placement.sites_for(layer_id, e) for e in range(layer.num_experts)}

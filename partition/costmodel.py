@@ -44,6 +44,10 @@ Model of one image (every figure is an expectation per image; units are seconds,
   patch of the image routed to this site, fp32 input, output and hidden activations) when it holds any expert.
   The coordinator always holds the trunk weights and the buffer; with ``fallback: local`` it also holds every
   expert (its own copy of the whole model), so experts placed there cost no extra memory. 1 MB = 10^6 bytes.
+* Background skipping (optional, ``evaluate_placement(offwire=...)``): a share of each expert's patches per layer
+  stays off the wire, dropped or computed on the coordinator; :func:`moevit.partition.placement.skip_fractions`
+  gives the shares of a rule at the layers :func:`moevit.offwire.skip_layers` allows (``--skip-layers``), the
+  expectation of what the simulator's split-drop/local-background strategies draw per image.
 * Only direct links to the coordinator are used. A placement that puts an expert on a site with no direct link to
   the coordinator is refused (the cost model does not route over several hops).
 
@@ -726,6 +730,25 @@ def _shares(
     return out
 
 
+def _skip_shares(shares: list[np.ndarray], offwire: Sequence[np.ndarray], action: str, c: int) -> list[np.ndarray]:
+    """``shares`` (per layer [E, S]) after a skip rule keeps ``offwire[l][e]`` of each expert's patches off the wire:
+    gone everywhere (``residual``), or a remote copy's share moved to the coordinator ``c`` (``local``)."""
+    if action not in ("residual", "local"):
+        raise ValueError(f"offwire_action must be residual or local, got {action!r}")
+    if len(offwire) != len(shares):
+        raise ValueError(f"offwire needs one share per expert for each of the {len(shares)} MoE layers")
+    out = []
+    for F, f in zip(shares, offwire, strict=True):
+        f = np.asarray(f, dtype=np.float64)
+        if f.shape != (F.shape[0],) or not ((f >= 0) & (f <= 1)).all():
+            raise ValueError(f"offwire: expected {F.shape[0]} shares in [0, 1] per layer, got {f!r}")
+        G = F * (1.0 - f)[:, None]
+        if action == "local":
+            G[:, c] = F[:, c] + f * (F.sum(axis=1) - F[:, c])
+        out.append(G)
+    return out
+
+
 def evaluate_placement(
     topology: Topology,
     stats: Stats,
@@ -735,8 +758,15 @@ def evaluate_placement(
     replica_policy: str = "local-first",
     scenarios: str = "class",
     coef: CostCoefficients | None = None,
+    offwire: Sequence[np.ndarray] | None = None,
+    offwire_action: str = "residual",
 ) -> ImageCost:
     """What one image costs under ``placement`` (see the module docstring for the model).
+
+    ``offwire``: per MoE layer of ``stats``, the share [E] of each expert's patches a background-skip rule keeps off
+    the wire (:func:`moevit.partition.placement.skip_fractions`, the expectation of what the simulator's
+    split-drop/local-background draw); ``offwire_action`` ``residual``: those patches are dropped wherever their
+    expert is (no bytes, no compute), ``local``: a remote expert's ones are computed on the coordinator instead.
 
     The placement must cover every expert of ``stats``' MoE layers, on sites of ``topology``
     (:func:`~moevit.deploy.topology.validate_placement`); a site without a direct link to the coordinator is refused.
@@ -752,6 +782,8 @@ def evaluate_placement(
         coef = coefficients(topology, stats, wire_bytes=wire_bytes)
     shares = _shares(placement, stats, coef, topology, replica_policy)
     S, c = len(coef.sites), coef.coordinator
+    if offwire is not None:
+        shares = _skip_shares(shares, offwire, offwire_action, c)
     prior = stats.class_prior
     patches = np.zeros(S)
     bytes_in = np.zeros(S)

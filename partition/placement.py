@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +56,8 @@ from moevit.partition.costmodel import (
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from moevit.offwire import skip_layers
+
 __all__ = [
     "MILP_MAX_BINARIES",
     "METHODS",
@@ -72,6 +74,7 @@ __all__ = [
     "place",
     "random_placement",
     "round_robin",
+    "skip_fractions",
 ]
 
 METHODS = ("auto", "milp", "heuristic")
@@ -621,6 +624,24 @@ def background_experts(stats: Stats, layer: int) -> list[int]:
     users = (aff >= 1.0 / ls.num_experts).sum(axis=0)
     keep = [e for e in range(ls.num_experts) if users[e] * 2 >= len(aff) and ls.load_mean[e] > 0]
     return sorted(keep, key=lambda e: (-ls.load_mean[e], e))
+
+
+def skip_fractions(stats: Stats, *, share: float, layers: Collection[int] | None = None) -> list[np.ndarray]:
+    """Per MoE layer of ``stats`` (in order), the share [E] of each expert's patches a background-skip rule keeps
+    off the wire, in expectation: ``share`` (of low router confidence) for the background experts of the layers the
+    rule applies at (:func:`moevit.offwire.skip_layers`: ``layers``, None = every MoE layer; ValueError for one that
+    is not an MoE layer), 0 elsewhere; what the simulator draws without a trace (``low_confidence_share``,
+    ``skip_layers``), for :func:`~moevit.partition.costmodel.evaluate_placement`'s ``offwire``."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share!r}")
+    skipping = skip_layers(layers, stats.moe_layers())
+    out = []
+    for ls in stats.layers:
+        f = np.zeros(ls.num_experts)
+        if ls.layer in skipping:
+            f[background_experts(stats, ls.layer)] = share
+        out.append(f)
+    return out
 
 
 def add_replicas(

@@ -211,7 +211,7 @@ class Settings:
     patch whose top-1 router probability is below it is "low confidence"; low_confidence_share: the share of a
     background expert's patches taken as low confidence when no trace gives the real count; skip_layers: the MoE
     layers where those patches are dropped or kept local (split-drop/local-background; None: every MoE layer; as
-    ``moe-coordinator --skip-layers``, decided by :func:`moevit.moe.skip.skip_layers`); battery_soc: state of charge
+    ``moe-coordinator --skip-layers``, decided by :func:`moevit.offwire.skip_layers`); battery_soc: state of charge
     at the start (fraction of battery_wh).
     """
 
@@ -626,7 +626,7 @@ def check_sites(sweep: SweepConfig, topologies: Mapping[str, Topology]) -> None:
 
 def check_skip_layers(sweep: SweepConfig, moe_layers: Iterable[int], what: str = "the stats") -> None:
     """``settings.skip_layers`` names only MoE layers of ``moe_layers`` (those of the stats and trace)."""
-    from moevit.moe.skip import skip_layers
+    from moevit.offwire import skip_layers
 
     try:
         skip_layers(sweep.settings.skip_layers, moe_layers)

@@ -773,7 +773,7 @@ class _Run:
         S = len(self.sites)
         self.per_site: list[list[list[float]]] = []
         self.counts: list[np.ndarray] = []  # per layer [n, E]: patches per expert that leave the coordinator's hands
-        from moevit.moe.skip import skip_layers
+        from moevit.offwire import skip_layers
 
         # the coordinator's --skip-layers rule: only these layers' weak background patches stay off the wire
         skipping = skip_layers(self.st.skip_layers, self.stats.moe_layers())

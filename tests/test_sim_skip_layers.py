@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 from moevit.deploy.topology import Placement, parse_topology
-from moevit.partition.costmodel import parse_stats, synthetic_stats
+from moevit.partition.costmodel import evaluate_placement, parse_stats, synthetic_stats
+from moevit.partition.placement import skip_fractions
 from moevit.sim.cli import main
 from moevit.sim.config import (
     Arrival,
@@ -25,7 +26,8 @@ from moevit.sim.config import (
 from moevit.sim.engine import World, run_scenario
 from moevit.sim.trace import Trace, TraceHeader
 
-from moevit.moe.skip import SkipRule, rules_from_options, skip_layers
+from moevit.moe.skip import SkipRule, rules_from_options
+from moevit.offwire import skip_layers
 
 TOPOLOGY = {
     "coordinator": "cam",
@@ -88,7 +90,37 @@ def test_skipping_only_layer_8_saves_exactly_its_low_confidence_tokens():
     assert run(world, "split", skip=(8,)).bytes_per_image == pytest.approx(split)
 
 
+def test_cost_model_skips_the_same_layers_in_expectation():
+    world = two_layer_world()
+    topo, stats, placement = world.topologies["t"], world.stats, world.placements["t"]
+    split = evaluate_placement(topo, stats, placement)
+    assert split.bytes == pytest.approx(32768)
+    # share 0.5 of the background expert's patches, only at layer 8: 0.5 x 4 patches x 4 tokens x 256 B, each way
+    only8 = skip_fractions(stats, share=0.5, layers=(8,))
+    assert [f.tolist() for f in only8] == [[0.0], [0.5]]
+    drop8 = evaluate_placement(topo, stats, placement, offwire=only8)
+    assert drop8.bytes == pytest.approx(32768 - 2 * 8 * 256)
+    assert drop8.sites["node"].patches == pytest.approx(16 + 2) and drop8.sites["cam"].patches == 0
+    every = evaluate_placement(topo, stats, placement, offwire=skip_fractions(stats, share=0.5))
+    assert every.bytes == pytest.approx(32768 - 2 * 8 * 256 - 2 * 32 * 192)
+    local8 = evaluate_placement(topo, stats, placement, offwire=only8, offwire_action="local")
+    assert local8.bytes == pytest.approx(drop8.bytes)
+    assert local8.sites["cam"].patches == pytest.approx(2) and local8.sites["node"].patches == pytest.approx(18)
+    with pytest.raises(ValueError, match=r"layer\(s\) 1 not MoE layers"):
+        skip_fractions(stats, share=0.5, layers=(1,))
+    # The simulator without a trace draws low_confidence_share of those patches per image: the same in the mean.
+    stats_only = World(topologies=world.topologies, placements=world.placements, stats=stats)
+    sc = Scenario(topology="t", condition=LinkCondition(), arrival=Arrival("every-1s", "periodic", rate_hz=1.0),
+                  failures=FailureSet(), strategy="split-drop-background", seed=0, images=400,
+                  settings=Settings(rpc_overhead_bytes=0, skip_layers=(8,), low_confidence_share=0.5))
+    sim = run_scenario(stats_only, sc)
+    assert sim.ok == 400 and sim.bytes_per_image == pytest.approx(drop8.bytes, rel=0.02)
+
+
 def test_one_rule_for_coordinator_and_simulator():
+    from moevit.moe import skip
+
+    assert skip.skip_layers is skip_layers  # the coordinator's module, the simulator and the cost model: one function
     assert skip_layers(None, {1: 8, 5: 8, 8: 8}) == {1, 5, 8}
     assert skip_layers((5, 8), [1, 5, 8]) == {5, 8}
     with pytest.raises(ValueError, match=r"layer\(s\) 3 not MoE layers \(the MoE layers: 1, 5, 8\)"):

@@ -23,6 +23,7 @@ import torch
 
 from moevit.moe.dispatcher import Dispatcher, DispatchPlan
 from moevit.moe.experts import ExpertBank
+from moevit.offwire import skip_layers  # the layers a rule applies at: shared with the simulator and the cost model
 
 ACTIONS = ("residual", "local")
 MATCHES = ("any", "all")
@@ -193,22 +194,6 @@ def apply_skip(model: torch.nn.Module, rules: dict[int, SkipRule], *,
         layer.set_dispatcher(wrapper)
         out[layer_id] = wrapper
     return out
-
-
-def skip_layers(layers: Collection[int] | None, moe_layers: Iterable[int]) -> frozenset[int]:
-    """The MoE layers (of ``moe_layers``) where a skip rule applies: those in ``layers``, every one when ``layers``
-    is None (the default of ``moe-coordinator --skip-layers`` and of the simulator's ``settings.skip_layers``); at the
-    others every remote patch travels. The one answer to "may this layer's patches stay off the wire" that the
-    coordinator's rules, the simulator's drop/local-background strategies and the cost model share. ValueError naming
-    the layer(s) of ``layers`` that are not MoE layers."""
-    moe = frozenset(int(i) for i in moe_layers)
-    if layers is None:
-        return moe
-    chosen = frozenset(int(i) for i in layers)
-    if stray := sorted(chosen - moe):
-        raise ValueError(f"layer(s) {', '.join(map(str, stray))} not MoE layers (the MoE layers: "
-                         f"{', '.join(map(str, sorted(moe)))})")
-    return chosen
 
 
 __all__ = ["ACTIONS", "MATCHES", "SkipCounts", "SkipRule", "SkippingDispatcher", "apply_skip", "rules_from_options",
