@@ -10,6 +10,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,11 @@ def test_coordinator_backend_onnx_agrees_with_torch_end_to_end(tmp_path):
     path = save_checkpoint(model, tmp_path / "moe.safetensors")
     topo = write_topology(tmp_path, path, {"cam": free_port(), "north": free_port()})
     spec = "synthetic:classes=3,per_class=10,size=32"
+    # the refusal below needs no worker: it runs beside the two runs (which start the same worker port, so in turn)
+    beside = ThreadPoolExecutor(1)
+    refusal = beside.submit(
+        subprocess.run, [sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topo), "--data", spec,
+                         "--precision", "int8"], capture_output=True, text=True, timeout=120)
     out = {}
     for backend in ("torch", "onnx"):
         r = subprocess.run([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topo), "--data", spec,
@@ -171,8 +177,8 @@ def test_coordinator_backend_onnx_agrees_with_torch_end_to_end(tmp_path):
     assert len(out["onnx"]) == len(out["torch"]) == 6
     for a, b in zip(out["torch"], out["onnx"], strict=True):
         assert a["prediction"] == b["prediction"] and abs(a["confidence"] - b["confidence"]) < 1e-3
-    r = subprocess.run([sys.executable, "-m", "moevit.coordinator.cli", "--topology", str(topo), "--data", spec,
-                        "--precision", "int8"], capture_output=True, text=True, timeout=120)
+    r = refusal.result()
+    beside.shutdown()
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("need --backend onnx")
 
 
@@ -305,18 +311,23 @@ def test_int8_keeps_the_demo_models_top1(tmp_path):
 def test_moe_eval_backend_onnx_reports_the_torch_top1(small, tmp_path):
     path = save_checkpoint(small["model"], tmp_path / "moe.safetensors")
     spec = "synthetic:classes=5,per_class=8,size=32"
+    commands = {backend: ["--image-size", str(SIZE), "--threads", "1", "--backend", backend, "--json"]
+                for backend in ("torch", "onnx")}
+    commands["int8"] = ["--backend", "onnx", "--precision", "int8"]
+    # three independent processes (seconds of imports each): at once
+    with ThreadPoolExecutor(3) as pool:
+        runs = dict(zip(commands, pool.map(lambda args: subprocess.run(
+            [sys.executable, "-m", "moevit.cli.eval", "--model", str(path), "--data", spec, *args],
+            capture_output=True, text=True, timeout=300), commands.values()), strict=True))
     out = {}
     for backend in ("torch", "onnx"):
-        r = subprocess.run([sys.executable, "-m", "moevit.cli.eval", "--model", str(path), "--data", spec,
-                            "--image-size", str(SIZE), "--threads", "1", "--backend", backend, "--json"],
-                           capture_output=True, text=True, timeout=300)
+        r = runs[backend]
         assert r.returncode == 0, r.stderr[-2000:]
         out[backend] = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["onnx"]["backend"] == "onnxruntime fp32" and out["torch"]["backend"] == "torch"
     assert out["onnx"]["top1"] == out["torch"]["top1"] and out["onnx"]["n"] == out["torch"]["n"] > 0
     assert (tmp_path / "moe.safetensors.onnx-cache").is_dir()
-    r = subprocess.run([sys.executable, "-m", "moevit.cli.eval", "--model", str(path), "--data", spec,
-                        "--backend", "onnx", "--precision", "int8"], capture_output=True, text=True, timeout=120)
+    r = runs["int8"]
     assert r.returncode == 2 and "--calibrate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
