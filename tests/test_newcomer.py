@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from PIL import Image
 
 from moevit.checkpoint import save_checkpoint
 from tests.deploy import small_moe_model, write_topology
-from tests.netutil import free_port, start_worker, stop
+from tests.netutil import free_port, start_workers, stop
 
 BIN = Path(sys.executable).parent
 LABELS = ("a", "b", "c")
@@ -33,6 +34,19 @@ def run(prog: str, *args: str, timeout: float = 300, env: dict | None = None) ->
     """A console script as a user runs it."""
     return subprocess.run([str(BIN / prog), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def run_all(*calls: tuple) -> list[subprocess.CompletedProcess]:
+    """:func:`run` of each call, (prog, *args) with an optional dict of run()'s keywords last, a few at a time: each
+    is seconds of imports on one core, and none depends on another's outcome. The results in the calls' order. For
+    commands refused at their checks: ones that go on to compute use every core's torch threads, and side by side
+    they would only slow each other down."""
+    def one(call: tuple) -> subprocess.CompletedProcess:
+        kw = call[-1] if isinstance(call[-1], dict) else {}
+        return run(*(call[:-1] if kw else call), **kw)
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 2)) as pool:
+        return list(pool.map(one, calls))
 
 
 def error_line(r: subprocess.CompletedProcess) -> str:
@@ -75,10 +89,11 @@ def _topology(tmp: Path, model: Path, **kw) -> tuple[Path, dict[str, int]]:
 def test_class_count_that_differs_is_refused_by_eval_profile_and_coordinator(model3, tmp_path):
     data = f"folder:{_folder(tmp_path / 'five', 5)}"
     topo, _ = _topology(tmp_path, model3)
-    for r in (run("moe-eval", "--model", model3, "--data", data, "--split", "train"),
-              run("moe-profile", "--model", model3, "--data", data, "--split", "train", "--out", tmp_path / "s.json"),
-              run("moe-coordinator", "--topology", topo, "--data", data, "--split", "train", "--out",
-                  tmp_path / "r.jsonl", env={"TMPDIR": str(tmp_path)})):
+    for r in run_all(("moe-eval", "--model", model3, "--data", data, "--split", "train"),
+                     ("moe-profile", "--model", model3, "--data", data, "--split", "train", "--out",
+                      tmp_path / "s.json"),
+                     ("moe-coordinator", "--topology", topo, "--data", data, "--split", "train", "--out",
+                      tmp_path / "r.jsonl", {"env": {"TMPDIR": str(tmp_path)}})):
         assert r.returncode == 2, r.stderr
         assert "has 3 classes but folder:" in r.stderr and "has 5: the class counts differ" in r.stderr
         assert "started a local worker" not in r.stderr  # refused before any worker starts
@@ -177,8 +192,9 @@ def test_coordinator_checks_every_input_before_any_worker_starts(model3, tmp_pat
             ("--data", "digits", "--image-size", "0"): "--image-size must be 8-2048 pixels",
             ("--data", "digits", "--max-megapixels", "0"): "--max-megapixels must be in (0, 100]",
         }
-        for args, expected in cases.items():
-            r = run("moe-coordinator", "--topology", topo, *args, env={"TMPDIR": str(tmp_path)})
+        results = run_all(*(("moe-coordinator", "--topology", topo, *args, {"env": {"TMPDIR": str(tmp_path)}})
+                            for args in cases))
+        for (args, expected), r in zip(cases.items(), results, strict=True):
             assert r.returncode == 2, (args, r.stderr)
             assert expected in error_line(r), (args, r.stderr)
             assert error_line(r).startswith("moe-coordinator: error: ")
@@ -193,10 +209,12 @@ def test_worker_refuses_an_address_it_would_not_listen_on(model3):
     busy.listen()
     port = busy.getsockname()[1]
     try:
-        for listen, expected in (("127.0.0.1:70000", "port 70000 is out of range 0-65535"),
-                                 ("localhost", "--listen 'localhost': no port; give HOST:PORT"),
-                                 (f"127.0.0.1:{port}", f"port {port} is in use by another process")):
-            r = run("moe-worker", "--listen", listen, "--model", model3, "--experts", "all", timeout=60)
+        cases = (("127.0.0.1:70000", "port 70000 is out of range 0-65535"),
+                 ("localhost", "--listen 'localhost': no port; give HOST:PORT"),
+                 (f"127.0.0.1:{port}", f"port {port} is in use by another process"))
+        results = run_all(*(("moe-worker", "--listen", listen, "--model", model3, "--experts", "all",
+                             {"timeout": 60}) for listen, _ in cases))
+        for (_, expected), r in zip(cases, results, strict=True):
             assert r.returncode == 2, r.stderr
             assert error_line(r).startswith("moe-worker: error: --listen") and expected in error_line(r)
     finally:
@@ -211,9 +229,9 @@ def workers(model3, tmp_path_factory):
     """Two workers started by hand, as the README shows, and a topology naming them (no spawning needed)."""
     tmp = tmp_path_factory.mktemp("hand")
     topo, ports = _topology(tmp, model3)
-    procs = [start_worker(str(model3), f"127.0.0.1:{ports[n]}") for n in ("north", "south")]
+    procs = start_workers(str(model3), {n: f"127.0.0.1:{ports[n]}" for n in ("north", "south")})
     yield topo
-    for p in procs:
+    for p in procs.values():
         stop(p)
 
 
@@ -290,11 +308,14 @@ def test_moe_analyze_refuses_a_report_of_another_conversion(model3, tmp_path):
     model = load_checkpoint(model3)
     data = f"folder:{_folder(tmp_path / 'three', 3)}"
     layers = {"5": {"affinity_before": [[0.25] * 4] * 3}, "8": {"affinity_before": [[0.25] * 4] * 3}}
-    for name, fp, expected in (("other", "0123456789abcdef", "is of conversion 0123456789abcdef, but"),
-                               ("old", None, "has no conversion fingerprint")):
-        report = tmp_path / f"{name}.json"
-        report.write_text(json.dumps({"layers": layers, **({"conversion_fingerprint": fp} if fp else {})}))
-        r = run("moe-analyze", "--model", model3, "--data", data, "--out", tmp_path / name, "--report", report)
+    cases = (("other", "0123456789abcdef", "is of conversion 0123456789abcdef, but"),
+             ("old", None, "has no conversion fingerprint"))
+    for name, fp, _ in cases:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"layers": layers,
+                                                           **({"conversion_fingerprint": fp} if fp else {})}))
+    results = run_all(*(("moe-analyze", "--model", model3, "--data", data, "--out", tmp_path / name, "--report",
+                         tmp_path / f"{name}.json") for name, _, _ in cases))
+    for (_, _, expected), r in zip(cases, results, strict=True):
         assert r.returncode == 2 and expected in r.stderr, r.stderr
     # the conversion fingerprint survives fine-tuning (what moe-analyze is run on) while the model's changes
     before = conversion_fingerprint(model)
@@ -346,13 +367,14 @@ def test_a_plaintext_coordinator_facing_a_tls_worker_is_told_tls_may_be_the_caus
 
 @pytest.mark.slow  # several console scripts, each loading torch
 def test_numbers_that_cannot_work_are_one_line_errors(model3, tmp_path):
-    for prog, args, expected in (
+    cases = (
             ("moevit-info", [model3, "--image-size", "0"], "--image-size must be 8-2048 pixels, got 0"),
             ("moevit-info", [model3, "--image-size", "-64"], "--image-size must be 8-2048 pixels, got -64"),
             ("moevit-info", [model3, "--image-size", "100000"], "--image-size must be 8-2048 pixels, got 100000"),
             ("moe-eval", ["--model", model3, "--data", "digits", "--batch-size", "0"], "--batch-size must be >= 1"),
-            ("moe-train", ["--data", "digits", "--epochs", "0", "--out", tmp_path / "t"], "--epochs must be >= 1")):
-        r = run(prog, *args)
+            ("moe-train", ["--data", "digits", "--epochs", "0", "--out", tmp_path / "t"], "--epochs must be >= 1"))
+    results = run_all(*((prog, *args) for prog, args, _ in cases))
+    for (prog, args, expected), r in zip(cases, results, strict=True):
         assert r.returncode == 2, (prog, args, r.stderr)
         assert expected in error_line(r), (prog, args, r.stderr)
     assert not (tmp_path / "t").exists()
@@ -360,12 +382,14 @@ def test_numbers_that_cannot_work_are_one_line_errors(model3, tmp_path):
 
 @pytest.mark.slow  # two moe-train processes
 def test_config_files_cannot_set_or_see_test_hooks(tmp_path):
-    for body, expected in (({"bogus": 1}, "unknown training options: ['bogus']"),
-                           ({"kill_at_step": 3}, "unknown training options: ['kill_at_step']")):
-        cfg = tmp_path / "c.json"
-        cfg.write_text(json.dumps(body))
-        r = run("moe-train", "--data", "synthetic:classes=2,per_class=4,size=16", "--config", cfg,
-                "--out", tmp_path / "t", "--epochs", "1")
+    cases = (({"bogus": 1}, "unknown training options: ['bogus']"),
+             ({"kill_at_step": 3}, "unknown training options: ['kill_at_step']"))
+    for i, (body, _) in enumerate(cases):
+        (tmp_path / f"c{i}.json").write_text(json.dumps(body))
+    results = run_all(*(("moe-train", "--data", "synthetic:classes=2,per_class=4,size=16", "--config",
+                         tmp_path / f"c{i}.json", "--out", tmp_path / f"t{i}", "--epochs", "1")
+                        for i in range(len(cases))))
+    for (_, expected), r in zip(cases, results, strict=True):
         assert r.returncode == 2 and expected in r.stderr and "kill_at_step'" not in r.stderr.split("known:")[1]
 
 
