@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import threading
 import time
@@ -14,7 +15,8 @@ from typing import Any
 from moevit.coordinator import local
 from moevit.coordinator.local import free_port, wait_serving
 
-__all__ = ["free_port", "in_process_worker", "site_client", "start_worker", "start_workers", "stop", "wait_serving"]
+__all__ = ["exit_clock", "free_port", "in_process_worker", "log_time", "site_client", "start_worker", "start_workers",
+           "stop", "wait_serving"]
 
 
 def start_worker(model: str, address: str, experts: str = "all", *extra: str) -> subprocess.Popen:
@@ -44,6 +46,41 @@ def start_workers(model: str, addresses: Mapping[str, str], experts: str = "all"
 
 def stop(proc: subprocess.Popen) -> None:
     local.stop_process(proc)
+
+
+def exit_clock(proc: subprocess.Popen) -> Callable[[float], float]:
+    """Start watching ``proc`` for its exit now. The returned function waits up to ``timeout`` s for it and returns
+    the ``time.monotonic()`` at which the process exited, taken by a thread blocked on that exit: what the test does
+    meanwhile (checking answers, closing its own channels) is not counted, as it is in a clock read afterwards.
+    subprocess.TimeoutExpired when the process is still running after ``timeout`` s."""
+    exited = threading.Event()
+    at: list[float] = []
+
+    def watch() -> None:
+        proc.wait()
+        at.append(time.monotonic())
+        exited.set()
+
+    threading.Thread(target=watch, daemon=True, name=f"exit-clock-{proc.pid}").start()
+
+    def wait(timeout: float) -> float:
+        if not exited.wait(timeout):
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        return at[0]
+
+    return wait
+
+
+def log_time(log: str, needle: str) -> float:
+    """The time (seconds since the epoch) of the first line of a moevit process's ``log`` that contains ``needle``,
+    from the line's own timestamp (logging's asctime, to the millisecond): when the process itself got there, which
+    a loaded machine does not delay by the time the test takes to look. AssertionError when no line has it."""
+    for line in log.splitlines():
+        if needle in line:
+            stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+            assert stamp, f"no timestamp on {line!r}"
+            return time.mktime(time.strptime(stamp[1], "%Y-%m-%d %H:%M:%S")) + int(stamp[2]) / 1000
+    raise AssertionError(f"no line with {needle!r} in the log:\n{log}")
 
 
 def site_client(address: str, fingerprint: str, *, wire: str = "fp32", **kw: Any):
