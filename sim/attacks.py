@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +196,19 @@ def stop(proc: subprocess.Popen) -> None:
 def attack_refused(address: str, pid: int, fingerprint: str, *, layer: int, dim: int, unhosted: int,
                    rounds: int = 6, stream: bool = False) -> dict[str, Any]:
     """Send every refused request kind ``rounds`` times (unary, and on a stream when ``stream``), plus the
-    many-batches request; the worker's RSS growth and the slowest health answer meanwhile."""
+    many-batches request; the worker's RSS growth and the slowest health answer meanwhile. ``request_cpu_ms``: the
+    worker's CPU time (all its threads) from sending each kind (``stream:KIND`` on the stream) to its answer, the
+    most over the rounds; ``request_loop_cpu_ms`` the part on the event loop's thread (see
+    :func:`process_cpu_s`). The requests go one at a time, so a request's figure bounds how long it could
+    keep the worker from answering health on an idle machine, and load does not inflate it as it does wall time."""
     requests = refused_requests(fingerprint, layer, dim, unhosted)
-    out: dict[str, Any] = {"rss_start_mb": round(rss_mb(pid), 1), "codes": {}}
+    out: dict[str, Any] = {"rss_start_mb": round(rss_mb(pid), 1), "codes": {}, "request_cpu_ms": {},
+                           "request_loop_cpu_ms": {}}
+
+    def cpu_of(kind: str, cpu0: float, loop0: float) -> None:
+        for key, s in (("request_cpu_ms", process_cpu_s(pid) - cpu0), ("request_loop_cpu_ms", loop_cpu_s(pid) - loop0)):
+            out[key][kind] = max(out[key].get(kind, 0.0), round(s * 1e3, 1))
+
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch, HealthProbe(address) as probe:
         unary = ch.unary_unary("/moevit.rpc.v1.ExpertService/RunExperts")
         for round_ in range(rounds):
@@ -205,26 +216,43 @@ def attack_refused(address: str, pid: int, fingerprint: str, *, layer: int, dim:
                 out["rss_warm_mb"] = round(rss_mb(pid), 1)
             for kind, req in requests.items():
                 data = req.SerializeToString()
+                cpu0, loop0 = process_cpu_s(pid), loop_cpu_s(pid)
                 try:
                     unary(data, timeout=60)
                     code = "OK"
                 except grpc.RpcError as e:
                     code = e.code().name
+                cpu_of(kind, cpu0, loop0)
                 out["codes"][f"unary:{kind}"] = code
                 print(f"{kind}: {code}, worker RSS {rss_mb(pid):.0f} MB", file=sys.stderr)
-        t0 = time.perf_counter()
+        data = many_batches_request(fingerprint, layer)
+        t0, cpu0, loop0 = time.perf_counter(), process_cpu_s(pid), loop_cpu_s(pid)
         try:
-            unary(many_batches_request(fingerprint, layer), timeout=60)
+            unary(data, timeout=60)
             code = "OK"
         except grpc.RpcError as e:
             code = e.code().name
-        out["codes"]["unary:many_batches"] = code
         out["many_batches_answer_s"] = round(time.perf_counter() - t0, 3)
+        cpu_of("many_batches", cpu0, loop0)
+        out["codes"]["unary:many_batches"] = code
         print(f"many_batches: {code} in {out['many_batches_answer_s']} s", file=sys.stderr)
         if stream:
             stub = expert_pb2_grpc.ExpertServiceStub(ch)
-            reqs = [r for _ in range(rounds) for r in requests.values()]
-            answers = list(stub.RunExpertsStream(iter(reqs), timeout=120))
+            marks: list[tuple[str, float, float]] = []
+            answered: queue.Queue[None] = queue.Queue()
+
+            def one_at_a_time() -> Iterator[expert_pb2.RunExpertsRequest]:
+                """Each request once the previous one is answered, so each one's CPU time is its own."""
+                for kind, req in [kr for _ in range(rounds) for kr in requests.items()]:
+                    marks.append((f"stream:{kind}", process_cpu_s(pid), loop_cpu_s(pid)))
+                    yield req
+                    answered.get(timeout=120)
+
+            answers = []
+            for answer in stub.RunExpertsStream(one_at_a_time(), timeout=120):
+                answers.append(answer)
+                cpu_of(*marks[-1])
+                answered.put(None)
             out["codes"]["stream"] = sorted({grpc.StatusCode.OK.name if not a.error_code else
                                              next(c.name for c in grpc.StatusCode if c.value[0] == a.error_code)
                                              for a in answers})
