@@ -53,7 +53,7 @@ from moevit.checkpoint import load_checkpoint  # noqa: E402
 from moevit.data import denormalize, open_dataset  # noqa: E402
 from moevit.fuse import fold_batchnorm  # noqa: E402
 from moevit.moe.dispatcher import Dispatcher  # noqa: E402
-from moevit.moe.skip import SkippingDispatcher, SkipRule  # noqa: E402
+from moevit.moe.skip import SkippingDispatcher, SkipRule, rules_from_options  # noqa: E402
 from moevit_rpc import codecs  # noqa: E402
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto  # noqa: E402
 
@@ -106,22 +106,28 @@ class WireEmulator(Dispatcher):
 
 
 def install(model, topology, codec: str, threshold: float, meter: Meter, keep_largest: bool = False,
-            skip_layers: set[int] | None = None) -> None:
+            skip_layers: set[int] | None = None, background: str | None = None) -> None:
+    """Emulated dispatch on ``model``; with ``threshold`` > 0 the coordinator's own skip rule
+    (``rules_from_options``: ``--skip-threshold``, ``--skip-background``, ``--skip-layers``) keeps patches off the
+    wire. Threshold 0 skips nothing (the reference), background experts included."""
+    rules = rules_from_options(threshold=threshold, analysis=background, layers=skip_layers) if threshold > 0 else {}
+    if isinstance(rules, SkipRule):
+        rules = dict.fromkeys(model.moe_layers(), rules)
     placement = default_placement(topology, {i: m.num_experts for i, m in model.moe_layers().items()})
     local = topology.coordinator
     for layer_id, layer in model.moe_layers().items():
         site_of = {e: placement.sites_for(layer_id, e)[0] for e in range(layer.num_experts)}
         emu = WireEmulator(layer.experts, site_of, local, codec, meter, keep_largest=keep_largest)
         remote = [e for e, s in site_of.items() if s != local]
-        skips = threshold > 0 and (skip_layers is None or layer_id in skip_layers)  # moe-coordinator --skip-layers
-        layer.set_dispatcher(SkippingDispatcher(emu, SkipRule(threshold=threshold), remote=remote) if skips else emu)
+        rule = rules.get(layer_id)
+        layer.set_dispatcher(SkippingDispatcher(emu, rule, remote=remote) if rule is not None else emu)
 
 
 @torch.no_grad()
 def evaluate(model, topology, data, codec: str, threshold: float, overhead: int, batch: int = 128,
-             skip_layers: set[int] | None = None):
+             skip_layers: set[int] | None = None, background: str | None = None):
     meter = Meter()
-    install(model, topology, codec, threshold, meter, skip_layers=skip_layers)
+    install(model, topology, codec, threshold, meter, skip_layers=skip_layers, background=background)
     correct, preds, n = 0, [], 0
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
     for x, y in loader:
@@ -222,12 +228,20 @@ def main() -> int:
                     help="apply the skip threshold only at these MoE layers (default: all)")
     ap.add_argument("--codecs", nargs="+", default=list(codecs.CODEC_NAMES), choices=codecs.CODEC_NAMES,
                     help="codecs to measure (default: all); fp32 at threshold 0, the reference, is always run")
+    ap.add_argument("--skip-background", nargs="+", default=None, metavar="ANALYSIS_JSON",
+                    help="moe-analyze's analysis.json, one per --models entry: at every threshold > 0 the patches of "
+                    "each layer's background experts stay off the wire too (a threshold under 1/E, e.g. 0.01, "
+                    "then skips the background experts only)")
     ap.add_argument("--no-links", action="store_true")
     ap.add_argument("--out", default="bench/results/wire.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     topology = load_topology(args.topology)
     skip_layers = None if args.skip_layers is None else set(args.skip_layers)
+    if args.skip_background is not None and len(args.skip_background) != len(args.models):
+        ap.error(f"--skip-background: {len(args.skip_background)} file(s) for {len(args.models)} model(s); give one "
+                 "analysis.json per model, in the same order")
+    background_of = dict(zip(args.models, args.skip_background or [], strict=False))
     names = ["fp32", *(c for c in args.codecs if c != "fp32")]  # fp32 first: the reference of every difference
     args.thresholds = sorted({0.0, *args.thresholds})  # 0 first, with fp32 the reference
     t_start = time.perf_counter()
@@ -242,7 +256,8 @@ def main() -> int:
         ref_pred = None
         for t in args.thresholds:
             for name in names:
-                top1, pred, bpi = evaluate(model, topology, data, name, t, args.rpc_overhead, skip_layers=skip_layers)
+                top1, pred, bpi = evaluate(model, topology, data, name, t, args.rpc_overhead, skip_layers=skip_layers,
+                                           background=background_of.get(path))
                 if name == "fp32" and t == 0:
                     ref_pred = pred
                 per[f"{name}@{t:g}"] = {"codec": name, "threshold": t, "top1": top1, "bytes_per_image": bpi,
@@ -262,7 +277,8 @@ def main() -> int:
     for t in args.thresholds:
         for name in names:
             meter = Meter()
-            install(model, topology, name, t, meter, keep_largest=(name == "fp32" and t == 0), skip_layers=skip_layers)
+            install(model, topology, name, t, meter, keep_largest=(name == "fp32" and t == 0), skip_layers=skip_layers,
+                    background=background_of.get(args.models[0]))
             per_image = []
             with torch.no_grad():
                 for x in xs:
@@ -295,7 +311,8 @@ def main() -> int:
     best_codec = best["config"].split("@")[0]
     payload = {
         "command": " ".join(sys.argv), "models": args.models, "data": args.data, "image_size": args.image_size,
-        "thresholds": args.thresholds, "skip_layers": args.skip_layers, "bytes_data": args.bytes_data,
+        "thresholds": args.thresholds, "skip_layers": args.skip_layers, "skip_background": args.skip_background,
+        "bytes_data": args.bytes_data,
         "jpeg_bytes_mean_256": statistics.mean(jpeg),
         "accuracy": acc, "bytes_256": bytes256, "summary": summary, "best": best,
         "cpu_ms_per_layer_per_site": cpu, "cpu_tokens_shape": tokens_largest, "links": [],
