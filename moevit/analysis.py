@@ -43,18 +43,21 @@ class ClassAffinity:
 
 
 @torch.no_grad()
-def routing_by_class(model: MobileViTV2, dataset, *, num_batches: int = 50, batch_size: int = 16
+def routing_by_class(model: MobileViTV2, dataset, *, num_batches: int = 50, batch_size: int = 16, seed: int = 0
                      ) -> dict[int, dict[str, torch.Tensor]]:
-    """Affinity and top-1 usage per MoE layer from routing on up to ``num_batches`` held-out batches."""
+    """Affinity and top-1 usage per MoE layer from routing on up to ``num_batches`` held-out batches, drawn at
+    random (``seed``) from the whole of ``dataset``: split files are ordered by class, so its first items would
+    leave the last classes out."""
     model.eval()
     n_cls = model.config.num_classes
     layers = model.moe_layers()
     aff = {i: ClassAffinity(n_cls, m.num_experts) for i, m in layers.items()}
     use = {i: torch.zeros(n_cls, m.num_experts) for i, m in layers.items()}
     n = min(len(dataset), num_batches * batch_size)
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
     with record_routing(model) as rec:
         for j in range(0, n, batch_size):
-            items = [dataset[i] for i in range(j, min(j + batch_size, n))]
+            items = [dataset[i] for i in picks[j:j + batch_size]]
             x = torch.stack([a for a, _ in items])
             y = torch.tensor([b for _, b in items])
             model(x)
@@ -80,16 +83,20 @@ def usage_entropy(load: torch.Tensor) -> float:
 
 
 def summarize_layer(affinity: torch.Tensor, usage: torch.Tensor, classes: list[str], *,
-                    background_share: float = 0.8, min_usage: float = 0.05) -> dict[str, Any]:
-    """Classes under each expert (Figure 2 as a table), background experts and entropy for one layer."""
+                    background_share: float = 0.8, min_usage: float = 0.05,
+                    patches: torch.Tensor | None = None) -> dict[str, Any]:
+    """Classes under each expert (Figure 2 as a table), background experts and entropy for one layer. ``patches``
+    (per class): classes with none are left out of the groups and of the background share, and listed."""
     n_cls, E = usage.shape
+    seen = [c for c in range(n_cls) if patches is None or float(patches[c]) > 0]
     top_expert = affinity.argmax(dim=1)
-    groups = {e: [classes[c] for c in range(n_cls) if int(top_expert[c]) == e] for e in range(E)}
-    users = (usage >= min_usage).float().sum(dim=0)
-    background = [e for e in range(E) if users[e] >= background_share * n_cls]
+    groups = {e: [classes[c] for c in seen if int(top_expert[c]) == e] for e in range(E)}
+    users = (usage[seen] >= min_usage).float().sum(dim=0)
+    background = [e for e in range(E) if users[e] >= background_share * len(seen)]
     load = usage.sum(dim=0)
     return {
         "classes_by_expert": {str(e): groups[e] for e in range(E)},
+        "classes_without_patches": [classes[c] for c in range(n_cls) if c not in seen],
         "background_experts": background,
         "classes_using_expert": users.int().tolist(),
         "usage_entropy": usage_entropy(load),

@@ -220,3 +220,20 @@ def test_an_unreadable_file_is_left_out_never_replaced_by_another_image(tmp_path
     stats = profile_model(tiny_model(), data, batch_size=4, count_dense=False)
     assert stats["images"] == len(data) - 1
     assert stats["class_images"] == np.bincount(labels, minlength=3).tolist()
+
+
+def test_moe_analyze_routing_sees_every_class_of_a_class_ordered_split():
+    """Held-out files are ordered by class: a few batches must still be drawn from every class (the first items
+    alone gave the last class no patches, and the summary then grouped it under expert 0)."""
+    from moevit.analysis import summarize_layer
+
+    model = tiny_model()
+    ordered = [(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)), i // 10) for i in range(30)]
+    by_class = routing_by_class(model, ordered, num_batches=3, batch_size=4)  # 12 of 30 items, 10 per class
+    for routed in by_class.values():
+        assert (routed["patches"] > 0).all()
+    starved = {"affinity": torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.0, 0.0]]), "usage": torch.tensor(
+        [[0.9, 0.1], [0.2, 0.8], [0.0, 0.0]]), "patches": torch.tensor([8.0, 8.0, 0.0])}
+    s = summarize_layer(starved["affinity"], starved["usage"], ["a", "b", "c"], patches=starved["patches"])
+    assert s["classes_by_expert"] == {"0": ["a"], "1": ["b"]} and s["classes_without_patches"] == ["c"]
+    assert s["background_experts"] == [0, 1]  # both used by every class that has patches (2 of 2 >= 0.8)

@@ -92,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                 samples = collect_layer(model, i, picks, open_at, cfg)
                 before[i] = affinity_from_samples(layer, samples, len(classes))
         stages("routing on held-out batches")
-        after = routing_by_class(model, held_out, num_batches=args.batches, batch_size=args.batch_size)
+        after = routing_by_class(model, held_out, num_batches=args.batches, batch_size=args.batch_size,
+                                 seed=args.seed)
         stages("plots")
         result = {"model": args.model, "data": args.data, "classes": classes, "layers": {}}
         for i in layers:
-            summary = summarize_layer(after[i]["affinity"], after[i]["usage"], classes)
+            summary = summarize_layer(after[i]["affinity"], after[i]["usage"], classes, patches=after[i]["patches"])
             b = before.get(i)
             png = out / f"affinity_layer{i}.png"
             plot_affinity(png, b, after[i]["affinity"], classes, i)
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, r in result["layers"].items():
             print(f"layer {i}: usage entropy {r['usage_entropy']:.3f}, background experts "
                   f"{r['background_experts'] or 'none'}")
+            if r["classes_without_patches"]:
+                print(f"  no held-out images of: {', '.join(r['classes_without_patches'])} (raise --batches)")
             for e, cls in r["classes_by_expert"].items():
                 if cls:
                     print(f"  expert {e:>2}: {', '.join(cls)}")
