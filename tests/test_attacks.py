@@ -44,7 +44,14 @@ def test_refused_requests_hold_no_memory_and_health_keeps_answering(model):
     # from the very first request: before the heap was trimmed after large requests (moevit_rpc.memory), glibc
     # kept their free heap and the growth after the first round alone was 3.6-51.7 MB; now +15.6 MB in all
     assert result["rss_growth_mb"] < 50, result
-    assert result["health_worst_s"] < 0.5 and result["health_failures"] == 0, result
+    # Health keeps answering because no refused request holds the worker: each one, sent alone, costs it (all its
+    # threads, so a parse holding the GIL off the event loop counts too) under half the 0.5 s that health must answer
+    # within: 16-102 ms at load 11-13; with the wire screen off, 530 ms for the 57 MiB request; before the size
+    # checks, over 60 s. CPU time, as load inflates wall time: the slowest health answer itself (0.18-0.20 s at load
+    # 12, past 0.5 s in runs at load 8-15) is the benchmark's figure, held to 0.5 s on a quiet machine
+    # (bench/attacks.py worker-refused --rounds 3 --stream).
+    assert max(result["request_cpu_ms"].values()) < 250, result
+    assert result["health_failures"] == 0, result  # every check answered within its 5 s
     assert result["many_batches_answer_s"] < 5, result
 
 
@@ -108,12 +115,19 @@ def test_classify_server_bounds_its_queue_and_memory_and_counts_unreadable_image
         text = urllib.request.urlopen(classify_server.metrics, timeout=10).read().decode()
         return float(re.search(r'moevit_coordinator_images_total\{outcome="unreadable"\} (\S+)', text)[1])
 
+    from moevit.sim import attacks
+
     pid = classify_server.proc.pid
     start = settled_rss_mb(pid)
     floods = []
-    for _ in range(3):
+    for i in range(3):
         before = unreadable()
-        result = attack_flood(classify_server.address, pid)
+        with pytest.MonkeyPatch.context() as mp:
+            if i < 2:
+                # only the last flood's settled RSS is asserted: the first two skip attack_flood's settling (>= 8 s
+                # of sleep each), so the next flood lands before the server's heap trims, which is no easier on it
+                mp.setattr(attacks, "settled_rss_mb", attacks.rss_mb)
+            result = attack_flood(classify_server.address, pid)
         floods.append(result)
         # every junk request is refused; whether some meet the queue's bound (RESOURCE_EXHAUSTED) depends on how
         # many overlap, which a fast machine may never reach: the bound itself is tested deterministically in
