@@ -270,7 +270,9 @@ def main() -> int:
     model = load_checkpoint(args.models[0]).eval()
     fold_batchnorm(model)
     images = open_dataset(args.bytes_data, image_size=256, split="eval", seed=0)
-    xs = torch.stack([images[i][0] for i in range(min(args.bytes_images, len(images)))])
+    # spread over the split (its files are ordered by class), not its first items
+    picks = np.unique(np.linspace(0, len(images) - 1, min(args.bytes_images, len(images))).round().astype(int))
+    xs = torch.stack([images[int(i)][0] for i in picks])
     jpeg = [jpeg_bytes(x) for x in xs]
     bytes256: dict[str, dict] = {}
     largest: dict[int, torch.Tensor] = {}
