@@ -21,17 +21,22 @@ def _run(module, *args):
 
 @pytest.mark.slow
 def test_search_writes_a_table_and_a_reusable_best_config(tmp_path):
-    r = _run("moevit.cli.train", "--data", SPEC, "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+    # One batch per epoch (the 34 search-train images; 38 train): what a step costs here is mostly per step, not per
+    # image, so batches of 8 made the search 62 s of CPU and 286 s wall at load 4-5 (76 s CPU, 277 s at load 10-12)
+    # against _run's 300 s; with one batch, 27 s CPU, 56 s wall at load 3-4. Still two trials of different sampled
+    # rates, ranked on val, the best reused.
+    r = _run("moevit.cli.train", "--data", SPEC, "--image-size", "32", "--epochs", "1", "--batch-size", "64",
              "--search", "2", "--out", str(tmp_path / "s"), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "s" / "search.csv").open()))
     assert len(rows) == 2 and set(SEARCH_SPACE) <= set(rows[0]) and "val_top1" in rows[0]
     assert float(rows[0]["val_top1"]) >= float(rows[1]["val_top1"])  # best first
+    assert rows[0]["lr_head"] != rows[1]["lr_head"]  # each trial drew its own rates
     best = json.loads((tmp_path / "s" / "best_config.json").read_text())
     assert best["lr_head"] == pytest.approx(float(rows[0]["lr_head"]))
     assert "val_top1" in r.stdout and "best val top-1" in r.stdout
     # reused: the run's config.json carries the searched rates
-    r2 = _run("moevit.cli.train", "--data", SPEC, "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+    r2 = _run("moevit.cli.train", "--data", SPEC, "--image-size", "32", "--epochs", "1", "--batch-size", "64",
               "--config", str(tmp_path / "s" / "best_config.json"), "--out", str(tmp_path / "final"), "--no-progress")
     assert r2.returncode == 0, r2.stderr[-2000:]
     used = json.loads((tmp_path / "final" / "config.json").read_text())
