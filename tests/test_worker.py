@@ -147,7 +147,7 @@ def start_worker(model_file: Path, *extra: str) -> WorkerProcess:
     address = f"127.0.0.1:{free_port()}"
     worker = WorkerProcess(["--listen", address, "--model", str(model_file), *extra], address)
     try:
-        worker.wait_serving()
+        worker.wait_serving(120.0)  # as tests/netutil.start_worker: a niced start-up took over 30 s at load 5
     except BaseException:
         worker.close()
         raise
