@@ -329,7 +329,10 @@ class _Prober(threading.Thread):
             padded: list[float] = []
             pad = pad_bytes(lk.nominal.throughput_bps)
             changed = ref is None or ref <= 0 or max(rtt / ref, ref / rtt) >= RTT_CHANGE
-            if site in self.padded and (changed or now - lk.last_pad >= PAD_INTERVAL_S):
+            # a sample STEP_FACTOR off awaits its confirming second (_throughput): pad again now, not PAD_INTERVAL_S
+            # later (a link back from a fade was believed faded for 10 s, the whole time adaptive kept the other
+            # strategy)
+            if site in self.padded and (changed or lk.step_way != 0 or now - lk.last_pad >= PAD_INTERVAL_S):
                 lk.last_pad = now
                 for _ in range(PROBE_PAIRS):
                     if (p := self.padded[site](timeout, pad)) is not None:

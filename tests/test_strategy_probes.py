@@ -176,3 +176,29 @@ def test_split_probe_refreshes_a_stale_split_estimate_and_adaptive_switches_back
             assert not rt._prober.is_alive()  # stopped cleanly: no probe outlives the runtime
         local.stop_processes(procs)
         proxy.stop()
+
+
+def test_a_link_back_from_a_fade_is_believed_at_the_next_probe(tmp_path):
+    """An idle link's probe whose throughput sample is STEP_FACTOR off the estimate pads again at the next pass, so
+    the confirming sample replaces the estimate within two probe intervals, not PAD_INTERVAL_S later (the emulation's
+    adaptive kept split ~10 s after the hut's link came back)."""
+    from moevit.coordinator.strategies import MIN_PROBE_TRANSFER_S, PAD_FRAMING, PAD_INTERVAL_S, _Prober, pad_bytes
+
+    est = LinkEstimator.for_topology(load_topology(write_topology(tmp_path, None, {"cam": 1, "north": 2})), ["north"])
+    lk = est.links["north"]
+    nominal = lk.nominal.throughput_bps
+    lk.throughput_bps, lk.rtt_s, lk.rtt_at_sample = nominal / 20, 0.04, 0.04  # believed faded
+
+    def check(timeout):  # a steady 5 ms round trip (an instant one would wobble 2-fold on clock noise alone)
+        time.sleep(0.005)
+        return "SERVING"
+
+    prober = _Prober(est, {"north": check}, 0.01, padded={"north": lambda t, pad: 1e-4})
+    recovered = min(8 * (pad_bytes(nominal) + PAD_FRAMING) / MIN_PROBE_TRANSFER_S, nominal)
+    assert recovered >= 4 * lk.throughput_bps  # the check below is about a step, not about noise
+    prober._links()  # the round trip fell 2-fold or more: a padded probe, one sample 4x up (weighs EWMA_ALPHA)
+    assert lk.throughput_bps < recovered / 2
+    time.sleep(0.02)
+    prober._links()  # the round trip is steady now; the pending step pads again and its second sample replaces it
+    assert lk.throughput_bps == pytest.approx(recovered)
+    assert PAD_INTERVAL_S > 1  # (without the pending step, the next pad would have waited this long)
