@@ -99,18 +99,24 @@ def test_coordinator_and_worker_metrics(tmp_path):
         assert total(w, "moevit_worker_request_seconds_count", method="RunExperts") == t["calls"]
         assert total(w, "moevit_worker_up") == 1
         assert total(w, "moevit_worker_info", site="north", fingerprint=rt.fingerprint) == 1
-        # a refused request is counted with its status code
+        # a refused request is counted with its status code: refused from its headers when it comes on a stream
+        # (the whole stream is refused: counted as a RunExpertsStream call), as a RunExperts request otherwise
         bad = SiteClient("north", f"127.0.0.1:{ports['north']}", fingerprint="not-this-model")
         with pytest.raises(SiteError, match="FAILED_PRECONDITION"):
             bad.start(8, [(0, torch.zeros(2, model.moe_layers()[8].router.dim))]).result()
         bad.close()
         # the worker counts a call once its handler has returned, which can be just after the client saw the status
         t_end = time.monotonic() + 5
-        while (total(scrape(wport), "moevit_worker_requests_total", method="RunExperts", code="FAILED_PRECONDITION")
-               == 0 and time.monotonic() < t_end):
+
+        def refused() -> float:
+            w = scrape(wport)
+            return sum(total(w, "moevit_worker_requests_total", method=m, code="FAILED_PRECONDITION")
+                       for m in ("RunExperts", "RunExpertsStream"))
+
+        while refused() == 0 and time.monotonic() < t_end:
             time.sleep(0.05)
-        assert total(scrape(wport), "moevit_worker_requests_total", method="RunExperts",
-                     code="FAILED_PRECONDITION") == 1
+        time.sleep(0.5)  # (a second count would show by now)
+        assert refused() == 1
 
         # degraded results (a dead site, fallback local) and failed requests (fallback fail)
         dead = {"cam": ports["cam"], "north": free_port()}

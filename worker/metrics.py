@@ -95,6 +95,8 @@ class WorkerMetrics:
                 self.latency.labels("Info").observe(time.perf_counter() - t0)
 
         servicer.answer, servicer.Info = counted_answer, Info
+        # requests refused from their bytes or headers never reach answer(): counted as they are refused
+        server.on_refused = lambda method, code: self.requests.labels(method, code).inc()
         self.registry.register(_StateCollector(server))
 
 

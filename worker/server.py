@@ -12,9 +12,10 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -152,6 +153,18 @@ class WorkerServer:
         self._trimmer = HeapTrimmer()
         self._server: grpc.aio.Server | None = None
         self._stopping = False
+        # told the status of each expert request refused before the servicer sees it (its bytes or its headers);
+        # worker.metrics counts them beside the servicer's own answers
+        self.on_refused: Callable[[str, str], None] | None = None
+
+    def _counted(self, screen: Callable[[Any], Any], method: str = "RunExperts") -> Callable[[Any], Any]:
+        def counted(arg: Any) -> Any:
+            refused = screen(arg)
+            if refused is not None and self.on_refused is not None:
+                self.on_refused(method, refused.code.name)
+            return refused
+
+        return counted
 
     async def start(self) -> int:
         """Bind, start serving, report SERVING; returns the bound port."""
@@ -171,13 +184,15 @@ class WorkerServer:
         server = grpc.aio.server(options=options, interceptors=interceptors,
                                  maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         # not grpcio's generated add_ExpertServiceServicer_to_server: bytes that do not parse get INVALID_ARGUMENT
-        screen = wire_screen(self._servicer.hosted, self.fingerprint)  # large requests refused before parsing
+        screen = self._counted(wire_screen(self._servicer.hosted, self.fingerprint))  # large ones, before parsing
         # and calls whose headers say they would be refused, before their messages are received (moevit_rpc.headers)
         hosted, fp = self._servicer.hosted, self.fingerprint
         add_service(server, self._servicer, expert_pb2.DESCRIPTOR.services_by_name["ExpertService"],
                     screens={"RunExperts": screen, "RunExpertsStream": screen}, on_bytes=self._trimmer.note,
-                    header_screens={"RunExperts": header_screen(hosted, fp),
-                                    "RunExpertsStream": header_screen(hosted, fp, stream=True)})
+                    header_screens={"RunExperts": self._counted(header_screen(hosted, fp)),
+                                    # a whole stream refused: a call, not an expert request
+                                    "RunExpertsStream": self._counted(header_screen(hosted, fp, stream=True),
+                                                                      "RunExpertsStream")})
         add_service(server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         try:
             # TLS configured -> only a TLS port: a plaintext port beside it would let a client skip the check
