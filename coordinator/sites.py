@@ -285,7 +285,8 @@ class SiteClient:
             for _ in range(2):  # the stream may end between the check and the submit: then once more on a new one
                 if not self.stream or self._closed:
                     return None
-                if self._stream is None or self._stream.ended:
+                fresh = self._stream is None or self._stream.ended
+                if fresh:
                     try:
                         self._stream = ExpertStream(self.stub, name=self.name, metadata=self._stream_metadata,
                                                     on_unimplemented=self._resend_unary)
@@ -294,6 +295,13 @@ class SiteClient:
                 fut = self._stream.submit(req)
                 if fut is not None:
                     return fut
+                error = self._stream.error
+                if fresh and error is not None and error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    # a new stream that ended before its first request (refused from its headers: wrong model,
+                    # token): that is this request's answer, not a reason to try another stream and a unary call
+                    failed: concurrent.futures.Future = concurrent.futures.Future()
+                    failed.set_exception(error)
+                    return failed
         return None
 
     def _resend_unary(self, pending: list[tuple[expert_pb2.RunExpertsRequest, concurrent.futures.Future]]) -> None:

@@ -71,6 +71,11 @@ class ExpertStream:
     def ended(self) -> bool:
         return self._ended is not None
 
+    @property
+    def error(self) -> StreamError | None:
+        """Why the stream ended (None while it is open)."""
+        return self._ended
+
     def submit(self, request: expert_pb2.RunExpertsRequest) -> concurrent.futures.Future | None:
         """Send ``request`` (its ``request_id`` unique on this stream); the future completes with the
         ``RunExpertsResponse`` or a :class:`StreamError`. Cancelling the future abandons the request."""

@@ -13,6 +13,7 @@ import yaml
 from moevit.coordinator.metrics import CoordinatorMetrics
 from moevit.coordinator.runtime import SplitRuntime
 from moevit.coordinator.sites import SiteClient, SiteError
+from moevit.coordinator.stream import ExpertStream
 from moevit.deploy.topology import load_topology
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -101,9 +102,22 @@ def test_coordinator_and_worker_metrics(tmp_path):
         assert total(w, "moevit_worker_info", site="north", fingerprint=rt.fingerprint) == 1
         # a refused request is counted with its status code: refused from its headers when it comes on a stream
         # (the whole stream is refused: counted as a RunExpertsStream call), as a RunExperts request otherwise
+        # The refusal can end the new stream before its first request is submitted (it did on CI): that is the
+        # request's answer, not a reason for a second stream and a unary call (3 refusals counted). Made certain
+        # here by waiting for each new stream to end before anything is submitted on it.
+        opened = ExpertStream.__init__
+
+        def opened_and_refused(self, *args, **kwargs) -> None:
+            opened(self, *args, **kwargs)
+            t_end = time.monotonic() + 5
+            while not self.ended and time.monotonic() < t_end:
+                time.sleep(0.01)
+
         bad = SiteClient("north", f"127.0.0.1:{ports['north']}", fingerprint="not-this-model")
-        with pytest.raises(SiteError, match="FAILED_PRECONDITION"):
-            bad.start(8, [(0, torch.zeros(2, model.moe_layers()[8].router.dim))]).result()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ExpertStream, "__init__", opened_and_refused)
+            with pytest.raises(SiteError, match="FAILED_PRECONDITION"):
+                bad.start(8, [(0, torch.zeros(2, model.moe_layers()[8].router.dim))]).result()
         bad.close()
         # the worker counts a call once its handler has returned, which can be just after the client saw the status
         t_end = time.monotonic() + 5
