@@ -53,7 +53,7 @@ from moevit.checkpoint import load_checkpoint  # noqa: E402
 from moevit.data import denormalize, open_dataset  # noqa: E402
 from moevit.fuse import fold_batchnorm  # noqa: E402
 from moevit.moe.dispatcher import Dispatcher  # noqa: E402
-from moevit.moe.skip import SkippingDispatcher, SkipRule, rules_from_options  # noqa: E402
+from moevit.moe.skip import SkippingDispatcher, rules_from_options, rules_per_layer  # noqa: E402
 from moevit_rpc import codecs  # noqa: E402
 from moevit_rpc.tensors import proto_to_tensor, tensor_to_proto  # noqa: E402
 
@@ -111,8 +111,7 @@ def install(model, topology, codec: str, threshold: float, meter: Meter, keep_la
     (``rules_from_options``: ``--skip-threshold``, ``--skip-background``, ``--skip-layers``) keeps patches off the
     wire. Threshold 0 skips nothing (the reference), background experts included."""
     rules = rules_from_options(threshold=threshold, analysis=background, layers=skip_layers) if threshold > 0 else {}
-    if isinstance(rules, SkipRule):
-        rules = dict.fromkeys(model.moe_layers(), rules)
+    rules = rules_per_layer(rules, model.moe_layers())  # ValueError naming a layer that is not a MoE layer
     placement = default_placement(topology, {i: m.num_experts for i, m in model.moe_layers().items()})
     local = topology.coordinator
     for layer_id, layer in model.moe_layers().items():
@@ -251,6 +250,11 @@ def main() -> int:
     for path in args.models:
         model = load_checkpoint(path).eval()
         fold_batchnorm(model)
+        if skip_layers is not None:
+            try:
+                rules_per_layer(dict.fromkeys(skip_layers), model.moe_layers())
+            except ValueError as e:
+                ap.error(f"--skip-layers: {path}: {e}")
         data = open_dataset(args.data, image_size=args.image_size, split="eval", seed=0)
         per: dict[str, dict] = {}
         ref_pred = None

@@ -22,8 +22,7 @@ from moevit.calibration import read_calibration
 from moevit.checkpoint import load_checkpoint, model_fingerprint
 from moevit.fuse import fold_batchnorm
 from moevit.mobilevitv2 import MobileViTV2
-from moevit.moe.skip import SkippingDispatcher, SkipRule
-from moevit.offwire import skip_layers
+from moevit.moe.skip import SkippingDispatcher, SkipRule, rules_per_layer
 
 if TYPE_CHECKING:
     from moevit.onnx_camera import OnnxCameraConfig
@@ -105,13 +104,10 @@ class SplitRuntime:
         except (ValueError, TopologyError) as e:  # unusable TLS files or token file: say which
             self.close()
             raise CoordinatorError(str(e)) from None
-        if isinstance(skip, SkipRule):  # one rule for every MoE layer
-            skip = {layer_id: skip for layer_id in model.moe_layers()}
-        self.skip = dict(skip or {})
         try:  # the layers a rule may apply at, decided as the simulator and the cost model decide them
-            skip_layers(self.skip, model.moe_layers())
+            self.skip = rules_per_layer(skip, model.moe_layers())
         except ValueError:
-            stray = sorted(set(self.skip) - set(model.moe_layers()))
+            stray = sorted(set(skip) - set(model.moe_layers()))
             self.close()
             raise CoordinatorError(f"skip rules name layer(s) {', '.join(map(str, stray))}, which are not MoE layers "
                                    f"of the model (its MoE layers: {', '.join(map(str, sorted(model.moe_layers())))})"

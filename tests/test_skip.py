@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moevit.moe.dispatcher import Dispatcher
-from moevit.moe.skip import SkippingDispatcher, SkipRule, apply_skip, subset_plan
+from moevit.moe.skip import SkippingDispatcher, SkipRule, apply_skip, rules_per_layer, subset_plan
 from tests.deploy import small_moe_model
 
 EXPERTS = np.array([0, 1, 2, 3, 1])
@@ -122,3 +122,12 @@ def test_subset_plan_keeps_the_expert_grouping(model):
     sub = subset_plan(plan, mask)
     assert sum(sub.counts) == 5 and sub.experts == sorted(sub.experts)
     torch.testing.assert_close(sub.x_SPC, plan.x_SPC[mask])
+
+
+def test_one_rule_applies_at_every_moe_layer_and_a_stray_layer_is_named():
+    rule = SkipRule(threshold=0.3)
+    assert rules_per_layer(rule, [1, 5, 8]) == {1: rule, 5: rule, 8: rule}
+    assert rules_per_layer({5: rule}, [1, 5, 8]) == {5: rule}  # layers 1 and 8 send every patch
+    assert rules_per_layer(None, [8]) == {}
+    with pytest.raises(ValueError, match=r"layer\(s\) 3 not MoE layers \(the MoE layers: 1, 5, 8\)"):
+        rules_per_layer({3: rule, 5: rule}, [1, 5, 8])

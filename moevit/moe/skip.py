@@ -15,7 +15,7 @@ agree on which patches travel. Nothing here knows about the network: a dispatche
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -197,7 +197,20 @@ def apply_skip(model: torch.nn.Module, rules: dict[int, SkipRule], *,
 
 
 __all__ = ["ACTIONS", "MATCHES", "SkipCounts", "SkipRule", "SkippingDispatcher", "apply_skip", "rules_from_options",
-           "skip_layers", "subset_plan"]
+           "rules_per_layer", "skip_layers", "subset_plan"]
+
+
+def rules_per_layer(rules: SkipRule | Mapping[int, SkipRule] | None, moe_layers: Iterable[int]
+                    ) -> dict[int, SkipRule]:
+    """``rules`` as one rule per MoE layer: a single :class:`SkipRule` applies at every layer of ``moe_layers``, a
+    mapping is kept as it is (its other layers send every patch). ValueError naming the layer(s) of the mapping
+    that are not MoE layers (:func:`skip_layers`)."""
+    layers = list(moe_layers)
+    if isinstance(rules, SkipRule):
+        return dict.fromkeys(layers, rules)
+    per_layer = dict(rules or {})
+    skip_layers(per_layer, layers)
+    return per_layer
 
 
 def rules_from_options(*, threshold: float = 0.0, action: str = "residual", match: str = "any",
