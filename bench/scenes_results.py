@@ -1,7 +1,8 @@
 """Dense vs MoE on the scenes benchmark under the fair protocol of issue 17 (``make results``).
 
     python bench/scenes_results.py                       # reduced grid: MoE-16 at [8] vs dense, seeds 0 1 2
-    python bench/scenes_results.py --full                # + Table 1 (E = 2, 8) and Table 2's layer sets
+    python bench/scenes_results.py --full                # + Table 1 (E = 2, 8), Table 2's layer sets, batch sizes
+                                                         #   and data subsets (--variants 8:16:b128 8:16:f0.5 ...)
     python bench/scenes_results.py --seeds 0 --dense-epochs 4 --ft-epochs 2   # the smallest honest version
 
 Protocol, per training seed (the split seed is fixed separately, so every seed is scored on the same images):
@@ -27,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,8 +46,43 @@ from moevit.flops import count_macs, count_params  # noqa: E402
 
 DATA = "scenes:classes=10,per_class=400,size=128,split_seed=0,workers=2"
 INIT = "weights/pretrain-mobilevitv2_050-96.safetensors"
-REDUCED = [("8", 16)]
-FULL = [("8", 2), ("8", 8), ("8", 16), ("1,5,8", 8), ("1,3,5,7", 8), ("2,4,6,8", 8)]
+REDUCED = ["8:16"]
+# Table 1 (E at [8]), Table 2's layer sets, and its batch sizes and data subsets (at [8], E = 16: the paper's)
+FULL = ["8:2", "8:8", "8:16", "1,5,8:8", "1,3,5,7:8", "2,4,6,8:8", "8:16:b128", "8:16:b512", "8:16:f0.75", "8:16:f0.5"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One MoE row: ``LAYERS:E[:bBATCH][:fFRACTION]`` (fine-tuning batch size and share of the training data;
+    default: the recipe's batch and all the data)."""
+
+    layers: str
+    experts: int
+    batch: int | None = None
+    fraction: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        layers, experts, *rest = text.split(":")
+        [int(i) for i in layers.split(",")]
+        v = cls(layers, int(experts))
+        for opt in rest:
+            if opt[:1] == "b" and int(opt[1:]) >= 2:
+                v = replace(v, batch=int(opt[1:]))
+            elif opt[:1] == "f" and 0 < float(opt[1:]) <= 1:
+                v = replace(v, fraction=float(opt[1:]))
+            else:
+                raise ValueError(opt)
+        return v
+
+    @property
+    def name(self) -> str:
+        return (f"MoE-{self.experts} [{self.layers}]" + (f" batch {self.batch}" if self.batch else "")
+                + (f" data {self.fraction:g}" if self.fraction < 1 else ""))
+
+    def tag(self, k: int) -> str:
+        return (f"moe{self.experts}-L{self.layers.replace(',', '-')}-K{k}" + (f"-b{self.batch}" if self.batch else "")
+                + (f"-f{self.fraction:g}" if self.fraction < 1 else ""))
 
 
 def dense_recipe(epochs: int) -> list[str]:
@@ -101,9 +138,11 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--dense-epochs", type=int, default=6)
     ap.add_argument("--ft-epochs", type=int, default=2)
-    ap.add_argument("--full", action="store_true", help="Table 1 (E = 2, 8, 16 at [8]) and Table 2's layer sets")
-    ap.add_argument("--variants", nargs="+", metavar="LAYERS:E", default=None,
-                    help="MoE rows instead of the reduced or full grid, e.g. 8:16 2:16 (MoE-16 at [8] and at [2])")
+    ap.add_argument("--full", action="store_true", help="Table 1 (E = 2, 8, 16 at [8]) and Table 2 (layer sets, "
+                    "fine-tuning batch 128 and 512, data subsets 0.75 and 0.5)")
+    ap.add_argument("--variants", nargs="+", metavar="LAYERS:E[:bB][:fF]", default=None,
+                    help="MoE rows instead of the reduced or full grid, e.g. 8:16 2:16 (MoE-16 at [8] and at [2]); "
+                    "b: fine-tuning batch size, f: share of each class of the training data (8:16:f0.5)")
     ap.add_argument("--images-per-class", type=int, default=32, help="conversion sample per class")
     ap.add_argument("--latency-reps", type=int, default=30, help="0: skip the latency column")
     ap.add_argument("--threads", type=int, default=1)
@@ -118,13 +157,11 @@ def main() -> int:
               "--no-progress"]
     dense_args = dense_recipe(args.dense_epochs)
     ft_args = ft_recipe(args.ft_epochs)
-    variants = FULL if args.full else REDUCED
-    if args.variants:
-        try:
-            variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants]
-            [int(i) for layers, _ in variants for i in layers.split(",")]
-        except (IndexError, ValueError):
-            ap.error(f"--variants {' '.join(args.variants)}: each must be LAYERS:E, e.g. 8:16 or 1,5,8:8")
+    try:
+        variants = [Variant.parse(v) for v in args.variants or (FULL if args.full else REDUCED)]
+    except (IndexError, ValueError):
+        ap.error(f"--variants {' '.join(args.variants)}: each must be LAYERS:E[:bBATCH][:fFRACTION], e.g. 8:16, "
+                 "1,5,8:8 or 8:16:f0.5")
     held = open_dataset(args.data, image_size=args.image_size, split="eval", seed=0)
     runs: dict[str, dict[int, str]] = {}
     k_of: dict[str, int] = {}
@@ -144,18 +181,23 @@ def main() -> int:
         _run(train_main, ["--model", str(dense_ck), "--out", str(extra), *common, *ft_args, *s])
         runs.setdefault("dense + extra epochs", {})[seed] = str(extra)
         dense = load_checkpoint(dense_ck)
-        for layers, experts in variants:
-            name = f"MoE-{experts} [{layers}]"
+        for v in variants:
+            name, layers, experts = v.name, v.layers, v.experts
             k = hidden_within_budget(dense, tuple(int(i) for i in layers.split(",")), experts)
             k_of[name] = k
-            tag = f"moe{experts}-L{layers.replace(',', '-')}-K{k}-e{args.dense_epochs}-ft{args.ft_epochs}-s{seed}"
-            conv = out / f"{tag}.safetensors"
+            # the batch and data-subset rows fine-tune the same conversion as their base row
+            run = f"-e{args.dense_epochs}-ft{args.ft_epochs}-s{seed}"
+            conv = out / f"{Variant(layers, experts).tag(k)}{run}.safetensors"
+            tag = f"{v.tag(k)}{run}"
             if not (conv.exists() and conv.with_suffix(".report.json").exists()):
                 _run(convert_main, ["--dense", str(dense_ck), "--data", args.data, "--layers", layers, "--experts",
                                     str(experts), "--hidden", str(k), "--images-per-class",
                                     str(args.images_per_class), "--seed", str(seed), "--threads", str(args.threads),
                                     "--out", str(conv), "--report", str(conv.with_suffix(".report.json"))])
-            _run(train_main, ["--model", str(conv), "--out", str(out / f"{tag}-ft"), *common, *ft_args, *s])
+            extra_args = [*(["--batch-size", str(v.batch)] if v.batch else []),
+                          *(["--train-fraction", f"{v.fraction:g}"] if v.fraction < 1 else [])]
+            _run(train_main, ["--model", str(conv), "--out", str(out / f"{tag}-ft"), *common, *ft_args, *extra_args,
+                              *s])
             runs.setdefault(name, {})[seed] = str(out / f"{tag}-ft")
             conversions.setdefault(name, []).append(str(conv.with_suffix(".report.json")))
 

@@ -30,6 +30,7 @@ torchvision is never imported.
 from __future__ import annotations
 
 import colorsys
+import copy
 import csv
 import logging
 import math
@@ -504,6 +505,25 @@ class ImageDataset(Dataset):
                 row.update(label=taxon.label, common_name=taxon.common_name, scientific_name=taxon.scientific_name)
             info.append(row)
         return info
+
+    def subset(self, fraction: float, *, seed: int) -> ImageDataset:
+        """A seeded share of this split, drawn per class (round(fraction * n) images of a class of n, at least one),
+        in the split's order: the paper's data-subset ablation. ``fraction`` 1 returns the split itself."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"a data fraction must be in (0, 1], got {fraction}")
+        if fraction == 1.0:
+            return self
+        rng = np.random.default_rng(seed)
+        by_class: dict[int, list[int]] = {}
+        for i, t in enumerate(self.targets):
+            by_class.setdefault(t, []).append(i)
+        keep = sorted(i for members in by_class.values()
+                      for i in rng.permutation(members)[:max(1, math.floor(fraction * len(members) + 0.5))].tolist())
+        part = copy.copy(self)  # the subclass's own fields (images, scene) are shared, read only
+        part.items, part.targets = [self.items[i] for i in keep], [self.targets[i] for i in keep]
+        part.skipped, part._bad = [], set()  # positions changed: what was met unreadable is met again
+        part.origin = f"{self.origin}; a seeded {fraction:g} of each class (seed {seed})"
+        return part
 
     def describe(self) -> str:
         s = self.image_size

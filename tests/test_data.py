@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -400,3 +401,18 @@ def test_a_decompression_bomb_is_refused_from_its_header():
     with pytest.raises(UnreadableImageError, match="pixel limit"):
         load_image(bomb, 64)
     assert time.monotonic() - t0 < 1.0
+
+
+def test_a_data_subset_keeps_a_seeded_share_of_every_class():
+    full = open_dataset("synthetic:classes=3,per_class=20,size=16", image_size=16, split="train", seed=0)
+    half = full.subset(0.5, seed=0)
+    counts = full.class_counts()
+    assert half.class_counts() == [math.floor(c * 0.5 + 0.5) for c in counts]
+    assert set(half.items) <= set(full.items) and half.subset(1.0, seed=3) is half
+    assert half.items == full.subset(0.5, seed=0).items  # the same share for every training seed
+    assert half.items != full.subset(0.5, seed=1).items
+    assert full.subset(0.01, seed=0).class_counts() == [1, 1, 1]  # never a class left out
+    assert "a seeded 0.5 of each class" in half.describe()
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="data fraction must be in"):
+            full.subset(bad, seed=0)

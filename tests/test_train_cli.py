@@ -58,3 +58,12 @@ def test_bad_flags_are_one_clear_line(tmp_path):
     assert r.returncode == 2 and "nonsense" in r.stderr and "Traceback" not in r.stderr
     r = ev.result()
     assert r.returncode == 2 and "no such checkpoint" in r.stderr
+
+
+def test_a_data_fraction_out_of_range_is_refused_before_any_data_is_read(tmp_path, capsys):
+    from moevit.cli.train import main
+
+    assert main(["--data", "digits", "--out", str(tmp_path / "x"), "--train-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--train-fraction must be in (0, 1], got 0.0" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="training seed (batch order, augmentation, dropout)")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the held-out splits, separate from --seed so "
                     "that runs of several training seeds are scored on the same images (default 0)")
+    ap.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
+                    help="train on a seeded share F of each class of the training split (drawn with --split-seed, "
+                         "so every training seed sees the same images): the paper's data-subset ablation")
     ap.add_argument("--select", choices=("eval", "val"), default="eval",
                     help="where the best checkpoint is chosen: 'val' trains on search-train, selects on val and "
                          "reports the chosen checkpoint once on eval (the fair protocol); 'eval' trains on train and "
@@ -82,6 +85,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 0.0 < args.train_fraction <= 1.0:
+        raise ValueError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.search < 0:
         raise ValueError(f"--search must be >= 0 trials, got {args.search}")
     if args.image_size is None:
@@ -148,6 +153,7 @@ def _train_once(args: argparse.Namespace, opts: dict[str, Any], train_split: str
     dropout = opts.pop("dropout", None)
     cfg = TrainConfig.from_dict(opts)
     train_set = open_dataset(args.data, image_size=args.image_size, split=train_split, seed=args.split_seed)
+    train_set = train_set.subset(args.train_fraction, seed=args.split_seed)
     eval_set = open_dataset(args.data, image_size=args.image_size, split=eval_split, seed=args.split_seed)
     model = _make_model(args, list(train_set.classes), dropout)
     trainer = Trainer(model, train_set, eval_set, cfg, out, progress=progress)
@@ -169,7 +175,8 @@ def _train_once(args: argparse.Namespace, opts: dict[str, Any], train_split: str
                 "select": "val", "val_top1": trainer.best, "best_step": trainer.best_step,
                 "eval_top1": scored["top1"], "eval_top5": scored["top5"], "eval_loss": scored["loss"],
                 "eval_images": scored["n"], "eval_per_class": scored["per_class"], "data": args.data,
-                "split_seed": args.split_seed, "seed": args.seed}, indent=2))
+                "split_seed": args.split_seed, "seed": args.seed, "train_fraction": args.train_fraction,
+                "train_images": len(train_set)}, indent=2))
         report = json.loads(report_path.read_text())
         result.update(val_top1=report["val_top1"], eval_top1=report["eval_top1"], eval_top5=report["eval_top5"])
     return result
