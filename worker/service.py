@@ -72,6 +72,10 @@ class RequestError(Exception):
         self.message = message
 
 
+class _CallerGone(Exception):  # noqa: N818 - a condition, not an error of ours
+    """A stream's answer could not be written: its caller went away (cancelled, deadline, connection gone)."""
+
+
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -540,27 +544,31 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                 if isinstance(request, Refused):  # refused from its bytes (wire_screen): answered in-band
                     log.info("RunExpertsStream request_id=%s refused (%s): %s", clip(request.request_id),
                              request.code.name, request.message)
-                    if not await self._write(context, expert_pb2.RunExpertsResponse(
-                            request_id=request.request_id, error_code=request.code.value[0],
-                            error_message=request.message)):
-                        return
+                    await self._write(context, expert_pb2.RunExpertsResponse(
+                        request_id=request.request_id, error_code=request.code.value[0],
+                        error_message=request.message))
                     continue
                 try:
                     response = await self.answer(request)
                 except RequestError as e:
                     response = expert_pb2.RunExpertsResponse(request_id=request.request_id,
                                                              error_code=e.code.value[0], error_message=e.message)
-                if not await self._write(context, response):
-                    return
+                await self._write(context, response)
+        except _CallerGone:
+            # End as gRPC ends a call its caller cancelled (logged at debug level), not by returning: after a
+            # return gRPC sends the call's status, and when the failed write was the stream's first, that batch
+            # repeats the initial metadata the write already carried (ExecuteBatchError
+            # GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, logged with a traceback: a caller cancelling mid-answer)
+            raise asyncio.CancelledError from None
         except asyncio.CancelledError:
             if self._draining:  # drain() ended this idle stream: finish it cleanly, the client opens a new one
                 return
             raise
 
     @staticmethod
-    async def _write(context: grpc.aio.ServicerContext, response: expert_pb2.RunExpertsResponse) -> bool:
-        """Write one answer on a stream; False when the caller went away meanwhile (cancelled, connection gone):
-        that ends the stream quietly, not with a traceback in the log."""
+    async def _write(context: grpc.aio.ServicerContext, response: expert_pb2.RunExpertsResponse) -> None:
+        """Write one answer on a stream; :class:`_CallerGone` when the caller went away meanwhile (cancelled,
+        connection gone): that ends the stream quietly, not with a traceback in the log."""
         try:
             await context.write(response)
         except asyncio.CancelledError:
@@ -572,8 +580,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                 raise
             log.info("RunExpertsStream request_id=%s: the caller went away while its answer was written (%s)",
                      clip(response.request_id), type(e).__name__)
-            return False
-        return True
+            raise _CallerGone from None
 
     def drain(self) -> None:
         """Shutting down: streams waiting for their next request end now (OK); those computing end after it."""
