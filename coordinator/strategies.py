@@ -7,12 +7,14 @@ the cheapest of those by :func:`moevit.partition.policy.choose`, on link estimat
 knows (every attribute it does not define is the wrapped runtime's) and stamps each :class:`BatchResult` with the
 strategy that served it. :class:`LinkEstimator` keeps each link's round-trip time and throughput as moving averages
 (EWMA) of the coordinator's own calls and probes links idle for ``adaptive.probe_interval_s`` with a health check,
-at most once per interval each. Under ``adaptive`` the same prober thread also runs a *strategy probe* of each
-strategy the policy has not used for ``adaptive.strategy_probe_s``: split runs the last image through the workers
-(the camera's and the workers' speeds, the relay links' throughput), offload-image sends the offload site a blank
-image (its speed); otherwise a strategy's estimates would stay those of when it was last used. A probe holds the
-runtime's forward lock, as every image does: it starts only when no image is running, and an image that arrives
-meanwhile waits for it (counted, with the probes, in the summary and the metrics).
+at most once per interval each; under ``adaptive`` a throughput sample STEP_FACTOR off the estimate wakes the prober
+to probe that link at once (at most once per interval), whose sample confirms the change or shows a hiccup before the
+next image. Under ``adaptive`` the same prober thread also runs a *strategy probe* of each strategy the policy
+has not used for ``adaptive.strategy_probe_s``: split runs the last image through the workers (the camera's and
+the workers' speeds, the relay links' throughput), offload-image sends the offload site a blank image (its speed);
+otherwise a strategy's estimates would stay those of when it was last used. A probe holds the runtime's forward
+lock, as every image does: it starts only when no image is running, and an image that arrives meanwhile waits for it
+(counted, with the probes, in the summary and the metrics).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from moevit.coordinator.runtime import BatchResult, CoordinatorError, SplitRunti
 from moevit.coordinator.sites import SiteError
 from moevit.deploy.topology import Placement, Topology
 from moevit.partition.policy import (
+    EWMA_ALPHA,
     FIXED,
+    Belief,
     LinkEstimate,
     ModelFigures,
     NoFeasibleStrategy,
@@ -54,12 +58,10 @@ from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger("moevit.coordinator")
 
-EWMA_ALPHA = 0.2  # weight of a new sample: about the last 5-10 calls matter
-# two throughput samples in a row STEP_FACTOR times above (or both below) the estimate are a changed link, not noise:
-# the second replaces the estimate (a 20-fold drop shows after two calls, where 0.2 in log terms took four or five);
-# one such sample alone weighs EWMA_ALPHA (on a loaded machine one call in twenty is 5-10x slow: replacing the
-# estimate on it made adaptive switch on every hiccup)
-STEP_FACTOR = 4.0
+# EWMA_ALPHA, STEP_FACTOR and the rule for a link's throughput samples: moevit.partition.policy.Belief. A sample
+# STEP_FACTOR off awaits a second the same way before it replaces the estimate (one alone may be a hiccup); the prober
+# takes that second sample at once (_Prober._links: the link is probed right after the call that stepped, its pad
+# included), so a link that faded during an image is believed before the next image, not after it
 # an idle link's probe: PROBE_PAIRS health checks (the fastest is its round trip: load on the machine only adds time);
 # then, when that round trip moved RTT_CHANGE-fold since the link's throughput was last measured (a fade that slows
 # the rate also lengthens each exchange) or PAD_INTERVAL_S after the last pad, as many checks carrying a pad of random
@@ -115,29 +117,25 @@ class _Link:
     last_pad: float = 0.0
     rtt_at_sample: float | None = None  # the round trip when the throughput was last measured
     step_way: int = 0  # the last sample was STEP_FACTOR above (1) or below (-1) the estimate
+    step_at: float = 0.0  # when that pending step appeared (monotonic): a probe confirms it at once
+    # the last such prompt probe: at most one per probe interval, the first one interval after start (as an idle
+    # probe waits an interval after a call; the warm-up's blank images leave the first real calls' samples off)
+    last_confirm: float = field(default_factory=time.monotonic)
 
 
 def _ewma(old: float | None, new: float) -> float:
     return new if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * new
 
 
-def _throughput(lk: _Link, sample: float) -> None:
-    """Take a throughput sample into ``lk``: its moving average in log terms, or the sample itself when it is the
-    second in a row STEP_FACTOR off the same way (a changed link)."""
-    old = lk.throughput_bps
-    if old is None:
-        lk.throughput_bps = sample
-        return
-    ratio = sample / old
-    if max(ratio, 1 / ratio) >= STEP_FACTOR:
-        way = 1 if ratio > 1 else -1
-        if lk.step_way == way:
-            lk.throughput_bps, lk.step_way = sample, 0
-            return
-        lk.step_way = way
-    else:
-        lk.step_way = 0
-    lk.throughput_bps = old ** (1 - EWMA_ALPHA) * sample ** EWMA_ALPHA
+def _throughput(lk: _Link, sample: float) -> bool:
+    """Take a throughput sample into ``lk`` (:meth:`Belief.update`: its moving average in log terms, or the sample
+    itself when it is the second in a row STEP_FACTOR off the same way). True when it leaves a new step pending."""
+    b = Belief(lk.throughput_bps, lk.step_way).update(sample)
+    stepped = b.pending != 0 and b.pending != lk.step_way
+    lk.throughput_bps, lk.step_way = b.value, b.pending
+    if stepped:
+        lk.step_at = time.monotonic()
+    return stepped
 
 
 @dataclass
@@ -150,6 +148,8 @@ class LinkEstimator:
 
     links: dict[str, _Link] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # set when a sample leaves a step pending: wakes the prober to confirm it now, not at its next tick
+    stepped: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
     def for_topology(cls, topology: Topology, sites: list[str]) -> LinkEstimator:
@@ -172,7 +172,8 @@ class LinkEstimator:
                 # reads as the topology's figure at most
                 transfer = max(padded_s - seconds, MIN_PROBE_TRANSFER_S)
                 sample = min(8 * (pad + PAD_FRAMING) / transfer, lk.nominal.throughput_bps)
-                _throughput(lk, sample)
+                if _throughput(lk, sample):
+                    self.stepped.set()
                 lk.rtt_at_sample = seconds
             lk.probes += probe
             lk.samples += not probe
@@ -184,8 +185,8 @@ class LinkEstimator:
             rtt = lk.rtt_s if lk.rtt_s is not None else 0.0
             transfer = seconds - rtt - server_s
             if transfer > MIN_TRANSFER_S and nbytes > 0:
-                # in log terms: a rate that drops 100-fold shows after two or three calls, not ten
-                _throughput(lk, 8 * nbytes / transfer)
+                if _throughput(lk, 8 * nbytes / transfer):
+                    self.stepped.set()
                 lk.rtt_at_sample = lk.rtt_s
             if lk.rtt_s is None:  # no probe yet: the whole call bounds the round trip from above
                 lk.rtt_s = max(0.0, seconds - server_s)
@@ -270,7 +271,11 @@ class _Prober(threading.Thread):
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self.stop_event.wait(min(0.2, self.interval)):
+        while not self.stop_event.is_set():
+            if self.estimator.stepped.wait(min(0.2, self.interval)):  # a step to confirm: now
+                self.estimator.stepped.clear()
+            if self.stop_event.is_set():
+                break
             self._links()
             self._strategies()
 
@@ -312,9 +317,16 @@ class _Prober(threading.Thread):
         now = time.monotonic()
         for site, check in self.checks.items():
             lk = self.estimator.links[site]
-            if now - max(lk.last_used, lk.last_probe) < self.interval:
+            # a sample STEP_FACTOR off awaits its confirming second (_throughput): probe the link now, even just used
+            # (a link that faded during an image was believed only after the next image had gone the same way);
+            # at most once per interval, so a link whose samples swing 4-fold every time is not probed without end
+            confirm = (site in self.padded and lk.step_way != 0 and lk.step_at >= lk.last_probe
+                       and now - lk.last_confirm >= self.interval)
+            if now - max(lk.last_used, lk.last_probe) < self.interval and not confirm:
                 continue
             lk.last_probe = now
+            if confirm:
+                lk.last_confirm = now
             timeout = min(1.0, self.interval)
             bare: list[float] = []
             for _ in range(PROBE_PAIRS if site in self.padded else 1):
@@ -806,6 +818,7 @@ class StrategyRuntime:
     def close(self) -> None:
         if self._prober is not None:
             self._prober.stop_event.set()
+            self.links.stepped.set()  # wakes it now
             if self._prober.is_alive():  # a probe in flight finishes (within its deadline) before the channels close
                 self._prober.join(timeout=self.primary.policy.deadline_s + 1.0)
         if self.offload is not None:

@@ -407,7 +407,8 @@ class OffloadOptions:
 @dataclass(frozen=True)
 class AdaptiveOptions:
     """``adaptive:``: what the policy minimises, and its hysteresis: switch only when another strategy is predicted
-    cheaper by more than ``margin`` (a fraction) for ``consecutive`` decisions in a row; idle links are probed at
+    cheaper by more than ``margin`` (a fraction) for ``consecutive`` decisions in a row, fewer as the gain grows
+    (:func:`moevit.partition.policy.decisions_needed`); idle links are probed at
     most once per ``probe_interval_s``; a strategy adaptive has not used for ``strategy_probe_s`` is run once on
     the last image (0: never) so its speeds are those of now."""
 

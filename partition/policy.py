@@ -16,14 +16,21 @@ assumptions: links independent, compute at the device's ``gflops``, radio energy
   Infeasible when a site that has tokens to take is down.
 
 :func:`choose` keeps the current strategy unless another is predicted cheaper by more than ``margin`` (a
-fraction of the current one's cost) for ``consecutive`` decisions in a row, or at most ``1 / CLEAR_GAP`` of it
-once (a gap that large is a changed link, not noise: waiting ``consecutive`` images on a link that fell 40-fold
-cost a phase's p95); a current strategy that became infeasible (a site stopped answering) is left at once for the
-cheapest feasible one (a *fallback* decision).
+fraction of the current one's cost) for as many decisions in a row as the gain needs (:func:`decisions_needed`):
+``consecutive`` just past the margin, one fewer for each doubling of the gain over the margin, one once the other is
+predicted at most ``1 / CLEAR_GAP`` of the current cost (a gap that large is a changed link, not noise: waiting
+``consecutive`` images on a link that fell 20-fold cost a phase's p95). A current strategy that became infeasible
+(a site stopped answering) is left at once for the cheapest feasible one (a *fallback* decision).
+
+:class:`Belief` is how the coordinator takes a link's throughput samples (moving average in log terms; a sample
+``STEP_FACTOR`` off is a changed link only once a second one agrees: one alone may be a loaded machine's hiccup).
+The coordinator gets that second sample at once from a probe of the link (coordinator/strategies.py), so a changed
+link is believed before the next image, not after it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -31,6 +38,35 @@ from moevit.deploy.topology import DEFAULT_RX_NJ_PER_BIT, DEFAULT_TX_NJ_PER_BIT,
 
 FIXED = ("split", "local", "offload-image")
 CLEAR_GAP = 2.0  # another strategy predicted at most half the current one's cost: switch without waiting
+EWMA_ALPHA = 0.2  # weight of a new link sample: about the last 5-10 calls matter
+# a throughput sample STEP_FACTOR times above (or below) the estimate, confirmed by the next one the same way, is a
+# changed link and replaces the estimate; one alone weighs EWMA_ALPHA (on a loaded machine one call in twenty is
+# 5-10x slow: replacing the estimate on it made adaptive switch on every hiccup)
+STEP_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class Belief:
+    """One link's throughput (bit/s) as believed from its samples: ``value`` (None before the first) and
+    ``pending``: the last sample was STEP_FACTOR or more above (1) or below (-1) the value, and the next one says
+    whether the link changed (it replaces the value) or the machine hiccuped (averaged like any other)."""
+
+    value: float | None = None
+    pending: int = 0
+
+    def update(self, sample: float) -> Belief:
+        """The belief after ``sample``: the first sample as is; one STEP_FACTOR off the same way as the pending one
+        replaces the value; any other is averaged in with weight EWMA_ALPHA in log terms (a rate that drops
+        100-fold shows after two or three samples, not ten)."""
+        if self.value is None:
+            return Belief(sample)
+        ratio = sample / self.value
+        way = 0
+        if max(ratio, 1 / ratio) >= STEP_FACTOR:
+            way = 1 if ratio > 1 else -1
+            if self.pending == way:
+                return Belief(sample)
+        return Belief(self.value ** (1 - EWMA_ALPHA) * sample ** EWMA_ALPHA, way)
 
 
 @dataclass(frozen=True)
@@ -200,6 +236,18 @@ class NoFeasibleStrategy(RuntimeError):
     """No strategy can run now (every remote site down and the model does not fit the coordinator)."""
 
 
+def decisions_needed(gain: float, margin: float, consecutive: int) -> int:
+    """Decisions in a row another strategy predicted ``gain`` (a fraction of the current one's cost, past
+    ``margin``) cheaper must win before the policy switches: ``consecutive`` just past the margin, one fewer for each
+    doubling of the gain over the margin (a gain four margins wide is a changed link far more often than noise, and
+    each image it waits costs that gain), at least one; one once the gain reaches ``1 - 1 / CLEAR_GAP``."""
+    if gain * CLEAR_GAP >= CLEAR_GAP - 1.0:
+        return 1
+    if margin <= 0 or gain <= margin:
+        return consecutive
+    return max(1, consecutive - math.floor(math.log2(gain / margin) + 1e-9))
+
+
 def choose(costs: Mapping[str, StrategyCost], objective: str, state: PolicyState, *, margin: float = 0.1,
            consecutive: int = 3) -> Decision:
     """The strategy for the next image (see the module docstring for the rule)."""
@@ -214,11 +262,12 @@ def choose(costs: Mapping[str, StrategyCost], objective: str, state: PolicyState
     cur = feasible[state.current]
     if best != state.current and feasible[best].value(objective) < cur.value(objective) * (1.0 - margin):
         streak = state.streak + 1 if state.challenger == best else 1
-        if streak >= consecutive or feasible[best].value(objective) * CLEAR_GAP <= cur.value(objective):
+        gain = 1.0 - feasible[best].value(objective) / cur.value(objective)
+        if streak >= decisions_needed(gain, margin, consecutive):
             return Decision(best, feasible[best], PolicyState(best), "switch")
         return Decision(state.current, cur, replace(state, challenger=best, streak=streak), "keep")
     return Decision(state.current, cur, PolicyState(state.current), "keep")
 
 
-__all__ = ["CLEAR_GAP", "FIXED", "Decision", "LinkEstimate", "ModelFigures", "NoFeasibleStrategy", "PolicyState",
-           "StrategyCost", "choose", "predict"]
+__all__ = ["CLEAR_GAP", "EWMA_ALPHA", "FIXED", "STEP_FACTOR", "Belief", "Decision", "LinkEstimate", "ModelFigures",
+           "NoFeasibleStrategy", "PolicyState", "StrategyCost", "choose", "decisions_needed", "predict"]
