@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moevit.cli.runner import run_cli
+from moevit.cli.runner import exit_now, run_cli
 
 if TYPE_CHECKING:
     from moevit.deploy.topology import TLSFiles
@@ -335,4 +335,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # how the coordinator's launcher, the emulation and the tests start workers: the process ends as soon as the
+    # server has stopped, without the interpreter's teardown (exit_now)
+    exit_now(main())

@@ -9,10 +9,12 @@ light console scripts (moe-partition, moe-export) stay light.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
-__all__ = ["USAGE_ERRORS", "run_cli"]
+__all__ = ["USAGE_ERRORS", "exit_now", "run_cli"]
 
 #: what a console script reports as the user's mistake unless it says otherwise: bad values and files (the
 #: project's error classes, CheckpointError, TopologyError, ConfigError, ... are ValueErrors), missing keys
@@ -44,3 +46,19 @@ def run_cli(prog: str, body: Callable[[], int | None], *,
     except KeyboardInterrupt:
         print(f"{prog}: interrupted{interrupted() if interrupted is not None else ''}", file=sys.stderr)
         return 130
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process with status ``code`` once logging, stdout and stderr are flushed, skipping the interpreter's
+    teardown: for a process whose work is done and whose files are closed (a ``python -m moevit.worker.cli`` that
+    has stopped serving). Tearing down torch's modules takes 0.5 s of CPU (``python -c "import torch"``: 2.1 s user,
+    1.6 s with ``os._exit``; a worker started, stopped with SIGTERM: 3.1 s of CPU in all, 2.5 s with this), which
+    every stop of a worker waited for. Never call it in a process that runs anything else (a test calling ``main``):
+    atexit handlers do not run."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or its reader went away: nothing more to say to it
+            pass
+    os._exit(code)
