@@ -119,7 +119,7 @@ class WorkerProcess:
         with self._lock:
             return "\n".join(self.lines)
 
-    def wait_serving(self, timeout: float = 30.0) -> None:
+    def wait_serving(self, timeout: float = 120.0) -> None:
         """Poll the health service until it says SERVING; fail with the worker's stderr otherwise."""
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.address) as channel:
@@ -147,7 +147,7 @@ def start_worker(model_file: Path, *extra: str) -> WorkerProcess:
     address = f"127.0.0.1:{free_port()}"
     worker = WorkerProcess(["--listen", address, "--model", str(model_file), *extra], address)
     try:
-        worker.wait_serving(120.0)  # as tests/netutil.start_worker: a niced start-up took over 30 s at load 5
+        worker.wait_serving()  # 120 s, as tests/netutil.start_worker: a niced start-up took over 30 s at load 5
     except BaseException:
         worker.close()
         raise
