@@ -47,7 +47,7 @@ from moevit.deploy.topology import Topology, load_topology
 from tqdm import tqdm
 
 from moevit.cli.common import add_onnx_camera_args, onnx_camera_config
-from moevit.cli.runner import USAGE_ERRORS, run_cli
+from moevit.cli.runner import USAGE_ERRORS, exit_now, run_cli
 from moevit.data import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
@@ -807,4 +807,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # how the tests, the attacks and the local harness start coordinators: everything main started is closed and
+    # stopped by its return (_run's finally), so the process ends then, without the interpreter's teardown
+    exit_now(main())

@@ -50,11 +50,12 @@ def run_cli(prog: str, body: Callable[[], int | None], *,
 
 def exit_now(code: int) -> NoReturn:
     """End this process with status ``code`` once logging, stdout and stderr are flushed, skipping the interpreter's
-    teardown: for a process whose work is done and whose files are closed (a ``python -m moevit.worker.cli`` that
-    has stopped serving). Tearing down torch's modules takes 0.5 s of CPU (``python -c "import torch"``: 2.1 s user,
-    1.6 s with ``os._exit``; a worker started, stopped with SIGTERM: 3.1 s of CPU in all, 2.5 s with this), which
-    every stop of a worker waited for. Never call it in a process that runs anything else (a test calling ``main``):
-    atexit handlers do not run."""
+    teardown: for a process whose work is done and whose files are closed (``python -m moevit.worker.cli`` once it
+    has stopped serving, ``python -m moevit.coordinator.cli`` once its run has closed and stopped what it opened).
+    Tearing down torch's modules takes 0.5 s of CPU (``python -c "import torch"``: 2.1 s user, 1.6 s with
+    ``os._exit``; a worker started, stopped with SIGTERM: 3.1 s of CPU in all, 2.5 s with this), which every stop of
+    such a process waited for. Never call it in a process that runs anything else (a test calling ``main``): atexit
+    handlers do not run."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
