@@ -19,10 +19,11 @@ from moevit.sim.sweep import RaySession, run_local, run_sweep
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for every test that needs it: ray.init(num_cpus=2, include_dashboard=False,
-    log_to_driver=False), shut down at the end of the session."""
+    """One local Ray for every test here: ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False), shut
+    down after this module (no other module uses Ray: left running to the end of the session, its GCS, raylet,
+    agents and idle workers took CPU and most of a gigabyte from every test after this one)."""
     with RaySession(num_cpus=2, log_to_driver=False):
         yield
 
