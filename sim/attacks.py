@@ -166,7 +166,11 @@ def start_worker(model: str | Path, experts: str, *extra: str, log: Path | None 
                              "--experts", experts, "--threads", "1", *extra], cwd=REPO_ROOT,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 120
-    with grpc.insecure_channel(address) as ch:
+    # reconnect every 100-500 ms: with gRPC's default backoff (1 s, x1.6 per failure) this channel only tried again
+    # 1-4 s after the worker was serving
+    with grpc.insecure_channel(address, options=[("grpc.initial_reconnect_backoff_ms", 100),
+                                                 ("grpc.min_reconnect_backoff_ms", 100),
+                                                 ("grpc.max_reconnect_backoff_ms", 500)]) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if proc.poll() is not None:

@@ -15,8 +15,13 @@ from typing import Any
 from moevit.coordinator import local
 from moevit.coordinator.local import free_port, wait_serving
 
-__all__ = ["exit_clock", "free_port", "in_process_worker", "log_time", "site_client", "start_worker", "start_workers",
-           "stop", "wait_serving"]
+__all__ = ["READY_CHANNEL_OPTIONS", "exit_clock", "free_port", "in_process_worker", "log_time", "site_client",
+           "start_worker", "start_workers", "stop", "wait_serving"]
+
+# For a loop that checks one channel until a starting process answers: reconnect every 100-500 ms. With gRPC's
+# default backoff (1 s, x1.6 per failure) the channel only tried again 1-4 s after the process was serving.
+READY_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                         ("grpc.max_reconnect_backoff_ms", 500)]
 
 
 def start_worker(model: str, address: str, experts: str = "all", *extra: str) -> subprocess.Popen:

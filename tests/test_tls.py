@@ -36,7 +36,7 @@ from moevit_rpc.security import (
 )
 from moevit_rpc.tensors import proto_to_tensor
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
-from tests.netutil import free_port
+from tests.netutil import READY_CHANNEL_OPTIONS, free_port
 from tests.test_worker import DIMS, RPC_TIMEOUT, WorkerProcess, model_file, request  # noqa: F401 (a fixture)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -83,7 +83,7 @@ def topology_file(pki, model_file) -> Path:  # noqa: F811 (the imported fixture)
 def wait_serving_tls(worker: WorkerProcess, credentials: grpc.ChannelCredentials) -> None:
     """WorkerProcess.wait_serving, over TLS (its own check is plaintext, which a TLS worker refuses)."""
     deadline = time.monotonic() + STARTUP_S
-    with grpc.secure_channel(worker.address, credentials) as ch:
+    with grpc.secure_channel(worker.address, credentials, options=READY_CHANNEL_OPTIONS) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if worker.proc.poll() is not None:

@@ -32,7 +32,7 @@ from moevit.checkpoint import load_checkpoint, model_fingerprint, save_checkpoin
 from moevit.moe.experts import ExpertBank
 from moevit_rpc.tensors import DTYPES, proto_to_tensor, tensor_to_proto
 from moevit_rpc.v1 import expert_pb2, expert_pb2_grpc
-from tests.netutil import exit_clock, log_time
+from tests.netutil import READY_CHANNEL_OPTIONS, exit_clock, log_time
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOSTED = {5: [2], 8: [0, 1]}
@@ -122,7 +122,7 @@ class WorkerProcess:
     def wait_serving(self, timeout: float = 120.0) -> None:
         """Poll the health service until it says SERVING; fail with the worker's stderr otherwise."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with grpc.insecure_channel(self.address, options=READY_CHANNEL_OPTIONS) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
