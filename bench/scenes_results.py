@@ -116,18 +116,31 @@ def interval(values: list[float]) -> dict:
 
 
 @torch.no_grad()
-def latency_ms(model: torch.nn.Module, size: int, reps: int) -> float:
-    """Median batch-1 forward time on one thread (the caller sets the threads)."""
-    model.eval()
+def latencies_ms(models: dict[str, torch.nn.Module], size: int, reps: int, rounds: int = 5) -> dict[str, dict]:
+    """Batch-1 forward time of each model on the caller's threads, measured side by side: in each of ``rounds``
+    rounds every model is timed ``reps`` times in turn, so a change in the machine's load falls on all of them.
+    Per model: the median over rounds of each round's median (ms), and its ratio to ``dense`` in the same round
+    (median, min, max over rounds)."""
     x = torch.randn(1, 3, size, size)
-    for _ in range(3):
-        model(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    for m in models.values():
+        m.eval()
+        for _ in range(3):
+            m(x)
+    per_round: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                m(x)
+                times.append(1000 * (time.perf_counter() - t0))
+            per_round[name].append(statistics.median(times))
+    out = {}
+    for name, ms in per_round.items():
+        ratios = [a / b for a, b in zip(ms, per_round["dense"], strict=True)]
+        out[name] = {"ms": statistics.median(ms), "rounds_ms": ms, "vs_dense": statistics.median(ratios),
+                     "vs_dense_min": min(ratios), "vs_dense_max": max(ratios)}
+    return out
 
 
 def main() -> int:
@@ -144,7 +157,9 @@ def main() -> int:
                     help="MoE rows instead of the reduced or full grid, e.g. 8:16 2:16 (MoE-16 at [8] and at [2]); "
                     "b: fine-tuning batch size, f: share of each class of the training data (8:16:f0.5)")
     ap.add_argument("--images-per-class", type=int, default=32, help="conversion sample per class")
-    ap.add_argument("--latency-reps", type=int, default=30, help="0: skip the latency column")
+    ap.add_argument("--latency-reps", type=int, default=30, help="timed forwards per model and round; 0: skip the "
+                    "latency column")
+    ap.add_argument("--latency-rounds", type=int, default=5, help="rounds over all models (side by side)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/scenes")
     ap.add_argument("--results", default="bench/results/scenes")
@@ -206,12 +221,15 @@ def main() -> int:
 
     rows = []
     baseline = runs["dense + extra epochs"]
+    models = {name: load_checkpoint(Path(next(iter(by_seed.values()))) / "best.safetensors")
+              for name, by_seed in runs.items()}  # seed 0's: the latency of a row does not depend on its seed
+    latency = latencies_ms(models, args.image_size, args.latency_reps, args.latency_rounds) if args.latency_reps else {}
     for name, by_seed in runs.items():
         reports = {s: json.loads((Path(d) / "report.json").read_text()) for s, d in by_seed.items()}
-        model = load_checkpoint(Path(next(iter(by_seed.values()))) / "best.safetensors")
+        model = models[name]
         row = {"model": name, "hidden": k_of.get(name), "params": count_params(model),
-               "macs": count_macs(model, args.image_size),
-               "latency_ms": latency_ms(model, args.image_size, args.latency_reps) if args.latency_reps else None,
+               "macs": count_macs(model, args.image_size), "latency": latency.get(name),
+               "latency_ms": latency[name]["ms"] if latency else None,
                "top1": interval([r["eval_top1"] for r in reports.values()]),
                "val_top1": interval([r["val_top1"] for r in reports.values()])}
         if name.startswith("MoE"):
@@ -240,11 +258,11 @@ def main() -> int:
     lines = [f"Scenes `{args.data}` at {size} px; {n} training seed(s) {args.seeds}; top-1 on `eval` (checkpoint "
              f"chosen on `val`), mean and 95 % t-interval; dense {args.dense_epochs} epochs from `{args.init}`, "
              f"then {args.ft_epochs} more for every row but `dense`.", "",
-             "| model | K | parameters | MACs/image | batch-1 CPU latency (ms) | top-1 (%) "
+             "| model | K | parameters | MACs/image | batch-1 CPU latency, ms (vs dense) | top-1 (%) "
              "| vs dense + extra (points) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}"
+        lat = "-" if r["latency"] is None else f"{r['latency']['ms']:.1f} ({r['latency']['vs_dense']:.2f}x)"
         lines.append(f"| {r['model']} | {r['hidden'] or '-'} | {r['params']:,} | {r['macs']:,} | {lat} | "
                      f"{pct(r['top1'])} | {pts(r.get('minus_dense_extra'))} |")
     lines += ["", "Gate: top-1 drop (points) with each transformer layer's MLP zeroed, dense models, `eval`:", "",
