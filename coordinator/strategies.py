@@ -70,6 +70,7 @@ log = logging.getLogger("moevit.coordinator")
 # topology rate (PROBE_PAD_MIN..PROBE_PAD_MAX bytes: far under gRPC's 8 KiB metadata limit): large enough to show over
 # the noise of a loaded machine at the good rate, sent rarely because on a faded link it costs airtime and energy.
 PROBE_PAD_MIN, PROBE_PAD_MAX, PAD_FRAMING, PROBE_AIRTIME_S, PROBE_PAIRS = 512, 4096, 82, 0.01, 2
+PROBE_TIMEOUT_S = 1.0  # a link probe's health check unanswered this long marks the site down
 RTT_CHANGE, PAD_INTERVAL_S = 2.0, 10.0
 MIN_PROBE_TRANSFER_S = 1e-3  # a pad's time below this reads as "at least this fast"
 CLASSIFY_FRAMING = 20  # a ClassifyRequest's bytes beside its PNG (name, top_k)
@@ -327,7 +328,9 @@ class _Prober(threading.Thread):
             lk.last_probe = now
             if confirm:
                 lk.last_confirm = now
-            timeout = min(1.0, self.interval)
+            # a second whatever the interval: a check slowed by a busy machine is not a site that stopped answering
+            # (at 0.2 s a loaded camera declared a healthy site down and fell back, for no reason)
+            timeout = PROBE_TIMEOUT_S
             bare: list[float] = []
             for _ in range(PROBE_PAIRS if site in self.padded else 1):
                 t0 = time.perf_counter()

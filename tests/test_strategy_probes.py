@@ -146,7 +146,7 @@ def test_split_probe_refreshes_a_stale_split_estimate_and_adaptive_switches_back
             held = [classify(i) for i in range(2)]
             time.sleep(0.9)  # two probe intervals: nothing may refresh split while held off
             held.append(classify(2))
-            assert [r.strategy for r in held] == ["offload-image"] * 3
+            assert [r.strategy for r in held] == ["offload-image"] * 3, [r.extra.get("strategy_policy") for r in held]
             assert rt.split_gflops == stale and rt.strategy_probes["split"].count == 0
         # let go: within a few probe intervals the split probe runs (only while no image does) and the policy,
         # on the refreshed estimate, leaves offload-image
