@@ -76,3 +76,22 @@ def test_transformer_layer_numbering():
     model = moevit.create_model("mobilevitv2_050")
     dims = [blk.norm1.num_channels for blk in model.transformer_layers()]
     assert dims == [64, 64, 96, 96, 96, 96, 128, 128, 128]
+
+
+def test_logits_are_timms_stored_ones():
+    """timm's own logits (bench/results/timm_reference.safetensors, made once with timm apart from the project) for
+    weights drawn from the parameter names: moevit computes the same, and a changed weight would show."""
+    from safetensors.torch import load_file
+
+    from moevit.parity import reference_input, reference_weights
+
+    stored = load_file(Path(__file__).parents[1] / "bench" / "results" / "timm_reference.safetensors")
+    model = moevit.create_model("mobilevitv2_050").eval()
+    weights = reference_weights(model)
+    model.load_state_dict(weights, strict=True)
+    x = reference_input(250, 190)
+    with torch.no_grad():
+        assert (model(x) - stored["mobilevitv2_050/250x190"]).abs().max() < 1e-4
+        weights["stages.4.1.transformer.1.mlp.fc1.weight"] *= 1.1
+        model.load_state_dict(weights, strict=True)
+        assert (model(x) - stored["mobilevitv2_050/250x190"]).abs().max() > 1e-3
