@@ -165,25 +165,13 @@ def start_worker(model: str | Path, experts: str, *extra: str, log: Path | None 
     proc = subprocess.Popen([sys.executable, "-m", "moevit.worker.cli", "--listen", address, "--model", str(model),
                              "--experts", experts, "--threads", "1", *extra], cwd=REPO_ROOT,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + 120
-    # reconnect every 100-500 ms: with gRPC's default backoff (1 s, x1.6 per failure) this channel only tried again
-    # 1-4 s after the worker was serving
-    with grpc.insecure_channel(address, options=[("grpc.initial_reconnect_backoff_ms", 100),
-                                                 ("grpc.min_reconnect_backoff_ms", 100),
-                                                 ("grpc.max_reconnect_backoff_ms", 500)]) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the worker exited with {proc.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == 1:
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise TimeoutError("the worker is not SERVING after 120 s")
-            time.sleep(0.1)
+    from moevit.coordinator.local import wait_serving
+
+    try:  # one fresh health check every 0.1 s: no channel backoff between the start and the first answer
+        wait_serving(address, proc, 120, what="the attacked worker")
+    except BaseException:
+        proc.kill()
+        raise
     return proc, address
 
 
