@@ -156,7 +156,7 @@ def health_watches(args: argparse.Namespace) -> dict[str, Any]:
 
 def classify_bomb(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, ClassifyDeployment(Path(tmp)) as dep:
-        return attack_bomb(dep.address)
+        return attack_bomb(dep.address, dep.proc.pid)
 
 
 def classify_flood(args: argparse.Namespace) -> dict[str, Any]:

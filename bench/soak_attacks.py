@@ -141,8 +141,8 @@ class Attacker:
                 timer.cancel()
 
 
-def run_soak(duration: float, seed: int, clients: int, images: int, deadline: float, gap: tuple[float, float]
-             ) -> dict[str, Any]:
+def run_soak(duration: float, seed: int, clients: int, images: int, deadline: float, gap: tuple[float, float],
+             kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
     rng = random.Random(seed)
     pictures = [png((64, 64), 100 + i) for i in range(images)]
     # batches of 1, so every answer can be compared with the reference exactly (a batch of two can move a patch
@@ -195,7 +195,10 @@ def run_soak(duration: float, seed: int, clients: int, images: int, deadline: fl
             attacker = Attacker(dep)
             schedule: list[tuple[float, str]] = []
             while time.monotonic() - t_start < duration:
-                kind = rng.choice(KINDS)
+                if not kinds:  # normal traffic alone: the baseline the attacks' RSS is compared with
+                    stop.wait(min(1.0, duration - (time.monotonic() - t_start)))
+                    continue
+                kind = rng.choice(kinds)
                 schedule.append((round(time.monotonic() - t_start, 2), kind))
                 attacker.run(kind, rng)
                 time.sleep(rng.uniform(*gap))
@@ -209,7 +212,7 @@ def run_soak(duration: float, seed: int, clients: int, images: int, deadline: fl
     lat = sorted(normal.pop("latency"))
     out: dict[str, Any] = {
         "config": {"duration_s": duration, "seed": seed, "clients": clients, "images": images,
-                   "deadline_s": deadline, "gap_s": list(gap)},
+                   "deadline_s": deadline, "gap_s": list(gap), "kinds": list(kinds)},
         "normal": {**normal, "latency_s": {"p50": round(statistics.median(lat), 4),
                                            "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 4),
                                            "max": round(lat[-1], 4)}},
@@ -228,7 +231,9 @@ def _rss_summary(samples: list[tuple[float, float]]) -> dict[str, Any]:
     y = np.array([s[1] for s in samples])
     half = t >= t[-1] / 2
     slope = float(np.polyfit(t[half], y[half], 1)[0] * 60) if half.sum() > 2 else None
-    return {"start": round(float(y[0]), 1), "end": round(float(y[-1]), 1), "max": round(float(y.max()), 1),
+    every_5s = [[round(float(a), 1), round(float(b), 1)] for a, b in zip(t[::10], y[::10], strict=True)]
+    return {"samples_every_5s": every_5s,
+            "start": round(float(y[0]), 1), "end": round(float(y[-1]), 1), "max": round(float(y.max()), 1),
             "second_half_mean": round(float(y[half].mean()), 1),
             "slope_mb_per_min_second_half": None if slope is None else round(slope, 2)}
 
@@ -241,9 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--deadline", type=float, default=5.0, help="each normal request's deadline, s (default 5)")
     ap.add_argument("--gap", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"))
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"comma-separated attack kinds to mix in (default all: {','.join(KINDS)}); 'none' for normal "
+                         "traffic alone")
     ap.add_argument("--out", default="bench/results/soak_attacks.json")
     args = ap.parse_args(argv)
-    result = run_soak(args.duration, args.seed, args.clients, args.images, args.deadline, tuple(args.gap))
+    kinds = () if args.kinds == "none" else tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        ap.error(f"--kinds: unknown attack kind(s) {', '.join(unknown)}; known: {', '.join(KINDS)} or 'none'")
+    result = run_soak(args.duration, args.seed, args.clients, args.images, args.deadline, tuple(args.gap), kinds)
     import json
 
     print(json.dumps({k: v for k, v in result.items() if k != "schedule"}, indent=1))

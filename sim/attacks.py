@@ -480,11 +480,14 @@ def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     return t, box
 
 
-def attack_bomb(address: str, *, bombs: int = 2, cancelled: int = 8) -> dict[str, Any]:
+def attack_bomb(address: str, pid: int | None = None, *, bombs: int = 2, cancelled: int = 8) -> dict[str, Any]:
     """A legitimate 64-px PNG sent 0.3 s after ``bombs`` progressive-JPEG bombs, then after ``cancelled`` large
-    PNGs (6000x6000, flat) whose callers gave up after 0.1 s: how long the legitimate request waits each time."""
+    PNGs (6000x6000, flat) whose callers gave up after 0.1 s: how long the legitimate request waits each time; with
+    the server's ``pid``, its RSS before and once settled after (the decodes given up on end on their threads)."""
     legit = png((64, 64), 1)
     out: dict[str, Any] = {"legit_alone_s": round(classify(address, legit)[1], 3)}
+    if pid is not None:
+        out["rss_start_mb"] = round(rss_mb(pid), 1)
 
     def behind(bomb: bytes) -> tuple[dict[str, Any], list[Any]]:
         """The legitimate request 0.3 s after ``bombs`` copies of ``bomb``, and the bombs' answers."""
@@ -506,6 +509,9 @@ def attack_bomb(address: str, *, bombs: int = 2, cancelled: int = 8) -> dict[str
         t.join(10)
     code, seconds = classify(address, legit)
     out["legit_after_cancelled"] = {"code": code, "s": round(seconds, 3)}
+    if pid is not None:
+        out["rss_end_mb"] = settled_rss_mb(pid, timeout_s=60.0)
+        out["rss_growth_mb"] = round(out["rss_end_mb"] - out["rss_start_mb"], 1)
     return out
 
 
