@@ -167,7 +167,11 @@ def test_a_rule_for_some_layers_leaves_the_others_on_the_wire(expert_model_path,
     from moevit.moe.skip import rules_from_options
 
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    topo = write_topology(tmp_path, expert_model_path, {"cam": free_port(), "w": 1}, addresses={"w": worker})
+    # every expert on the worker: every patch of both layers is remote, whichever experts it routes to (placed by the
+    # partitioner, layer 8's two patches went to the camera's experts on one fresh install)
+    every = {layer: {"w": [0, 1, 2, 3]} for layer in (5, 8)}
+    topo = write_topology(tmp_path, expert_model_path, {"cam": free_port(), "w": 1}, addresses={"w": worker},
+                          placement=every)
     rules = rules_from_options(threshold=1.0, layers=_layer_list("8"))
     rt = SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=rules)
     try:
