@@ -58,6 +58,7 @@ from moevit.data import (
     open_dataset,
 )
 from moevit.moe.skip import rules_from_options
+from moevit.offwire import parse_layer_list
 from moevit_rpc.codecs import CODEC_NAMES
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     skip.add_argument("--skip-action", choices=("residual", "local"), default="residual",
                       help="what computes them: nothing, the residual path carries them (default), or the camera's "
                       "own copy of the expert (it then loads every expert)")
-    skip.add_argument("--skip-layers", type=_layer_list, default=None, metavar="L[,L...]",
+    skip.add_argument("--skip-layers", type=parse_layer_list, default=None, metavar="L[,L...]",
                       help="apply the rule only at these MoE layers, e.g. 5,8 (default: every MoE layer); the "
                       "others send every remote patch")
     skip.add_argument("--skip-capacity", type=int, default=None, metavar="N",
@@ -199,18 +200,6 @@ def _publish_events(uplink: Any, records: list[dict[str, Any]], runtime: SplitRu
           + ("every queued message acknowledged by the broker" if done else
              f"{counts['pending']} message(s) wait in {uplink.outbox.path} (sent when the broker answers, by this "
              "or the next run)"))
-
-
-def _layer_list(text: str) -> tuple[int, ...]:
-    """``5,8`` -> (5, 8): transformer layer indices for ``--skip-layers``."""
-    try:
-        layers = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer numbers, e.g. 5,8") \
-            from None
-    if not layers or not all(0 <= i <= 8 for i in layers):
-        raise argparse.ArgumentTypeError(f"{text!r}: layers are numbered 0-8")
-    return layers
 
 
 def _codecs(runtime: Any) -> str:

@@ -23,6 +23,7 @@ from moevit.partition.costmodel import (
 
 from moevit.checkpoint_meta import checkpoint_fingerprint
 from moevit.cli.runner import run_cli
+from moevit.offwire import parse_layer_list
 
 __all__ = ["partition_main", "profile_main"]
 
@@ -121,11 +122,20 @@ def partition_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wire-bytes", type=float, default=None, metavar="B",
                     help="measured bytes per token number of --wire, scales and zstd included (bench/bench_wire.py)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the heuristic and the random baseline")
+    skip = ap.add_argument_group("background skipping (as moe-coordinator's --skip-* rule will run)")
+    skip.add_argument("--skip-share", type=float, default=None, metavar="S",
+                      help="the share of each background expert's patches the coordinator's rule keeps off the wire "
+                      "(those under its --skip-threshold; the simulator's low_confidence_share): the placement is "
+                      "optimised, and costed, with them off the wire")
+    skip.add_argument("--skip-layers", type=parse_layer_list, default=None, metavar="L[,L...]",
+                      help="the MoE layers the rule applies at, e.g. 5,8 (default: every MoE layer)")
+    skip.add_argument("--skip-action", choices=("residual", "local"), default="residual",
+                      help="what computes the skipped patches: nothing (default) or the coordinator's own copies")
     args = ap.parse_args(argv)
 
     def body() -> int:
         from moevit.deploy.topology import load_topology, save_placement
-        from moevit.partition.placement import METHODS, format_report, place
+        from moevit.partition.placement import METHODS, format_report, place, skip_fractions
 
         # Every argument is checked before anything is read or solved.
         if args.objective not in OBJECTIVES:
@@ -151,6 +161,10 @@ def partition_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
         if args.replicas < 0:
             raise ValueError(f"--replicas must be >= 0, got {args.replicas}")
+        if args.skip_share is not None and not 0.0 <= args.skip_share <= 1.0:
+            raise ValueError(f"--skip-share must be in [0, 1], got {args.skip_share}")
+        if args.skip_share is None and args.skip_layers is not None:
+            raise ValueError("--skip-layers applies only with --skip-share")
         out = Path(args.out)
         if out.is_dir():
             raise ValueError(f"--out {args.out}: is a directory; name the placement file")
@@ -163,9 +177,21 @@ def partition_main(argv: list[str] | None = None) -> int:
                     f"{args.stats}: profiled from model {stats.fingerprint}, but the topology's model "
                     f"{topology.model} is {model_fp}; run moe-profile on that model")
         wire = args.wire_bytes if args.wire_bytes is not None else wire_bytes_for(args.wire, stats)
+        offwire = None
+        if args.skip_share is not None:
+            try:
+                offwire = skip_fractions(stats, share=args.skip_share, layers=args.skip_layers)
+            except ValueError as e:
+                raise ValueError(f"--skip-layers: {e}") from None
         result = place(topology, stats, objective=args.objective, weights=weights, wire_bytes=wire,
                        method=args.method, time_limit=args.time_limit, replicas=args.replicas,
-                       replica_policy=args.replica_policy, scenarios=args.scenarios, seed=args.seed)
+                       replica_policy=args.replica_policy, scenarios=args.scenarios, seed=args.seed,
+                       offwire=offwire, offwire_action=args.skip_action)
+        if offwire is not None:
+            kept = {ls.layer: round(float((f * ls.load_mean).sum()), 2) for ls, f in zip(stats.layers, offwire,
+                                                                                          strict=True) if f.any()}
+            print(f"background skipping ({args.skip_action}): patches per image kept off the wire, by layer: "
+                  + (", ".join(f"{k}: {v}" for k, v in kept.items()) or "none (no background experts)"))
         print(format_report(result))
         out.parent.mkdir(parents=True, exist_ok=True)
         save_placement(result.placement, out, fingerprint=stats.fingerprint)

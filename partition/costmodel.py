@@ -87,6 +87,7 @@ __all__ = [
     "SiteCost",
     "Stats",
     "StatsError",
+    "check_offwire",
     "coefficients",
     "evaluate_placement",
     "load_stats",
@@ -730,18 +731,29 @@ def _shares(
     return out
 
 
+def check_offwire(stats: Stats, offwire: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``offwire`` as float arrays, one share [E] in [0, 1] per MoE layer of ``stats``; ValueError naming what is
+    wrong otherwise."""
+    if len(offwire) != len(stats.layers):
+        raise ValueError(f"offwire needs one share per expert for each of the {len(stats.layers)} MoE layers, "
+                         f"got {len(offwire)}")
+    out = []
+    for ls, f in zip(stats.layers, offwire, strict=True):
+        f = np.asarray(f, dtype=np.float64)
+        if f.shape != (ls.num_experts,) or not ((f >= 0) & (f <= 1)).all():
+            raise ValueError(f"offwire at layer {ls.layer}: expected {ls.num_experts} shares in [0, 1], got {f!r}")
+        out.append(f)
+    return out
+
+
 def _skip_shares(shares: list[np.ndarray], offwire: Sequence[np.ndarray], action: str, c: int) -> list[np.ndarray]:
-    """``shares`` (per layer [E, S]) after a skip rule keeps ``offwire[l][e]`` of each expert's patches off the wire:
-    gone everywhere (``residual``), or a remote copy's share moved to the coordinator ``c`` (``local``)."""
+    """``shares`` (per layer [E, S]) after a skip rule keeps ``offwire[l][e]`` (checked: :func:`check_offwire`) of
+    each expert's patches off the wire: gone everywhere (``residual``), or a remote copy's share moved to the
+    coordinator ``c`` (``local``)."""
     if action not in ("residual", "local"):
         raise ValueError(f"offwire_action must be residual or local, got {action!r}")
-    if len(offwire) != len(shares):
-        raise ValueError(f"offwire needs one share per expert for each of the {len(shares)} MoE layers")
     out = []
     for F, f in zip(shares, offwire, strict=True):
-        f = np.asarray(f, dtype=np.float64)
-        if f.shape != (F.shape[0],) or not ((f >= 0) & (f <= 1)).all():
-            raise ValueError(f"offwire: expected {F.shape[0]} shares in [0, 1] per layer, got {f!r}")
         G = F * (1.0 - f)[:, None]
         if action == "local":
             G[:, c] = F[:, c] + f * (F.sum(axis=1) - F[:, c])
@@ -783,7 +795,7 @@ def evaluate_placement(
     shares = _shares(placement, stats, coef, topology, replica_policy)
     S, c = len(coef.sites), coef.coordinator
     if offwire is not None:
-        shares = _skip_shares(shares, offwire, offwire_action, c)
+        shares = _skip_shares(shares, check_offwire(stats, offwire), offwire_action, c)
     prior = stats.class_prior
     patches = np.zeros(S)
     bytes_in = np.zeros(S)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +48,7 @@ from moevit.partition.costmodel import (
     CostCoefficients,
     ImageCost,
     Stats,
+    check_offwire,
     coefficients,
     evaluate_placement,
     objective_value,
@@ -128,19 +129,26 @@ class Problem:
     @classmethod
     def build(cls, topology: Topology, stats: Stats, *, objective: str = "latency",
               weights: Mapping[str, float] | str | None = None, wire_bytes: int = 2,
-              scenarios: str = "class", coef: CostCoefficients | None = None) -> Problem:
+              scenarios: str = "class", coef: CostCoefficients | None = None,
+              offwire: Sequence[np.ndarray] | None = None) -> Problem:
+        """``offwire`` (per MoE layer, the share [E] of each expert's patches a skip rule keeps off the wire, as
+        :func:`skip_fractions` gives): those patches are left out of the loads, as their cost does not depend on
+        where their expert is (none when dropped; the coordinator's when computed there by a local copy)."""
         if scenarios not in SCENARIOS:
             raise ValueError(f"scenarios must be one of {SCENARIOS}, got {scenarios!r}")
         w = _weights_for(objective, weights)
         coef = coef if coef is not None else coefficients(topology, stats, wire_bytes=wire_bytes)
+        kept = [np.ones(ls.num_experts) for ls in stats.layers] if offwire is None else \
+            [1.0 - f for f in check_offwire(stats, offwire)]
         layer_pos, expert, wt, load, cls_load = [], [], [], [], []
         for li, ls in enumerate(stats.layers):
             for e in range(ls.num_experts):
                 layer_pos.append(li)
                 expert.append(e)
                 wt.append(ls.expert_weight_bytes)
-                load.append(ls.load_mean[e])
-                cls_load.append(ls.class_load[:, e] if scenarios == "class" else [ls.load_mean[e]])
+                load.append(ls.load_mean[e] * kept[li][e])
+                cls_load.append(ls.class_load[:, e] * kept[li][e] if scenarios == "class" else
+                                [ls.load_mean[e] * kept[li][e]])
         item_layer = np.array(layer_pos, dtype=np.int64)
         load_a = np.array(load, dtype=np.float64)
         S = len(coef.sites)
@@ -655,13 +663,17 @@ def add_replicas(
     wire_bytes: int = 2,
     replica_policy: str = "local-first",
     scenarios: str = "class",
+    offwire: Sequence[np.ndarray] | None = None,
+    offwire_action: str = "residual",
 ) -> Placement:
     """Give up to ``per_layer`` background experts of each layer a copy on the coordinator's site, hottest first,
-    each only when it fits the coordinator's memory and lowers the objective."""
+    each only when it fits the coordinator's memory and lowers the objective (with ``offwire``: as a skip rule
+    leaves it, see :func:`~moevit.partition.costmodel.evaluate_placement`)."""
     if per_layer <= 0:
         return placement
     coef = coefficients(topology, stats, wire_bytes=wire_bytes)
-    kw = dict(wire_bytes=wire_bytes, replica_policy=replica_policy, scenarios=scenarios, coef=coef)
+    kw = dict(wire_bytes=wire_bytes, replica_policy=replica_policy, scenarios=scenarios, coef=coef,
+              offwire=offwire, offwire_action=offwire_action)
     cost = evaluate_placement(topology, stats, placement, **kw)
     best = objective_value(cost, objective, weights)
     coord = topology.coordinator
@@ -758,11 +770,20 @@ def place(
     scenarios: str = "class",
     seed: int = 0,
     baselines: bool = True,
+    offwire: Sequence[np.ndarray] | None = None,
+    offwire_action: str = "residual",
 ) -> PlacementResult:
     """Place every expert of ``stats``' MoE layers on ``topology``'s sites, minimising ``objective``.
 
-    Raises ValueError (naming the shortfall) when memory cannot hold the model, and for bad arguments.
+    ``offwire``/``offwire_action``: a background-skip rule (:func:`skip_fractions`; ``residual``: dropped,
+    ``local``: computed on the coordinator): the placement is optimised, and it and the baselines are costed, with
+    those patches off the wire. Raises ValueError (naming the shortfall) when memory cannot hold the model, and for
+    bad arguments.
     """
+    if offwire_action not in ("residual", "local"):
+        raise ValueError(f"offwire_action must be residual or local, got {offwire_action!r}")
+    if offwire is not None:
+        offwire = check_offwire(stats, offwire)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if replica_policy not in REPLICA_POLICIES:
@@ -774,7 +795,7 @@ def place(
     coef = coefficients(topology, stats, wire_bytes=wire_bytes)
     check_memory(topology, stats, coef)
     problem = Problem.build(topology, stats, objective=objective, weights=weights, wire_bytes=wire_bytes,
-                            scenarios=scenarios, coef=coef)
+                            scenarios=scenarios, coef=coef, offwire=offwire)
     candidates: list[tuple[float, int, str, np.ndarray]] = []
     h = None if method == "milp" else heuristic_assignment(problem, seed=seed)
     h_value = None if h is None else problem.value(h)
@@ -798,8 +819,10 @@ def place(
     value, _, how, a = min(candidates, key=lambda t: (t[0] + _TOL * max(1.0, abs(t[0])) * t[1], t[1]))
     placement = problem.to_placement(a, fingerprint=stats.fingerprint)
     placement = add_replicas(topology, stats, placement, per_layer=replicas, objective=objective, weights=w,
-                             wire_bytes=wire_bytes, replica_policy=replica_policy, scenarios=scenarios)
-    kw = dict(wire_bytes=wire_bytes, replica_policy=replica_policy, scenarios=scenarios, coef=coef)
+                             wire_bytes=wire_bytes, replica_policy=replica_policy, scenarios=scenarios,
+                             offwire=offwire, offwire_action=offwire_action)
+    kw = dict(wire_bytes=wire_bytes, replica_policy=replica_policy, scenarios=scenarios, coef=coef,
+              offwire=offwire, offwire_action=offwire_action)
     cost = evaluate_placement(topology, stats, placement, **kw)
     value = objective_value(cost, objective, w)
     base: list[Baseline] = []
@@ -810,6 +833,12 @@ def place(
                          ("all-on-coordinator", all_on_coordinator(topology, stats))):
             bc = evaluate_placement(topology, stats, pl, **kw)
             base.append(Baseline(name, pl, bc, objective_value(bc, objective, w)))
+        if offwire is not None:  # what the rule gains by being known to the placement, not only applied after it
+            pl = place(topology, stats, objective=objective, weights=weights, wire_bytes=wire_bytes, method=method,
+                       time_limit=time_limit, replicas=replicas, replica_policy=replica_policy,
+                       scenarios=scenarios, seed=seed, baselines=False).placement
+            bc = evaluate_placement(topology, stats, pl, **kw)
+            base.append(Baseline("placed without the skip rule", pl, bc, objective_value(bc, objective, w)))
     return PlacementResult(placement=placement, cost=cost, objective=objective, weights=w, value=value, method=how,
                            milp=outcome, heuristic_value=h_value, seconds=time.perf_counter() - t0,
                            baselines=tuple(base))
@@ -850,8 +879,10 @@ def format_report(result: PlacementResult) -> str:
     lines.append(row(f"chosen: {result.method}", cost, result.value, ""))
     for b in result.baselines:
         if b.feasible:
-            ratio = b.value / result.value if result.value > 0 else float("nan")
-            note = f"{ratio:.2f}x the chosen"
+            if result.value > 0:
+                note = f"{b.value / result.value:.2f}x the chosen"
+            else:  # the chosen costs nothing (e.g. no byte leaves the coordinator): no ratio to give
+                note = "as the chosen" if b.value <= 0 else f"+{_fmt_value(result.objective, b.value)} over the chosen"
         else:
             note = "infeasible (memory: " + "; ".join(b.cost.memory_shortfall()) + ")"
         lines.append(row(b.name, b.cost, b.value, note))

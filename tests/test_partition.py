@@ -29,6 +29,7 @@ from moevit.partition.placement import (
     heuristic_assignment,
     milp_assignment,
     place,
+    skip_fractions,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,3 +337,43 @@ def test_cli_refuses_stats_of_another_model(tmp_path, stats_file, capsys):
     rc, _, err = run_cli(capsys, "--topology", str(topo), "--stats", str(stats_file), "--objective", "latency",
                          "--out", str(tmp_path / "p.yaml"))
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("share,placed,value", [(0.75, {0: "pi", 1: "cam"}, 96.0), (0.5, {0: "cam", 1: "pi"}, 128.0),
+                                                (1.0, {0: "pi", 1: "cam"}, 0.0)])
+def test_hand_solved_bytes_with_background_skipping(share, placed, value):
+    # test_hand_solved_bytes_with_memory's case (room at home for one of two 1 MB experts, 64 B per remote patch each
+    # way) with expert 0 (3 patches per image) a background expert whose patches a skip rule keeps off the wire at
+    # `share`: 3 x (1 - share) of its patches still travel, against expert 1's 1. At 0.75: 0.75 < 1, so expert 1
+    # stays home and 0.75 x 128 B travel (96 B; the placement made without the rule, expert 0 home, costs 128 B
+    # under it). At 0.5: 1.5 > 1, the rule changes nothing. At 1.0: nothing travels (the blind placement still sends
+    # expert 1's patch: 128 B).
+    topo = star({"cam": (1, 2.0), "pi": (1, 10)})
+    raw = stats_dict([3.0, 1.0])
+    raw["layers"][0]["affinity"] = [[0.9, 0.1]]
+    stats = parse_stats(raw)
+    assert background_experts(stats, 8) == [0]
+    offwire = skip_fractions(stats, share=share)
+    result = place(topo, stats, objective="bytes", offwire=offwire)
+    assert dict(result.placement.assignment) == {(8, e): (site,) for e, site in placed.items()}
+    assert result.value == pytest.approx(value)
+    blind = place(topo, stats, objective="bytes").placement
+    assert evaluate_placement(topo, stats, blind, offwire=offwire).bytes == pytest.approx(128.0)
+    with pytest.raises(ValueError, match="offwire at layer 8: expected 2 shares in"):
+        place(topo, stats, objective="bytes", offwire=[np.array([1.5, 0.0])])
+
+
+def test_cli_skip_share_places_with_the_rule_and_refuses_bad_values(tmp_path, stats_file, capsys):
+    out = tmp_path / "placement.yaml"
+    common = ["--topology", str(write_topology(tmp_path)), "--stats", str(stats_file), "--objective", "bytes",
+              "--out", str(out), "--time-limit", "5"]
+    rc, stdout, err = run_cli(capsys, *common, "--skip-share", "0.6", "--skip-layers", "8")
+    assert rc == 0, err
+    assert "background skipping (residual): patches per image kept off the wire, by layer: 8: " in stdout
+    assert out.exists()
+    rc, _, err = run_cli(capsys, *common, "--skip-share", "1.5")
+    one_line_error(rc, err, "--skip-share must be in [0, 1], got 1.5")
+    rc, _, err = run_cli(capsys, *common, "--skip-layers", "8")
+    one_line_error(rc, err, "--skip-layers applies only with --skip-share")
+    with pytest.raises(SystemExit):
+        run_cli(capsys, *common, "--skip-share", "0.5", "--skip-layers", "x")

@@ -162,9 +162,8 @@ def test_skipped_patches_stay_off_the_wire_and_are_recorded(expert_model_path, w
 def test_a_rule_for_some_layers_leaves_the_others_on_the_wire(expert_model_path, worker, tmp_path):
     """``--skip-layers 8``: layer 8's remote patches stay off the wire, layer 5 sends all of its own; a rule naming a
     layer that is not an MoE layer of the model is refused at start, naming it."""
-    from moevit.coordinator.cli import _layer_list
-
     from moevit.moe.skip import rules_from_options
+    from moevit.offwire import parse_layer_list
 
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     # every expert on the worker: every patch of both layers is remote, whichever experts it routes to (placed by the
@@ -172,7 +171,7 @@ def test_a_rule_for_some_layers_leaves_the_others_on_the_wire(expert_model_path,
     every = {layer: {"w": [0, 1, 2, 3]} for layer in (5, 8)}
     topo = write_topology(tmp_path, expert_model_path, {"cam": free_port(), "w": 1}, addresses={"w": worker},
                           placement=every)
-    rules = rules_from_options(threshold=1.0, layers=_layer_list("8"))
+    rules = rules_from_options(threshold=1.0, layers=parse_layer_list("8"))
     rt = SplitRuntime.from_topology(load_topology(topo), wire="fp32", skip=rules)
     try:
         rt.check_workers()
@@ -187,4 +186,4 @@ def test_a_rule_for_some_layers_leaves_the_others_on_the_wire(expert_model_path,
                                                                                           layers=(3, 8)))
     for bad in ("x", "9", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="layer"):
-            _layer_list(bad)
+            parse_layer_list(bad)
