@@ -659,6 +659,10 @@ def _threads(given: int | None, runtime: SplitRuntime, *, started: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.serve:  # the Classify server: before any other thread allocates, so what they free stays returnable
+        from moevit_rpc.memory import one_arena
+
+        one_arena()
     logging.basicConfig(level=logging.WARNING, format="moe-coordinator: %(asctime)s %(message)s", datefmt="%H:%M:%S")
     # CoordinatorError, LaunchError and SiteError are RuntimeErrors: named here, they are one line (exit 2) too
     return run_cli("moe-coordinator", lambda: _run(args), errors=(*USAGE_ERRORS, CoordinatorError, LaunchError,

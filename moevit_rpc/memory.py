@@ -15,14 +15,16 @@ arena's lock while it walks it (one that released 540 MB took 151 ms, one with n
 loaded 2-core machine), which the event loop's allocations wait for. Where glibc is not the C library, the trimmer
 does nothing.
 
-Trimming alone did not keep a server flat under mixed attacks: glibc's mmap threshold is dynamic, and once a large
-block (a 16-32 MiB message, a decoded image's 16 MiB blocks) was mapped and freed, later blocks up to 32 MiB came
-from the threads' arenas, where what they left behind was fragmented among live chunks that no trim can give back:
-the attack soak (``bench/soak_attacks.py --duration 180``) left the Classify server's threads' arenas holding
-110 MB (settled RSS +110 MB, reached within ~90 s). So the servers fix the threshold at :data:`MMAP_THRESHOLD`
-(:func:`map_large_allocations`, from :meth:`HeapTrimmer.start`): every block that large is mapped on its own and
-unmapped when freed; the same soak then settles within +5 MB on both servers (1 MiB gave the same; normal requests'
-median latency 17.6 ms against 16.8 ms, within the run-to-run spread).
+Trimming alone did not keep a server flat under mixed attacks: ``malloc_trim`` returns the free pages inside every
+arena but trims only the main arena's top, and a thread arena's free top goes back only once it exceeds the trim
+threshold, which glibc raises with its dynamic mmap threshold up to 64 MiB. Threads that decoded a 36 MP image or
+received a 16-32 MiB message (the decode threads, gRPC's) kept that much each: after the attack soak
+(``bench/soak_attacks.py --duration 180``) the Classify server's thread arenas held 110 MB, settled. So the servers
+run with one arena (:func:`one_arena`, first thing in their ``main``, before any other thread allocates): every
+thread allocates from the main arena, whose top a trim does return; the same soak then settles within +8 MB on
+both servers. Fixing the mmap threshold at 8 MiB instead kept them flat too, but unmapped every large tensor when
+freed and faulted it in again on the next forward: MobileViTV2-0.5 at 256 px, batch 8, one thread, 271-299 ms per
+forward against 187-201 ms (one arena: 190-211 ms).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LARGE_BYTES", "MMAP_THRESHOLD", "HeapTrimmer", "malloc_trim", "map_large_allocations"]
+__all__ = ["LARGE_BYTES", "HeapTrimmer", "malloc_trim", "one_arena"]
 
 # A request this large (bytes) leaves enough free heap behind to be worth a trim; normal expert calls and images
 # are far smaller and never cause one.
@@ -46,10 +48,7 @@ QUIET_S = 1.0
 SETTLE_S = 5.0
 
 
-# Blocks this large (bytes) are mapped on their own and unmapped when freed, never kept in an arena; below it the
-# model's activations at batch 1 stay in the arenas, reused from one forward to the next without page faults.
-MMAP_THRESHOLD = 8 << 20
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+_M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
 
 
 def _libc_function(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
@@ -65,10 +64,11 @@ _MALLOC_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t])
 _MALLOPT = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
 
 
-def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes for this process (it is dynamic otherwise, rising to 32 MiB
-    after large blocks are freed); False where ``mallopt`` is not available or refuses it."""
-    return _MALLOPT is not None and _MALLOPT(_M_MMAP_THRESHOLD, threshold) == 1
+def one_arena() -> bool:
+    """Make every thread that allocates from now on use glibc's main arena (``mallopt(M_ARENA_MAX, 1)``; a thread
+    that allocated already keeps its arena, so call it before starting any); False where ``mallopt`` is not
+    available or refuses it."""
+    return _MALLOPT is not None and _MALLOPT(_M_ARENA_MAX, 1) == 1
 
 
 def malloc_trim() -> bool:
@@ -101,7 +101,6 @@ class HeapTrimmer:
             self._pending = True
 
     def start(self) -> None:
-        map_large_allocations()
         if self.available and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 

@@ -321,6 +321,10 @@ def _expert_calibration(args: argparse.Namespace, model: Path) -> tuple[dict[tup
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``moe-worker``; returns the exit status."""
     args = _parser().parse_args(argv)
+    # before any other thread allocates: what they free stays returnable (moevit_rpc.memory)
+    from moevit_rpc.memory import one_arena
+
+    one_arena()
     # Idle OpenMP threads sleep instead of spinning, so they do not take cores from the processes beside this one.
     # Read by the OpenMP runtime when torch loads (later, in _serve): a setting of the user's own wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
