@@ -1012,3 +1012,42 @@ def test_long_shape_answers_promptly_and_health_stays_live(deployment, worker, m
     assert answer and answer[0][0] == Code.FAILED_PRECONDITION
     assert status == SERVING, f"health check during the request: {status}"
     assert elapsed < 0.5, f"a malformed request held the worker for {elapsed:.1f} s"
+
+
+async def test_a_caller_gone_before_its_answer_is_one_line_not_grpcs_traceback(caplog):
+    """grpc.aio logs the ExecuteBatchError of an answer it could not send (its caller gave up just then) at ERROR
+    with a traceback (once in the 420 s attack soak, bench/soak_attacks.py); once a service is added through
+    moevit_rpc.serving that is one line at INFO, shown only where moevit_rpc logs at INFO. Other errors pass as
+    they were."""
+    import logging
+
+    from grpc._cython import cygrpc
+    from grpc_health.v1 import health_pb2
+
+    from moevit_rpc.serving import BoundedHealthServicer, add_service
+
+    server = grpc.aio.server()
+    add_service(server, BoundedHealthServicer(), health_pb2.DESCRIPTOR.services_by_name["Health"])
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+
+    def log_failed_send():
+        try:
+            raise cygrpc.ExecuteBatchError('Failed "execute_batch"')
+        except cygrpc.ExecuteBatchError:
+            grpc_log.exception("ExecuteBatchError raised in core by servicer method [%s]", "/moevit.rpc.v1/Classify")
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            log_failed_send()
+        assert caplog.records == []
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="moevit_rpc"):
+            log_failed_send()
+            grpc_log.error("something else")
+        gone, other = caplog.records
+        assert gone.levelno == logging.INFO and gone.exc_info is None and "Traceback" not in caplog.text
+        assert gone.getMessage() == ("ExecuteBatchError raised in core by servicer method [/moevit.rpc.v1/Classify]: "
+                                     "the caller went away before its answer was sent")
+        assert other.levelno == logging.ERROR and other.getMessage() == "something else"
+    finally:
+        await server.stop(None)
