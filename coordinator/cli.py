@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     skip.add_argument("--skip-action", choices=("residual", "local"), default="residual",
                       help="what computes them: nothing, the residual path carries them (default), or the camera's "
                       "own copy of the expert (it then loads every expert)")
-    skip.add_argument("--skip-layers", type=parse_layer_list, default=None, metavar="L[,L...]",
+    skip.add_argument("--skip-layers", type=_skip_layers, default=None, metavar="L[,L...]",
                       help="apply the rule only at these MoE layers, e.g. 5,8 (default: every MoE layer); the "
                       "others send every remote patch")
     skip.add_argument("--skip-capacity", type=int, default=None, metavar="N",
@@ -667,6 +667,14 @@ def main(argv: list[str] | None = None) -> int:
     # CoordinatorError, LaunchError and SiteError are RuntimeErrors: named here, they are one line (exit 2) too
     return run_cli("moe-coordinator", lambda: _run(args), errors=(*USAGE_ERRORS, CoordinatorError, LaunchError,
                                                                   SiteError), interrupted=lambda: _resume_hint(args))
+
+
+def _skip_layers(text: str) -> tuple[int, ...]:
+    """``--skip-layers``: :func:`moevit.offwire.parse_layer_list`, its ValueError as argparse's usage error."""
+    try:
+        return parse_layer_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

@@ -5,7 +5,6 @@ model (:func:`moevit.partition.placement.skip_fractions`) share. No torch here, 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Collection, Iterable
 
 
@@ -25,14 +24,13 @@ def skip_layers(layers: Collection[int] | None, moe_layers: Iterable[int]) -> fr
 
 def parse_layer_list(text: str) -> tuple[int, ...]:
     """``5,8`` -> (5, 8): transformer layer indices, as ``--skip-layers`` of moe-coordinator and moe-partition take
-    them (an argparse ``type``: ArgumentTypeError naming what is wrong)."""
+    them; ValueError naming what is wrong (the CLIs turn it into their usage error)."""
     try:
         layers = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer numbers, e.g. 5,8") \
-            from None
+        raise ValueError(f"{text!r} is not a comma-separated list of layer numbers, e.g. 5,8") from None
     if not layers or not all(0 <= i <= 8 for i in layers):
-        raise argparse.ArgumentTypeError(f"{text!r}: layers are numbered 0-8")
+        raise ValueError(f"{text!r}: layers are numbered 0-8")
     return layers
 
 

@@ -27,6 +27,14 @@ from moevit.offwire import parse_layer_list
 
 __all__ = ["partition_main", "profile_main"]
 
+def _skip_layers(text: str) -> tuple[int, ...]:
+    """``--skip-layers``: :func:`moevit.offwire.parse_layer_list`, its ValueError as argparse's usage error."""
+    try:
+        return parse_layer_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # ============================================================================================ moe-profile
 
 
@@ -127,7 +135,7 @@ def partition_main(argv: list[str] | None = None) -> int:
                       help="the share of each background expert's patches the coordinator's rule keeps off the wire "
                       "(those under its --skip-threshold; the simulator's low_confidence_share): the placement is "
                       "optimised, and costed, with them off the wire")
-    skip.add_argument("--skip-layers", type=parse_layer_list, default=None, metavar="L[,L...]",
+    skip.add_argument("--skip-layers", type=_skip_layers, default=None, metavar="L[,L...]",
                       help="the MoE layers the rule applies at, e.g. 5,8 (default: every MoE layer)")
     skip.add_argument("--skip-action", choices=("residual", "local"), default="residual",
                       help="what computes the skipped patches: nothing (default) or the coordinator's own copies")
