@@ -26,11 +26,13 @@ def _open(spec):
     return functools.lru_cache(maxsize=None)(lambda s: open_dataset(spec, image_size=s, split="train", seed=0))
 
 
-def _convert(dense, spec, *, experts=4, router_init="ward", router="cosine", units="overlap-topk", seed=0,
+def _convert(dense, spec, *, experts=4, router_init=None, router="cosine", units="overlap-topk", seed=0,
              layers=(2, 8)):
+    """``router_init`` None: the config's default, as a conversion that does not name one gets."""
     open_at = _open(spec)
+    chosen = {} if router_init is None else {"router_init": router_init}
     cfg = ConvertConfig(moe=moevit.MoEConfig(layers=layers, num_experts=experts, expert_hidden=16, router=router),
-                        images_per_class=8, units=units, router_init=router_init, seed=seed)
+                        images_per_class=8, units=units, seed=seed, **chosen)
     return convert(dense, open_at, list(open_at(32).targets), cfg)
 
 
@@ -43,24 +45,21 @@ def _state_hash(model):
 
 
 @pytest.mark.parametrize("units", ["overlap-topk", "disjoint-balanced"])
-def test_ward_is_the_conversion_as_before(units):
-    # Ward is what a conversion that does not name a router init gets, bit for bit. (This compared sha256 hashes
-    # taken at commit 36532be, before --router-init existed; on a fresh install of 2026-12-02 those hashes changed at
-    # that very commit as well: the figures depend on the machine and the libraries, not only on this code.)
+def test_ward_is_the_default_conversion_bit_for_bit(units):
+    # Ward is what a conversion that does not name a router init gets, bit for bit, every time. (This compared
+    # sha256 hashes taken at commit 36532be, before --router-init existed; on a fresh install of 2026-12-02 those
+    # hashes changed at that very commit as well: they depend on the machine and the libraries, not only this code.)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         dense = moevit.build_model(moevit.ModelConfig(arch="mobilevitv2_050", num_classes=3, image_size=32)).eval()
-        moe, report = _convert(dense, SYNTH, units=units)
-        open_at = _open(SYNTH)
-        cfg = ConvertConfig(moe=moevit.MoEConfig(layers=(2, 8), num_experts=4, expert_hidden=16),
-                            images_per_class=8, units=units, seed=0)
-        default, _ = convert(dense, open_at, list(open_at(32).targets), cfg)
-        again, _ = _convert(dense, SYNTH, units=units)
+        moe, report = _convert(dense, SYNTH, units=units, router_init="ward")
+        default, _ = _convert(dense, SYNTH, units=units)
+        again, _ = _convert(dense, SYNTH, units=units, router_init="ward")
     finally:
         torch.set_num_threads(threads)
-    assert cfg.router_init == "ward"
+    assert ConvertConfig(moe=moevit.MoEConfig(layers=(8,))).router_init == "ward"
     assert _state_hash(moe) == _state_hash(default) == _state_hash(again)
     assert report["layers"]["8"]["router_init"] == "ward" and "router" not in moe.config.moe.to_dict()
 
