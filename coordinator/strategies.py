@@ -7,14 +7,14 @@ the cheapest of those by :func:`moevit.partition.policy.choose`, on link estimat
 knows (every attribute it does not define is the wrapped runtime's) and stamps each :class:`BatchResult` with the
 strategy that served it. :class:`LinkEstimator` keeps each link's round-trip time and throughput as moving averages
 (EWMA) of the coordinator's own calls and probes links idle for ``adaptive.probe_interval_s`` with a health check,
-at most once per interval each; under ``adaptive`` a throughput sample STEP_FACTOR off the estimate wakes the prober
-to probe that link at once (at most once per interval), whose sample confirms the change or shows a hiccup before the
-next image. Under ``adaptive`` the same prober thread also runs a *strategy probe* of each strategy the policy
-has not used for ``adaptive.strategy_probe_s``: split runs the last image through the workers (the camera's and
-the workers' speeds, the relay links' throughput), offload-image sends the offload site a blank image (its speed);
-otherwise a strategy's estimates would stay those of when it was last used. A probe holds the runtime's forward
-lock, as every image does: it starts only when no image is running, and an image that arrives meanwhile waits for it
-(counted, with the probes, in the summary and the metrics).
+at most once per interval each, in the gap just after an image (never beside one); under ``adaptive`` a throughput
+sample STEP_FACTOR off the estimate wakes the prober to probe that link at once (at most once per interval), whose
+sample confirms the change or shows a hiccup before the next image. Under ``adaptive`` the same prober thread also
+runs a *strategy probe* of each strategy the policy has not used for ``adaptive.strategy_probe_s``: split runs the
+last image through the workers (the camera's and the workers' speeds, the relay links' throughput), offload-image
+sends the offload site a blank image (its speed); otherwise a strategy's estimates would stay those of when it was
+last used. A probe holds the runtime's forward lock, as every image does: it starts only when no image is running,
+and an image that arrives meanwhile waits for it (counted, with the probes, in the summary and the metrics).
 """
 
 from __future__ import annotations
@@ -80,6 +80,14 @@ CLASSIFY_FRAMING = 20  # a ClassifyRequest's bytes beside its PNG (name, top_k)
 # offload-image's (the whole model at the hut, on the same two cores in the emulation) delayed the image after them:
 # adaptive's p95 per phase of bench/bench_adaptive_emulated.py was +3 to +14 % over the best fixed strategy's.
 PROBE_AFTER_IMAGE_S = 0.15
+# An idle link's probe keeps to the same gap (its health checks and pads go through this process's gRPC threads, and
+# in the emulation through the link proxies' event loops: beside an image they slowed adaptive's split images by
+# ~0.5 ms at the median), or starts once no image has come for LINK_IDLE_S (at least 4 probe intervals). A link
+# whose last sample stepped is probed at once all the same: a fade is news the next image needs.
+LINK_IDLE_S = 2.0
+# ... unless images come back to back (a batch run) and never leave a gap: a probe this many times overdue starts
+# beside them (an exclusive strategy probe still waits for the forward lock between two images)
+OVERDUE = 2.0
 
 
 def pad_bytes(throughput_bps: float) -> int:
@@ -276,7 +284,17 @@ class _Prober(threading.Thread):
         self.gate = threading.Lock()  # held by each strategy probe, and by whoever holds the probes off
         self.probing = False  # a strategy probe holds the forward lock now
         self.image_end = float("-inf")  # monotonic time the last image ended (StrategyRuntime.classify)
+        self.images_running = 0  # images in StrategyRuntime.classify now
+        self.count_lock = threading.Lock()
         self.stop_event = threading.Event()
+
+    def in_gap(self, idle_s: float) -> bool:
+        """A probe may start now: no image runs, and the last one ended at most PROBE_AFTER_IMAGE_S ago (the next is
+        furthest away) or at least ``idle_s`` ago (images have stopped coming)."""
+        if self.images_running:
+            return False
+        since = time.monotonic() - self.image_end
+        return since <= PROBE_AFTER_IMAGE_S or since >= idle_s
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -290,13 +308,13 @@ class _Prober(threading.Thread):
     def _strategies(self) -> None:
         if not self.strategy_interval or self.forward is None:
             return
-        since = time.monotonic() - self.image_end
-        if PROBE_AFTER_IMAGE_S < since < self.strategy_interval:
-            return  # mid-gap: the next image may be about to come; probe after it ends (or after a long idle)
+        gap = self.in_gap(self.strategy_interval)  # else an image runs, or mid-gap: the next may be about to come
         for p in self.strategies:
             now = time.monotonic()
             if self.stop_event.is_set() or now - p.last < self.strategy_interval:
                 continue
+            if not gap and now - p.last < OVERDUE * self.strategy_interval:
+                continue  # probe after the image ends, or after a long idle, or once images never leave a gap
             if any(not self.estimator.links[s].up for s in p.sites if s in self.estimator.links):
                 continue  # the health probes above bring it back; a probe would wait out a deadline
             if not self.gate.acquire(blocking=False):
@@ -333,7 +351,9 @@ class _Prober(threading.Thread):
             # at most once per interval, so a link whose samples swing 4-fold every time is not probed without end
             confirm = (site in self.padded and lk.step_way != 0 and lk.step_at >= lk.last_probe
                        and now - lk.last_confirm >= self.interval)
-            if now - max(lk.last_used, lk.last_probe) < self.interval and not confirm:
+            idle = now - max(lk.last_used, lk.last_probe)
+            if not confirm and (idle < self.interval or not (self.in_gap(max(LINK_IDLE_S, 4 * self.interval))
+                                                             or idle >= OVERDUE * max(LINK_IDLE_S, self.interval))):
                 continue
             lk.last_probe = now
             if confirm:
@@ -694,6 +714,20 @@ class StrategyRuntime:
         return flops
 
     def classify(self, x: torch.Tensor) -> BatchResult:
+        p = self._prober
+        if p is None:
+            return self._classify(x)
+        with p.count_lock:
+            p.images_running += 1
+        try:
+            return self._classify(x)
+        finally:
+            with p.count_lock:
+                p.images_running -= 1
+                p.image_end = time.monotonic()
+            self.links.stepped.set()  # the gap before the next image starts now: wakes the prober for probes due
+
+    def _classify(self, x: torch.Tensor) -> BatchResult:
         if self.strategy != "adaptive":
             out = self._run(self.strategy, x)
             out.strategy = self.strategy
@@ -710,9 +744,6 @@ class StrategyRuntime:
             return self._adaptive(x, t0)
         finally:
             self._forward.release()
-            if self._prober is not None:  # the gap before the next image starts now: probes due run in it
-                self._prober.image_end = time.monotonic()
-                self.links.stepped.set()  # wakes the prober
 
     def _adaptive(self, x: torch.Tensor, t0: float) -> BatchResult:
         self._probe_image = x[:1].detach().clone()

@@ -202,3 +202,47 @@ def test_a_link_back_from_a_fade_is_believed_at_the_next_probe(tmp_path):
     prober._links()  # the round trip is steady now; the pending step pads again and its second sample replaces it
     assert lk.throughput_bps == pytest.approx(recovered)
     assert PAD_INTERVAL_S > 1  # (without the pending step, the next pad would have waited this long)
+
+
+def test_an_idle_links_probe_waits_for_the_gap_after_an_image(tmp_path):
+    """An idle link's probe never runs beside an image, nor mid-gap where the next image may be about to come: only
+    within PROBE_AFTER_IMAGE_S after an image ends, or once images have stopped for LINK_IDLE_S. A link whose last
+    sample stepped is probed at once, image or not (the next image needs the news)."""
+    from moevit.coordinator.strategies import LINK_IDLE_S, PROBE_AFTER_IMAGE_S, _Prober
+
+    est = LinkEstimator.for_topology(load_topology(write_topology(tmp_path, None, {"cam": 1, "north": 2})), ["north"])
+    checks: list[float] = []
+
+    def check(timeout):
+        checks.append(time.monotonic())
+        return "SERVING"
+
+    prober = _Prober(est, {"north": check}, 0.01)
+    lk = est.links["north"]
+
+    def probed_at(image_end_ago: float, running: int = 0) -> bool:
+        lk.last_probe = lk.last_used = time.monotonic() - 1.0  # idle for 100 probe intervals: due, not overdue
+        prober.images_running = running
+        prober.image_end = time.monotonic() - image_end_ago
+        n = len(checks)
+        prober._links()
+        return len(checks) > n
+
+    assert probed_at(0.0)  # an image just ended: the next is furthest away
+    assert not probed_at(0.0, running=1)  # an image runs now
+    assert not probed_at(PROBE_AFTER_IMAGE_S + 0.2)  # mid-gap
+    assert not probed_at(LINK_IDLE_S - 0.2)
+    assert probed_at(LINK_IDLE_S + 0.2)  # images have stopped coming
+    # a step pending (a call just came back 4x slower): confirmed at once, mid-image as well
+    prober.padded = {"north": lambda t, pad: 0.01}
+    lk.step_way, lk.step_at, lk.last_confirm = -1, time.monotonic(), 0.0
+    assert probed_at(PROBE_AFTER_IMAGE_S + 0.2, running=1)
+    # images back to back (a batch run) never leave a gap: a probe OVERDUE times late runs beside them
+    from moevit.coordinator.strategies import OVERDUE
+
+    lk.step_way = 0
+    n = len(checks)
+    prober.images_running, prober.image_end = 1, time.monotonic() - 0.01
+    lk.last_used = lk.last_probe = time.monotonic() - OVERDUE * LINK_IDLE_S - 0.1
+    prober._links()
+    assert len(checks) > n
