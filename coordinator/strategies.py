@@ -618,16 +618,17 @@ class StrategyRuntime:
         for name, client in self.primary.clients.items():  # the health watch saw it go: no strategy may count on it
             if not client.up:
                 self.links.down(name)
-        costs = predict(self._measured_topology(), self.primary.placement, routing, self.links.estimates(), figures,
-                        offload_site=self.offload.site if self.offload is not None else None)
+        costs = predict(self.primary.topology, self.primary.placement, routing, self.links.estimates(), figures,
+                        offload_site=self.offload.site if self.offload is not None else None,
+                        gflops=self._measured_speeds())
         if self.local is None and costs["local"].feasible:
             costs["local"] = StrategyCost(float("inf"), float("inf"), float("inf"), False, "no local copy")
         return costs
 
-    def _measured_topology(self) -> Topology:
-        """The topology with the speeds measured so far: the coordinator's gflops from its whole-model forwards
-        (local), else from its own share of split forwards; each worker's from the compute time it reports; the
-        offload site's from the time its server reports per image; the topology's until measured."""
+    def _measured_speeds(self) -> dict[str, float]:
+        """The sites' speeds (GFLOP/s) measured so far: the coordinator's from its whole-model forwards (local), else
+        from its own share of split forwards; each worker's from the compute time it reports; the offload site's from
+        the time its server reports per image. A site not here keeps its topology figure."""
         topo = self.primary.topology
         assert self.figures is not None
         whole = self.figures.trunk_flops  # the whole model's FLOPs per image (see _figures)
@@ -641,11 +642,7 @@ class StrategyRuntime:
             speeds[topo.coordinator] = self.split_gflops
         if self.offload is not None and self.offload.server_s is not None:
             speeds[self.offload.site] = whole / self.offload.server_s / 1e9
-        if not speeds:
-            return topo
-        sites = {n: replace(s, device=replace(s.device, gflops=speeds[n])) if n in speeds else s
-                 for n, s in topo.sites.items()}
-        return replace(topo, sites=sites)
+        return speeds
 
     def _run(self, strategy: str, x: torch.Tensor, observe: bool = True) -> BatchResult:
         """``x`` through ``strategy``, its measurements taken (``observe``: its routing too; a probe's is not)."""

@@ -135,13 +135,18 @@ def _chosen_site(sites: tuple[str, ...], local: str) -> str:
 
 def predict(topology: Topology, placement: Placement, routing: Mapping[tuple[int, int], float],
             links: Mapping[str, LinkEstimate], figures: ModelFigures, *,
-            offload_site: str | None) -> dict[str, StrategyCost]:
+            offload_site: str | None, gflops: Mapping[str, float] | None = None) -> dict[str, StrategyCost]:
     """Each fixed strategy's predicted cost per image. ``routing``: pixel tokens per image routed to each
     ``(layer, expert)`` (every top-k slot counted); ``links``: the coordinator's link to each remote site (a site
     missing here takes the topology's nominal link); ``offload_site``: where offload-image would go (None: it is
-    infeasible)."""
+    infeasible); ``gflops``: sites' measured speeds, in place of their topology figures (the coordinator's, per
+    image: passed beside the topology rather than built into a copy of it, whose validation cost 4x this function)."""
     cam_name = topology.coordinator
     cam = topology.site(cam_name).device
+    measured = gflops or {}
+
+    def speed(site: str) -> float:
+        return measured.get(site) or topology.site(site).device.gflops
 
     def link_to(site: str) -> LinkEstimate | None:
         if site in links:
@@ -157,7 +162,7 @@ def predict(topology: Topology, placement: Placement, routing: Mapping[tuple[int
     if cam.memory_mb < figures.model_mb:
         out["local"] = _infeasible(f"{cam_name} memory_mb {cam.memory_mb:g} < the model's {figures.model_mb:.1f} MB")
     else:
-        t = whole / (cam.gflops * 1e9)
+        t = whole / (speed(cam_name) * 1e9)
         out["local"] = StrategyCost(t, cam.active_w * t, 0.0)
 
     # offload-image
@@ -173,14 +178,14 @@ def predict(topology: Topology, placement: Placement, routing: Mapping[tuple[int
                                                f"{figures.model_mb:.1f} MB")
         else:
             up_bits, down_bits = 8 * figures.image_bytes, 8 * figures.answer_bytes
-            compute = whole / (site.gflops * 1e9)
+            compute = whole / (speed(offload_site) * 1e9)
             t = est.rtt_s + (up_bits + down_bits) / est.throughput_bps + compute
             radio = (up_bits + down_bits) * (est.tx_nj_per_bit + est.rx_nj_per_bit) * 1e-9
             out["offload-image"] = StrategyCost(t, radio + site.active_w * compute,
                                                 figures.image_bytes + figures.answer_bytes)
 
     # split
-    t = figures.trunk_flops / (cam.gflops * 1e9)
+    t = figures.trunk_flops / (speed(cam_name) * 1e9)
     energy = cam.active_w * t
     nbytes = 0.0
     why = ""
@@ -197,7 +202,7 @@ def predict(topology: Topology, placement: Placement, routing: Mapping[tuple[int
         slowest = 0.0
         for s, n in by_site.items():
             dev = topology.site(s).device
-            compute = n * fpt / (dev.gflops * 1e9)
+            compute = n * fpt / (speed(s) * 1e9)
             energy += dev.active_w * compute
             if s == cam_name:
                 slowest = max(slowest, compute)

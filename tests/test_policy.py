@@ -51,6 +51,17 @@ def test_each_strategy_costs_what_the_hand_figures_say():
     assert c["split"].bytes == 20_000
 
 
+def test_measured_speeds_replace_the_topologys():
+    """The coordinator passes its measured speeds beside the topology: the camera at 2 GFLOP/s halves local's 1.2 s
+    and split's 1 s trunk; site a measured at 5 halves its speed in offload's and split's compute."""
+    c = predict(parse_topology(TOPO), PLACEMENT, ROUTING, {}, FIG, offload_site="a", gflops={"cam": 2.0, "a": 5.0})
+    assert c["local"].latency_s == pytest.approx(0.6)
+    assert c["offload-image"].latency_s == pytest.approx(0.01 + 80_800 / 8e6 + 1.2e9 / 5e9)
+    # split: trunk 0.5 s; layer 1: max(camera 100 tokens / 2e9 = 0.05 s, a 0.01 + 0.02 + 1e8 / 5e9 = 0.05 s)
+    assert c["split"].latency_s == pytest.approx(0.55)
+    assert _costs() == predict(parse_topology(TOPO), PLACEMENT, ROUTING, {}, FIG, offload_site="a", gflops={})
+
+
 def test_the_choice_follows_the_objective_and_the_links():
     c = _costs()
     assert choose(c, "latency", PolicyState()).strategy == "offload-image"
