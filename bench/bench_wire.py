@@ -20,6 +20,9 @@ How each figure is measured:
   the token payload (data + scales) both ways + ``--rpc-overhead`` bytes per message (89 B measured through link
   proxies in bench_sim's emulation). Top-1 on the eval split, per seed; the difference to fp32 on the wire is
   paired (same model, same images).
+* **JPEG at the models' size**: bytes per image over the mean JPEG (q90) of the same eval inputs
+  (``ratio_to_jpeg_model_size``): with models trained at 256 px this is the 256-px figure over every eval image and
+  seed, their routers deciding at their own size.
 * **256 px**: the first model run on ``--bytes-data`` images at 256 px (its routing and tokens at that size; its
   accuracy there is not claimed: it was trained at ``--image-size``), each image's bytes per codec x threshold
   beside the JPEG (quality 90, PIL) of the same 256-px input.
@@ -247,6 +250,7 @@ def main() -> int:
 
     # ---- accuracy and bytes at the models' size, every codec x threshold, per seed
     acc: dict[str, dict] = {}
+    jpeg_model_size: float | None = None
     for path in args.models:
         model = load_checkpoint(path).eval()
         fold_batchnorm(model)
@@ -256,6 +260,8 @@ def main() -> int:
             except ValueError as e:
                 ap.error(f"--skip-layers: {path}: {e}")
         data = open_dataset(args.data, image_size=args.image_size, split="eval", seed=0)
+        if jpeg_model_size is None:  # the JPEG (q90) of each eval input at the models' size: what offload would send
+            jpeg_model_size = statistics.mean(jpeg_bytes(data[i][0]) for i in range(len(data)))
         per: dict[str, dict] = {}
         ref_pred = None
         for t in args.thresholds:
@@ -267,7 +273,8 @@ def main() -> int:
                 per[f"{name}@{t:g}"] = {"codec": name, "threshold": t, "top1": top1, "bytes_per_image": bpi,
                                         "agreement_with_fp32": float((pred == ref_pred).float().mean())
                                         if ref_pred is not None else None}
-                print(f"{Path(path).parent.name} {name:10s} t={t:g} top1={top1:.4f} bytes/img={bpi:.0f}", flush=True)
+                print(f"{Path(path).parent.name} {name:10s} t={t:g} top1={top1:.4f} bytes/img={bpi:.0f} "
+                      f"({bpi / jpeg_model_size:.2f}x its JPEG)", flush=True)
         acc[path] = per
 
     # ---- 256 px: bytes per image beside the JPEG, and the tokens for the CPU figures
@@ -310,6 +317,8 @@ def main() -> int:
                         "diff_points_min": 100 * min(diff), "diff_points_max": 100 * max(diff),
                         "bytes_per_image_model_size": statistics.mean(acc[m][key]["bytes_per_image"]
                                                                       for m in args.models),
+                        "ratio_to_jpeg_model_size": statistics.mean(acc[m][key]["bytes_per_image"]
+                                                                    for m in args.models) / jpeg_model_size,
                         "bytes_per_image_256": bytes256[key]["bytes_per_image"],
                         "ratio_to_jpeg_256": bytes256[key]["ratio_to_jpeg_mean"]})
     ok = [s for s in summary if s["diff_points_mean"] >= -1.0]
@@ -319,7 +328,7 @@ def main() -> int:
         "command": " ".join(sys.argv), "models": args.models, "data": args.data, "image_size": args.image_size,
         "thresholds": args.thresholds, "skip_layers": args.skip_layers, "skip_background": args.skip_background,
         "bytes_data": args.bytes_data,
-        "jpeg_bytes_mean_256": statistics.mean(jpeg),
+        "jpeg_bytes_mean_256": statistics.mean(jpeg), "jpeg_bytes_mean_model_size": jpeg_model_size,
         "accuracy": acc, "bytes_256": bytes256, "summary": summary, "best": best,
         "cpu_ms_per_layer_per_site": cpu, "cpu_tokens_shape": tokens_largest, "links": [],
         "wall_s": time.perf_counter() - t_start, "machine": machine_info(),
