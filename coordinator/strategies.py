@@ -351,9 +351,8 @@ class _Prober(threading.Thread):
             # at most once per interval, so a link whose samples swing 4-fold every time is not probed without end
             confirm = (site in self.padded and lk.step_way != 0 and lk.step_at >= lk.last_probe
                        and now - lk.last_confirm >= self.interval)
-            idle = now - max(lk.last_used, lk.last_probe)
-            if not confirm and (idle < self.interval or not (self.in_gap(max(LINK_IDLE_S, 4 * self.interval))
-                                                             or idle >= OVERDUE * max(LINK_IDLE_S, self.interval))):
+            idle, quiet = now - max(lk.last_used, lk.last_probe), max(LINK_IDLE_S, 4 * self.interval)
+            if not confirm and (idle < self.interval or not (self.in_gap(quiet) or idle >= OVERDUE * quiet)):
                 continue
             lk.last_probe = now
             if confirm:

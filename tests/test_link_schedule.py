@@ -20,6 +20,23 @@ def _sweep(steps, **extra):
     return parse_sweep({"settings": {"link_schedule": steps}, **extra}, "sweep.yaml")
 
 
+def test_the_long_adaptive_sweep_is_the_short_one_with_phases_twice_as_long():
+    """examples/sweep-adaptive-long.yaml (bench_adaptive_emulated.py --sweep) must stay the same scenario as
+    examples/sweep-adaptive.yaml, its phases twice as long: same steps, twice the images and start times."""
+    import dataclasses
+
+    import yaml
+    from moevit.deploy.topology import load_topology
+
+    short, long = (parse_sweep(yaml.safe_load(open(f"examples/{n}.yaml")), n)
+                   for n in ("sweep-adaptive", "sweep-adaptive-long"))
+    check_sites(long, {"sites-adaptive": load_topology("examples/sites-adaptive.yaml")})
+    assert long.images == 2 * short.images and long.arrivals == short.arrivals
+    assert long.strategies == short.strategies
+    assert [dataclasses.replace(st, from_s=st.from_s / 2) for st in long.settings.link_schedule] == \
+        list(short.settings.link_schedule)
+
+
 def test_schedule_steps_parse_with_sites_and_energy_per_bit():
     s = _sweep([{"from_s": 0, "bandwidth_mbps": 5, "latency_ms": 4},
                 {"from_s": 30, "sites": ["hut"], "bandwidth_mbps": 0.25, "latency_ms": 20, "tx_nj_per_bit": 2400},
