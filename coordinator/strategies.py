@@ -285,6 +285,7 @@ class _Prober(threading.Thread):
         self.probing = False  # a strategy probe holds the forward lock now
         self.image_end = float("-inf")  # monotonic time the last image ended (StrategyRuntime.classify)
         self.images_running = 0  # images in StrategyRuntime.classify now
+        self.pass_done = float("-inf")  # monotonic time the latest completed pass over links and strategies began
         self.count_lock = threading.Lock()
         self.stop_event = threading.Event()
 
@@ -302,8 +303,10 @@ class _Prober(threading.Thread):
                 self.estimator.stepped.clear()
             if self.stop_event.is_set():
                 break
+            started = time.monotonic()
             self._links()
             self._strategies()
+            self.pass_done = started  # (StrategyRuntime.settle waits for a pass begun after the last image)
 
     def _strategies(self) -> None:
         if not self.strategy_interval or self.forward is None:
@@ -354,34 +357,43 @@ class _Prober(threading.Thread):
             idle, quiet = now - max(lk.last_used, lk.last_probe), max(LINK_IDLE_S, 4 * self.interval)
             if not confirm and (idle < self.interval or not (self.in_gap(quiet) or idle >= OVERDUE * quiet)):
                 continue
-            lk.last_probe = now
-            if confirm:
-                lk.last_confirm = now
-            # a second whatever the interval: a check slowed by a busy machine is not a site that stopped answering
-            # (at 0.2 s a loaded camera declared a healthy site down and fell back, for no reason)
-            timeout = PROBE_TIMEOUT_S
-            bare: list[float] = []
-            for _ in range(PROBE_PAIRS if site in self.padded else 1):
-                t0 = time.perf_counter()
-                if check(timeout) != "SERVING":
-                    break
-                bare.append(time.perf_counter() - t0)
-            if not bare:
-                self.estimator.down(site)
-                continue
-            rtt, ref = min(bare), lk.rtt_at_sample
-            padded: list[float] = []
-            pad = pad_bytes(lk.nominal.throughput_bps)
-            changed = ref is None or ref <= 0 or max(rtt / ref, ref / rtt) >= RTT_CHANGE
-            # a sample STEP_FACTOR off awaits its confirming second (_throughput): pad again now, not PAD_INTERVAL_S
-            # later (a link back from a fade was believed faded for 10 s, the whole time adaptive kept the other
-            # strategy)
-            if site in self.padded and (changed or lk.step_way != 0 or now - lk.last_pad >= PAD_INTERVAL_S):
-                lk.last_pad = now
-                for _ in range(PROBE_PAIRS):
-                    if (p := self.padded[site](timeout, pad)) is not None:
-                        padded.append(p)
-            self.estimator.rtt(site, rtt, probe=True, padded_s=min(padded) if padded else None, pad=pad)
+            if not self.gate.acquire(blocking=False):
+                return  # probes are held off (hold_probes: another strategy's image is timed): at the next pass
+            try:
+                self._probe_link(site, check, lk, now, confirm)
+            finally:
+                self.gate.release()
+
+    def _probe_link(self, site: str, check: Any, lk: _Link, now: float, confirm: bool) -> None:
+        """One link's probe (see the class docstring)."""
+        lk.last_probe = now
+        if confirm:
+            lk.last_confirm = now
+        # a second whatever the interval: a check slowed by a busy machine is not a site that stopped answering
+        # (at 0.2 s a loaded camera declared a healthy site down and fell back, for no reason)
+        timeout = PROBE_TIMEOUT_S
+        bare: list[float] = []
+        for _ in range(PROBE_PAIRS if site in self.padded else 1):
+            t0 = time.perf_counter()
+            if check(timeout) != "SERVING":
+                break
+            bare.append(time.perf_counter() - t0)
+        if not bare:
+            self.estimator.down(site)
+            return
+        rtt, ref = min(bare), lk.rtt_at_sample
+        padded: list[float] = []
+        pad = pad_bytes(lk.nominal.throughput_bps)
+        changed = ref is None or ref <= 0 or max(rtt / ref, ref / rtt) >= RTT_CHANGE
+        # a sample STEP_FACTOR off awaits its confirming second (_throughput): pad again now, not PAD_INTERVAL_S
+        # later (a link back from a fade was believed faded for 10 s, the whole time adaptive kept the other
+        # strategy)
+        if site in self.padded and (changed or lk.step_way != 0 or now - lk.last_pad >= PAD_INTERVAL_S):
+            lk.last_pad = now
+            for _ in range(PROBE_PAIRS):
+                if (p := self.padded[site](timeout, pad)) is not None:
+                    padded.append(p)
+        self.estimator.rtt(site, rtt, probe=True, padded_s=min(padded) if padded else None, pad=pad)
 
 
 # ---------------------------------------------------------------------------------------------- offload client
@@ -555,13 +567,24 @@ class StrategyRuntime:
 
     @contextlib.contextmanager
     def hold_probes(self) -> Iterator[None]:
-        """No strategy probe starts while in this block (one in progress is waited for): the emulation holds them
-        off while other strategies' images run on the same machine."""
+        """No probe (of a link or a strategy) starts while in this block (one in progress is waited for): the
+        emulation holds them off while other strategies' images run on the same machine."""
         if self._prober is None:
             yield
             return
         with self._prober.gate:
             yield
+
+    def settle(self, timeout: float = 2.0) -> None:
+        """Wait (at most ``timeout``) until the prober has made a pass begun after the last image ended: the probes
+        due in that gap are done. The emulation calls it in each strategy's own turn, so that one strategy's probes
+        never run beside another's timed image (on a camera only one strategy runs)."""
+        p = self._prober
+        if p is None or not p.is_alive():
+            return
+        deadline = time.monotonic() + timeout
+        while p.pass_done < p.image_end and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     def _probe_split(self, timeout: float) -> int | None:
         """Split's probe (the caller holds the forward lock): the last image through the workers, measuring what a

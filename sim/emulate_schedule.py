@@ -277,11 +277,12 @@ def emulate_schedule(opts: ScheduleOptions, *, log: Callable[[str], None] = prin
                 late += 1
             k = i % len(strategies)
             for s in strategies[k:] + strategies[:k]:
-                # a strategy probe (adaptive's) runs between slots or in adaptive's own turn, never on the cores
-                # while another strategy's image is timed: on a camera nothing else would be running
+                # a probe (of a link or, adaptive's, of a strategy) runs between slots or in its strategy's own turn,
+                # never on the cores while another strategy's image is timed: on a camera nothing else would be running
                 with _probes_held(runtimes, but=s):
                     rows[s].append(_one(runtimes[s], s, x, i, time.monotonic() - start, proxies[s], topology,
                                         schedule))
+                    runtimes[s].settle()  # the probes due after its image run in its own turn, as on a camera
         log(f"measured {n} slots x {len(strategies)} strategies; {late} slot(s) started late")
         # what went over each strategy's links outside its images' calls: probes (and health watches)
         outside = {s: {name: p.bytes_up + p.bytes_down - sum(r["bytes"][name] for r in rows[s])
@@ -322,7 +323,7 @@ def emulate_schedule(opts: ScheduleOptions, *, log: Callable[[str], None] = prin
 
 @contextlib.contextmanager
 def _probes_held(runtimes: dict[str, Any], but: str | None = None) -> Any:
-    """No strategy probe of any runtime but ``but``'s starts in this block (StrategyRuntime.hold_probes)."""
+    """No probe of any runtime but ``but``'s starts in this block (StrategyRuntime.hold_probes)."""
     with contextlib.ExitStack() as stack:
         for s, rt in runtimes.items():
             if s != but:

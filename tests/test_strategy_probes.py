@@ -233,6 +233,8 @@ def test_an_idle_links_probe_waits_for_the_gap_after_an_image(tmp_path):
     assert not probed_at(PROBE_AFTER_IMAGE_S + 0.2)  # mid-gap
     assert not probed_at(LINK_IDLE_S - 0.2)
     assert probed_at(LINK_IDLE_S + 0.2)  # images have stopped coming
+    with prober.gate:  # held off (StrategyRuntime.hold_probes: the emulation times another strategy's image)
+        assert not probed_at(0.0)
     # a step pending (a call just came back 4x slower): confirmed at once, mid-image as well
     prober.padded = {"north": lambda t, pad: 0.01}
     lk.step_way, lk.step_at, lk.last_confirm = -1, time.monotonic(), 0.0
