@@ -80,10 +80,10 @@ CLASSIFY_FRAMING = 20  # a ClassifyRequest's bytes beside its PNG (name, top_k)
 # offload-image's (the whole model at the hut, on the same two cores in the emulation) delayed the image after them:
 # adaptive's p95 per phase of bench/bench_adaptive_emulated.py was +3 to +14 % over the best fixed strategy's.
 PROBE_AFTER_IMAGE_S = 0.15
-# An idle link's probe keeps to the same gap (its health checks and pads go through this process's gRPC threads, and
-# in the emulation through the link proxies' event loops: beside an image they slowed adaptive's split images by
-# ~0.5 ms at the median), or starts once no image has come for LINK_IDLE_S (at least 4 probe intervals). A link
-# whose last sample stepped is probed at once all the same: a fade is news the next image needs.
+# An idle link's probe keeps to the same gap (its health checks and pads run on this process's gRPC threads, and in
+# the emulation on the link proxies' event loops, which an image would share its cores and interpreter with), or
+# starts once no image has come for LINK_IDLE_S (at least 4 probe intervals). A link whose last sample stepped is
+# probed at once all the same: a fade is news the next image needs.
 LINK_IDLE_S = 2.0
 # ... unless images come back to back (a batch run) and never leave a gap: a probe this many times overdue starts
 # beside them (an exclusive strategy probe still waits for the forward lock between two images)
