@@ -8,6 +8,7 @@ parameters and the error, while the rest of the sweep goes on.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,6 +17,8 @@ import ray
 from moevit.sim.config import Scenario
 from moevit.sim.engine import ScenarioResult, World, run_scenario
 from tqdm import tqdm
+
+log = logging.getLogger("moevit.sim")
 
 __all__ = ["RaySession", "run_local", "run_sweep"]
 
@@ -48,9 +51,22 @@ class RaySession:
             if self.address:
                 ray.init(address=self.address, log_to_driver=self.log_to_driver)
             else:
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=self.log_to_driver)
+                self._start_local()
             self.started = True
         return self
+
+    def _start_local(self) -> None:
+        """A local Ray; started again once when its node times out during startup (seen once in a full test run on
+        the quiet 2-core machine: its GCS did not answer within 30 s; started again, the same tests passed)."""
+        for attempt in (1, 2):
+            try:
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=self.log_to_driver)
+                return
+            except Exception as e:  # ray raises a bare Exception for this
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
+                log.warning("Ray's node timed out during startup; starting it again: %s", e)
+                ray.shutdown()
 
     def __exit__(self, *exc: object) -> None:
         if self.started:
