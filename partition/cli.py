@@ -27,6 +27,7 @@ from moevit.offwire import parse_layer_list
 
 __all__ = ["partition_main", "profile_main"]
 
+
 def _skip_layers(text: str) -> tuple[int, ...]:
     """``--skip-layers``: :func:`moevit.offwire.parse_layer_list`, its ValueError as argparse's usage error."""
     try:

@@ -377,3 +377,5 @@ def test_cli_skip_share_places_with_the_rule_and_refuses_bad_values(tmp_path, st
     one_line_error(rc, err, "--skip-layers applies only with --skip-share")
     with pytest.raises(SystemExit):
         run_cli(capsys, *common, "--skip-share", "0.5", "--skip-layers", "x")
+    # argparse's usage error names the option and what is wrong (partition.cli._skip_layers), not "invalid value"
+    assert "argument --skip-layers: 'x' is not a comma-separated list of layer numbers" in capsys.readouterr().err

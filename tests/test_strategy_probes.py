@@ -248,3 +248,28 @@ def test_an_idle_links_probe_waits_for_the_gap_after_an_image(tmp_path):
     lk.last_used = lk.last_probe = time.monotonic() - OVERDUE * LINK_IDLE_S - 0.1
     prober._links()
     assert len(checks) > n
+
+
+def test_a_strategy_probe_waits_for_the_gap_unless_images_never_leave_one(tmp_path):
+    """A due strategy probe (offload's: beside images, no forward lock) starts only in the gap after an image; once
+    it is OVERDUE times its interval late (images back to back), beside them."""
+    import threading
+
+    from moevit.coordinator.strategies import OVERDUE, PROBE_AFTER_IMAGE_S, StrategyProbe, _Prober
+
+    topo = load_topology(write_topology(tmp_path, None, {"cam": 1, "north": 2}))
+    prober = _Prober(LinkEstimator.for_topology(topo, ["north"]), {}, 0.05)
+    prober.forward, prober.strategy_interval = threading.Lock(), 1.0
+    probe = StrategyProbe("offload-image", ("north",), lambda t: 10, exclusive=False)
+    prober.strategies = [probe]
+
+    def ran(late_s: float, running: int, ended_ago: float) -> bool:
+        probe.last, n = time.monotonic() - late_s, probe.count
+        prober.images_running, prober.image_end = running, time.monotonic() - ended_ago
+        prober._strategies()
+        return probe.count > n
+
+    assert ran(1.5, 0, 0.0)  # due, and an image just ended
+    assert not ran(1.5, 1, 0.0)  # due, but an image runs
+    assert not ran(1.5, 0, PROBE_AFTER_IMAGE_S + 0.2)  # due, mid-gap
+    assert ran(OVERDUE * 1.0 + 0.1, 1, 0.0)  # overdue: beside the images
