@@ -45,10 +45,13 @@ demo-split: $(STAMP)
 	$(BIN)/python -m moevit.coordinator.demo --split
 
 # Dense vs MoE on scenes under the fair protocol (val selects, eval reports, 3 seeds, equal budgets, MoE within the
-# dense parameter count), the gate, bench/results/scenes.{md,json}; FULL=1 adds Table 1 and Table 2's layer sets.
+# dense parameter count), the gate, bench/results/scenes.{md,json}, class x expert heatmaps in
+# bench/results/analysis_scenes/ (about 35 min on 2 cores). FULL=1 adds Table 1, MoE-16 at [2] and Table 2's rows,
+# then the initialisation ablation with every combination fine-tuned (bench/results/init_ablation.{md,json}; hours).
 # Resumable: a rerun skips finished steps. Starts from the pretrained trunk (make pretrain).
 results: $(STAMP)
 	nice -n 5 $(BIN)/python bench/scenes_results.py $(if $(FULL),--full,)
+	$(if $(FULL),nice -n 5 $(BIN)/python bench/init_ablation.py --finetune all,@true)
 
 # The earlier small-scale Table 1/2 on the bundled digits (add GRID=1 for the E x K grid)
 results-digits: $(STAMP)

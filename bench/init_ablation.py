@@ -1,7 +1,8 @@
 """The initialisation ablation of issue 17 (item 6): every router initialisation × every unit split, per dense seed.
 
-    python bench/init_ablation.py                                   # scenes, 3 dense seeds, MoE-16 at [2], no FT
+    python bench/init_ablation.py              # MoE-16 at [2] from `make results`' 3 dense models (runs/scenes), no FT
     python bench/init_ablation.py --finetune ward/overlap-topk linear/overlap-topk   # + fine-tuning of two combos
+    python bench/init_ablation.py --runs runs/scenes400 --finetune all   # another scenes_results folder, all tuned
     python bench/init_ablation.py --dense D.safetensors --seeds 0 --data digits --image-size 64 --inits ward random \\
         --out runs/init-ablation-digits --results /tmp/init_ablation    # a tiny run
 
@@ -22,8 +23,11 @@ more parameters, 15 at E = 16).
 Reported per combination: top-1 agreement with the dense model and top-1 on ``eval`` before fine-tuning, the
 expert-usage entropy on ``eval`` (normalised by log E), mean and 95 % t-interval over the dense seeds
 (``scenes_results.interval``); with ``--finetune``: top-1 on ``eval`` after fine-tuning with scenes_results' recipe
-(checkpoint chosen on ``val``), the usage entropy after, and the share of ``eval`` patches whose expert changed in
-fine-tuning. Every conversion and fine-tuning whose output exists is skipped, so the script can be stopped and rerun.
+(checkpoint chosen on ``val``), the usage entropy after, the share of ``eval`` patches whose expert changed in
+fine-tuning, and the per-seed differences of top-1 after fine-tuning from the paper's initialisation
+(ward/overlap-topk, when fine-tuned) and from the dense model trained as many extra epochs (``--dense-extra``), each
+with its interval: a difference whose interval holds 0 is a tie. Every conversion and fine-tuning whose output
+exists is skipped, so the script can be stopped and rerun.
 Writes ``<results>.json`` and ``<results>.md`` (default ``bench/results/init_ablation``).
 """
 
@@ -52,8 +56,9 @@ from moevit.data import open_dataset  # noqa: E402
 from moevit.moe.routing import record_routing  # noqa: E402
 from moevit.moefy import UNIT_SPLITS  # noqa: E402
 
+PAPER = "ward/overlap-topk"  # the paper's initialisation, as this project builds it: the row the others are held to
 INITS = ("ward", "ward-1size", "kmeans", "class-means", "random", "linear")
-DENSE = "runs/scenes400/dense-e6-s{seed}/best.safetensors"
+RUNS = "runs/scenes"  # bench/scenes_results.py's default --out: the dense models of `make results`
 
 
 def init_args(init: str, image_size: int) -> list[str]:
@@ -63,6 +68,16 @@ def init_args(init: str, image_size: int) -> list[str]:
     if init == "linear":
         return ["--router", "linear"]
     return ["--router-init", init]
+
+
+def paired(rows: dict[int, dict], base: dict[int, dict] | None) -> dict | None:
+    """Per-seed difference of top-1 after fine-tuning, ``rows`` − ``base``, with its interval (None without both)."""
+    if not base:
+        return None
+    seeds = [s for s in rows if "top1_after" in rows[s] and "top1_after" in base.get(s, {})]
+    if not seeds or rows is base:
+        return None
+    return interval([rows[s]["top1_after"] - base[s]["top1_after"] for s in seeds])
 
 
 def entropy(load: list[float]) -> float:
@@ -89,7 +104,10 @@ def routes(model: torch.nn.Module, dataset, batch: int = 64) -> dict[int, torch.
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", nargs="+", default=None,
-                    help=f"dense checkpoints, one per seed in --seeds order (default: {DENSE})")
+                    help="dense checkpoints, one per seed in --seeds order (default: --runs' dense-e6-sN)")
+    ap.add_argument("--runs", default=RUNS, help="bench/scenes_results.py's --out folder: without --dense, the dense "
+                    "models are its dense-e6-sN/best.safetensors and, without --dense-extra, the equal-budget "
+                    "baselines its dense-e6-extraF-sN (F = --ft-epochs) where they exist")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="the dense models' training seeds; also the conversion and fine-tuning seeds")
     ap.add_argument("--data", default=DATA)
@@ -103,11 +121,19 @@ def main() -> int:
     ap.add_argument("--finetune", nargs="*", default=[], metavar="INIT/UNITS",
                     help="combinations to fine-tune, e.g. ward/overlap-topk linear/disjoint-balanced, or 'all'")
     ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--dense-extra", nargs="+", default=None, metavar="RUN_DIR",
+                    help="the dense models trained the fine-tuning's epochs too (moe-train run folders, one per seed "
+                         "in --seeds order, e.g. scenes_results' dense-e6-extra2-sN): every fine-tuned row is then "
+                         "compared with them, paired by seed (equal budgets)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/init-ablation")
     ap.add_argument("--results", default="bench/results/init_ablation")
     args = ap.parse_args()
-    dense_paths = args.dense or [DENSE.format(seed=s) for s in args.seeds]
+    dense_paths = args.dense or [f"{args.runs}/dense-e6-s{s}/best.safetensors" for s in args.seeds]
+    if args.dense is None and args.dense_extra is None:
+        extra_dirs = [f"{args.runs}/dense-e6-extra{args.ft_epochs}-s{s}" for s in args.seeds]
+        if all((Path(d) / "report.json").exists() for d in extra_dirs):
+            args.dense_extra = extra_dirs
     if len(dense_paths) != len(args.seeds):
         ap.error(f"--dense names {len(dense_paths)} checkpoints but --seeds {len(args.seeds)}; give one per seed")
     missing = [p for p in dense_paths if not Path(p).exists()]
@@ -122,6 +148,12 @@ def main() -> int:
     unknown = [c for c in finetune if c not in combos]
     if unknown:
         ap.error(f"--finetune {' '.join(unknown)}: not among the combinations run ({', '.join(combos)})")
+    if args.dense_extra is not None and len(args.dense_extra) != len(args.seeds):
+        ap.error(f"--dense-extra names {len(args.dense_extra)} runs but --seeds {len(args.seeds)}; give one per seed")
+    extra_reports = [Path(d) / "report.json" for d in args.dense_extra or []]
+    if missing := [str(r) for r in extra_reports if not r.exists()]:
+        ap.error(f"--dense-extra: no report.json in {', '.join(missing)} (a finished moe-train --select val run?)")
+    extra_top1 = {s: json.loads(r.read_text())["eval_top1"] for s, r in zip(args.seeds, extra_reports, strict=True)}
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -181,6 +213,8 @@ def main() -> int:
         for key in keys:
             vals = [r[key] for r in by_seed.values() if key in r]
             row[key] = interval(vals) if vals else None
+        row["vs_paper_init"] = paired(by_seed, per.get(PAPER))
+        row["vs_dense_extra"] = paired(by_seed, {s: {"top1_after": v} for s, v in extra_top1.items()} or None)
         row["runs"] = by_seed
         rows.append(row)
 
@@ -197,15 +231,18 @@ def main() -> int:
                                                          "recipe, checkpoint chosen on `val`" if finetune else "")
              + ".", "",
              "| init | units | agreement with dense (%) | top-1 before FT (%) | usage entropy before | unit Jaccard "
-             "| top-1 after FT (%) | patches changing expert in FT (%) | usage entropy after |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| top-1 after FT (%) | vs ward/overlap-topk after FT, paired (points) | vs dense + extra epochs, paired "
+             "(points) | patches changing expert in FT (%) | usage entropy after |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['init']} | {r['units']} | {fmt(r['agreement'])} | {fmt(r['top1_before'])} | "
                      f"{fmt(r['entropy_before'], 1, 2)} | {fmt(r['mean_unit_jaccard'], 1, 2)} | "
-                     f"{fmt(r['top1_after'])} | "
+                     f"{fmt(r['top1_after'])} | {fmt(r['vs_paper_init'])} | {fmt(r['vs_dense_extra'])} | "
                      f"{fmt(r['patches_changed_expert'])} | {fmt(r['entropy_after'], 1, 2)} |")
     dense_top1 = interval([per[combos[0]][s]["top1_dense"] for s in args.seeds])
     lines += ["", f"Dense top-1 on `eval`: {fmt(dense_top1)} %."]
+    if extra_top1:
+        lines[-1] += f" Dense + {args.ft_epochs} extra epochs: {fmt(interval(list(extra_top1.values())))} %."
     table = "\n".join(lines)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +251,8 @@ def main() -> int:
         "data": args.data, "image_size": args.image_size, "layers": list(layers), "experts": args.experts,
         "hidden": ks, "seeds": args.seeds, "dense": dense_paths, "images_per_class": args.images_per_class,
         "patches_per_class": args.patches_per_class, "ft_recipe": ft_recipe(args.ft_epochs) if finetune else None,
-        "finetuned": finetune, "dense_top1": dense_top1, "rows": rows, "threads": args.threads,
+        "finetuned": finetune, "dense_top1": dense_top1, "dense_extra": args.dense_extra,
+        "dense_extra_top1": extra_top1, "rows": rows, "threads": args.threads,
         "argv": sys.argv[1:], "seconds": time.perf_counter() - t0})
     print(table)
     print(f"\n{time.perf_counter() - t0:.0f} s; {results.with_suffix('.md')}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -38,6 +39,7 @@ from common import write_result  # noqa: E402
 from gate import gate  # noqa: E402
 
 from moevit.checkpoint import load_checkpoint  # noqa: E402
+from moevit.cli.analyze import main as analyze_main  # noqa: E402
 from moevit.cli.convert import main as convert_main  # noqa: E402
 from moevit.cli.train import main as train_main  # noqa: E402
 from moevit.convert import hidden_within_budget  # noqa: E402
@@ -47,8 +49,10 @@ from moevit.flops import count_macs, count_params  # noqa: E402
 DATA = "scenes:classes=10,per_class=400,size=128,split_seed=0,workers=2"
 INIT = "weights/pretrain-mobilevitv2_050-96.safetensors"
 REDUCED = ["8:16"]
-# Table 1 (E at [8]), Table 2's layer sets, and its batch sizes and data subsets (at [8], E = 16: the paper's)
-FULL = ["8:2", "8:8", "8:16", "1,5,8:8", "1,3,5,7:8", "2,4,6,8:8", "8:16:b128", "8:16:b512", "8:16:f0.75", "8:16:f0.5"]
+# Table 1 (E at [8]), MoE-16 at [2] (a layer that passes the gate), Table 2's layer sets, and its batch sizes and
+# data subsets (at [8], E = 16: the paper's)
+FULL = ["8:2", "8:8", "8:16", "2:16", "1,5,8:8", "1,3,5,7:8", "2,4,6,8:8", "8:16:b128", "8:16:b512", "8:16:f0.75",
+        "8:16:f0.5"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,24 @@ def ft_recipe(epochs: int) -> list[str]:
     """moe-train options of every fine-tuning: MoE models and the dense model's extra epochs (equal budgets)."""
     return ["--epochs", str(epochs), "--mixup", "0.2", "--lr-rest", "1e-4", "--lr-head", "2e-4", "--lr-moe", "5e-4",
             "--warmup-epochs", "0.2"]
+
+
+def figures(jobs: list[tuple[str, str, str]], data: str, threads: int, work: Path, dest: Path) -> list[str]:
+    """Class × expert affinity heatmaps (the paper's Fig. 2; ``moe-analyze``) of one fine-tuned model per job
+    (name, run folder, conversion report), copied into ``dest`` as ``<name>_affinity_layerN.png`` and
+    ``<name>_analysis.json``."""
+    written = []
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, run_dir, report in jobs:
+        folder = work / "analysis" / name
+        if not (folder / "analysis.json").exists():
+            _run(analyze_main, ["--model", f"{run_dir}/best.safetensors", "--report", report, "--data", data,
+                                "--out", str(folder), "--threads", str(threads)])
+        for f in sorted(folder.iterdir()):
+            if f.suffix in (".png", ".json"):
+                shutil.copyfile(f, dest / f"{name}_{f.name}")
+                written.append(str(dest / f"{name}_{f.name}"))
+    return written
 
 
 def _run(fn, argv: list[str]) -> None:
@@ -162,6 +184,8 @@ def main() -> int:
     ap.add_argument("--latency-rounds", type=int, default=5, help="rounds over all models (side by side)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/scenes")
+    ap.add_argument("--figures", default="bench/results/analysis_scenes", help="class × expert affinity of the first "
+                    "seed's model of each layers:E row (moe-analyze), copied here; '' skips them")
     ap.add_argument("--results", default="bench/results/scenes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -181,6 +205,7 @@ def main() -> int:
     runs: dict[str, dict[int, str]] = {}
     k_of: dict[str, int] = {}
     conversions: dict[str, list[str]] = {}
+    figure_jobs: list[tuple[str, str, str]] = []
     for seed in args.seeds:
         s = ["--seed", str(seed)]
         dense_dir = out / f"dense-e{args.dense_epochs}-s{seed}"
@@ -215,6 +240,10 @@ def main() -> int:
                               *s])
             runs.setdefault(name, {})[seed] = str(out / f"{tag}-ft")
             conversions.setdefault(name, []).append(str(conv.with_suffix(".report.json")))
+            if seed == args.seeds[0] and v.batch is None and v.fraction == 1:
+                figure_jobs.append((f"moe{experts}-{layers.replace(',', '')}-s{seed}", str(out / f"{tag}-ft"),
+                                    str(conv.with_suffix(".report.json"))))
+    written = figures(figure_jobs, args.data, args.threads, out, Path(args.figures)) if args.figures else []
 
     gates = [json.loads((Path(d) / "gate.json").read_text()) for d in runs["dense"].values()]
     gate_rows = [{"layer": i, **interval([g["rows"][i + 1]["drop_points"] for g in gates])} for i in range(9)]
@@ -276,7 +305,8 @@ def main() -> int:
     write_result(results.with_suffix(".json"), {
         "data": args.data, "image_size": args.image_size, "init": args.init, "seeds": args.seeds,
         "dense_recipe": dense_args, "ft_recipe": ft_args, "rows": rows, "gate": gate_rows,
-        "gate_runs": gates, "runs": runs, "threads": args.threads, "seconds": time.perf_counter() - t0})
+        "gate_runs": gates, "runs": runs, "figures": written, "threads": args.threads,
+        "seconds": time.perf_counter() - t0})
     print(table)
     print(f"\n{time.perf_counter() - t0:.0f} s; {results.with_suffix('.md')}")
     return 0

@@ -106,3 +106,17 @@ def test_moe_convert_units_disjoint_balanced_gives_experts_sharing_no_unit(train
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["layers"]["8"]["units"] == "disjoint-balanced"
     assert report["layers"]["8"]["mean_unit_jaccard"] == 0.0  # no unit in two experts
+
+
+def test_the_ablation_holds_each_initialisation_to_the_papers_paired_by_seed():
+    from init_ablation import paired
+
+    rows = {0: {"top1_after": 0.90}, 1: {"top1_after": 0.80}, 2: {"top1_after": 0.93}, 3: {"top1_before": 0.5}}
+    base = {0: {"top1_after": 0.85}, 1: {"top1_after": 0.82}, 2: {"top1_after": 0.90}}
+    d = paired(rows, base)
+    # differences +0.05, -0.02, +0.03 (seed 3 was not fine-tuned); sd 0.036056, t(0.975, 2) = 4.3027: half 0.0896
+    assert d["values"] == pytest.approx([0.05, -0.02, 0.03])
+    assert d["mean"] == pytest.approx(0.02)
+    assert (d["lo"], d["hi"]) == pytest.approx((-0.0696, 0.1096), abs=1e-4)  # holds 0: a tie
+    assert paired(rows, rows) is None  # the paper's row is not held to itself
+    assert paired(rows, None) is None and paired(rows, {}) is None  # nothing to hold it to
