@@ -50,8 +50,8 @@ demo-split: $(STAMP)
 # then the initialisation ablation with every combination fine-tuned (bench/results/init_ablation.{md,json}; hours).
 # Resumable: a rerun skips finished steps. Starts from the pretrained trunk (make pretrain).
 results: $(STAMP)
-	nice -n 5 $(BIN)/python bench/scenes_results.py $(if $(FULL),--full,)
-	$(if $(FULL),nice -n 5 $(BIN)/python bench/init_ablation.py --finetune all,@true)
+	nice -n 5 $(BIN)/python bench/scenes_results.py --threads 2 $(if $(FULL),--full,)
+	$(if $(FULL),nice -n 5 $(BIN)/python bench/init_ablation.py --threads 2 --finetune all,@true)
 
 # The earlier small-scale Table 1/2 on the bundled digits (add GRID=1 for the E x K grid)
 results-digits: $(STAMP)

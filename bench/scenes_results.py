@@ -182,7 +182,9 @@ def main() -> int:
     ap.add_argument("--latency-reps", type=int, default=30, help="timed forwards per model and round; 0: skip the "
                     "latency column")
     ap.add_argument("--latency-rounds", type=int, default=5, help="rounds over all models (side by side)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of training and conversion")
+    ap.add_argument("--latency-threads", type=int, default=1, help="torch threads of the batch-1 latency column "
+                    "(default 1: a camera-class CPU core)")
     ap.add_argument("--out", default="runs/scenes")
     ap.add_argument("--figures", default="bench/results/analysis_scenes", help="class × expert affinity of the first "
                     "seed's model of each layers:E row (moe-analyze), copied here; '' skips them")
@@ -252,6 +254,7 @@ def main() -> int:
     baseline = runs["dense + extra epochs"]
     models = {name: load_checkpoint(Path(next(iter(by_seed.values()))) / "best.safetensors")
               for name, by_seed in runs.items()}  # seed 0's: the latency of a row does not depend on its seed
+    torch.set_num_threads(args.latency_threads)
     latency = latencies_ms(models, args.image_size, args.latency_reps, args.latency_rounds) if args.latency_reps else {}
     for name, by_seed in runs.items():
         reports = {s: json.loads((Path(d) / "report.json").read_text()) for s, d in by_seed.items()}
@@ -306,6 +309,7 @@ def main() -> int:
         "data": args.data, "image_size": args.image_size, "init": args.init, "seeds": args.seeds,
         "dense_recipe": dense_args, "ft_recipe": ft_args, "rows": rows, "gate": gate_rows,
         "gate_runs": gates, "runs": runs, "figures": written, "threads": args.threads,
+        "latency_threads": args.latency_threads,
         "seconds": time.perf_counter() - t0})
     print(table)
     print(f"\n{time.perf_counter() - t0:.0f} s; {results.with_suffix('.md')}")
