@@ -72,10 +72,10 @@ def init_args(init: str, image_size: int) -> list[str]:
 
 def paired(rows: dict[int, dict], base: dict[int, dict] | None) -> dict | None:
     """Per-seed difference of top-1 after fine-tuning, ``rows`` − ``base``, with its interval (None without both)."""
-    if not base:
+    if not base or rows is base:
         return None
     seeds = [s for s in rows if "top1_after" in rows[s] and "top1_after" in base.get(s, {})]
-    if not seeds or rows is base:
+    if not seeds:
         return None
     return interval([rows[s]["top1_after"] - base[s]["top1_after"] for s in seeds])
 

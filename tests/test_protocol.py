@@ -120,3 +120,20 @@ def test_the_ablation_holds_each_initialisation_to_the_papers_paired_by_seed():
     assert (d["lo"], d["hi"]) == pytest.approx((-0.0696, 0.1096), abs=1e-4)  # holds 0: a tie
     assert paired(rows, rows) is None  # the paper's row is not held to itself
     assert paired(rows, None) is None and paired(rows, {}) is None  # nothing to hold it to
+
+
+def test_the_ablation_refuses_equal_budget_baselines_it_cannot_pair(tmp_path, monkeypatch, capsys):
+    import init_ablation
+
+    dense = tmp_path / "dense.safetensors"
+    dense.write_bytes(b"")  # only its existence is checked before the baselines are
+    unfinished = tmp_path / "extra-s0"
+    unfinished.mkdir()
+    for extra, says in ((["a", "b"], "--dense-extra names 2 runs but --seeds 1; give one per seed"),
+                        ([str(unfinished)], f"--dense-extra: no report.json in {unfinished / 'report.json'}")):
+        monkeypatch.setattr(sys, "argv", ["init_ablation.py", "--dense", str(dense), "--seeds", "0",
+                                          "--dense-extra", *extra, "--out", str(tmp_path / "out")])
+        with pytest.raises(SystemExit) as e:
+            init_ablation.main()
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any conversion
