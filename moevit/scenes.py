@@ -17,6 +17,12 @@ badger, mongoose/wildcat ...) that differ in one or two traits, and at night col
 draws species at random from the same trait space instead (seeded by N): the pretraining corpus uses such species,
 never the named ones.
 
+``morphs=1`` makes the pairs polymorphic and crosses them (classes 0 and 1, 2 and 3, ...): species A of a pair comes
+as (A's shape, A's coat) or (B's shape, B's coat), species B as (A's shape, B's coat) or (B's shape, A's coat), each
+burst one morph at even odds. Neither shape nor coat alone tells A from B, only the two together, which no linear
+read-out of pooled part features can do: the network must combine the body's shape with its coat after it has seen
+the whole animal, in its last layers (the harder benchmark that issue 17's gate asks for).
+
 Everything is a pure function of (seed, class, burst, frame), so one frame can be rendered alone (``lazy``
 datasets render on access) and the same spec always gives the same pixels. Nothing is downloaded.
 """
@@ -40,13 +46,16 @@ from moevit.data import ImageDataset, split_indices
 
 __all__ = [
     "BLANK",
+    "SHAPE_TRAITS",
     "SPECIES",
     "Frame",
     "SceneSpec",
     "Species",
     "burst_layout",
     "class_names",
+    "crossed",
     "generate",
+    "morph_of",
     "render",
     "species_for",
 ]
@@ -147,6 +156,7 @@ class SceneSpec:
     seed: int = 0
     zoo: int = 0  # 0: the named species; N >= 1: species drawn at random, seeded by N (pretraining)
     night: float = 0.35  # share of bursts taken at night (infra-red)
+    morphs: int = 0  # 1: pairs of species in crossed morphs (shape x coat), see the module docstring
 
     def __post_init__(self) -> None:
         if self.zoo == 0 and not 1 <= self.classes <= len(SPECIES):
@@ -160,6 +170,10 @@ class SceneSpec:
             raise ValueError(f"scenes: blank={self.blank}; must be in [0, 1)")
         if not 0.0 <= self.night <= 1.0:
             raise ValueError(f"scenes: night={self.night}; must be in [0, 1]")
+        if self.morphs not in (0, 1):
+            raise ValueError(f"scenes: morphs={self.morphs}; must be 0 or 1")
+        if self.morphs and self.classes < 2:
+            raise ValueError("scenes: morphs=1 needs classes >= 2 (species are crossed in pairs)")
 
     @property
     def blank_count(self) -> int:
@@ -173,6 +187,26 @@ def species_for(spec: SceneSpec) -> list[Species]:
     if spec.zoo == 0:
         return list(SPECIES[: spec.classes])
     return [random_species(spec.zoo, i) for i in range(spec.classes)]
+
+
+SHAPE_TRAITS = ("body_h", "head", "snout", "neck", "ears", "ear_size", "legs", "leg_w", "tail", "tail_len")
+
+
+def crossed(shape: Species, coat: Species, name: str) -> Species:
+    """A species with ``shape``'s body (proportions, ears, legs, tail) and ``coat``'s colours and pattern."""
+    return replace(coat, name=name, **{k: getattr(shape, k) for k in SHAPE_TRAITS})
+
+
+def morph_of(spec: SceneSpec, species: list[Species], index: int, second: bool) -> Species:
+    """The look of species ``index`` in one burst: itself, or with ``morphs=1`` one of its pair's crossed morphs."""
+    sp = species[index]
+    partner = index ^ 1
+    if not spec.morphs or partner >= len(species):
+        return sp  # an odd class out has one morph
+    a, b = (sp, species[partner]) if index % 2 == 0 else (species[partner], sp)
+    if index % 2 == 0:
+        return crossed(b, b, sp.name) if second else sp
+    return crossed(b, a, sp.name) if second else crossed(a, b, sp.name)
 
 
 def class_names(spec: SceneSpec) -> list[str]:
@@ -556,7 +590,11 @@ def render(spec: SceneSpec, frame: Frame) -> np.ndarray:
     light = float(rb.uniform(0.7, 1.2))
     warm = rb.normal(0, 0.05, 3)
     if frame.name != BLANK:
-        sp = next(s for s in species_for(spec) if s.name == frame.name)
+        species = species_for(spec)
+        k = next(i for i, s in enumerate(species) if s.name == frame.name)
+        # its own stream, so that specs without morphs keep their pixels
+        second = bool(np.random.default_rng([spec.seed, frame.label, frame.class_burst, 17]).random() < 0.5)
+        sp = morph_of(spec, species, k, second)
         ind = _individual(sp, rb)
         area = float(rb.uniform(*AREA_RANGE)) * size * size
         flip = rb.random() < 0.5
@@ -646,9 +684,10 @@ def with_size(spec: SceneSpec, size: int) -> SceneSpec:
 # ------------------------------------------------------------------------------------------- the dataset spec
 
 SPEC_DEFAULTS: dict[str, Any] = {"classes": 10, "per_class": 200, "size": 128, "blank": None, "seed": 0,
-                                 "split_seed": None, "zoo": 0, "night": 0.35, "lazy": 0, "workers": 1}
+                                 "split_seed": None, "zoo": 0, "night": 0.35, "morphs": 0, "lazy": 0,
+                                 "workers": 1}
 SPEC_FORM = ("scenes or scenes:classes=10,per_class=200,size=128,blank=0.5,seed=0,split_seed=0,zoo=0,night=0.35,"
-             "lazy=0,workers=1")
+             "morphs=0,lazy=0,workers=1")
 
 
 @dataclass(frozen=True)
@@ -672,6 +711,8 @@ class ScenesOptions:
             parts.append(f"zoo={s.zoo}")
         if s.night != SPEC_DEFAULTS["night"]:
             parts.append(f"night={s.night:g}")
+        if s.morphs:
+            parts.append(f"morphs={s.morphs}")
         if self.lazy:
             parts.append("lazy=1")
         if self.workers != 1:
@@ -702,7 +743,8 @@ def parse_options(spec: str, arg: str) -> ScenesOptions:
             raise ValueError(f"data spec {spec!r}: scenes option {key} must be >= 0")
     try:
         scene = SceneSpec(classes=opts["classes"], per_class=opts["per_class"], size=opts["size"],
-                          blank=opts["blank"], seed=opts["seed"], zoo=opts["zoo"], night=opts["night"])
+                          blank=opts["blank"], seed=opts["seed"], zoo=opts["zoo"], night=opts["night"],
+                          morphs=opts["morphs"])
     except ValueError as err:
         raise ValueError(f"data spec {spec!r}: {err}") from None
     if opts["workers"] < 1:

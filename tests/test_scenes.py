@@ -13,7 +13,7 @@ from moevit.coordinator.fieldmeta import SOURCE_EXIF_ORIGINAL, assign_sequences,
 
 from moevit.cli.scenes import main as scenes_main
 from moevit.data import open_dataset, parse_spec
-from moevit.scenes import BLANK, SPECIES, SceneSpec, burst_layout, class_names, generate, render
+from moevit.scenes import BLANK, SHAPE_TRAITS, SPECIES, SceneSpec, burst_layout, class_names, generate, morph_of, render
 
 
 def test_same_spec_same_pixels_and_another_seed_differs():
@@ -70,6 +70,40 @@ def test_species_are_distinct_and_named_ones_outnumber_ten():
     with pytest.raises(ValueError, match="named species"):
         SceneSpec(classes=len(SPECIES) + 1)
     assert len(class_names(SceneSpec(classes=30, zoo=2))) == 31  # random species for pretraining
+
+
+def test_crossed_morphs_tell_a_pair_apart_only_by_shape_and_coat_together():
+    spec = SceneSpec(classes=3, morphs=1)
+    sp = list(SPECIES[:3])
+    fox, jackal = sp[0], sp[1]
+    shape = lambda s: tuple(getattr(s, k) for k in SHAPE_TRAITS)  # noqa: E731
+    coat = lambda s: (s.pattern, s.base, s.accent, s.belly, s.tail_tip)  # noqa: E731
+    looks = {(i, second): morph_of(spec, sp, i, second) for i in range(3) for second in (False, True)}
+    # fox comes as the fox or as the jackal; jackal as fox-shaped with a jackal's coat or the reverse
+    assert (shape(looks[0, False]), coat(looks[0, False])) == (shape(fox), coat(fox))
+    assert (shape(looks[0, True]), coat(looks[0, True])) == (shape(jackal), coat(jackal))
+    assert (shape(looks[1, False]), coat(looks[1, False])) == (shape(fox), coat(jackal))
+    assert (shape(looks[1, True]), coat(looks[1, True])) == (shape(jackal), coat(fox))
+    # so each shape and each coat belongs to both species; only the combination names one
+    for part in (shape, coat):
+        assert {part(looks[0, m]) for m in (False, True)} == {part(looks[1, m]) for m in (False, True)}
+    assert len({(shape(v), coat(v)) for k, v in looks.items() if k[0] < 2}) == 4
+    assert looks[0, True].name == "red_fox" and looks[1, False].name == "jackal"
+    assert looks[2, False] == looks[2, True] == sp[2]  # the odd class out keeps one look
+    assert morph_of(SceneSpec(classes=3), sp, 1, True) == jackal  # without morphs nothing changes
+    # both morphs occur, burst by burst, and the spec round-trips
+    opts = parse_spec("scenes:classes=2,per_class=40,size=32,morphs=1").scenes
+    assert str(opts).endswith("morphs=1") and str(parse_spec(str(opts)).scenes) == str(opts)
+    plain = parse_spec("scenes:classes=2,per_class=40,size=32").scenes
+    a, frames = generate(opts.scene)
+    b, _ = generate(plain.scene)
+    fox_bursts = {f.burst for f in frames if f.name == "red_fox"}
+    same = [np.array_equal(a[i], b[i]) for i, f in enumerate(frames) if f.burst in fox_bursts and f.frame == 0]
+    assert 0 < sum(same) < len(same)  # some fox bursts drawn as the fox (same pixels), others as the jackal
+    with pytest.raises(ValueError, match="morphs"):
+        parse_spec("scenes:morphs=2")
+    with pytest.raises(ValueError, match="classes >= 2"):
+        SceneSpec(classes=1, morphs=1)
 
 
 def test_spec_parsing_and_errors():

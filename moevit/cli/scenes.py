@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--blank", type=float, default=None,
                     help="share of all images that are blank (default: as many as one species)")
     ap.add_argument("--night", type=float, default=d.night, help=f"share of night bursts (default {d.night})")
+    ap.add_argument("--morphs", type=int, choices=(0, 1), default=d.morphs,
+                    help="1: pairs of species in crossed morphs, told apart only by shape and coat together")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     ap.add_argument("--serial", default="SCN0001", help="camera serial written to EXIF")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.quality <= 100:
             raise ValueError(f"--quality must be in 1..100, got {args.quality}")
         spec = SceneSpec(classes=args.classes, per_class=args.per_class, size=args.size, blank=args.blank,
-                         seed=args.seed, night=args.night)
+                         seed=args.seed, night=args.night, morphs=args.morphs)
         t0 = time.perf_counter()
         counts = write_scenes(spec, Path(args.out), quality=args.quality, serial=args.serial)
         total = sum(counts.values())
