@@ -19,9 +19,9 @@ never the named ones.
 
 ``morphs=1`` makes the pairs polymorphic and crosses them (classes 0 and 1, 2 and 3, ...): species A of a pair comes
 as (A's shape, A's coat) or (B's shape, B's coat), species B as (A's shape, B's coat) or (B's shape, A's coat), each
-burst one morph at even odds. Neither shape nor coat alone tells A from B, only the two together, which no linear
-read-out of pooled part features can do: the network must combine the body's shape with its coat after it has seen
-the whole animal, in its last layers (the harder benchmark that issue 17's gate asks for).
+burst one morph at even odds. Neither shape nor coat alone tells A from B, only the two together (an XOR, which a
+linear read-out of separate shape and coat features cannot compute): the network has to combine the body's shape
+with its coat once it has seen the whole animal, in its later layers (a harder benchmark aimed at issue 17's gate).
 
 Everything is a pure function of (seed, class, burst, frame), so one frame can be rendered alone (``lazy``
 datasets render on access) and the same spec always gives the same pixels. Nothing is downloaded.
