@@ -10,6 +10,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 from moevit.coordinator.fieldmeta import SOURCE_EXIF_ORIGINAL, assign_sequences, read_image_meta
+from PIL import Image
 
 from moevit.cli.scenes import main as scenes_main
 from moevit.data import open_dataset, parse_spec
@@ -153,6 +154,18 @@ def test_written_jpegs_carry_exif_times_that_group_into_bursts(tmp_path):
     folder = open_dataset(f"folder:{out}", image_size=64, split="train")
     assert folder.classes == class_names(SceneSpec(classes=3, per_class=9, size=64))
     assert scenes_main(["--out", str(out)]) == 2  # refuses to write into a non-empty folder
+    crossed_out = tmp_path / "crossed"
+    assert scenes_main(["--out", str(crossed_out), "--classes", "2", "--per-class", "6", "--size", "64",
+                        "--morphs", "1", "--quality", "100"]) == 0
+    crossed, frames = generate(SceneSpec(classes=2, per_class=6, size=64, morphs=1))
+    plain, _ = generate(SceneSpec(classes=2, per_class=6, size=64))
+    err = {"crossed": [], "plain": []}
+    for i, f in enumerate(frames):
+        if f.name == "jackal":  # every jackal burst is drawn in a crossed morph
+            written = np.asarray(Image.open(crossed_out / "jackal" / f"jackal_{f.class_burst:04d}_{f.frame}.jpg"))
+            err["crossed"].append(np.abs(written.astype(int) - crossed[i]).mean())
+            err["plain"].append(np.abs(written.astype(int) - plain[i]).mean())
+    assert np.mean(err["crossed"]) < np.mean(err["plain"]) - 0.5  # the files hold the crossed frames (JPEG loss)
 
 
 @pytest.mark.slow
