@@ -47,8 +47,9 @@ demo-split: $(STAMP)
 # Dense vs MoE on scenes under the fair protocol (val selects, eval reports, 3 seeds, equal budgets, MoE within the
 # dense parameter count), the gate, bench/results/scenes.{md,json}, class x expert heatmaps in
 # bench/results/analysis_scenes/ (about 35 min on 2 cores). FULL=1 adds Table 1, MoE-16 at [2] and Table 2's rows,
-# then the 65-way benchmark where layer 8 passes the gate (bench/results/scenes65.{md,json}; about 2 h), then the
-# initialisation ablation with every combination fine-tuned (bench/results/init_ablation.{md,json}; hours).
+# then the 65-way benchmark where layer 8 passes the gate (its headline row, gate and heatmaps only:
+# bench/results/scenes65.{md,json}, analysis_scenes65/; about 2 h), then the initialisation ablation with every
+# combination fine-tuned (bench/results/init_ablation.{md,json}; hours).
 # Resumable: a rerun skips finished steps. Starts from the pretrained trunk (make pretrain).
 SCENES65 := scenes:classes=64,per_class=300,size=128,zoo=1,seed=7,split_seed=0,workers=2
 results: $(STAMP)
