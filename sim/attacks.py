@@ -206,33 +206,32 @@ def attack_refused(address: str, pid: int, fingerprint: str, *, layer: int, dim:
 
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch, HealthProbe(address) as probe:
         unary = ch.unary_unary("/moevit.rpc.v1.ExpertService/RunExperts")
-        for round_ in range(rounds):
-            if round_ == 1:  # after one request of each kind: the allocator's arenas have grown to their working size
-                out["rss_warm_mb"] = round(rss_mb(pid), 1)
-            for kind, req in requests.items():
-                data = req.SerializeToString()
-                cpu0, loop0 = process_cpu_s(pid), loop_cpu_s(pid)
-                try:
-                    unary(data, timeout=60)
-                    code = "OK"
-                except grpc.RpcError as e:
-                    code = e.code().name
-                cpu_of(kind, cpu0, loop0)
-                out["codes"][f"unary:{kind}"] = code
-                print(f"{kind}: {code}, worker RSS {rss_mb(pid):.0f} MB", file=sys.stderr)
-        data = many_batches_request(fingerprint, layer)
-        answer_s = []
-        for _ in range(rounds):
+
+        def send(kind: str, data: bytes) -> tuple[str, float]:
+            """One unary call: its status name and seconds to the answer; its CPU goes to ``kind``'s samples."""
             t0, cpu0, loop0 = time.perf_counter(), process_cpu_s(pid), loop_cpu_s(pid)
             try:
                 unary(data, timeout=60)
                 code = "OK"
             except grpc.RpcError as e:
                 code = e.code().name
-            answer_s.append(time.perf_counter() - t0)
-            cpu_of("many_batches", cpu0, loop0)
-            out["codes"]["unary:many_batches"] = code
-            print(f"many_batches: {code} in {answer_s[-1]:.3f} s", file=sys.stderr)
+            seconds = time.perf_counter() - t0
+            cpu_of(kind, cpu0, loop0)
+            out["codes"][f"unary:{kind}"] = code
+            return code, seconds
+
+        for round_ in range(rounds):
+            if round_ == 1:  # after one request of each kind: the allocator's arenas have grown to their working size
+                out["rss_warm_mb"] = round(rss_mb(pid), 1)
+            for kind, req in requests.items():
+                code, _ = send(kind, req.SerializeToString())
+                print(f"{kind}: {code}, worker RSS {rss_mb(pid):.0f} MB", file=sys.stderr)
+        data = many_batches_request(fingerprint, layer)
+        answer_s = []
+        for _ in range(rounds):
+            code, seconds = send("many_batches", data)
+            answer_s.append(seconds)
+            print(f"many_batches: {code} in {seconds:.3f} s", file=sys.stderr)
         out["many_batches_answer_s"] = round(max(answer_s), 3)
         if stream:
             stub = expert_pb2_grpc.ExpertServiceStub(ch)

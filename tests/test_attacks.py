@@ -51,10 +51,10 @@ def test_refused_requests_hold_no_memory_and_health_keeps_answering(model):
     # inflates wall time; the median of the 3 rounds, as on the shared CI machine one round of the 32 MiB
     # wrong-fingerprint tensor took 860 ms of the loop's CPU where the same request on the stream took at most 92
     # ms (fresh pages touched, or time the host took from the virtual CPU), and a cost that is not paid every time
-    # is not the request's. All its threads together (receiving the
-    # bytes, trimming the heap after them) are held to twice that: 14-167 ms here, up to 317 ms on the CI
-    # machine, whose page faults cost more. The slowest health answer itself (0.13 s quiet, past 0.5 s in runs at
-    # load 8-15) is the benchmark's figure (bench/attacks.py worker-refused --rounds 3 --stream).
+    # is not the request's. All its threads together (receiving the bytes, trimming the heap after them) are held
+    # to twice that: 14-167 ms here, up to 317 ms on the CI machine, whose page faults cost more. The slowest health
+    # answer itself (0.13 s quiet, past 0.5 s in runs at load 8-15) is the benchmark's figure
+    # (bench/attacks.py worker-refused --rounds 3 --stream).
     assert max(result["request_loop_cpu_ms_median"].values()) < 500, result
     assert max(result["request_cpu_ms_median"].values()) < 1000, result
     assert result["health_failures"] == 0, result  # every check answered within its 5 s
