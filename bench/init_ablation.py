@@ -153,7 +153,8 @@ def main() -> int:
     extra_reports = [Path(d) / "report.json" for d in args.dense_extra or []]
     if missing := [str(r) for r in extra_reports if not r.exists()]:
         ap.error(f"--dense-extra: no report.json in {', '.join(missing)} (a finished moe-train --select val run?)")
-    extra_top1 = {s: json.loads(r.read_text())["eval_top1"] for s, r in zip(args.seeds, extra_reports, strict=True)}
+    extra_top1 = {s: json.loads(r.read_text())["eval_top1"]
+                  for s, r in zip(args.seeds, extra_reports, strict=True)} if extra_reports else {}
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out = Path(args.out)

@@ -137,3 +137,23 @@ def test_the_ablation_refuses_equal_budget_baselines_it_cannot_pair(tmp_path, mo
             init_ablation.main()
         assert e.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any conversion
+
+
+@pytest.mark.slow
+def test_the_ablation_runs_without_equal_budget_baselines(trained_dense, tmp_path, monkeypatch):
+    import init_ablation
+
+    path, spec = trained_dense
+    results = tmp_path / "ablation"
+    # no --dense-extra: the rows are held to the paper's initialisation only (this once crashed on the empty baselines)
+    monkeypatch.setattr(sys, "argv", ["init_ablation.py", "--dense", str(path), "--seeds", "0", "--data", spec,
+                                      "--image-size", "32", "--layers", "8", "--experts", "2", "--inits", "ward",
+                                      "kmeans", "--units", "overlap-topk", "--images-per-class", "4",
+                                      "--patches-per-class", "4", "--threads", "1", "--out", str(tmp_path / "out"),
+                                      "--results", str(results)])
+    assert init_ablation.main() == 0
+    doc = json.loads(results.with_suffix(".json").read_text())
+    assert doc["dense_extra_top1"] == {} and [r["combo"] for r in doc["rows"]] == ["ward/overlap-topk",
+                                                                                  "kmeans/overlap-topk"]
+    assert all(r["vs_dense_extra"] is None and 0.0 <= r["agreement"]["mean"] <= 1.0 for r in doc["rows"])
+    assert "Dense + " not in results.with_suffix(".md").read_text()
