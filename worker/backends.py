@@ -30,7 +30,7 @@ DEFAULT_OPSET = 17
 _OUTPUT_NAMES = ["y"]
 # Bumped whenever the exported graph changes, so caches written by an older worker are not reused.
 _GRAPH_VERSION = 1
-_INT8_VERSION = 3  # the int8 recipes (formats, op types) of moevit.onnx_camera's quantisers as called here
+_INT8_VERSION = 4  # the int8 recipes (formats, op types) of moevit.onnx_camera's quantisers as called here
 
 
 class ExpertBackend(ABC):
